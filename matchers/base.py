@@ -1,0 +1,140 @@
+"""The one interface every matcher implements.
+
+A matcher takes two grayscale images (float32 (H, W) in [0, 1]) and returns corresponding keypoints
+in *original* pixel coordinates with hloc's convention: (0, 0) is the centre of the top-left pixel.
+
+Matching is split in two so that per-image work (resizing, LoFTR's backbone, SIFT detection) is done
+once per image and reused for every pair that image takes part in::
+
+    prepared0 = matcher.prepare(image0)     # cacheable, per image
+    prepared1 = matcher.prepare(image1)
+    result = matcher.match_prepared(prepared0, prepared1)
+
+``matcher.match(image0, image1)`` does both.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Matches:
+    """Correspondences between two images, in original pixel coordinates (hloc convention)."""
+
+    keypoints0: np.ndarray  # (M, 2) float32, [x, y]
+    keypoints1: np.ndarray  # (M, 2) float32, [x, y]
+    scores: np.ndarray  # (M,) float32, higher is more confident
+
+    def __post_init__(self) -> None:
+        n = len(self.scores)
+        if self.keypoints0.shape != (n, 2) or self.keypoints1.shape != (n, 2):
+            raise ValueError(
+                f"inconsistent match arrays: {self.keypoints0.shape}, {self.keypoints1.shape}, {self.scores.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @staticmethod
+    def empty() -> "Matches":
+        return Matches(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), np.zeros((0,), np.float32))
+
+    def swapped(self) -> "Matches":
+        """The same correspondences seen from image 1 to image 0."""
+        return Matches(self.keypoints1, self.keypoints0, self.scores)
+
+    def subset(self, keep: np.ndarray) -> "Matches":
+        return Matches(self.keypoints0[keep], self.keypoints1[keep], self.scores[keep])
+
+    @staticmethod
+    def concatenate(parts: "list[Matches]") -> "Matches":
+        if not parts:
+            return Matches.empty()
+        return Matches(
+            np.concatenate([p.keypoints0 for p in parts]).astype(np.float32),
+            np.concatenate([p.keypoints1 for p in parts]).astype(np.float32),
+            np.concatenate([p.scores for p in parts]).astype(np.float32),
+        )
+
+
+@dataclass(frozen=True)
+class ResizedImage:
+    """An image resized for a matcher, with the factors that map its pixels back to the original."""
+
+    image: np.ndarray  # float32 (h, w) in [0, 1]
+    original_size: tuple[int, int]  # (W, H)
+    scale: tuple[float, float]  # (sx, sy): original = (resized + 0.5) * scale - 0.5
+
+    def to_original(self, points: np.ndarray) -> np.ndarray:
+        """Map (N, 2) pixel coordinates of the resized image back to the original (pixel centres kept)."""
+        scale = np.asarray(self.scale, dtype=np.float32)
+        return ((points + 0.5) * scale - 0.5).astype(np.float32)
+
+
+def resize_image(image: np.ndarray, max_size: int | None, multiple: int = 1) -> ResizedImage:
+    """Resize so the longer side is ``max_size`` (never upscaled when None) and sides divide by ``multiple``.
+
+    Aspect ratio is preserved up to rounding to ``multiple``; the exact per-axis factors are kept so
+    keypoints map back to original coordinates without bias.
+    """
+    height, width = image.shape[:2]
+    factor = 1.0 if max_size is None else max_size / max(height, width)
+    new_w = max(multiple, int(round(width * factor / multiple)) * multiple)
+    new_h = max(multiple, int(round(height * factor / multiple)) * multiple)
+    if (new_w, new_h) == (width, height):
+        resized = image
+    else:
+        interpolation = cv2.INTER_AREA if new_w < width else cv2.INTER_LINEAR
+        resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+    return ResizedImage(
+        image=np.ascontiguousarray(resized, dtype=np.float32),
+        original_size=(width, height),
+        scale=(width / new_w, height / new_h),
+    )
+
+
+class Matcher(ABC):
+    """Base class: subclasses implement :meth:`prepare` and :meth:`match_prepared`."""
+
+    #: short name used in outputs and summaries, e.g. "loftr" or "sift"
+    name: str = "matcher"
+
+    @abstractmethod
+    def prepare(self, image: np.ndarray) -> Any:
+        """Per-image work that can be cached and reused across pairs (resize, features...)."""
+
+    @abstractmethod
+    def match_prepared(self, prepared0: Any, prepared1: Any) -> Matches:
+        """Match two prepared images; keypoints are in each image's original pixel coordinates."""
+
+    def match(self, image0: np.ndarray, image1: np.ndarray) -> Matches:
+        """Match two grayscale float32 images (H, W) in [0, 1]."""
+        return self.match_prepared(self.prepare(image0), self.prepare(image1))
+
+    def describe(self) -> dict[str, Any]:
+        """What was used, for summaries (matcher name, weights, options)."""
+        return {"matcher": self.name}
+
+
+def rotate_points_back(points: np.ndarray, k: int, rotated_size: tuple[int, int]) -> np.ndarray:
+    """Map pixel coordinates in ``np.rot90(image, k)`` back to the unrotated image.
+
+    ``rotated_size`` is (W, H) of the rotated image; hloc convention (pixel centres at integers).
+    """
+    k = k % 4
+    width, height = rotated_size
+    x, y = points[:, 0], points[:, 1]
+    if k == 0:
+        out = np.stack([x, y], axis=1)
+    elif k == 1:  # rot90 counter-clockwise: rotated (x, y) <- original (W0-1-y, x) with W0 = height
+        out = np.stack([height - 1 - y, x], axis=1)
+    elif k == 2:
+        out = np.stack([width - 1 - x, height - 1 - y], axis=1)
+    else:
+        out = np.stack([y, width - 1 - x], axis=1)
+    return out.astype(np.float32)

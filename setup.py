@@ -1,0 +1,33 @@
+"""Distribution for the LoFTR structure-from-motion and localization toolbox."""
+from setuptools import setup
+
+setup(
+    name="loftr-sfm",
+    version="0.1.0",
+    description="hloc-style Structure-from-Motion and visual localization with the LoFTR matcher",
+    python_requires=">=3.10",
+    packages=[
+        "matchers",
+        "matchers.loftr",
+        "pipeline",
+        "localization",
+        "datasets",
+        "recipes",
+    ],
+    package_data={"matchers.loftr": ["weights/*.ckpt", "weights/*.md"]},
+    install_requires=[
+        # torch is installed first, explicitly (see Makefile / README), so a range here installs nothing more.
+        "torch>=2.1",
+        "kornia>=0.7",
+        "numpy",
+        "scipy",
+        "opencv-python-headless>=4.7",
+        "pycolmap>=3.10",
+        "h5py",
+        "matplotlib",
+        "tqdm",
+        "pillow",
+        "pandas",
+    ],
+    extras_require={"test": ["pytest"]},
+)
