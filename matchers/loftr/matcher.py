@@ -1,0 +1,96 @@
+"""LoFTR behind the project's :class:`~matchers.base.Matcher` interface.
+
+``prepare`` resizes an image (longer side ``resize``, sides multiples of 8, aspect kept up to that rounding) and
+runs the backbone once, so the result can be cached and reused for every pair the image takes part in;
+``match_prepared`` runs the transformer and matching and maps keypoints back to the original image
+(hloc convention: (0, 0) is the centre of the top-left pixel; see :mod:`matchers.loftr.model`).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, ContextManager, Literal
+
+import numpy as np
+import torch
+
+from ..base import Matcher, Matches, ResizedImage, resize_image
+from ..errors import UserError
+from .config import COARSE_STRIDE
+from .model import EncodedImage, LoFTR
+from .weights import load_pretrained, resolve_device
+
+Precision = Literal["fp16", "bf16"]
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """A resized image's LoFTR features, and the mapping back to the original pixels."""
+
+    resized: ResizedImage
+    encoded: EncodedImage
+
+
+class LoFTRMatcher(Matcher):
+    """LoFTR matcher: ``LoFTRMatcher(load_pretrained("outdoor"), resize=640)``.
+
+    ``model``: a :class:`LoFTR` or a weights name/path for :func:`load_pretrained`. ``resize``: longer side in
+    pixels (None: original size, any size works). ``both_directions``: also match image 1 -> image 0 and merge.
+    ``match_threshold``: overrides the model's coarse threshold. ``amp``: autocast precision ("fp16"/"bf16",
+    meant for CUDA; the model keeps overflow-prone steps in float32).
+    """
+
+    name = "loftr"
+
+    def __init__(self, model: LoFTR | str = "outdoor", resize: int | None = 640, device: str | torch.device = "auto",
+                 both_directions: bool = False, match_threshold: float | None = None,
+                 amp: Precision | None = None) -> None:
+        if resize is not None and resize < COARSE_STRIDE:
+            raise UserError(f"resize must be at least {COARSE_STRIDE} pixels (or None for the original size), "
+                            f"got {resize}")
+        if amp not in (None, "fp16", "bf16"):
+            raise UserError(f"amp must be fp16, bf16 or None, got {amp!r}")
+        self.device = resolve_device(device)
+        self.model = (load_pretrained(model, self.device) if isinstance(model, str) else model).to(self.device).eval()
+        self.weights_name = getattr(self.model, "weights_name", "custom")
+        self.resize = resize
+        self.both_directions = both_directions
+        self.match_threshold = match_threshold
+        self.amp = amp
+
+    def _autocast(self) -> ContextManager[Any]:
+        if self.amp is None:
+            return nullcontext()
+        dtype = torch.float16 if self.amp == "fp16" else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def prepare(self, image: np.ndarray) -> PreparedImage:
+        """Resize and encode one grayscale float32 (H, W) image in [0, 1]."""
+        if image.ndim != 2:
+            raise ValueError(f"expected a grayscale (H, W) image, got shape {image.shape}")
+        resized = resize_image(image, self.resize, multiple=COARSE_STRIDE) if self.resize else resize_image(image, None)
+        tensor = torch.from_numpy(resized.image).to(self.device)[None, None]
+        with torch.inference_mode(), self._autocast():
+            encoded = self.model.encode(tensor)
+        return PreparedImage(resized, encoded)
+
+    def match_prepared(self, prepared0: PreparedImage, prepared1: PreparedImage) -> Matches:
+        with torch.inference_mode(), self._autocast():
+            out = self.model.match_encoded(prepared0.encoded, prepared1.encoded, threshold=self.match_threshold,
+                                           both_directions=self.both_directions)
+        kpts0 = out["keypoints0"].float().cpu().numpy()
+        kpts1 = out["keypoints1"].float().cpu().numpy()
+        scores = out["confidence"].float().cpu().numpy().astype(np.float32)
+        return Matches(prepared0.resized.to_original(kpts0), prepared1.resized.to_original(kpts1), scores)
+
+    def describe(self) -> dict[str, Any]:
+        threshold = self.match_threshold if self.match_threshold is not None else self.model.config.matching.thr
+        return {
+            "matcher": self.name,
+            "weights": self.weights_name,
+            "resize": self.resize,
+            "both_directions": self.both_directions,
+            "match_threshold": threshold,
+            "device": str(self.device),
+            "amp": self.amp,
+        }
