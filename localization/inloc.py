@@ -1,0 +1,375 @@
+"""InLoc localization: ``python -m localization.inloc --dataset DIR --outputs OUT [--matcher loftr]``.
+
+Layout (the InLoc dataset as hloc uses it; image names are relative to ``DIR``)::
+
+    DIR/query/iphone7/*.JPG                                       queries
+    DIR/database/cutouts/<floor>/<scan>/<name>.jpg                db cutouts
+    DIR/database/cutouts/<floor>/<scan>/<name>.jpg.mat            'XYZcut' (H, W, 3): 3D point per pixel
+                                                                  in the scan's frame, NaN where no return
+    DIR/database/alignments/<floor>/transformations/<bldg>_trans_<scan>.txt
+                                                                  scan -> world: lines 8-11 (1-based) hold the
+                                                                  4x4 P_after_GICP (lines 2-5: P_before_GICP);
+                                                                  <bldg> is the first 3 letters of <name>
+
+3D of a db keypoint: XYZcut interpolated bilinearly at the keypoint (hloc convention, pixel centres at
+integers), nearest-pixel where the bilinear window touches a hole (NaN), then mapped by P_after_GICP.
+Query camera: SIMPLE_PINHOLE with the iPhone 7's 28 mm-equivalent focal length at the image's size,
+f = max(W, H) * 28 / 36 (= 4032 * 28 / 36 at full resolution), principal point at the centre.
+
+Steps: query-db pairs (``--pairs-query``, e.g. hloc's ``pairs-query-netvlad40.txt``, or global
+retrieval), dense matching, 2D-3D from the scans, absolute pose, submission for visuallocalization.net
+(``name qw qx qy qz tx ty tz`` with the query's file name).
+"""
+from __future__ import annotations
+
+import argparse
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pycolmap
+
+from matchers.base import Matcher
+from matchers.errors import UserError, run_cli
+from matchers.image_io import image_size, is_image_file
+from pipeline.io import open_h5, resolve_image, write_pairs, write_text_atomic
+
+from .absolute_pose import PoseEstimationConfig
+from .cameras import camera_from_size_and_focal, write_query_list
+from .localize import (
+    STATUS_FAILED,
+    STATUS_FALLBACK,
+    STATUS_LOCALIZED,
+    LocalizationConfig,
+    LocalizationResult,
+    add_estimator_arguments,
+    config_from_args,
+    localize,
+    parse_retrieval,
+    write_log,
+)
+from .poses import write_poses, write_submission
+
+QUERY_DIR = "query/iphone7"
+CUTOUT_DIR = "database/cutouts"
+ALIGNMENT_DIR = "database/alignments"
+FOCAL_35MM_EQUIVALENT = 28.0  # iPhone 7 main camera, mm (35 mm film equivalent: 36 mm wide sensor)
+EXHAUSTIVE = "exhaustive"  # --pairs-query value: every query with every db image (small datasets)
+DEFAULT_MAX_ERROR = 48.0  # px, hloc's RANSAC threshold for InLoc's full-size 4032x3024 queries
+FULL_SIZE = 4032  # longer side of InLoc's queries; the default threshold scales with the actual size
+
+LAYOUT = (
+    "expected the InLoc layout: query/iphone7/*.JPG, database/cutouts/<floor>/<scan>/*.jpg with .jpg.mat "
+    "(XYZcut), database/alignments/<floor>/transformations/<bldg>_trans_<scan>.txt"
+)
+
+
+# ------------------------------------------------------------------------------------------- camera
+def query_focal_length(width: int, height: int) -> float:
+    """InLoc's query focal length (pixels) for an image of this size: 4032 * 28 / 36 at 4032 px."""
+    return max(width, height) * FOCAL_35MM_EQUIVALENT / 36.0
+
+
+def query_camera(width: int, height: int) -> pycolmap.Camera:
+    return camera_from_size_and_focal(width, height, query_focal_length(width, height))
+
+
+# ---------------------------------------------------------------------------------------- alignments
+def alignment_path(dataset: str | Path, cutout: str) -> Path:
+    """The alignment file of a cutout named ``database/cutouts/<floor>/<scan>/<image>``."""
+    parts = cutout.split("/")
+    if len(parts) < 3:
+        raise UserError(f"cutout name {cutout!r} is not '<...>/<floor>/<scan>/<image>'; {LAYOUT}")
+    floor, scan, image = parts[-3], parts[-2], parts[-1]
+    return Path(dataset) / ALIGNMENT_DIR / floor / "transformations" / f"{image[:3]}_trans_{scan}.txt"
+
+
+def read_alignment(path: str | Path) -> np.ndarray:
+    """P_after_GICP (4x4, scan -> world) of an InLoc alignment file (rows on lines 8-11, 1-based)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: alignment file not found; {LAYOUT}")
+    lines = path.read_text().splitlines()
+    try:
+        matrix = np.array([[float(v) for v in lines[i].split()] for i in range(7, 11)], dtype=np.float64)
+    except (IndexError, ValueError):
+        raise UserError(f"{path}: expected P_after_GICP as 4 rows of 4 numbers on lines 8-11") from None
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise UserError(f"{path}: P_after_GICP on lines 8-11 is not a finite 4x4 matrix")
+    return matrix
+
+
+def write_alignment(path: str | Path, p_after: np.ndarray, p_before: np.ndarray | None = None) -> None:
+    """Write an alignment file in InLoc's layout (readable by :func:`read_alignment` and hloc)."""
+    p_before = np.eye(4) if p_before is None else p_before
+
+    def rows(matrix: np.ndarray) -> list[str]:
+        return [" ".join(f"{v:.12f}" for v in row) for row in np.asarray(matrix, np.float64).reshape(4, 4)]
+
+    lines = ["P_before_GICP", *rows(p_before), "-" * 40, "P_after_GICP", *rows(p_after)]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------- XYZ lookup
+def interpolate_xyz(xyz: np.ndarray, keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """3D at (N, 2) keypoints (pixel centres at integers) of an (H, W, 3) map: bilinear, else nearest.
+
+    Returns (points (N, 3), valid (N,)); a keypoint is invalid when outside the map or when both the
+    bilinear value and the nearest pixel are holes (NaN).
+    """
+    height, width = xyz.shape[:2]
+    keypoints = np.asarray(keypoints, dtype=np.float64).reshape(-1, 2)
+    x, y = keypoints[:, 0], keypoints[:, 1]
+    inside = (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
+    xc, yc = np.clip(x, 0, width - 1), np.clip(y, 0, height - 1)
+    x0 = np.minimum(np.floor(xc).astype(np.int64), width - 2 if width > 1 else 0)
+    y0 = np.minimum(np.floor(yc).astype(np.int64), height - 2 if height > 1 else 0)
+    x1, y1 = np.minimum(x0 + 1, width - 1), np.minimum(y0 + 1, height - 1)
+    wx, wy = (xc - x0)[:, None], (yc - y0)[:, None]
+    bilinear = (
+        xyz[y0, x0] * (1 - wx) * (1 - wy) + xyz[y0, x1] * wx * (1 - wy)
+        + xyz[y1, x0] * (1 - wx) * wy + xyz[y1, x1] * wx * wy
+    )
+    nearest = xyz[np.rint(yc).astype(np.int64), np.rint(xc).astype(np.int64)]
+    # NaN * 0 is NaN, so a hole anywhere in the 2x2 window makes the bilinear value NaN -> nearest
+    points = np.where(np.isnan(bilinear).any(axis=1, keepdims=True), nearest, bilinear)
+    valid = inside & np.isfinite(points).all(axis=1)
+    return points, valid
+
+
+def load_xyzcut(path: str | Path) -> np.ndarray:
+    """The ``XYZcut`` array (H, W, 3) of a cutout's .mat file (all-zero points count as holes)."""
+    from scipy.io import loadmat
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: cutout scan not found; {LAYOUT}")
+    try:
+        data = loadmat(str(path), variable_names=["XYZcut"])
+    except Exception as error:  # scipy raises several types for broken files
+        raise UserError(f"{path}: cannot read the .mat file ({error})") from None
+    if "XYZcut" not in data:
+        raise UserError(f"{path}: no XYZcut variable in the .mat file")
+    xyz = np.asarray(data["XYZcut"], dtype=np.float64)
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise UserError(f"{path}: XYZcut must be H x W x 3, got shape {xyz.shape}")
+    xyz = xyz.copy()
+    xyz[np.all(xyz == 0, axis=2)] = np.nan  # the scanner's origin marks missing returns in some exports
+    return xyz
+
+
+class ScanPoints:
+    """:class:`localization.localize.PointSource` over InLoc cutouts: 3D from XYZcut + alignment.
+
+    Ids are unique per (cutout, keypoint): scans do not share 3D points.
+    """
+
+    def __init__(self, dataset: str | Path, features: str | Path, cache_size: int = 256) -> None:
+        self.dataset = Path(dataset)
+        self.features = Path(features)
+        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache_size = cache_size
+        self._offsets: dict[str, int] = {}
+        self._next_offset = 0
+        self._alignments: dict[Path, np.ndarray] = {}
+
+    def has_image(self, name: str) -> bool:
+        return name.startswith(CUTOUT_DIR + "/") and (self.dataset / (name + ".mat")).is_file()
+
+    def keypoint_points(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        with open_h5(self.features) as file:
+            if name not in file:
+                raise UserError(f"{self.features}: no keypoints for cutout {name!r}; re-run the matching step")
+            keypoints = file[name]["keypoints"][()].astype(np.float64).reshape(-1, 2)
+        xyz = load_xyzcut(self.dataset / (name + ".mat"))
+        local, valid = interpolate_xyz(xyz, keypoints)
+        path = alignment_path(self.dataset, name)
+        if path not in self._alignments:
+            self._alignments[path] = read_alignment(path)
+        transform = self._alignments[path]
+        world = local @ transform[:3, :3].T + transform[:3, 3]
+        if name not in self._offsets:  # disjoint, stable id ranges per cutout (also across cache evictions)
+            self._offsets[name] = self._next_offset
+            self._next_offset += len(keypoints)
+        ids = np.where(valid, self._offsets[name] + np.arange(len(keypoints)), -1).astype(np.int64)
+        world[~valid] = np.nan
+        self._cache[name] = (ids, world)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return ids, world
+
+    def db_pose(self, name: str) -> pycolmap.Rigid3d | None:
+        return None  # cutout poses are not part of the InLoc release
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+@dataclass
+class InLocOutputs:
+    """Files written by :func:`main` and the localization result."""
+
+    queries: Path
+    pairs: Path
+    features: Path
+    matches: Path
+    poses: Path
+    submission: Path
+    log: Path
+    result: LocalizationResult | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def check_layout(dataset: Path) -> tuple[list[str], list[str]]:
+    """(query names, cutout names) of an InLoc folder; a missing part is one UserError naming the layout."""
+    if not dataset.is_dir():
+        raise UserError(f"{dataset}: dataset folder not found; {LAYOUT}")
+    query_dir, cutout_dir, alignment_dir = dataset / QUERY_DIR, dataset / CUTOUT_DIR, dataset / ALIGNMENT_DIR
+    for folder in (query_dir, cutout_dir, alignment_dir):
+        if not folder.is_dir():
+            raise UserError(f"{folder}: folder missing; {LAYOUT}")
+    queries = sorted(p.relative_to(dataset).as_posix() for p in query_dir.iterdir() if is_image_file(p))
+    cutouts = sorted(
+        p.relative_to(dataset).as_posix() for p in cutout_dir.rglob("*") if is_image_file(p) and p.is_file()
+    )
+    if not queries:
+        raise UserError(f"{query_dir}: no query images; {LAYOUT}")
+    if not cutouts:
+        raise UserError(f"{cutout_dir}: no cutout images; {LAYOUT}")
+    without_scan = [c for c in cutouts if not (dataset / (c + ".mat")).is_file()]
+    if len(without_scan) == len(cutouts):
+        raise UserError(f"{dataset / without_scan[0]}.mat: cutouts have no XYZcut .mat files; {LAYOUT}")
+    return queries, cutouts
+
+
+def main(
+    dataset: str | Path,
+    outputs: str | Path,
+    matcher: "str | Matcher" = "loftr",
+    weights: str | None = None,
+    resize: int | None = None,
+    pairs_query: str | Path | None = None,
+    num_loc: int = 40,
+    config: LocalizationConfig | None = None,
+    device: str = "auto",
+    match_config=None,
+) -> InLocOutputs:
+    """Run the InLoc pipeline on ``dataset``; writes everything under ``outputs``.
+
+    ``pairs_query``: a query-db pairs file (names relative to ``dataset``, e.g. hloc's
+    ``pairs-query-netvlad40.txt``); without it, db images are retrieved by global descriptors (top
+    ``num_loc``); ``"exhaustive"`` pairs every query with every cutout (small datasets).
+    ``matcher``: a name for :func:`matchers.factory.make_matcher` (with ``weights``, ``resize``,
+    ``device``) or a ready :class:`matchers.base.Matcher`. ``match_config``: a
+    :class:`pipeline.match_dense.DenseMatchConfig`.
+    """
+    from matchers.factory import make_matcher
+    from pipeline import match_dense
+
+    dataset, outputs = Path(dataset), Path(outputs)
+    queries, cutouts = check_layout(dataset)
+    # the matcher first: unavailable weights fail now, not after the pairs are made
+    if pairs_query is None:
+        from .retrieval_pairs import check_available
+
+        check_available()
+    if isinstance(matcher, Matcher):
+        model = matcher
+    else:
+        model = make_matcher(matcher, weights=weights, resize=resize, device=device)
+    label = model.name
+    outputs.mkdir(parents=True, exist_ok=True)
+    cameras = {name: query_camera(*image_size(resolve_image(dataset, name))) for name in queries}
+    if config is None:
+        config = LocalizationConfig(pose=PoseEstimationConfig(max_error=default_max_error(cameras.values())))
+    out = InLocOutputs(
+        queries=outputs / "queries_with_intrinsics.txt",
+        pairs=outputs / f"pairs-query-{_pairs_label(pairs_query, num_loc)}.txt",
+        features=outputs / f"features-{label}.h5",
+        matches=outputs / f"matches-{label}.h5",
+        poses=outputs / f"poses-{label}-{config.pose.estimator}.txt",
+        submission=outputs / f"InLoc_hloc_{label}_{config.pose.estimator}.txt",
+        log=outputs / f"poses-{label}-{config.pose.estimator}_log.json",
+    )
+    write_query_list(out.queries, cameras)
+    pairs = _query_pairs(dataset, outputs, queries, cutouts, pairs_query, num_loc, out.pairs)
+    match_dense.main(out.pairs, dataset, out.features, out.matches, model, match_config)
+    source = ScanPoints(dataset, out.features)
+    result = localize(source, cameras, pairs, out.features, out.matches, config)
+    write_poses(out.poses, result.poses)
+    write_submission(out.submission, result.poses)
+    write_log(out.log, result, config, {"dataset": str(dataset), "matching": model.describe(), "pairs": str(out.pairs)})
+    out.result = result
+    return out
+
+
+def default_max_error(cameras: "Iterable[pycolmap.Camera]") -> float:
+    """hloc's 48 px at 4032 px, scaled to the largest query (e.g. 2.9 px for 240-px queries)."""
+    longest = max((max(c.width, c.height) for c in cameras), default=FULL_SIZE)
+    return DEFAULT_MAX_ERROR * longest / FULL_SIZE
+
+
+def _pairs_label(pairs_query: str | Path | None, num_loc: int) -> str:
+    if pairs_query is None:
+        return f"retrieval{num_loc}"
+    return EXHAUSTIVE if str(pairs_query) == EXHAUSTIVE else "given"
+
+
+def _query_pairs(
+    dataset: Path, outputs: Path, queries: list[str], cutouts: list[str], pairs_query: str | Path | None,
+    num_loc: int, target: Path,
+) -> dict[str, list[str]]:
+    """{query: [cutouts]} from a given pairs file (copied to ``target``) or from global retrieval."""
+    if pairs_query is not None and str(pairs_query) == EXHAUSTIVE:
+        pairs = {query: list(cutouts) for query in queries}  # small datasets: every query with every cutout
+    elif pairs_query is not None:
+        pairs = parse_retrieval(pairs_query)
+        known = set(queries)
+        unknown = [q for q in pairs if q not in known]
+        if unknown:
+            raise UserError(
+                f"{pairs_query}: query {unknown[0]!r} is not under {QUERY_DIR}; names are relative to the dataset"
+            )
+        cutout_set = set(cutouts)
+        bad = [d for ds in pairs.values() for d in ds if d not in cutout_set]
+        if bad:
+            raise UserError(f"{pairs_query}: db image {bad[0]!r} is not a cutout of the dataset")
+    else:
+        from .retrieval_pairs import retrieve_pairs
+
+        pairs = retrieve_pairs(dataset, outputs, queries, cutouts, num_loc)
+    write_pairs(target, [(q, d) for q, ds in pairs.items() for d in ds])
+    return pairs
+
+
+def main_cli(argv: "list[str] | None" = None) -> InLocOutputs:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", type=Path, required=True, help="InLoc folder (query/, database/)")
+    parser.add_argument("--outputs", type=Path, required=True, help="output folder")
+    parser.add_argument("--matcher", default="loftr", help="loftr or sift (default loftr)")
+    parser.add_argument("--weights", default=None, help="LoFTR checkpoint name or path (default indoor)")
+    parser.add_argument("--resize", type=int, default=None, help="longest side for matching")
+    parser.add_argument("--pairs-query", default=None,
+                        help="query-db pairs file (e.g. hloc's pairs-query-netvlad40.txt), or 'exhaustive'")
+    parser.add_argument("--num-loc", type=int, default=40, help="db images retrieved per query (default 40)")
+    parser.add_argument("--device", default="auto")
+    add_estimator_arguments(parser)
+    args = parser.parse_args(argv)
+    weights = args.weights if args.weights is not None or args.matcher != "loftr" else "indoor"
+    if args.max_error is None:  # hloc's 48 px at 4032 px, scaled to these queries
+        queries, _ = check_layout(args.dataset)
+        args.max_error = default_max_error(query_camera(*image_size(args.dataset / q)) for q in queries)
+    out = main(args.dataset, args.outputs, args.matcher, weights, args.resize, args.pairs_query, args.num_loc,
+               config_from_args(args), args.device)
+    result = out.result
+    print(f"localized {result.count(STATUS_LOCALIZED)} / {len(result.logs)} queries "
+          f"({result.count(STATUS_FALLBACK)} fallback, {result.count(STATUS_FAILED)} failed); "
+          f"submission: {out.submission}")
+    return out
+
+
+if __name__ == "__main__":
+    run_cli(main_cli)
