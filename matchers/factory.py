@@ -1,0 +1,72 @@
+"""Build a matcher by name, as the CLIs and the pipeline do: ``make_matcher("loftr", weights="outdoor")``.
+
+Heavy modules (torch, the LoFTR model) are imported only when a matcher that needs them is built, so
+``import matchers`` stays fast and the SIFT path never loads torch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Matcher
+from .errors import UserError
+
+#: matcher names accepted by :func:`make_matcher` (and the ``--matcher`` flags)
+MATCHERS = ("loftr", "sift")
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_LOFTR_WEIGHTS = "outdoor"
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; 'cuda' without a GPU is a :class:`UserError`.
+
+    A specific GPU ('cuda:1') is accepted as well.
+    """
+    name = device.strip().lower()
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise UserError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if name == "cpu":
+        return "cpu"
+    import torch  # only when a GPU could be involved
+
+    available = torch.cuda.is_available()
+    if name == "auto":
+        return "cuda" if available else "cpu"
+    if not available:
+        raise UserError(
+            f"device {device!r} requested but no CUDA GPU is usable by this torch build "
+            f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch (see README)"
+        )
+    return name
+
+
+def make_matcher(
+    name: str, weights: str | None = None, resize: int | None = None, device: str = "auto", **options: Any
+) -> Matcher:
+    """The matcher called ``name`` ('loftr' or 'sift').
+
+    ``weights``: LoFTR checkpoint name ('outdoor', 'indoor', ...) or path (default 'outdoor'); SIFT has
+    none. ``resize``: longest image side used for matching; None keeps the matcher's default (LoFTR 640,
+    SIFT 1600), 0 matches at the original size. ``options`` go to the matcher (``SIFTOptions`` fields for
+    SIFT, keyword arguments of ``LoFTRMatcher`` for LoFTR).
+    """
+    key = name.strip().lower()
+    if resize is not None and resize < 0:
+        raise UserError(f"resize must be a positive number of pixels (or 0 for the original size), got {resize}")
+    size_option: dict[str, Any] = {} if resize is None else {"resize": resize or None}
+    if key == "sift":
+        if weights is not None:
+            raise UserError(f"the sift matcher has no weights, but weights {weights!r} were given; drop --weights")
+        from .sift import SIFTMatcher, SIFTOptions
+
+        try:
+            sift_options = SIFTOptions(**size_option, **options)
+        except TypeError as error:
+            raise UserError(f"bad option for the sift matcher: {error}") from None
+        return SIFTMatcher(sift_options)
+    if key == "loftr":
+        resolved = resolve_device(device)
+        from .loftr import LoFTRMatcher, load_pretrained  # lazy: pulls in torch and the model
+
+        model = load_pretrained(weights, resolved)  # None: $LOFTR_WEIGHTS, else the outdoor default
+        return LoFTRMatcher(model, device=resolved, **size_option, **options)
+    raise UserError(f"unknown matcher {name!r}; choose one of {', '.join(MATCHERS)}")
