@@ -13,7 +13,6 @@ from .errors import UserError
 #: matcher names accepted by :func:`make_matcher` (and the ``--matcher`` flags)
 MATCHERS = ("loftr", "sift")
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_LOFTR_WEIGHTS = "outdoor"
 
 
 def resolve_device(device: str = "auto") -> str:
