@@ -299,13 +299,17 @@ class RawMatchStore:
     be read anyway (disk full, manual tampering) counts as missing and is recomputed.
     """
 
-    def __init__(self, matches_path: Path, description: Mapping[str, Any]) -> None:
+    def __init__(self, matches_path: Path, description: Mapping[str, Any], image_dir: Path | None = None) -> None:
         self.description = dict(description)
         self.digest = _digest(self.description)
         self.root = raw_root(matches_path) / self.digest
+        self.image_dir = image_dir
 
     def _path(self, pair: Pair, swapped: bool) -> Path:
-        return self.root / f"{_digest([pair[0], pair[1], swapped], 24)}.npz"
+        # The images' size and modification time are part of the key: a folder rebuilt with the same
+        # names must not silently reuse matches of the old images.
+        states = [] if self.image_dir is None else [_file_state(io.resolve_image(self.image_dir, n)) for n in pair]
+        return self.root / f"{_digest([pair[0], pair[1], swapped, *states], 24)}.npz"
 
     def load(self, pair: Pair, swapped: bool) -> Matches | None:
         path = self._path(pair, swapped)
@@ -429,13 +433,14 @@ def run(
     pair_list = load_pairs(Path(pairs), image_dir)
     names = sorted({name for pair in pair_list for name in pair})
     reference = _load_reference(reference_features, set(names))
-    store = RawMatchStore(matches, describe_matching(matcher, config))
+    store = RawMatchStore(matches, describe_matching(matcher, config), image_dir)
 
     stamp = _digest(
         {
             "matching": store.digest,
             "quantize": asdict(config.quantize_config()),
             "pairs": pair_list,
+            "images": [_file_state(io.resolve_image(image_dir, name)) for name in names],
             "reference": None if reference_features is None else [str(reference_features), _file_state(Path(reference_features))],
         }
     )

@@ -247,6 +247,18 @@ def test_changed_quantization_reuses_raw_matches(tmp_path):
     assert max(result.keypoints_per_image.values()) == 5
 
 
+def test_replaced_images_with_the_same_names_are_matched_again(tmp_path):
+    images = tmp_path / "images"
+    names, offsets, _ = make_scene(images, 3)
+    pairs = write_pairs(tmp_path / "pairs.txt", sequential(names, 2))
+    run(pairs, images, tmp_path / "f.h5", tmp_path / "m.h5", ShiftMatcher(offsets))
+    # Rebuild the folder with other crops under the same names: old raw matches must not be reused.
+    _, new_offsets, _ = make_scene(images, 3, step=(20, 4))
+    matcher = ShiftMatcher(new_offsets)
+    result = run(pairs, images, tmp_path / "f.h5", tmp_path / "m.h5", matcher)
+    assert matcher.match_calls == 3 and result.pairs_reused == 0
+
+
 def test_pairs_without_matches_get_a_row_of_minus_ones(tmp_path):
     images = tmp_path / "images"
     names, offsets, _ = make_scene(images, 3, step=(150, 0))  # crops far apart: no overlap of 0 and 2
