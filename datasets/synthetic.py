@@ -1,0 +1,528 @@
+"""A small synthetic scene rendered by numpy ray casting: known cameras, exact depth, no external data.
+
+The world is a textured ground square with textured boxes standing on it (random sizes, positions and
+yaw). Every face carries its own procedural texture — multi-scale noise, random filled shapes, checker
+patches and text-like glyph blobs — so that both SIFT and LoFTR find plenty of distinct matches.
+Lambertian shading with one directional light (view-independent, so colours are consistent across views);
+the background is a smooth gradient with depth 0 (invalid).
+
+Conventions (the same as :mod:`datasets.middlebury` and OpenCV):
+
+* world: z up; cameras: x right, y down, z forward;
+* ``K`` (3, 3) per view with pixel *centres* at integer coordinates (hloc's convention; COLMAP's
+  principal point is +0.5 of ours);
+* ``poses`` (N, 4, 4) world-to-camera ``[R | t]``;
+* ``depths`` (H, W) float32 camera z of the surface seen at each pixel centre (exact, not rendered
+  from the anti-aliased colour pass); 0 where no surface is hit.
+
+API: ``render_scene(SceneConfig(...)) -> Scene``; ``write_scene(scene, folder)`` / ``read_scene(folder)``;
+for other viewpoints ``make_world(config)`` then ``render_view(world, K, pose, width, height)``;
+``unproject`` / ``project`` / ``warp`` to map pixels between views with the depth (training supervision).
+
+CLI: ``python -m datasets.synthetic --output DIR [--views 12] [--width 320 --height 240] [--seed 0]``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import string
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from matchers.errors import UserError, run_cli
+
+FONTS = (
+    cv2.FONT_HERSHEY_SIMPLEX,
+    cv2.FONT_HERSHEY_DUPLEX,
+    cv2.FONT_HERSHEY_COMPLEX,
+    cv2.FONT_HERSHEY_TRIPLEX,
+    cv2.FONT_HERSHEY_PLAIN,
+)
+GLYPHS = string.ascii_letters + string.digits + "#%&@?"
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """Scene layout and cameras; everything is deterministic given ``seed``."""
+
+    width: int = 320
+    height: int = 240
+    num_views: int = 12
+    seed: int = 0
+    fov_degrees: float = 60.0  # horizontal field of view
+    radius: float = 7.0  # distance of the cameras from the vertical axis through the origin
+    camera_height: float = 3.5
+    arc_degrees: float = 110.0  # cameras spread evenly over this arc (360 = full ring); 10 deg steps suit SIFT
+    target_height: float = 0.5  # cameras look at (0, 0, target_height)
+    jitter: float = 0.15  # random offsets of camera positions (world units) and look-at targets
+    num_boxes: int = 6
+    ground_size: float = 10.0  # the ground is a square of this side centred at the origin
+    texels_per_unit: float = 60.0  # texture resolution (finer detail than pixels: SIFT finds more)
+    supersample: int = 2  # colour samples per pixel per axis (anti-aliasing)
+
+    def __post_init__(self) -> None:
+        if self.width < 8 or self.height < 8:
+            raise UserError(f"image size must be at least 8x8, got {self.width}x{self.height}")
+        if self.num_views < 1:
+            raise UserError(f"num_views must be >= 1, got {self.num_views}")
+        if not 1.0 <= self.fov_degrees <= 170.0:
+            raise UserError(f"fov_degrees must be in [1, 170], got {self.fov_degrees}")
+        if self.supersample < 1:
+            raise UserError(f"supersample must be >= 1, got {self.supersample}")
+        if self.radius <= self.ground_size / np.sqrt(2) * 0.5:
+            raise UserError("cameras must stand outside the ground square: increase radius or reduce ground_size")
+
+
+@dataclass(frozen=True)
+class Box:
+    """An upright box: centre, half extents along its own axes, yaw about z, one texture per face."""
+
+    center: np.ndarray  # (3,)
+    half_size: np.ndarray  # (3,)
+    yaw: float  # radians
+    textures: tuple[np.ndarray, ...]  # 6 textures (float32 RGB) for faces -x, +x, -y, +y, -z, +z
+
+    @property
+    def rotation(self) -> np.ndarray:
+        """Box-to-world rotation."""
+        c, s = np.cos(self.yaw), np.sin(self.yaw)
+        return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything needed to render any view."""
+
+    ground_size: float
+    ground_texture: np.ndarray  # float32 RGB
+    boxes: tuple[Box, ...]
+    texels_per_unit: float
+    light: np.ndarray = field(default_factory=lambda: np.array([0.4, 0.25, 0.88]) / np.linalg.norm([0.4, 0.25, 0.88]))
+    ambient: float = 0.45
+
+
+@dataclass
+class Scene:
+    """Rendered views with their cameras (see the module docstring for conventions)."""
+
+    names: list[str]
+    images: list[np.ndarray]  # (H, W, 3) uint8 RGB
+    depths: list[np.ndarray]  # (H, W) float32 camera z; 0 = background
+    K: np.ndarray  # (N, 3, 3)
+    poses: np.ndarray  # (N, 4, 4) world-to-camera
+    config: SceneConfig | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def R(self) -> np.ndarray:
+        return self.poses[:, :3, :3]
+
+    @property
+    def t(self) -> np.ndarray:
+        return self.poses[:, :3, 3]
+
+    def cameras(self):
+        """``{name: datasets.middlebury.GTCamera}`` (K, R, t), e.g. for pipeline.evaluate_model."""
+        from datasets.middlebury import GTCamera
+
+        return {n: GTCamera(n, self.K[i].copy(), self.R[i].copy(), self.t[i].copy()) for i, n in enumerate(self.names)}
+
+
+# ----------------------------------------------------------------------------------------- textures
+def _noise(rng: np.random.Generator, height: int, width: int, octaves: int = 5) -> np.ndarray:
+    """Multi-scale value noise in [0, 1], (H, W) float32."""
+    out = np.zeros((height, width), np.float32)
+    total = 0.0
+    for octave in range(octaves):
+        cells = 2 ** (octave + 2)
+        grid = rng.random((max(2, height * cells // max(height, width)), cells)).astype(np.float32)
+        amplitude = 0.6**octave
+        out += amplitude * cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
+        total += amplitude
+    out /= total
+    return np.clip((out - out.min()) / max(float(np.ptp(out)), 1e-6), 0.0, 1.0)
+
+
+def _random_colour(rng: np.random.Generator, low: float = 0.0, high: float = 1.0) -> tuple[int, int, int]:
+    """An 8-bit colour with channels in [low, high] (fractions of 255); OpenCV 5 draws text on uint8 only."""
+    return tuple(int(round(255 * v)) for v in rng.uniform(low, high, 3))
+
+
+def procedural_texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A feature-rich texture (H, W, 3) float32 in [0, 1]: noise, shapes, checker patches, glyphs."""
+    height, width = max(8, int(height)), max(8, int(width))
+    base = np.array(_random_colour(rng, 0.25, 0.85), np.float32)
+    tint = np.array(_random_colour(rng, 0.1, 0.9), np.float32)
+    noise = _noise(rng, height, width)[..., None]
+    texture = np.ascontiguousarray(np.clip(base * (1 - noise) + tint * noise + 0.5, 0, 255), dtype=np.uint8)
+    area = height * width
+    scale = np.sqrt(area)
+    for _ in range(int(area / 400) + 3):  # filled shapes
+        colour = _random_colour(rng)
+        kind = rng.integers(3)
+        centre = (int(rng.integers(width)), int(rng.integers(height)))
+        size = int(rng.uniform(0.015, 0.08) * scale) + 2
+        if kind == 0:
+            cv2.circle(texture, centre, size, colour, -1, lineType=cv2.LINE_AA)
+        elif kind == 1:
+            offset = rng.integers(-2 * size, 2 * size, 2)
+            corner = (centre[0] + int(offset[0]), centre[1] + int(offset[1]))
+            cv2.rectangle(texture, centre, corner, colour, -1)
+        else:
+            count = int(rng.integers(3, 7))
+            points = (np.array(centre) + rng.integers(-2 * size, 2 * size, (count, 2))).astype(np.int32)
+            cv2.fillPoly(texture, [points], colour, lineType=cv2.LINE_AA)
+    for _ in range(int(area / 20000) + 1):  # checker patches
+        cell = int(rng.integers(3, 9))
+        w, h = int(rng.integers(4, 10)) * cell, int(rng.integers(4, 10)) * cell
+        x0, y0 = int(rng.integers(0, max(1, width - w))), int(rng.integers(0, max(1, height - h)))
+        yy, xx = np.mgrid[0:h, 0:w]
+        checker = (((yy // cell) + (xx // cell)) % 2).astype(np.float32)[..., None]
+        patch = texture[y0 : y0 + h, x0 : x0 + w]
+        dark = np.array(_random_colour(rng, 0.0, 0.3), np.float32)
+        light = np.array(_random_colour(rng, 0.7, 1.0), np.float32)
+        patch[...] = (dark * checker + light * (1 - checker)).astype(np.uint8)[: patch.shape[0], : patch.shape[1]]
+    for _ in range(int(area / 700) + 2):  # text-like glyph blobs
+        text = "".join(rng.choice(list(GLYPHS), int(rng.integers(1, 5))))
+        font = FONTS[int(rng.integers(len(FONTS)))]
+        font_scale = float(rng.uniform(0.3, 1.1))
+        origin = (int(rng.integers(-10, width)), int(rng.integers(5, height + 10)))
+        cv2.putText(texture, text, origin, font, font_scale, _random_colour(rng), int(rng.integers(1, 3)), cv2.LINE_AA)
+    return texture.astype(np.float32) / 255.0
+
+
+# ----------------------------------------------------------------------------------------- world
+def make_world(config: SceneConfig) -> World:
+    """Random boxes on a textured ground (deterministic given ``config.seed``)."""
+    rng = np.random.default_rng(config.seed)
+    density = config.texels_per_unit
+    ground_pixels = int(config.ground_size * density)
+    ground = procedural_texture(rng, ground_pixels, ground_pixels)
+    boxes: list[Box] = []
+    attempts = 0
+    max_extent = 0.36 * config.ground_size
+    while len(boxes) < config.num_boxes and attempts < 1000:
+        attempts += 1
+        half = np.array([rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.3)])
+        xy = rng.uniform(-max_extent, max_extent, 2)
+        radius = np.linalg.norm(half[:2])
+        if np.linalg.norm(xy) + radius > max_extent * 1.2:
+            continue
+        if any(np.linalg.norm(xy - b.center[:2]) < radius + np.linalg.norm(b.half_size[:2]) + 0.2 for b in boxes):
+            continue
+        dims = 2 * half
+        # faces -x, +x (span y, z); -y, +y (span x, z); -z, +z (span x, y)
+        spans = [(dims[1], dims[2])] * 2 + [(dims[0], dims[2])] * 2 + [(dims[0], dims[1])] * 2
+        textures = tuple(procedural_texture(rng, h * density, w * density) for w, h in spans)
+        boxes.append(Box(np.array([xy[0], xy[1], half[2]]), half, float(rng.uniform(0, np.pi)), textures))
+    return World(config.ground_size, ground, tuple(boxes), density)
+
+
+# ----------------------------------------------------------------------------------------- cameras
+def intrinsics(width: int, height: int, fov_degrees: float) -> np.ndarray:
+    """Pinhole K with square pixels, principal point at the image centre (integer-centre convention)."""
+    focal = 0.5 * width / np.tan(np.radians(fov_degrees) / 2)
+    return np.array([[focal, 0.0, (width - 1) / 2], [0.0, focal, (height - 1) / 2], [0.0, 0.0, 1.0]])
+
+
+def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray | None = None) -> np.ndarray:
+    """World-to-camera (4, 4) of a camera at ``eye`` looking at ``target`` (x right, y down, z forward);
+    ``up`` defaults to world +z."""
+    up = np.array([0.0, 0.0, 1.0]) if up is None else np.asarray(up, np.float64)
+    forward = target - eye
+    forward = forward / np.linalg.norm(forward)
+    right = np.cross(forward, up)
+    if np.linalg.norm(right) < 1e-9:
+        raise UserError("look_at: the viewing direction is parallel to 'up'")
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    R = np.stack([right, down, forward])
+    pose = np.eye(4)
+    pose[:3, :3] = R
+    pose[:3, 3] = -R @ eye
+    return pose
+
+
+def ring_cameras(config: SceneConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(K (N, 3, 3), poses (N, 4, 4)) of ``num_views`` cameras on a ring/arc around the scene."""
+    rng = np.random.default_rng(config.seed + 7919)  # independent of the world's stream
+    K = intrinsics(config.width, config.height, config.fov_degrees)
+    full = abs(config.arc_degrees - 360.0) < 1e-9
+    count = config.num_views if full else max(config.num_views - 1, 1)
+    angles = np.radians(np.arange(config.num_views) * config.arc_degrees / count)
+    poses = []
+    for angle in angles:
+        eye = np.array([config.radius * np.cos(angle), config.radius * np.sin(angle), config.camera_height])
+        eye = eye + rng.uniform(-config.jitter, config.jitter, 3)
+        target = np.array([0.0, 0.0, config.target_height]) + rng.uniform(-config.jitter, config.jitter, 3)
+        poses.append(look_at(eye, target))
+    return np.repeat(K[None], config.num_views, axis=0), np.stack(poses)
+
+
+# ----------------------------------------------------------------------------------------- ray casting
+def _sample(texture: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Bilinear texture lookup at texel coordinates (u right, v down); (N, 3)."""
+    count = len(u)
+    if count == 0:
+        return np.zeros((0, 3), np.float32)
+    columns = 1024  # cv2.remap maps must stay below 32767 rows/columns: lay the samples out in 2D
+    rows = -(-count // columns)
+    map_u = np.zeros(rows * columns, np.float32)
+    map_v = np.zeros(rows * columns, np.float32)
+    map_u[:count], map_v[:count] = u, v
+    mapped = cv2.remap(
+        texture, map_u.reshape(rows, columns), map_v.reshape(rows, columns),
+        interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101,
+    )
+    return mapped.reshape(-1, 3)[:count]
+
+
+def _cast(
+    world: World, origin: np.ndarray, directions: np.ndarray, shade: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Nearest hit distance along ``directions`` (N, 3) from ``origin``; and shaded colours if asked.
+
+    Distances are in units of the direction vectors (so with camera-z-normalised directions they are
+    depths). Misses have distance inf.
+    """
+    count = len(directions)
+    best = np.full(count, np.inf)
+    hit_kind = np.full(count, -1, np.int64)  # -1 none, 0 ground, 1 + box index
+    # Ground square (z = 0), seen from above.
+    dz = directions[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_ground = np.where(dz < -1e-12, -origin[2] / dz, np.inf)
+    half = world.ground_size / 2
+    with np.errstate(invalid="ignore"):  # inf * 0 for rays parallel to an axis
+        gx, gy = origin[0] + t_ground * directions[:, 0], origin[1] + t_ground * directions[:, 1]
+    inside = np.isfinite(t_ground) & (np.abs(gx) <= half) & (np.abs(gy) <= half) & (t_ground > 0)
+    best[inside] = t_ground[inside]
+    hit_kind[inside] = 0
+    norms2 = np.einsum("ij,ij->i", directions, directions)
+    box_hits: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
+    for index, box in enumerate(world.boxes):
+        # Cull with the bounding sphere first: a box covers a small part of the image.
+        offset = origin - box.center
+        b = directions @ offset
+        candidates = np.nonzero(b * b - norms2 * (offset @ offset - box.half_size @ box.half_size) >= 0)[0]
+        if len(candidates) == 0:
+            box_hits.append(None)
+            continue
+        rotation = box.rotation
+        local_origin = rotation.T @ offset
+        local_dirs = directions[candidates] @ rotation  # rows: R^T d
+        near = np.empty((3, len(candidates)))
+        far = np.full(len(candidates), np.inf)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for axis in range(3):
+                inverse = 1.0 / local_dirs[:, axis]
+                ta = (-box.half_size[axis] - local_origin[axis]) * inverse
+                tb = (box.half_size[axis] - local_origin[axis]) * inverse
+                near[axis] = np.fmin(ta, tb)
+                far = np.fmin(far, np.fmax(ta, tb))
+        entry_axis = near.argmax(axis=0)  # the slab entered last is the face hit
+        t_near = near[entry_axis, np.arange(len(candidates))]
+        hit = (t_near <= far) & (t_near > 1e-9) & (t_near < best[candidates])
+        rays = candidates[hit]
+        best[rays] = t_near[hit]
+        hit_kind[rays] = 1 + index
+        box_hits.append((rays, entry_axis[hit], local_dirs[hit]))
+    if not shade:
+        return best, None
+    colours = np.zeros((count, 3), np.float32)
+    mask = hit_kind == 0
+    if mask.any():
+        u = (gx[mask] + half) * world.texels_per_unit - 0.5
+        v = (half - gy[mask]) * world.texels_per_unit - 0.5
+        light = world.ambient + (1 - world.ambient) * max(world.light[2], 0.0)
+        colours[mask] = _sample(world.ground_texture, u, v) * light
+    spans = {0: (1, 2), 1: (0, 2), 2: (0, 1)}
+    for index, box in enumerate(world.boxes):
+        if box_hits[index] is None:
+            continue
+        rays, axis, local_dirs = box_hits[index]
+        final = hit_kind[rays] == 1 + index  # not hidden by a box tested later
+        rays, axis, local_dirs = rays[final], axis[final], local_dirs[final]
+        if len(rays) == 0:
+            continue
+        local_origin = box.rotation.T @ (origin - box.center)
+        p = local_origin + best[rays, None] * local_dirs
+        sign = np.where(local_dirs[np.arange(len(axis)), axis] > 0, -1, 1)  # outward normal of the face
+        face = 2 * axis + (sign > 0)
+        normals_local = np.zeros((len(axis), 3))
+        normals_local[np.arange(len(axis)), axis] = sign
+        light = world.ambient + (1 - world.ambient) * np.clip(normals_local @ box.rotation.T @ world.light, 0.0, 1.0)
+        out = np.zeros((len(axis), 3), np.float32)
+        for face_id in np.unique(face):
+            sel = face == face_id
+            a0, a1 = spans[face_id // 2]
+            u = (p[sel, a0] + box.half_size[a0]) * world.texels_per_unit - 0.5
+            v = (box.half_size[a1] - p[sel, a1]) * world.texels_per_unit - 0.5  # image v down = world up
+            out[sel] = _sample(box.textures[face_id], u, v)
+        colours[rays] = out * light[:, None]
+    return best, colours
+
+
+def _rays(K: np.ndarray, pose: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Camera centre and world ray directions (camera z component 1) through pixels (xs, ys)."""
+    R, t = pose[:3, :3], pose[:3, 3]
+    pixels = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)], axis=1)
+    cam = pixels @ np.linalg.inv(K).T
+    return -R.T @ t, cam @ R  # rows: R^T d
+
+
+def render_view(
+    world: World, K: np.ndarray, pose: np.ndarray, width: int, height: int, supersample: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render one view: (image (H, W, 3) uint8 RGB, depth (H, W) float32, 0 where nothing is hit)."""
+    K, pose = np.asarray(K, np.float64), np.asarray(pose, np.float64)
+    s = int(supersample)
+    offsets = (np.arange(s) + 0.5) / s - 0.5
+    xs = (np.arange(width)[None, :, None, None] + offsets[None, None, None, :]) * np.ones((height, 1, s, 1))
+    ys = (np.arange(height)[:, None, None, None] + offsets[None, None, :, None]) * np.ones((1, width, 1, s))
+    origin, directions = _rays(K, pose, xs, ys)
+    distance, colours = _cast(world, origin, directions, shade=True)
+    # Background: a smooth vertical gradient by ray elevation (featureless, depth 0).
+    elevation = directions[:, 2] / np.linalg.norm(directions, axis=1)
+    sky = (0.75 + 0.2 * elevation[:, None]) * np.array([0.78, 0.84, 0.95], np.float32)
+    colours = np.where(np.isfinite(distance)[:, None], colours, sky)
+    image = colours.reshape(height, width, s, s, 3).mean(axis=(2, 3))
+    image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    yc, xc = np.mgrid[0:height, 0:width].astype(np.float64)
+    origin, directions = _rays(K, pose, xc, yc)
+    depth, _ = _cast(world, origin, directions, shade=False)
+    depth = np.where(np.isfinite(depth), depth, 0.0).reshape(height, width).astype(np.float32)
+    return image, depth
+
+
+def render_scene(config: SceneConfig | None = None) -> Scene:
+    """Render ``config.num_views`` views of the world on a ring of cameras."""
+    config = config if config is not None else SceneConfig()
+    world = make_world(config)
+    K, poses = ring_cameras(config)
+    images, depths = [], []
+    for k, pose in zip(K, poses):
+        image, depth = render_view(world, k, pose, config.width, config.height, config.supersample)
+        images.append(image)
+        depths.append(depth)
+    names = [f"view_{i:03d}.png" for i in range(config.num_views)]
+    return Scene(names, images, depths, K, poses, config)
+
+
+# ----------------------------------------------------------------------------------------- geometry
+def unproject(depth: np.ndarray, K: np.ndarray, pose: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """World coordinates (N, 3) of pixels ``points`` (N, 2), nearest-pixel depth; NaN where depth is 0."""
+    points = np.asarray(points, np.float64).reshape(-1, 2)
+    cols = np.clip(np.round(points[:, 0]).astype(int), 0, depth.shape[1] - 1)
+    rows = np.clip(np.round(points[:, 1]).astype(int), 0, depth.shape[0] - 1)
+    z = depth[rows, cols].astype(np.float64)
+    cam = np.concatenate([points, np.ones((len(points), 1))], axis=1) @ np.linalg.inv(K).T * z[:, None]
+    world = (cam - pose[:3, 3]) @ pose[:3, :3]
+    world[z <= 0] = np.nan
+    return world
+
+
+def project(world_points: np.ndarray, K: np.ndarray, pose: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (N, 2) and camera depths (N,) of world points in a view."""
+    cam = world_points @ pose[:3, :3].T + pose[:3, 3]
+    uvw = cam @ K.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return uvw[:, :2] / uvw[:, 2:3], cam[:, 2]
+
+
+def warp(scene: Scene, i: int, j: int, points: np.ndarray, tolerance: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+    """Map pixels of view ``i`` into view ``j``; returns (pixels (N, 2), valid (N,)).
+
+    Valid: depth known in ``i``, in front of ``j``, inside ``j`` and not occluded there (the depth of
+    ``j`` at the landing pixel agrees within ``tolerance`` relative).
+    """
+    world = unproject(scene.depths[i], scene.K[i], scene.poses[i], points)
+    pixels, z = project(world, scene.K[j], scene.poses[j])
+    height, width = scene.depths[j].shape
+    valid = np.isfinite(pixels).all(axis=1) & (z > 0)
+    valid &= (pixels[:, 0] > -0.5) & (pixels[:, 0] < width - 0.5)
+    valid &= (pixels[:, 1] > -0.5) & (pixels[:, 1] < height - 0.5)
+    seen = np.zeros(len(points))
+    rows = np.clip(np.round(np.nan_to_num(pixels[:, 1])).astype(int), 0, height - 1)
+    cols = np.clip(np.round(np.nan_to_num(pixels[:, 0])).astype(int), 0, width - 1)
+    seen[valid] = scene.depths[j][rows[valid], cols[valid]]
+    valid &= np.abs(seen - np.nan_to_num(z)) <= tolerance * np.maximum(np.nan_to_num(z), 1e-9)
+    return pixels, valid
+
+
+# ----------------------------------------------------------------------------------------- files
+def write_scene(scene: Scene, folder: str | Path) -> Path:
+    """Write ``images/*.png``, ``depths/*.npy``, ``cameras.txt`` (Middlebury par format: K, R, t)
+    and ``scene.json`` (the config) under ``folder``; files are written atomically."""
+    from datasets.middlebury import write_par_file
+    from pipeline.io import atomic_path, write_text_atomic
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "depths").mkdir(parents=True, exist_ok=True)
+    for name, image, depth in zip(scene.names, scene.images, scene.depths):
+        with atomic_path(folder / "images" / name) as temp:
+            ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            if not ok:
+                raise UserError(f"cannot encode {name} as PNG")
+            temp.write_bytes(encoded.tobytes())
+        with atomic_path(folder / "depths" / (Path(name).stem + ".npy")) as temp, open(temp, "wb") as handle:
+            np.save(handle, depth.astype(np.float32))
+    write_par_file(folder / "cameras.txt", scene.cameras().values())
+    write_text_atomic(folder / "scene.json", json.dumps(asdict(scene.config) if scene.config else {}, indent=2))
+    return folder
+
+
+def read_scene(folder: str | Path) -> Scene:
+    """Read a scene written by :func:`write_scene`."""
+    from datasets.middlebury import read_par_file
+    from matchers.image_io import read_rgb
+
+    folder = Path(folder)
+    cameras = read_par_file(folder / "cameras.txt")
+    names = list(cameras)
+    images = [np.clip(read_rgb(folder / "images" / n) * 255 + 0.5, 0, 255).astype(np.uint8) for n in names]
+    depth_paths = [folder / "depths" / (Path(n).stem + ".npy") for n in names]
+    missing = [p for p in depth_paths if not p.is_file()]
+    if missing:
+        raise UserError(f"{missing[0]}: depth map missing; re-create the scene with `python -m datasets.synthetic`")
+    depths = [np.load(p, allow_pickle=False) for p in depth_paths]
+    poses = np.stack([np.vstack([np.hstack([c.R, c.t[:, None]]), [0, 0, 0, 1]]) for c in cameras.values()])
+    config = None
+    if (folder / "scene.json").is_file():
+        data = json.loads((folder / "scene.json").read_text())
+        config = SceneConfig(**data) if data else None
+    return Scene(names, images, depths, np.stack([c.K for c in cameras.values()]), poses, config)
+
+
+def main(output: Path, config: SceneConfig | None = None) -> Scene:
+    """Render the scene of ``config`` and write it to ``output``."""
+    scene = render_scene(config)
+    write_scene(scene, output)
+    return scene
+
+
+def main_cli(argv: list[str] | None = None) -> None:
+    defaults = SceneConfig()
+    parser = argparse.ArgumentParser(description="Render a synthetic textured scene with known cameras and depth.")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--views", type=int, default=defaults.num_views)
+    parser.add_argument("--width", type=int, default=defaults.width)
+    parser.add_argument("--height", type=int, default=defaults.height)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--arc", type=float, default=defaults.arc_degrees, help="arc of the camera ring in degrees")
+    args = parser.parse_args(argv)
+    config = SceneConfig(
+        width=args.width, height=args.height, num_views=args.views, seed=args.seed, arc_degrees=args.arc
+    )
+    scene = main(args.output, config)
+    print(f"wrote {len(scene)} views to {args.output}")
+
+
+if __name__ == "__main__":
+    run_cli(main_cli)

@@ -1,0 +1,392 @@
+"""The COLMAP database step: cameras (with EXIF focal priors), images, keypoints, matches, verification.
+
+hloc/COLMAP semantics:
+
+* camera mode ``single``: one camera shared by every image (all images must have the same size);
+  ``per-image``: one camera each; ``auto``: images share a camera when they have the same size and the
+  same EXIF make / model / focal length (images without EXIF but of the same size share one camera).
+* focal prior, as COLMAP's image reader computes it: from EXIF ``FocalLengthIn35mmFilm`` as
+  ``f35 / 35 * max(W, H)``; else from ``FocalLength`` (mm) and the sensor width derived from
+  ``FocalPlaneXResolution``; the camera is then flagged ``has_prior_focal_length``. Without EXIF the focal
+  length is ``1.2 * max(W, H)`` and not flagged as a prior (COLMAP's default_focal_length_factor).
+* keypoints are stored with COLMAP's origin: hloc's (0, 0) is the centre of the top-left pixel,
+  COLMAP's is its top-left corner, so +0.5 on import.
+* matches come from hloc's matches.h5; verification is pycolmap's two-view geometry estimation
+  (:func:`pycolmap.verify_matches`, LO-RANSAC over E / F / H) run inside the database.
+
+The database is built in a temporary file and renamed into place, so an interrupted run never leaves a
+half-written database behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from matchers.errors import UserError
+from pipeline.io import find_pair, open_h5, resolve_image
+
+CAMERA_MODES = ("auto", "single", "per-image")
+DEFAULT_FOCAL_LENGTH_FACTOR = 1.2  # COLMAP's ImageReaderOptions.default_focal_length_factor
+
+# EXIF tags (main IFD and the Exif sub-IFD)
+_EXIF_IFD = 0x8769
+_MAKE, _MODEL = 0x010F, 0x0110
+_FOCAL_LENGTH, _FOCAL_35MM = 0x920A, 0xA405
+_FOCAL_PLANE_X_RES, _FOCAL_PLANE_UNIT = 0xA20E, 0xA210
+_PIXEL_X, _PIXEL_Y = 0xA002, 0xA003
+_MM_PER_UNIT = {2: 25.4, 3: 10.0, 4: 1.0, 5: 1e-3}  # inch, cm, mm, micrometre
+
+
+@dataclass(frozen=True)
+class CameraPrior:
+    """What is known about an image's camera before reconstruction."""
+
+    width: int
+    height: int
+    focal_length: float  # pixels
+    prior_focal_length: bool  # True when the focal length came from EXIF
+    exif_key: tuple  # (make, model, focal tag) used to group images in 'auto' mode; () without EXIF
+
+
+@dataclass(frozen=True)
+class VerificationConfig:
+    """pycolmap two-view geometry options; the defaults are COLMAP's (hloc raises max_num_trials to
+    20000 and lowers min_inlier_ratio to 0.1, which costs ~2x the time on pairs that do not overlap)."""
+
+    max_error: float = 4.0  # pixels
+    min_num_inliers: int = 15
+    min_inlier_ratio: float = 0.25  # bounds the number of RANSAC trials
+    max_num_trials: int = 10000
+    confidence: float = 0.999
+    num_threads: int = -1  # -1: all cores
+    seed: int | None = 0  # RANSAC random seed (reproducible runs); None = random
+
+    def to_pycolmap(self):
+        import pycolmap
+
+        options = pycolmap.TwoViewGeometryOptions()
+        options.min_num_inliers = self.min_num_inliers
+        options.ransac.max_error = self.max_error
+        options.ransac.min_inlier_ratio = self.min_inlier_ratio
+        options.ransac.max_num_trials = self.max_num_trials
+        options.ransac.confidence = self.confidence
+        if self.seed is not None:
+            options.ransac.random_seed = self.seed
+        return options
+
+
+@dataclass(frozen=True)
+class DatabaseStats:
+    """What went into the database."""
+
+    num_images: int
+    num_cameras: int
+    num_keypoints: int
+    num_pairs: int  # pairs in the pairs file
+    num_matched_pairs: int  # pairs imported (enough raw matches)
+    num_matches: int
+    num_verified_pairs: int  # pairs with a verified two-view geometry
+    num_inlier_matches: int
+
+
+# ------------------------------------------------------------------------------------------- logging
+@contextlib.contextmanager
+def colmap_logging(verbose: bool) -> Iterator[None]:
+    """Silence COLMAP's INFO/WARNING logging (it goes straight to stderr) unless ``verbose``."""
+    import pycolmap
+
+    previous = pycolmap.logging.minloglevel
+    pycolmap.logging.minloglevel = 0 if verbose else 2
+    try:
+        yield
+    finally:
+        pycolmap.logging.minloglevel = previous
+
+
+# ------------------------------------------------------------------------------------------- cameras
+def _rational(value: object) -> float | None:
+    try:
+        number = float(value)  # PIL's IFDRational and plain numbers
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return number if np.isfinite(number) and number > 0 else None
+
+
+def exif_focal_length(path: str | Path, size: tuple[int, int]) -> tuple[float | None, tuple]:
+    """Focal length in pixels from EXIF (COLMAP's rules) and the (make, model, focal) grouping key.
+
+    ``size`` is the (W, H) of the image as used for matching (EXIF orientation applied); the focal
+    length depends only on ``max(W, H)`` so orientation does not matter. Returns (None, key) without
+    usable focal information.
+    """
+    try:
+        with Image.open(path) as image:
+            exif = image.getexif()
+            sub = exif.get_ifd(_EXIF_IFD)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None, ()
+    make = str(exif.get(_MAKE, "")).strip("\x00 ")
+    model = str(exif.get(_MODEL, "")).strip("\x00 ")
+    focal_35 = _rational(sub.get(_FOCAL_35MM))
+    focal_mm = _rational(sub.get(_FOCAL_LENGTH))
+    key = (make, model, focal_35 or focal_mm) if (make or model or focal_35 or focal_mm) else ()
+    max_size = float(max(size))
+    if focal_35 is not None:
+        return focal_35 / 35.0 * max_size, key
+    if focal_mm is not None:
+        resolution = _rational(sub.get(_FOCAL_PLANE_X_RES))
+        unit = _MM_PER_UNIT.get(int(sub.get(_FOCAL_PLANE_UNIT, 2) or 2))
+        pixels = [_rational(sub.get(tag)) for tag in (_PIXEL_X, _PIXEL_Y)]
+        if resolution is not None and unit is not None:
+            # Sensor's long side in mm from the EXIF pixel dimensions (the full-resolution capture), so
+            # the focal length stays right for downscaled copies of the photo.
+            full = max(p for p in pixels if p is not None) if any(p is not None for p in pixels) else max_size
+            sensor_mm = full / resolution * unit
+            if sensor_mm > 0:
+                return focal_mm / sensor_mm * max_size, key
+    return None, key
+
+
+def camera_prior(path: str | Path, size: tuple[int, int]) -> CameraPrior:
+    """The camera prior of one image: EXIF focal length, else COLMAP's 1.2 * max(W, H)."""
+    focal, key = exif_focal_length(path, size)
+    width, height = int(size[0]), int(size[1])
+    if focal is None:
+        return CameraPrior(width, height, DEFAULT_FOCAL_LENGTH_FACTOR * max(width, height), False, key)
+    return CameraPrior(width, height, float(focal), True, key)
+
+
+def group_cameras(priors: Mapping[str, CameraPrior], mode: str) -> dict[str, int]:
+    """Camera index (0-based) of every image for a camera mode (see the module docstring)."""
+    if mode not in CAMERA_MODES:
+        raise UserError(f"unknown camera mode {mode!r}; choose one of {', '.join(CAMERA_MODES)}")
+    names = list(priors)
+    if mode == "per-image":
+        return {name: index for index, name in enumerate(names)}
+    if mode == "single":
+        sizes = {(p.width, p.height) for p in priors.values()}
+        if len(sizes) > 1:
+            raise UserError(
+                f"--camera-mode single needs images of one size, found {len(sizes)} sizes "
+                f"({', '.join(f'{w}x{h}' for w, h in sorted(sizes)[:4])}); use --camera-mode auto"
+            )
+        return {name: 0 for name in names}
+    groups: dict[tuple, int] = {}
+    assignment: dict[str, int] = {}
+    for name in names:
+        prior = priors[name]
+        key = (prior.width, prior.height, prior.exif_key)
+        assignment[name] = groups.setdefault(key, len(groups))
+    return assignment
+
+
+def make_camera(prior: CameraPrior, camera_id: int, model: str):
+    """A pycolmap Camera of ``model`` with the prior's focal length and the centre as principal point."""
+    import pycolmap
+
+    try:
+        camera = pycolmap.Camera.create_from_model_name(
+            camera_id, model, prior.focal_length, prior.width, prior.height
+        )
+    except Exception as error:  # pycolmap raises a plain ValueError/RuntimeError for unknown models
+        raise UserError(f"unknown COLMAP camera model {model!r} ({error}); use e.g. SIMPLE_RADIAL or OPENCV") from None
+    camera.has_prior_focal_length = prior.prior_focal_length
+    return camera
+
+
+# ------------------------------------------------------------------------------------------- features
+def read_feature_sizes(features_path: Path, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """``image_size`` (W, H) of every image in features.h5 (missing images are an error)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    with open_h5(features_path) as file:
+        for name in names:
+            if name not in file or "keypoints" not in file[name]:
+                raise UserError(f"{features_path}: no keypoints for image {name!r}; re-run the matching step")
+            if "image_size" in file[name]:
+                width, height = (int(v) for v in file[name]["image_size"][()])
+                sizes[name] = (width, height)
+    return sizes
+
+
+def import_features(db, image_ids: Mapping[str, int], features_path: Path) -> int:
+    """Write keypoints (+0.5: COLMAP's pixel origin) of every image; returns the total count."""
+    total = 0
+    with open_h5(features_path) as file:
+        for name, image_id in tqdm(image_ids.items(), desc="import keypoints", leave=False):
+            if name not in file or "keypoints" not in file[name]:
+                raise UserError(f"{features_path}: no keypoints for image {name!r}; re-run the matching step")
+            keypoints = file[name]["keypoints"][()].astype(np.float32).reshape(-1, 2) + 0.5
+            db.write_keypoints(image_id, keypoints)
+            total += len(keypoints)
+    return total
+
+
+def import_matches(
+    db,
+    image_ids: Mapping[str, int],
+    pairs: Sequence[tuple[str, str]],
+    matches_path: Path,
+    min_match_score: float | None = None,
+    min_num_matches: int = 15,
+) -> tuple[list[tuple[str, str]], int]:
+    """Write raw matches of each pair once; pairs with fewer than ``min_num_matches`` are left out
+    (they could never pass verification). Returns (imported pairs, total matches)."""
+    done: set[tuple[int, int]] = set()
+    imported: list[tuple[str, str]] = []
+    num_matches = 0
+    with open_h5(matches_path) as file:
+        for name0, name1 in tqdm(pairs, desc="import matches", leave=False):
+            id0, id1 = image_ids[name0], image_ids[name1]
+            if id0 == id1 or (min(id0, id1), max(id0, id1)) in done:
+                continue
+            done.add((min(id0, id1), max(id0, id1)))
+            try:
+                key, reverse = find_pair(file, name0, name1)
+            except KeyError:
+                raise UserError(
+                    f"{matches_path}: no matches for pair ({name0}, {name1}); re-run the matching step"
+                ) from None
+            matches0 = file[key]["matches0"][()].astype(np.int64)
+            scores0 = file[key]["matching_scores0"][()] if "matching_scores0" in file[key] else np.ones(len(matches0))
+            valid = matches0 > -1
+            if min_match_score is not None:
+                valid &= scores0 > min_match_score
+            indices = np.stack([np.nonzero(valid)[0], matches0[valid]], axis=1)
+            if reverse:
+                indices = indices[:, ::-1]
+            if len(indices) < min_num_matches:
+                continue
+            db.write_matches(image_ids[name0], image_ids[name1], np.ascontiguousarray(indices, dtype=np.uint32))
+            imported.append((name0, name1))
+            num_matches += len(indices)
+    return imported, num_matches
+
+
+# ------------------------------------------------------------------------------------------- database
+SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")
+
+
+def remove_database(path: Path, side_files_only: bool = False) -> None:
+    """Delete an SQLite database and its journal / write-ahead-log files (a stale WAL left by a crash
+    would otherwise be replayed into a new database of the same name)."""
+    for suffix in SQLITE_SIDE_FILES + (() if side_files_only else ("",)):
+        candidate = path.with_name(path.name + suffix)
+        if candidate.exists():
+            candidate.unlink()
+
+
+def create_database(
+    database_path: Path,
+    image_dir: Path,
+    names: Sequence[str],
+    sizes: Mapping[str, tuple[int, int]],
+    camera_mode: str = "auto",
+    camera_model: str = "SIMPLE_RADIAL",
+) -> tuple[dict[str, int], int]:
+    """A new database with cameras and images (no keypoints yet); returns ({name: image_id}, #cameras)."""
+    import pycolmap
+
+    priors = {name: camera_prior(resolve_image(image_dir, name), sizes[name]) for name in names}
+    groups = group_cameras(priors, camera_mode)
+    remove_database(database_path)
+    image_ids: dict[str, int] = {}
+    with pycolmap.Database.open(str(database_path)) as db:
+        camera_ids: dict[int, int] = {}
+        for name in names:
+            group = groups[name]
+            if group not in camera_ids:
+                camera_ids[group] = db.write_camera(make_camera(priors[name], len(camera_ids) + 1, camera_model))
+            image_ids[name] = db.write_image(pycolmap.Image(name=name, camera_id=camera_ids[group]))
+    return image_ids, len(camera_ids)
+
+
+def verify(
+    database_path: Path,
+    pairs: Sequence[tuple[str, str]],
+    config: VerificationConfig,
+    verbose: bool = False,
+    chunk_size: int = 50,
+) -> tuple[int, int]:
+    """pycolmap geometric verification of ``pairs`` (their matches must be in the database), in chunks
+    so that progress can be shown; returns (verified pairs, inlier matches)."""
+    import pycolmap
+
+    options = config.to_pycolmap()
+    pairs_file = database_path.with_name(f".{database_path.name}.pairs.txt")
+    try:
+        bar = tqdm(total=len(pairs), desc="geometric verification", unit="pair", leave=False)
+        with colmap_logging(verbose), bar:
+            for start in range(0, len(pairs), chunk_size):
+                chunk = pairs[start : start + chunk_size]
+                pairs_file.write_text("".join(f"{a} {b}\n" for a, b in chunk))
+                pycolmap.verify_matches(str(database_path), str(pairs_file), options=options)
+                bar.update(len(chunk))
+    finally:
+        if pairs_file.exists():
+            pairs_file.unlink()
+    with pycolmap.Database.open(str(database_path)) as db:
+        _, inliers = db.read_two_view_geometry_num_inliers()
+    inliers = [n for n in inliers if n >= config.min_num_inliers]
+    return len(inliers), int(sum(inliers))
+
+
+def build_database(
+    database_path: Path,
+    image_dir: Path,
+    names: Sequence[str],
+    pairs: Sequence[tuple[str, str]],
+    features_path: Path,
+    matches_path: Path,
+    camera_mode: str = "auto",
+    camera_model: str = "SIMPLE_RADIAL",
+    verification: VerificationConfig | None = None,
+    min_match_score: float | None = None,
+    verbose: bool = False,
+) -> tuple[dict[str, int], DatabaseStats]:
+    """Cameras, images, keypoints, matches and verified geometries in a new database, atomically.
+
+    With ``verification=None`` the default :class:`VerificationConfig` is used.
+    """
+    import pycolmap
+
+    verification = verification if verification is not None else VerificationConfig()
+    database_path = Path(database_path)
+    database_path.parent.mkdir(parents=True, exist_ok=True)
+    temp = database_path.with_name(f".{database_path.name}.tmp")
+    remove_database(temp)
+    try:
+        sizes = read_feature_sizes(features_path, names)
+        for name in names:
+            if name not in sizes:  # older files without image_size: read it from the image header
+                from matchers.image_io import image_size
+
+                sizes[name] = image_size(resolve_image(image_dir, name))
+        image_ids, num_cameras = create_database(temp, image_dir, names, sizes, camera_mode, camera_model)
+        with pycolmap.Database.open(str(temp)) as db:
+            num_keypoints = import_features(db, image_ids, features_path)
+            imported, num_matches = import_matches(
+                db, image_ids, pairs, matches_path, min_match_score, verification.min_num_inliers
+            )
+        num_verified, num_inliers = verify(temp, imported, verification, verbose) if imported else (0, 0)
+        remove_database(database_path, side_files_only=True)
+        os.replace(temp, database_path)
+    finally:
+        remove_database(temp)
+    stats = DatabaseStats(
+        num_images=len(image_ids),
+        num_cameras=num_cameras,
+        num_keypoints=num_keypoints,
+        num_pairs=len(pairs),
+        num_matched_pairs=len(imported),
+        num_matches=num_matches,
+        num_verified_pairs=num_verified,
+        num_inlier_matches=num_inliers,
+    )
+    return image_ids, stats

@@ -1,0 +1,505 @@
+"""A folder of images in, a COLMAP reconstruction out: check -> pairs -> dense matching -> database ->
+geometric verification -> incremental mapping (pycolmap) -> the largest model.
+
+    python -m pipeline.reconstruct --images DIR --outputs OUT [--matcher loftr|sift] [--weights W]
+        [--pairs exhaustive|sequential|retrieval] [--num-pairs K] [--resize 640 [840 ...]]
+        [--rotation none|best|union] [--camera-mode auto|single|per-image] [--device auto|cpu|cuda]
+
+Outputs under OUT: ``pairs.txt``, ``features.h5``, ``matches.h5`` (hloc formats), ``database.db``,
+``sfm/`` (the largest model, COLMAP binary and text), ``models/`` (every model the mapper made),
+``points.ply``, ``summary.json`` (registered/total, points, mean track length, mean reprojection
+error, matcher and weights, timings per step) and ``reconstruction.png``.
+
+Resuming: run the same command again. Matching resumes pair by pair (:mod:`pipeline.match_dense`);
+the verified database is reused when ``database.json`` records the same matches and options (else it
+is rebuilt in a temporary file and renamed into place); the mapping is skipped when ``summary.json``
+records the same inputs and the model is complete, else redone.
+
+The default matcher is LoFTR (outdoor weights); when its weights cannot be had the run stops with the
+loader's message — it never switches matcher by itself.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from matchers.errors import UserError, run_cli
+from pipeline import io
+from pipeline.colmap_db import CAMERA_MODES, VerificationConfig, build_database, colmap_logging
+from pipeline.image_check import check_h5, check_images
+
+logger = logging.getLogger(__name__)
+
+PAIR_STRATEGIES = ("exhaustive", "sequential", "retrieval")
+DEFAULT_NUM_PAIRS = {"sequential": 10, "retrieval": 20}
+MODEL_FILES = ("cameras.bin", "images.bin", "points3D.bin")
+# COLMAP's SIFT is the default for SfM: on temple_ring (47 images, exhaustive) it gives a median
+# relative-rotation error of 0.88 deg against GT, OpenCV's SIFT 0.99 deg (both 47/47 registered).
+SIFT_BACKENDS = ("pycolmap", "opencv")
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """Every option of a reconstruction run (the CLI flags map one-to-one)."""
+
+    matcher: str = "loftr"
+    weights: str | None = None  # LoFTR checkpoint name or path; None = outdoor
+    pairs: str = "exhaustive"  # exhaustive | sequential | retrieval
+    num_pairs: int | None = None  # sequential window / retrieval top-k; None = strategy default
+    loop_closure: bool = False  # sequential pairs: also pair the end of the sequence with its start
+    resize: tuple[int, ...] | None = None  # longest side(s) for matching; None = matcher default; 0 = original
+    rotation: str = "none"  # none | best | union (see pipeline.tta)
+    camera_mode: str = "auto"  # auto | single | per-image
+    camera_model: str = "SIMPLE_RADIAL"
+    device: str = "auto"
+    sift_backend: str = "pycolmap"  # SIFT matcher only: COLMAP's SIFT ("pycolmap") or OpenCV's ("opencv")
+    cell_size: int | None = None  # quantization cell (px); None = 8 for dense matchers, 2 for SIFT
+    min_match_score: float | None = None
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    num_threads: int = -1  # mapper threads; -1 = all cores
+    seed: int | None = 0  # COLMAP's random seed (reproducible runs); None = random
+    verbose: bool = False  # COLMAP's own log on stderr
+
+    def __post_init__(self) -> None:
+        if self.pairs not in PAIR_STRATEGIES:
+            raise UserError(f"unknown pairs strategy {self.pairs!r}; choose one of {', '.join(PAIR_STRATEGIES)}")
+        if self.camera_mode not in CAMERA_MODES:
+            raise UserError(f"unknown camera mode {self.camera_mode!r}; choose one of {', '.join(CAMERA_MODES)}")
+        if self.sift_backend not in SIFT_BACKENDS:
+            raise UserError(f"unknown SIFT backend {self.sift_backend!r}; choose one of {', '.join(SIFT_BACKENDS)}")
+        if self.num_pairs is not None and self.num_pairs < 1:
+            raise UserError(f"--num-pairs must be >= 1, got {self.num_pairs}")
+        if self.resize is not None:
+            object.__setattr__(self, "resize", tuple(int(size) for size in self.resize))
+            if not self.resize or any(size < 0 for size in self.resize):
+                raise UserError(f"--resize sizes must be >= 0 (0 = original size), got {list(self.resize)}")
+
+
+@dataclass
+class ReconstructResult:
+    """What :func:`main` returns: the largest model (None if nothing was reconstructed) and the summary."""
+
+    reconstruction: Any
+    summary: dict[str, Any]
+    outputs: Path
+
+
+class _Timer:
+    """Collects wall-clock seconds per step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, step: str):
+        timer = self
+
+        class _Step:
+            def __enter__(self) -> None:
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc: object) -> None:
+                timer.seconds[step] = round(timer.seconds.get(step, 0.0) + time.perf_counter() - self.start, 3)
+
+        return _Step()
+
+
+# ------------------------------------------------------------------------------------------ pairs
+def make_pairs(
+    names: Sequence[str], config: ReconstructConfig, image_dir: Path, outputs: Path
+) -> list[tuple[str, str]]:
+    """Image pairs for the chosen strategy (pipeline.pairs)."""
+    from pipeline import pairs as pairs_module
+
+    if config.pairs == "exhaustive":
+        return list(pairs_module.exhaustive(list(names)))
+    if config.pairs == "sequential":
+        window = config.num_pairs or DEFAULT_NUM_PAIRS["sequential"]
+        return list(pairs_module.sequential(list(names), window, config.loop_closure))
+    try:
+        from pipeline import retrieval  # written by another step of the project; may be absent
+    except ImportError:
+        retrieval = None
+    if retrieval is None or not hasattr(retrieval, "pairs_from_images"):
+        raise UserError(
+            "--pairs retrieval needs global descriptors (pipeline.retrieval), which this installation "
+            "does not provide yet; use --pairs exhaustive (small sets) or --pairs sequential (videos)"
+        )
+    top_k = config.num_pairs or DEFAULT_NUM_PAIRS["retrieval"]
+    return list(retrieval.pairs_from_images(image_dir, list(names), top_k, outputs, device=config.device))
+
+
+# ------------------------------------------------------------------------------------------ matching
+def dense_config(config: ReconstructConfig):
+    """The DenseMatchConfig and the matcher's own resize for a run (one size: the matcher resizes;
+    several: match_dense resizes each view and merges, the matcher takes images as given)."""
+    from pipeline.match_dense import DenseMatchConfig
+
+    sizes = config.resize or (None,)
+    if len(sizes) == 1:
+        matcher_size, view_sizes = sizes[0], (None,)
+    else:
+        matcher_size, view_sizes = 0, tuple(size or None for size in sizes)
+    cell_size = config.cell_size
+    if cell_size is None:
+        # SIFT keypoints are already shared between pairs: a fine grid keeps them nearly all distinct.
+        cell_size = 2 if config.matcher == "sift" else DenseMatchConfig().cell_size
+    return DenseMatchConfig(cell_size=cell_size, rotation=config.rotation, resize=view_sizes), matcher_size
+
+
+# ------------------------------------------------------------------------------------------ mapping
+def run_mapping(database: Path, image_dir: Path, models_dir: Path, config: ReconstructConfig, num_images: int):
+    """pycolmap incremental mapping; returns {index: Reconstruction} (all models)."""
+    import pycolmap
+
+    if models_dir.exists():
+        shutil.rmtree(models_dir)
+    models_dir.mkdir(parents=True)
+    options = pycolmap.IncrementalPipelineOptions()
+    options.num_threads = config.num_threads
+    options.min_num_matches = config.verification.min_num_inliers
+    if config.seed is not None:
+        options.random_seed = config.seed
+        options.mapper.random_seed = config.seed
+        options.triangulation.random_seed = config.seed
+    progress = tqdm(total=num_images, desc="mapping (registered images)", leave=False)
+
+    def initial_pair() -> None:
+        progress.update(min(2, progress.total - progress.n))
+
+    def next_image() -> None:
+        progress.update(min(1, progress.total - progress.n))
+
+    try:
+        with colmap_logging(config.verbose):
+            models = pycolmap.incremental_mapping(
+                str(database), str(image_dir), str(models_dir), options,
+                initial_image_pair_callback=initial_pair, next_image_callback=next_image,
+            )
+    finally:
+        progress.close()
+    return dict(models)
+
+
+def write_model(reconstruction, sfm_dir: Path) -> None:
+    """Write the model as COLMAP binary and text into ``sfm_dir``, replacing it atomically."""
+    temp = sfm_dir.with_name(f".{sfm_dir.name}.tmp")
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir(parents=True)
+    reconstruction.write_binary(str(temp))
+    reconstruction.write_text(str(temp))
+    old = sfm_dir.with_name(f".{sfm_dir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if sfm_dir.exists():
+        sfm_dir.rename(old)
+    temp.rename(sfm_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def model_complete(sfm_dir: Path) -> bool:
+    return all((sfm_dir / name).is_file() for name in MODEL_FILES)
+
+
+def model_statistics(reconstruction, names: Sequence[str]) -> dict[str, Any]:
+    """Figures for summary.json."""
+    registered = {reconstruction.images[i].name for i in reconstruction.reg_image_ids()}
+    return {
+        "registered": len(registered),
+        "total": len(names),
+        "points": reconstruction.num_points3D(),
+        "observations": reconstruction.compute_num_observations(),
+        "mean_track_length": round(float(reconstruction.compute_mean_track_length()), 4),
+        "mean_observations_per_image": round(float(reconstruction.compute_mean_observations_per_reg_image()), 2),
+        "mean_reprojection_error": round(float(reconstruction.compute_mean_reprojection_error()), 4),
+        "cameras": reconstruction.num_cameras(),
+        "unregistered": [name for name in names if name not in registered],
+    }
+
+
+def _file_state(path: Path) -> list[int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _stamp(payload: Any) -> str:
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _reusable_database(database: Path, stamp_path: Path, stamp: str) -> dict[str, Any] | None:
+    """The stats of ``database`` when it was built from exactly these inputs (the mapper writes rigs and
+    frames into the database, so its file state is not part of the check)."""
+    try:
+        recorded = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if (
+        isinstance(recorded, dict)
+        and recorded.get("stamp") == stamp
+        and database.is_file()
+        and isinstance(recorded.get("stats"), dict)
+    ):
+        return recorded["stats"]
+    return None
+
+
+def _previous_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(
+    images: Path,
+    outputs: Path,
+    matcher: str = "loftr",
+    weights: str | None = None,
+    pairs: str = "exhaustive",
+    num_pairs: int | None = None,
+    resize: Sequence[int] | None = None,
+    rotation: str = "none",
+    camera_mode: str = "auto",
+    device: str = "auto",
+    config: ReconstructConfig | None = None,
+) -> ReconstructResult:
+    """Reconstruct the images of folder ``images`` into ``outputs`` (see the module docstring).
+
+    Either pass the common options as keywords or a full :class:`ReconstructConfig` (which then wins).
+    Bad input raises :class:`UserError`; nothing reconstructable also raises it, after writing the
+    summary.
+    """
+    import pycolmap
+
+    from matchers.factory import make_matcher
+    from pipeline import match_dense
+
+    if config is None:
+        config = ReconstructConfig(
+            matcher=matcher, weights=weights, pairs=pairs, num_pairs=num_pairs,
+            resize=tuple(resize) if resize is not None else None, rotation=rotation,
+            camera_mode=camera_mode, device=device,
+        )
+    images, outputs = Path(images), Path(outputs)
+    timer = _Timer()
+    start = time.perf_counter()
+    paths = {
+        "pairs": outputs / "pairs.txt",
+        "features": outputs / "features.h5",
+        "matches": outputs / "matches.h5",
+        "database": outputs / "database.db",
+        "database_stamp": outputs / "database.json",
+        "sfm": outputs / "sfm",
+        "models": outputs / "models",
+        "ply": outputs / "points.ply",
+        "summary": outputs / "summary.json",
+        "png": outputs / "reconstruction.png",
+    }
+
+    with timer("check_images"):
+        checked = check_images(images)
+        for name, reason in checked.skipped.items():
+            logger.warning("skipping %s: %s", name, reason)
+        for name in ("features", "matches"):
+            check_h5(paths[name])  # a damaged file from an earlier crash: a clear message, not a traceback
+        names = checked.names
+    outputs.mkdir(parents=True, exist_ok=True)
+
+    with timer("pairs"):
+        pair_list = make_pairs(names, config, images, outputs)
+        if not pair_list:
+            raise UserError(f"{images}: no image pairs to match (strategy {config.pairs!r}); use more images")
+        new_text = "".join(f"{a} {b}\n" for a, b in pair_list)
+        if not paths["pairs"].is_file() or paths["pairs"].read_text() != new_text:
+            io.write_pairs(paths["pairs"], pair_list)
+
+    with timer("matching"):
+        dense, matcher_size = dense_config(config)
+        match_dense.load_pairs(paths["pairs"], images)  # validate before a checkpoint is loaded
+        extra = {"backend": config.sift_backend} if config.matcher == "sift" else {}
+        matcher_object = make_matcher(
+            config.matcher, weights=config.weights, resize=matcher_size, device=config.device, **extra
+        )
+        matched = match_dense.run(paths["pairs"], images, paths["features"], paths["matches"], matcher_object, dense)
+
+    options = asdict(config)
+    options.pop("verbose")
+    inputs_stamp = _stamp(
+        {"features": _file_state(paths["features"]), "matches": _file_state(paths["matches"]),
+         "names": names, "options": options}
+    )
+    previous = _previous_summary(paths["summary"])
+    reconstruction = None
+    database_reused = True
+    if previous and previous.get("inputs_stamp") == inputs_stamp and model_complete(paths["sfm"]):
+        logger.info("the model in %s is up to date; skipping the database and the mapping", paths["sfm"])
+        reconstruction = pycolmap.Reconstruction(str(paths["sfm"]))
+        database_stats, models_sizes = previous.get("database"), previous.get("models", [])
+        timer.seconds.update({k: v for k, v in previous.get("timings", {}).items() if k in ("database", "mapping")})
+        resumed = True
+    else:
+        resumed = False
+        database_stamp = _stamp(
+            {"features": _file_state(paths["features"]), "matches": _file_state(paths["matches"]), "names": names,
+             "pairs": pair_list, "camera_mode": config.camera_mode, "camera_model": config.camera_model,
+             "verification": asdict(config.verification), "min_match_score": config.min_match_score}
+        )
+        with timer("database"):
+            database_stats = _reusable_database(paths["database"], paths["database_stamp"], database_stamp)
+            if database_stats is None:
+                database_reused = False
+                _, stats = build_database(
+                    paths["database"], images, names, pair_list, paths["features"], paths["matches"],
+                    camera_mode=config.camera_mode, camera_model=config.camera_model,
+                    verification=config.verification, min_match_score=config.min_match_score, verbose=config.verbose,
+                )
+                database_stats = asdict(stats)
+                # Verification is the slow part: a run interrupted during mapping reuses the database.
+                io.write_text_atomic(
+                    paths["database_stamp"],
+                    json.dumps({"stamp": database_stamp, "stats": database_stats}),
+                )
+            else:
+                logger.info("reusing the verified database %s", paths["database"])
+        with timer("mapping"):
+            verified = database_stats.get("num_verified_pairs", 0)
+            models = run_mapping(paths["database"], images, paths["models"], config, len(names)) if verified else {}
+            models_sizes = sorted((m.num_reg_images() for m in models.values()), reverse=True)
+            if models:
+                reconstruction = max(models.values(), key=lambda m: (m.num_reg_images(), m.num_points3D()))
+                write_model(reconstruction, paths["sfm"])
+            elif paths["sfm"].exists():
+                shutil.rmtree(paths["sfm"])  # a stale model from other inputs must not survive
+
+    with timer("outputs"):
+        if reconstruction is not None:
+            if resumed and paths["ply"].is_file():
+                pass
+            else:
+                with io.atomic_path(paths["ply"]) as temp:
+                    reconstruction.export_PLY(str(temp))
+            if not (resumed and paths["png"].is_file()):
+                from pipeline.viz import plot_reconstruction
+
+                title = images.parent.name if images.name == "images" else images.name
+                plot_reconstruction(reconstruction, paths["png"], title=title)
+
+    description = matcher_object.describe()
+    summary: dict[str, Any] = {
+        "images": str(images),
+        "outputs": str(outputs),
+        "num_images": len(names),
+        "skipped_images": checked.skipped,
+        **(
+            model_statistics(reconstruction, names)
+            if reconstruction is not None
+            else {"registered": 0, "total": len(names)}
+        ),
+        "models": models_sizes,
+        "matcher": description.get("matcher", config.matcher),
+        "weights": description.get("weights"),
+        "matcher_options": description,
+        "options": options,
+        "pairs": {"strategy": config.pairs, "num_pairs": len(pair_list)},
+        "matching": {
+            "pairs_matched": matched.pairs_matched,
+            "pairs_reused": matched.pairs_reused,
+            "prepare_calls": matched.prepare_calls,
+            "up_to_date": matched.up_to_date,
+        },
+        "database": database_stats,
+        "reused_database": database_reused,
+        "resumed_model": resumed,
+        "timings": {**timer.seconds, "total": round(time.perf_counter() - start, 3)},
+        "inputs_stamp": inputs_stamp,
+        "pycolmap": pycolmap.__version__,
+    }
+    io.write_text_atomic(paths["summary"], json.dumps(summary, indent=2, default=str))
+    if reconstruction is None:
+        verified = (database_stats or {}).get("num_verified_pairs", 0)
+        raise UserError(
+            f"{images}: no model could be reconstructed ({verified} image pairs passed geometric verification); "
+            f"images need overlapping views — try --pairs exhaustive, more images, or another matcher "
+            f"(details in {paths['summary']})"
+        )
+    return ReconstructResult(reconstruction, summary, outputs)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    backend = summary.get("matcher_options", {}).get("backend")
+    lines = [
+        f"registered {summary['registered']}/{summary['total']} images; {summary.get('points', 0)} points, "
+        f"mean track length {summary.get('mean_track_length', 0):.2f}, mean reprojection error "
+        f"{summary.get('mean_reprojection_error', 0):.3f} px",
+        f"matcher {summary['matcher']}"
+        + (f" (weights {summary['weights']})" if summary.get("weights") else " (no weights)")
+        + (f", backend {backend}" if backend else ""),
+        "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["timings"].items()),
+        f"outputs in {summary['outputs']}",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from matchers.factory import DEVICES, MATCHERS
+    from pipeline.tta import ROTATION_MODES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.reconstruct",
+        description="Reconstruct a folder of images with dense matching and pycolmap (hloc-style).",
+    )
+    parser.add_argument("--images", type=Path, required=True, help="image folder")
+    parser.add_argument("--outputs", type=Path, required=True, help="output folder (re-run to resume)")
+    parser.add_argument("--matcher", choices=MATCHERS, default="loftr")
+    parser.add_argument("--weights", help="LoFTR checkpoint name (outdoor, indoor, ...) or path; default outdoor")
+    parser.add_argument("--pairs", choices=PAIR_STRATEGIES, default="exhaustive")
+    parser.add_argument("--num-pairs", type=int, help="sequential window / retrieval top-k (default 10 / 20)")
+    parser.add_argument("--loop-closure", action="store_true", help="sequential pairs: close the loop")
+    parser.add_argument("--resize", type=int, nargs="+",
+                        help="longest side for matching (0 = original); several sizes are matched and merged")
+    parser.add_argument("--rotation", choices=ROTATION_MODES, default="none")
+    parser.add_argument("--camera-mode", choices=CAMERA_MODES, default="auto")
+    parser.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--sift-backend", choices=SIFT_BACKENDS, default="pycolmap",
+                        help="SIFT implementation for --matcher sift (COLMAP's or OpenCV's)")
+    parser.add_argument("--cell-size", type=int, help="quantization cell in px (default 8; 2 for sift)")
+    parser.add_argument("--min-match-score", type=float)
+    parser.add_argument("--num-threads", type=int, default=-1)
+    parser.add_argument("--verbose", action="store_true", help="show COLMAP's log")
+    return parser
+
+
+def main_cli(argv: Sequence[str] | None = None) -> ReconstructResult:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = ReconstructConfig(
+        matcher=args.matcher, weights=args.weights, pairs=args.pairs, num_pairs=args.num_pairs,
+        loop_closure=args.loop_closure, resize=tuple(args.resize) if args.resize else None,
+        rotation=args.rotation, camera_mode=args.camera_mode, camera_model=args.camera_model,
+        device=args.device, sift_backend=args.sift_backend, cell_size=args.cell_size,
+        min_match_score=args.min_match_score, num_threads=args.num_threads, verbose=args.verbose,
+    )
+    result = main(args.images, args.outputs, config=config)
+    print(format_summary(result.summary))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main_cli)
