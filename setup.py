@@ -22,7 +22,7 @@ setup(
         "numpy",
         "scipy",
         "opencv-python-headless>=4.7",
-        "pycolmap>=3.10",
+        "pycolmap>=4.0",
         "h5py",
         "matplotlib",
         "tqdm",

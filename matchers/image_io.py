@@ -36,6 +36,11 @@ def read_rgb(path: str | Path) -> np.ndarray:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
             array = _to_float_rgb(image)
+    except Image.DecompressionBombError:
+        raise UserError(
+            f"{path}: the image is larger than {Image.MAX_IMAGE_PIXELS} pixels; downscale it (matchers work at "
+            "a few megapixels at most) or remove it"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UserError(f"{path}: cannot be read as an image ({error}); remove it or re-export it") from None
     return array

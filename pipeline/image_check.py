@@ -4,7 +4,7 @@ Every file under the folder (recursively, hidden files and folders ignored) is c
 
 * not an image (by extension): skipped, listed;
 * empty (0 bytes), truncated or otherwise undecodable: skipped, listed with the decoder's reason;
-* a symbolic link leading outside the folder (later steps refuse such paths): skipped;
+* symbolic links are followed (a folder of links to images elsewhere works);
 * a name with whitespace (pairs.txt is whitespace-separated, so it could not be written): skipped;
 * a byte-for-byte copy of an earlier image (a zero-baseline pair helps nothing): skipped;
 * names that would share one hloc pair key (``a/b.jpg`` and ``a-b.jpg``, because ``/`` becomes ``-``):
@@ -134,7 +134,7 @@ def check_images(
         try:
             resolve_image(root, name)  # the rule every later step applies to image names
         except UserError:
-            result.skipped[name] = "a symbolic link leading outside the image folder; copy the file in instead"
+            result.skipped[name] = "the name leaves the image folder; move the file inside it"
             continue
         if any(c.isspace() for c in name):
             result.skipped[name] = "the name contains whitespace, which pairs.txt cannot hold; rename the file"

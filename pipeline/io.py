@@ -87,9 +87,11 @@ def check_relative_name(name: str, where: str) -> None:
 
 def resolve_image(root: str | Path, name: str) -> Path:
     """The path of image ``name`` under ``root``, refusing names that resolve outside it."""
-    root = Path(root).resolve()
+    root = Path(os.path.abspath(root))
     check_relative_name(name, str(root))
-    path = (root / name).resolve()
+    # Lexical check: the *name* must stay inside the root; symlinks the user placed in the image
+    # folder are the user's choice and are followed as usual.
+    path = Path(os.path.normpath(root / name))
     if root != path and root not in path.parents:
         raise UserError(f"{root}: image name {name!r} resolves outside the image root; fix the list")
     return path

@@ -62,19 +62,18 @@ def messy_folder(tmp_path: Path) -> Path:
 def test_classification(messy_folder: Path) -> None:
     result = check_images(messy_folder, huge_pixels=50_000)
     assert result.names == sorted(
-        ["PLAIN.png", "alpha.png", "big.png", "deep16.png", "gray.png", "photo.jpg", "plain.png", "rotated.jpg",
-         "sub-nested.png"]
+        ["PLAIN.png", "alpha.png", "big.png", "deep16.png", "gray.png", "link.png", "photo.jpg", "plain.png",
+         "rotated.jpg", "sub-nested.png"]
     )
     skipped = result.skipped
     assert set(skipped) == {"notes.txt", "empty.jpg", "truncated.jpg", "garbage.png", "zcopy.png",
-                            "with space.png", "sub/nested.png", "link.png"}
+                            "with space.png", "sub/nested.png"}
     assert "not an image" in skipped["notes.txt"]
     assert "0 bytes" in skipped["empty.jpg"]
     assert "cannot be decoded" in skipped["truncated.jpg"] and "truncated" in skipped["truncated.jpg"]
     assert "cannot be decoded" in skipped["garbage.png"]
     assert skipped["zcopy.png"] == "byte-for-byte copy of plain.png"
     assert "whitespace" in skipped["with space.png"]
-    assert "symbolic link" in skipped["link.png"]
     # '-' sorts before '/', so the nested one is the later duplicate key
     assert "sub-nested.png" in skipped["sub/nested.png"] and "match key" in skipped["sub/nested.png"]
     # hidden files are not even listed
@@ -87,7 +86,7 @@ def test_classification(messy_folder: Path) -> None:
     assert "letter case" in result.notes["plain.png"]
     assert "mode RGBA" in result.notes["alpha.png"]
     report = result.report()
-    assert "9 usable images" in report and "skipped truncated.jpg" in report
+    assert "10 usable images" in report and "skipped truncated.jpg" in report
 
 
 def test_duplicate_keeps_first_in_sorted_order(tmp_path: Path) -> None:
@@ -148,7 +147,7 @@ def test_check_h5(tmp_path: Path) -> None:
 def test_cli(messy_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     main_cli(["--images", str(messy_folder)])
     out = capsys.readouterr().out
-    assert out.startswith("9 usable images") and "skipped empty.jpg: empty file (0 bytes)" in out
+    assert out.startswith("10 usable images") and "skipped empty.jpg: empty file (0 bytes)" in out
     empty = tmp_path / "nothing"
     empty.mkdir()
     run = subprocess.run(
