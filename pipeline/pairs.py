@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -144,26 +144,47 @@ def covisibility(model: "str | Path | object", num_matched: int) -> list[Pair]:
 
 
 def from_poses(
-    model: "str | Path | object", num_matched: int, rotation_threshold: float = 30.0
+    model: "str | Path | object | Mapping[str, np.ndarray]", num_matched: int, rotation_threshold: float = 30.0
 ) -> list[Pair]:
-    """Nearest cameras by centre distance among those viewing within ``rotation_threshold`` degrees."""
-    reconstruction = model if hasattr(model, "points3D") else _read_model(model)
-    images = [reconstruction.images[i] for i in sorted(reconstruction.reg_image_ids())]
-    if len(images) < 2:
+    """Nearest cameras by centre distance among those viewing within ``rotation_threshold`` degrees.
+
+    ``model`` is a COLMAP model folder, a ``pycolmap.Reconstruction`` (registered images), or a mapping
+    ``name -> cam_from_world`` pose as a (3, 4) or (4, 4) matrix [R | t] (COLMAP convention).
+    """
+    if isinstance(model, Mapping):
+        names = list(model)
+        matrices = [_pose_matrix(name, model[name]) for name in names]
+        rotations = np.stack([matrix[:, :3] for matrix in matrices])
+        translations = np.stack([matrix[:, 3] for matrix in matrices])
+    else:
+        reconstruction = model if hasattr(model, "points3D") else _read_model(model)
+        images = [reconstruction.images[i] for i in sorted(reconstruction.reg_image_ids())]
+        names = [image.name for image in images]
+        rotations = np.stack([image.cam_from_world().rotation.matrix() for image in images]) if images else None
+        translations = np.stack([image.cam_from_world().translation for image in images]) if images else None
+    if len(names) < 2:
         return []
-    centres = np.stack([image.projection_center() for image in images])
-    # Viewing direction: camera z-axis in world coordinates (third row of R_cam_from_world).
-    axes = np.stack([image.cam_from_world().rotation.matrix()[2] for image in images])
+    # Camera centre C = -R^T t; viewing direction = camera z-axis in world = third row of R_cam_from_world.
+    centres = -np.einsum("nji,nj->ni", rotations, translations)
+    axes = rotations[:, 2]
     distance = np.linalg.norm(centres[:, None] - centres[None], axis=2)
     cos_angle = np.clip(axes @ axes.T, -1.0, 1.0)
     allowed = np.degrees(np.arccos(cos_angle)) <= rotation_threshold
     np.fill_diagonal(allowed, False)
     pairs: list[Pair] = []
-    for i, image in enumerate(images):
+    for i, name in enumerate(names):
         candidates = np.where(allowed[i])[0]
         order = candidates[np.argsort(distance[i, candidates], kind="stable")][:num_matched]
-        pairs.extend((image.name, images[j].name) for j in order)
+        pairs.extend((name, names[j]) for j in order)
     return pairs
+
+
+def _pose_matrix(name: str, pose: np.ndarray) -> np.ndarray:
+    """A (3, 4) [R | t] from a (3, 4) or (4, 4) cam_from_world matrix; anything else is a UserError."""
+    matrix = np.asarray(pose, dtype=np.float64)
+    if matrix.shape not in ((3, 4), (4, 4)):
+        raise UserError(f"pose of {name!r} must be a (3, 4) or (4, 4) cam_from_world matrix, got shape {matrix.shape}")
+    return matrix[:3, :4]
 
 
 def main(

@@ -9,6 +9,7 @@ import numpy as np
 import pycolmap
 import pytest
 
+from matchers.errors import UserError
 from pipeline import io, pairs
 from tests.conftest import PROJECT_ROOT
 
@@ -105,3 +106,35 @@ def test_cli_writes_hloc_pairs_and_rejects_bad_input(tmp_path):
         cwd=PROJECT_ROOT, capture_output=True, text=True,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def _look_at(centre, direction):
+    """cam_from_world (3, 4) of a camera at ``centre`` whose optical axis (z) points along ``direction``."""
+    z = np.asarray(direction, float) / np.linalg.norm(direction)
+    x = np.cross([0.0, 1.0, 0.0], z)
+    x /= np.linalg.norm(x)
+    camera_to_world = np.stack([x, np.cross(z, x), z], axis=1)  # columns: camera axes in the world
+    rotation = camera_to_world.T
+    return np.concatenate([rotation, -rotation @ np.asarray(centre, float)[:, None]], axis=1)
+
+
+def test_from_poses_with_synthetic_poses():
+    # a: origin, looking +z. b: 1 m right, same direction. c: 0.5 m away but looking along +x (90 deg).
+    # d: 5 m right, turned 20 deg. e: 3 m away, turned 40 deg (beyond a 30 deg threshold from a).
+    turned = lambda degrees: [np.sin(np.radians(degrees)), 0.0, np.cos(np.radians(degrees))]  # noqa: E731
+    poses = {
+        "a": _look_at([0, 0, 0], [0, 0, 1]),
+        "b": _look_at([1, 0, 0], [0, 0, 1]),
+        "c": _look_at([0, 0.5, 0], [1, 0, 0]),
+        "d": np.vstack([_look_at([5, 0, 0], turned(20)), [0, 0, 0, 1]]),  # (4, 4) accepted too
+        "e": _look_at([0, 3, 0], turned(40)),
+    }
+    result = pairs.from_poses(poses, num_matched=2, rotation_threshold=30)
+    partners = {name: [b for a, b in result if a == name] for name in poses}
+    assert partners["a"] == ["b", "d"]  # c is closer but looks elsewhere; e is turned 40 deg
+    assert partners["b"] == ["a", "d"]
+    assert partners["c"] == []  # the others look 50 to 90 deg away from +x
+    assert partners["d"] == ["b", "a"]  # 20 deg from a, b and e; distances 4, 5 and sqrt(34)
+    assert partners["e"] == ["d"]  # 40 deg from a and b, 50 from c, 20 from d
+    with pytest.raises(UserError, match="shape"):
+        pairs.from_poses({"a": np.eye(3), "b": np.eye(3)}, num_matched=1)

@@ -60,3 +60,102 @@ def test_bad_options_are_user_errors():
         make_matcher("sift", weights="outdoor")
     with pytest.raises(UserError, match="unknown matcher"):
         make_matcher("superglue")
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _blob_image(width: int, height: int, centres: np.ndarray, sigma: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.full((height, width), 0.2, np.float32)
+    for cx, cy in centres:
+        image += 0.7 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2))
+    return image
+
+
+@pytest.mark.parametrize("backend", ["opencv", "pycolmap"])
+@pytest.mark.parametrize(
+    "size, resize, sigma, tolerance", [(320, None, 5.0, 0.15), (320, 200, 5.0, 0.15), (2000, 500, 8.0, 0.3)]
+)
+def test_keypoints_follow_the_hloc_pixel_centre_convention(backend, size, resize, sigma, tolerance):
+    """A Gaussian blob centred on pixel (x, y) must give a keypoint at (x, y) in original coordinates.
+
+    This pins the convention independently of SIFT's internals: OpenCV's default upscaling would be
+    +0.23 px off, COLMAP's corner-origin +0.5 px, and mapping back without the half-pixel shift
+    (x * s instead of (x + 0.5) * s - 0.5) 0.3 px at 320 -> 200 and 1.5 px at 2000 -> 500. The tolerance
+    is in original pixels (SIFT's own sub-pixel fit is good to about 0.1 px of the detection scale).
+    """
+    scale = size / 320
+    centres = np.array([(60, 60), (200.5, 80.25), (120.3, 180.7), (260, 170)]) * scale
+    image = _blob_image(size, size * 3 // 4, centres, sigma)
+    features = SIFTMatcher(SIFTOptions(resize=resize, backend=backend)).prepare(image)
+    assert features.image_size == (size, size * 3 // 4)
+    distance = np.linalg.norm(features.keypoints[:, None] - centres[None], axis=2).min(axis=0)
+    assert np.all(distance < tolerance), distance
+    assert np.allclose(np.linalg.norm(features.descriptors, axis=1), 1.0, atol=1e-5)
+
+
+def test_scannet_image_under_a_known_homography(scannet_sample):
+    """Real indoor texture, rotated 30 degrees, scaled and tilted: matches must follow the homography."""
+    import cv2
+
+    image = read_gray(scannet_sample / "images" / "scene0758_00_frame-000165.jpg")
+    height, width = image.shape
+    angle, scale, centre = np.radians(30), 0.8, np.array([width / 2, height / 2])
+    linear = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    homography = np.eye(3)
+    homography[:2, :2], homography[:2, 2], homography[2, :2] = linear, centre - linear @ centre, [2e-5, -1e-5]
+    # warpPerspective samples with pixel centres at integers, the convention the keypoints use.
+    warped = cv2.warpPerspective(image, homography, (width, height), flags=cv2.INTER_LINEAR)
+    matches = SIFTMatcher(SIFTOptions(resize=640)).match(image, warped)
+    expected = cv2.perspectiveTransform(matches.keypoints0[None].astype(np.float64), homography)[0]
+    error = np.linalg.norm(expected - matches.keypoints1, axis=1)
+    assert len(matches) > 200
+    assert np.mean(error < 3.0) > 0.9 and np.median(error) < 0.5
+    assert np.all((matches.scores > 1 - 0.8) & (matches.scores <= 1.0))
+
+
+def _reference_matches(descriptors0, descriptors1, ratio, mutual):
+    """Plain double loop over Euclidean distances: Lowe's ratio test and mutual nearest neighbours."""
+    distance = np.array([[np.linalg.norm(a - b) for b in descriptors1] for a in descriptors0])
+    found = []
+    for i, row in enumerate(distance):
+        order = np.argsort(row)
+        nearest, second = row[order[0]], row[order[1]]
+        if nearest >= ratio * second:
+            continue
+        if mutual and np.argmin(distance[:, order[0]]) != i:
+            continue
+        found.append((i, order[0], 1 - nearest / second))
+    return found
+
+
+@pytest.mark.parametrize("mutual", [True, False])
+def test_descriptor_matching_equals_a_brute_force_reference(mutual):
+    from matchers.sift import match_descriptors
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(40, 128))
+    descriptors1 = base / np.linalg.norm(base, axis=1, keepdims=True)
+    # Noisy copies of half the database plus unrelated vectors: some pass, some fail the ratio test.
+    noisy = np.concatenate([base[:20] + rng.normal(scale=0.9, size=(20, 128)), rng.normal(size=(17, 128))])
+    descriptors0 = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+    index0, index1, scores = match_descriptors(
+        descriptors0.astype(np.float32), descriptors1.astype(np.float32), ratio=0.8, mutual=mutual, chunk=6
+    )
+    expected = _reference_matches(descriptors0, descriptors1, 0.8, mutual)
+    assert 5 < len(expected) < 37  # the test data exercises both outcomes of the ratio test
+    assert list(zip(index0.tolist(), index1.tolist())) == [(i, j) for i, j, _ in expected]
+    assert np.allclose(scores, [s for _, _, s in expected], atol=1e-4)
+
+
+def test_descriptor_matching_keeps_only_mutual_nearest_neighbours():
+    from matchers.sift import match_descriptors
+
+    # Rows 0 and 1 of image 0 both prefer column 0 of image 1, which prefers row 1.
+    descriptors0 = np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0]], np.float32)
+    descriptors1 = np.array([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    index0, index1, _ = match_descriptors(descriptors0, descriptors1, ratio=1.0, mutual=True)
+    assert index0.tolist() == [1] and index1.tolist() == [0]
+    index0, index1, _ = match_descriptors(descriptors0, descriptors1, ratio=1.0, mutual=False)
+    assert index0.tolist() == [0, 1] and index1.tolist() == [0, 0]
+    empty = match_descriptors(np.zeros((0, 3), np.float32), descriptors1)
+    assert all(len(part) == 0 for part in empty)
