@@ -175,12 +175,105 @@ def select_matches(conf: torch.Tensor, shape0: tuple[int, int], shape1: tuple[in
     return CoarseMatches(b_ids, i_ids, j_ids, conf[b_ids, i_ids, j_ids])
 
 
+#: an L x S similarity matrix larger than this is never materialised at inference: it is recomputed in row blocks
+#: from the features (two matrix products instead of one), so a 1600x1200 pair (L = S = 30,000, 3.6 GB per
+#: L x S copy) runs in a few hundred MB
+MAX_MATRIX_BYTES = 1 << 30
+#: elements per row block of the blocked selection: a block of about the L2 cache keeps its elementwise passes
+#: out of RAM while keeping the number of (thread-synchronising) kernel launches small
+_BLOCK_ELEMENTS = 1 << 20
+#: at least this many rows per block when blocks are recomputed, so each product reads image 1's features for
+#: many rows at once (a product of a few rows is bound by memory bandwidth)
+_RECOMPUTE_ROWS = 256
+
+
+def select_dual_softmax(feat0: torch.Tensor, feat1: torch.Tensor, temperature: float, shape0: tuple[int, int],
+                        shape1: tuple[int, int], threshold: float, border_rm: int,
+                        mask2d0: torch.Tensor | None = None, mask2d1: torch.Tensor | None = None,
+                        max_matrix_bytes: int | None = None) -> CoarseMatches:
+    """Dual-softmax matching + selection without materialising the confidence matrix (inference only).
+
+    Equal to ``select_matches(dual_softmax(sim / T), ...)``: the log-confidence ``t = 2 s - lse_row - lse_col`` is
+    formed one row block at a time (blocks of L2-cache size) and reduced to row maxima / argmaxima and column
+    maxima on the fly, so at most one L x S matrix (the similarity) is alive; when that matrix would exceed
+    ``max_matrix_bytes`` (default :data:`MAX_MATRIX_BYTES`) it is not stored at all and each block is recomputed
+    from the features in both passes (the chunked mutual-nearest-neighbour path for very large images).
+    Row and column maxima are taken over the very same ``t`` values, so the mutual check is exact.
+    """
+    budget = MAX_MATRIX_BYTES if max_matrix_bytes is None else max_matrix_bytes
+    batch, rows, cols = feat0.shape[0], feat0.shape[1], feat1.shape[1]
+    device = feat0.device
+    mask0 = None if mask2d0 is None else mask2d0.flatten(1)
+    mask1 = None if mask2d1 is None else mask2d1.flatten(1)
+    with torch.no_grad(), float32_region(device):
+        f0, f1 = at_least_float32(feat0), at_least_float32(feat1)
+        scale = f0.shape[-1] ** 0.5
+        f1t = (f1 / scale).transpose(1, 2)
+        stored = batch * rows * cols * f0.element_size() <= budget
+        block_rows = max(1, _BLOCK_ELEMENTS // max(1, batch * cols))
+        if not stored:
+            block_rows = max(block_rows, _RECOMPUTE_ROWS)
+
+        def masked(block: torch.Tensor, start: int) -> torch.Tensor:
+            if mask0 is not None:
+                block.masked_fill_(~mask0[:, start:start + block.shape[1], None], _MASKED)
+            if mask1 is not None:
+                block.masked_fill_(~mask1[:, None, :], _MASKED)
+            return block
+
+        sim = None
+        if stored:
+            sim = torch.bmm(f0 / scale, f1t).div_(temperature)
+            sim = masked(sim, 0)
+
+        def block_at(start: int) -> torch.Tensor:
+            if sim is not None:
+                return sim[:, start:start + block_rows]
+            return masked(torch.bmm(f0[:, start:start + block_rows] / scale, f1t).div_(temperature), start)
+
+        # pass 1: logsumexp of every row, and of every column per block, then over the blocks
+        row_lse = f0.new_empty(batch, rows)
+        col_parts = []
+        for start in range(0, rows, block_rows):
+            block = block_at(start)
+            row_lse[:, start:start + block.shape[1]] = torch.logsumexp(block, dim=2)
+            col_parts.append(torch.logsumexp(block, dim=1))
+        col_lse = torch.logsumexp(torch.stack(col_parts, dim=1), dim=1)
+        del col_parts
+
+        # pass 2: t = 2 s - lse_row - lse_col per block; its row max / argmax and column max
+        row_best = f0.new_empty(batch, rows)
+        j_best = torch.empty(batch, rows, dtype=torch.long, device=device)
+        col_best = f0.new_full((batch, cols), float("-inf"))
+        for start in range(0, rows, block_rows):
+            block = block_at(start)
+            stop = start + block.shape[1]
+            t = block.mul(2.0).sub_(row_lse[:, start:stop, None]).sub_(col_lse[:, None, :])
+            row_best[:, start:stop], j_best[:, start:stop] = t.max(dim=2)
+            torch.maximum(col_best, t.amax(dim=1), out=col_best)
+        del sim
+
+        conf_best = row_best.exp()  # confidence of each row's best column: softmax_row * softmax_col
+        keep = (conf_best > max(threshold, 0.0)) & (torch.gather(col_best, 1, j_best) == row_best)
+        keep &= _off_border(shape0, mask2d0, border_rm, batch, device)
+        keep &= torch.gather(_off_border(shape1, mask2d1, border_rm, batch, device), 1, j_best)
+        if mask0 is not None:
+            keep &= mask0
+        if mask1 is not None:
+            keep &= torch.gather(mask1, 1, j_best)
+        b_ids, i_ids = torch.nonzero(keep, as_tuple=True)
+        j_ids = j_best[b_ids, i_ids]
+    return CoarseMatches(b_ids, i_ids, j_ids, conf_best[b_ids, i_ids])
+
+
 class CoarseMatching(nn.Module):
     """Confidence matrix + selection. Holds ``bin_score`` (state-dict key ``coarse_matching.bin_score``) for OT."""
 
     def __init__(self, config: MatchingConfig) -> None:
         super().__init__()
         self.config = config
+        #: see :data:`MAX_MATRIX_BYTES` (None: that default); inference-only setting, not in the state dict
+        self.max_matrix_bytes: int | None = None
         if config.match_type == "sinkhorn":
             self.bin_score = nn.Parameter(torch.tensor(float(config.skh_init_bin_score)))
         elif config.match_type != "dual_softmax":
@@ -210,8 +303,14 @@ class CoarseMatching(nn.Module):
                 mask2d0: torch.Tensor | None = None, mask2d1: torch.Tensor | None = None,
                 threshold: float | None = None) -> CoarseMatches:
         """Select matches between coarse maps of sizes ``shape0`` / ``shape1`` (h, w); masks (N, h, w) bool."""
+        thr = self.config.thr if threshold is None else threshold
+        budget = MAX_MATRIX_BYTES if self.max_matrix_bytes is None else self.max_matrix_bytes
+        too_large = feat0.shape[0] * feat0.shape[1] * feat1.shape[1] * 4 > budget
+        if self.config.match_type == "dual_softmax" and too_large and not torch.is_grad_enabled():
+            # the in-place single-matrix path below is faster when the matrix fits (measured: ~2x at 1024x768)
+            return select_dual_softmax(feat0, feat1, self.config.dsmax_temperature, shape0, shape1, thr,
+                                       self.config.border_rm, mask2d0, mask2d1, self.max_matrix_bytes)
         mask0 = None if mask2d0 is None else mask2d0.flatten(1)
         mask1 = None if mask2d1 is None else mask2d1.flatten(1)
         conf = self.confidence(feat0, feat1, mask0, mask1)
-        thr = self.config.thr if threshold is None else threshold
         return select_matches(conf, shape0, shape1, thr, self.config.border_rm, mask2d0, mask2d1)

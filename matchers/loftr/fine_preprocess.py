@@ -56,7 +56,12 @@ class FinePreprocess(nn.Module):
             return empty, empty.clone()
         win0 = gather_windows(fine0, b_ids, i_ids, coarse_width0, self.window, self.stride)
         win1 = gather_windows(fine1, b_ids, j_ids, coarse_width1, self.window, self.stride)
-        if not self.concat_coarse_feat:
+        return self.merge(win0, win1, coarse0, coarse1, b_ids, i_ids, j_ids)
+
+    def merge(self, win0: torch.Tensor, win1: torch.Tensor, coarse0: torch.Tensor, coarse1: torch.Tensor,
+              b_ids: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merge the matched cells' coarse features into their (M, window^2, C_f) windows (if configured)."""
+        if not self.concat_coarse_feat or b_ids.numel() == 0:
             return win0, win1
         coarse = self.down_proj(torch.cat([coarse0[b_ids, i_ids], coarse1[b_ids, j_ids]], dim=0))  # (2M, C_f)
         # merge_feat([window, coarse]) split into its two halves: the coarse half is computed once per match

@@ -18,6 +18,7 @@ from ..base import Matcher, Matches, ResizedImage, resize_image
 from ..errors import UserError
 from .config import COARSE_STRIDE
 from .model import EncodedImage, LoFTR
+from .optimize import optimize_for_inference
 from .weights import load_pretrained, resolve_device
 
 Precision = Literal["fp16", "bf16"]
@@ -37,14 +38,17 @@ class LoFTRMatcher(Matcher):
     ``model``: a :class:`LoFTR` or a weights name/path for :func:`load_pretrained`. ``resize``: longer side in
     pixels (None: original size, any size works). ``both_directions``: also match image 1 -> image 0 and merge.
     ``match_threshold``: overrides the model's coarse threshold. ``amp``: autocast precision ("fp16"/"bf16",
-    meant for CUDA; the model keeps overflow-prone steps in float32).
+    meant for CUDA; the model keeps overflow-prone steps in float32). ``optimize``: run an inference copy with
+    BatchNorm folded into the convolutions and fused transformers
+    (:func:`~matchers.loftr.optimize.optimize_for_inference`; same matches, keypoints within ~1e-3 px). ``self.model`` stays the unmodified model; after changing its weights, call
+    :meth:`refresh`.
     """
 
     name = "loftr"
 
     def __init__(self, model: LoFTR | str = "outdoor", resize: int | None = 640, device: str | torch.device = "auto",
                  both_directions: bool = False, match_threshold: float | None = None,
-                 amp: Precision | None = None) -> None:
+                 amp: Precision | None = None, optimize: bool = False) -> None:
         if resize is not None and resize < COARSE_STRIDE:
             raise UserError(f"resize must be at least {COARSE_STRIDE} pixels (or None for the original size), "
                             f"got {resize}")
@@ -57,6 +61,12 @@ class LoFTRMatcher(Matcher):
         self.both_directions = both_directions
         self.match_threshold = match_threshold
         self.amp = amp
+        self.optimize = optimize
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild the inference copy from ``self.model`` (after its weights changed)."""
+        self._inference = optimize_for_inference(self.model) if self.optimize else self.model
 
     def _autocast(self) -> ContextManager[Any]:
         if self.amp is None:
@@ -66,17 +76,24 @@ class LoFTRMatcher(Matcher):
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
         """Resize and encode one grayscale float32 (H, W) image in [0, 1]."""
+        return self._prepare(image, lazy=False)
+
+    def _prepare(self, image: np.ndarray, lazy: bool) -> PreparedImage:
         if image.ndim != 2:
             raise ValueError(f"expected a grayscale (H, W) image, got shape {image.shape}")
         resized = resize_image(image, self.resize, multiple=COARSE_STRIDE) if self.resize else resize_image(image, None)
         tensor = torch.from_numpy(resized.image).to(self.device)[None, None]
         with torch.inference_mode(), self._autocast():
-            encoded = self.model.encode(tensor)
+            encoded = self._inference.encode_lazy(tensor) if lazy else self._inference.encode(tensor)
         return PreparedImage(resized, encoded)
+
+    def match(self, image0: np.ndarray, image1: np.ndarray) -> Matches:
+        """Match one pair, nothing cached: the fine map is computed only where refinement reads it."""
+        return self.match_prepared(self._prepare(image0, lazy=True), self._prepare(image1, lazy=True))
 
     def match_prepared(self, prepared0: PreparedImage, prepared1: PreparedImage) -> Matches:
         with torch.inference_mode(), self._autocast():
-            out = self.model.match_encoded(prepared0.encoded, prepared1.encoded, threshold=self.match_threshold,
+            out = self._inference.match_encoded(prepared0.encoded, prepared1.encoded, threshold=self.match_threshold,
                                            both_directions=self.both_directions)
         kpts0 = out["keypoints0"].float().cpu().numpy()
         kpts1 = out["keypoints1"].float().cpu().numpy()

@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import ResNetFPN_8_2
+from .backbone import FineInputs, ResNetFPN_8_2
 from .coarse_matching import CoarseMatches, CoarseMatching
 from .config import COARSE_STRIDE, FINE_STRIDE, LoFTRConfig
 from .fine_matching import FineMatching
-from .fine_preprocess import FinePreprocess
+from .fine_preprocess import FinePreprocess, gather_windows
 from .position_encoding import PositionEncodingSine
 from .transformer import LocalFeatureTransformer
 
@@ -66,6 +66,9 @@ class EncodedImage:
     fine: torch.Tensor
     image_size: tuple[int, int]
     mask: torch.Tensor | None = None
+    #: set (and ``fine`` empty) only in the lazy encodings :meth:`LoFTR.match` makes internally: the fine map is
+    #: then computed only at the windows refinement reads (see ``ResNetFPN_8_2.fine_windows``)
+    fine_inputs: FineInputs | None = None
 
     @property
     def batch_size(self) -> int:
@@ -163,6 +166,37 @@ class LoFTR(nn.Module):
             coarse_mask = mask[:, ::COARSE_STRIDE, ::COARSE_STRIDE].bool()
         return EncodedImage(coarse, fine, (int(image.shape[2]), int(image.shape[3])), coarse_mask)
 
+    def encode_lazy(self, image: torch.Tensor) -> EncodedImage:
+        """Like :meth:`encode` (no mask), but the fine map is left to :meth:`refine` (inference, one pair).
+
+        Refinement then computes only the matched windows when that is cheaper than the whole map
+        (:attr:`lazy_fine_ratio`), else the whole map; results equal :meth:`encode`'s up to float rounding.
+        """
+        image = _as_batch(image)
+        coarse, inputs = self.backbone.forward_coarse(image)
+        coarse = self.pos_encoding(coarse)
+        empty = coarse.new_zeros(coarse.shape[0], 0, 0, 0)
+        return EncodedImage(coarse, empty, (int(image.shape[2]), int(image.shape[3])), None, inputs)
+
+    #: windows are computed one by one when their multiply-adds are below this fraction of the whole fine map's
+    #: (small patch convolutions run at roughly half the throughput of the full-map ones)
+    lazy_fine_ratio = 0.5
+
+    def _windows(self, enc: EncodedImage, b_ids: torch.Tensor, cell_ids: torch.Tensor) -> torch.Tensor:
+        """(M, window^2, C_f) fine windows around coarse cells of ``enc`` (computed lazily if it is lazy)."""
+        window, stride = self.config.fine.window, COARSE_STRIDE // FINE_STRIDE
+        width = enc.coarse_shape[1]
+        if enc.fine_inputs is None:
+            return gather_windows(enc.fine, b_ids, cell_ids, width, window, stride)
+        per_window, per_cell = self.backbone.window_cost(window)
+        x1 = enc.fine_inputs.x1
+        full = per_cell * x1.shape[0] * x1.shape[2] * x1.shape[3]
+        if b_ids.shape[0] * per_window < self.lazy_fine_ratio * full:
+            return self.backbone.fine_windows(enc.fine_inputs, b_ids, cell_ids // width * stride,
+                                              cell_ids % width * stride, window)
+        fine = self.backbone.fine_full(enc.fine_inputs)
+        return gather_windows(fine, b_ids, cell_ids, width, window, stride)
+
     # ------------------------------------------------------------------------------------------ pair stages
     def transform_coarse(self, enc0: EncodedImage, enc1: EncodedImage
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -179,8 +213,16 @@ class LoFTR(nn.Module):
     def refine(self, enc0: EncodedImage, enc1: EncodedImage, tokens0: torch.Tensor, tokens1: torch.Tensor,
                matches: CoarseMatches) -> tuple[torch.Tensor, torch.Tensor]:
         """Fine offsets (M, 2) in [-1, 1] window units for image 1, and their std (M,)."""
-        win0, win1 = self.fine_preprocess(enc0.fine, enc1.fine, tokens0, tokens1, matches.b_ids, matches.i_ids,
-                                          matches.j_ids, enc0.coarse_shape[1], enc1.coarse_shape[1])
+        if enc0.fine_inputs is None and enc1.fine_inputs is None:
+            win0, win1 = self.fine_preprocess(enc0.fine, enc1.fine, tokens0, tokens1, matches.b_ids, matches.i_ids,
+                                              matches.j_ids, enc0.coarse_shape[1], enc1.coarse_shape[1])
+        elif matches.b_ids.numel() == 0:
+            win0 = win1 = tokens0.new_zeros(0, self.config.fine.window ** 2, self.config.fine.d_model)
+        else:
+            win0 = self._windows(enc0, matches.b_ids, matches.i_ids)
+            win1 = self._windows(enc1, matches.b_ids, matches.j_ids)
+            win0, win1 = self.fine_preprocess.merge(win0, win1, tokens0, tokens1, matches.b_ids, matches.i_ids,
+                                                    matches.j_ids)
         if win0.shape[0] > 0:
             win0, win1 = self.loftr_fine(win0, win1)
         return self.fine_matching(win0, win1)
@@ -236,7 +278,7 @@ class LoFTR(nn.Module):
     def match(self, image0: torch.Tensor, image1: torch.Tensor, threshold: float | None = None,
               both_directions: bool = False) -> dict[str, torch.Tensor]:
         """Match two images (1, 1, H, W) of any sizes; see :meth:`match_encoded` for the outputs."""
-        return self.match_encoded(self.encode(image0), self.encode(image1), threshold, both_directions)
+        return self.match_encoded(self.encode_lazy(image0), self.encode_lazy(image1), threshold, both_directions)
 
     def forward(self, image0: torch.Tensor, image1: torch.Tensor, mask0: torch.Tensor | None = None,
                 mask1: torch.Tensor | None = None, threshold: float | None = None,
