@@ -19,7 +19,6 @@ The file is cached as ``$TORCH_HOME/hub/netvlad/VGG16-NetVLAD-Pitts30K.mat``; pa
 from __future__ import annotations
 
 import os
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -154,28 +153,47 @@ def load_mat_weights(model: NetVLAD, path: str | Path) -> NetVLAD:
     return model
 
 
+def _override(weights: str | Path | None) -> Path | None:
+    """The weights file the user named (argument, else ``$NETVLAD_WEIGHTS``); it must exist."""
+    if weights is None and not os.environ.get("NETVLAD_WEIGHTS"):
+        return None
+    path = Path(weights if weights is not None else os.environ["NETVLAD_WEIGHTS"])
+    if not path.is_file():
+        raise UserError(f"{path}: NetVLAD weights not found; download {WEIGHTS_URL} to that path")
+    return path
+
+
+def cache_path() -> Path:
+    """Where the weights are cached: ``$TORCH_HOME/hub/netvlad/VGG16-NetVLAD-Pitts30K.mat`` (hloc's path,
+    so a copy hloc already downloaded is reused)."""
+    return Path(torch.hub.get_dir()) / "netvlad" / WEIGHTS_NAME
+
+
+def find_local_weights(weights: str | Path | None = None) -> Path | None:
+    """The local weights file (``weights``, ``$NETVLAD_WEIGHTS`` or the cache) without downloading, or None."""
+    path = _override(weights)
+    if path is not None:
+        return path
+    return cache_path() if cache_path().is_file() else None
+
+
 def weights_path(weights: str | Path | None = None, download: bool = True) -> Path:
     """The local Pitts30K .mat: ``weights``, else ``$NETVLAD_WEIGHTS``, else the torch hub cache
     (downloaded there once, atomically)."""
-    if weights is not None or os.environ.get("NETVLAD_WEIGHTS"):
-        path = Path(weights if weights is not None else os.environ["NETVLAD_WEIGHTS"])
-        if not path.is_file():
-            raise UserError(f"{path}: NetVLAD weights not found; download {WEIGHTS_URL} to that path")
+    path = find_local_weights(weights)
+    if path is not None:
         return path
-    path = Path(torch.hub.get_dir()) / "netvlad" / WEIGHTS_NAME
-    if path.is_file():
-        return path
+    path = cache_path()
     if not download:
         raise UserError(f"{path}: NetVLAD weights not cached; download {WEIGHTS_URL} there")
     try:
-        with io.atomic_path(path) as temp, urllib.request.urlopen(WEIGHTS_URL, timeout=60) as response:
-            with open(temp, "wb") as handle:
-                while chunk := response.read(1 << 20):
-                    handle.write(chunk)
-    except OSError as error:
+        with io.atomic_path(path) as temp:
+            # Writes to its own temporary file, then moves it onto ``temp``; shows a progress bar.
+            torch.hub.download_url_to_file(WEIGHTS_URL, str(temp), progress=True)
+    except OSError as error:  # URLError, HTTPError, timeouts and disk errors are all OSError
         raise UserError(
             f"cannot download NetVLAD weights from {WEIGHTS_URL} ({error}); download the file to {path} "
-            "(or pass its path / set NETVLAD_WEIGHTS), or use --descriptor rootsift-vlad offline"
+            "(or pass --netvlad-weights PATH / set NETVLAD_WEIGHTS), or use --descriptor rootsift-vlad offline"
         ) from None
     return path
 

@@ -61,6 +61,7 @@ def precision_at_k(
 def main(
     images: Path, gt: Path, descriptor: str = "rootsift-vlad", k: int = 5, max_angle: float = 30.0,
     output: Path | None = None, config: "retrieval.RetrievalConfig | None" = None, device: str = "auto",
+    weights: Path | None = None,
 ) -> RetrievalEval:
     """Describe the GT images, retrieve and print precision@k (``output``: keep the global features)."""
     from datasets.middlebury import read_par_file
@@ -72,7 +73,8 @@ def main(
         raise UserError(f"{images}: images {missing[:3]} of {gt} are missing; check --images")
     with tempfile.TemporaryDirectory() as temp:
         features = Path(output) if output is not None else Path(temp) / "global-features.h5"
-        retrieval.main(Path(images), list(rotations), features, descriptor, device, config)
+        descriptor = retrieval.resolve_descriptor(descriptor, weights)
+        retrieval.main(Path(images), list(rotations), features, descriptor, device, config, weights)
         result = precision_at_k(features, rotations, k, max_angle)
     print(
         f"precision@{k} = {result.precision:.3f} over {result.num_queries} queries "
@@ -89,6 +91,7 @@ def main_cli(argv: Sequence[str] | None = None) -> RetrievalEval:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--max-angle", type=float, default=30.0)
     parser.add_argument("--output", type=Path, help="keep the global features here")
+    parser.add_argument("--netvlad-weights", type=Path, help="local VGG16-NetVLAD-Pitts30K .mat")
     defaults = retrieval.RetrievalConfig()
     parser.add_argument("--max-size", type=int, default=defaults.max_size)
     parser.add_argument("--num-words", type=int, default=defaults.num_words)
@@ -97,7 +100,8 @@ def main_cli(argv: Sequence[str] | None = None) -> RetrievalEval:
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     config = retrieval.RetrievalConfig(max_size=args.max_size, num_words=args.num_words, dense_step=args.dense_step)
-    return main(args.images, args.gt, args.descriptor, args.k, args.max_angle, args.output, config)
+    return main(args.images, args.gt, args.descriptor, args.k, args.max_angle, args.output, config,
+                weights=args.netvlad_weights)
 
 
 if __name__ == "__main__":

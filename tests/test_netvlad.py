@@ -108,3 +108,17 @@ def test_weights_path_override_and_missing(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(UserError, match="not cached"):
         netvlad.weights_path(download=False)
+
+
+def test_offline_download_is_one_actionable_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NETVLAD_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(netvlad, "WEIGHTS_URL", "http://127.0.0.1:9/Pitts30K_struct.mat")  # nothing listens
+    assert netvlad.find_local_weights() is None
+    with pytest.raises(UserError) as error:
+        netvlad.weights_path()
+    message = str(error.value)
+    assert "\n" not in message and "cannot download" in message
+    assert str(netvlad.cache_path()) in message and "--netvlad-weights" in message and "rootsift-vlad" in message
+    assert not netvlad.cache_path().exists()
+    assert not [p for p in (tmp_path / "hub" / "netvlad").iterdir()]  # no partial file left behind

@@ -187,8 +187,8 @@ def test_cli_bad_input(tmp_path: Path) -> None:
     scene = render_scene(SceneConfig(width=96, height=72, num_views=3, num_boxes=2))
     images = write_scene(scene, tmp_path / "scene") / "images"
     line = _one_error_line(_cli("--images", str(images), "--outputs", str(tmp_path / "o3"), "--matcher", "sift",
-                                "--pairs", "retrieval"))
-    assert "retrieval" in line and "exhaustive" in line
+                                "--resize", "-5"))
+    assert "resize" in line
     # LoFTR whose weights cannot be had: the loader's message, no silent switch to another matcher
     line = _one_error_line(_cli("--images", str(images), "--outputs", str(tmp_path / "o4"),
                                 "--weights", str(tmp_path / "missing.ckpt")))
