@@ -129,13 +129,15 @@ def test_loftr_random_weights_end_to_end(temple_ring: Path, tmp_path: Path) -> N
     assert cli.submission.is_file() and json.loads(cli.log.read_text())["summary"]["queries"] == 2
 
 
-def test_without_retrieval_step_asks_for_pairs(mini: Path, tmp_path: Path) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("pipeline.retrieval") is not None:
-        pytest.skip("pipeline.retrieval exists: retrieval pairs are covered by its own tests")
-    with pytest.raises(UserError, match="--pairs-query"):
-        aachen.main(mini, tmp_path / "out", "sift")
+def test_query_pairs_from_retrieval_by_default(mini: Path, tmp_path: Path) -> None:
+    """Without --pairs-query, each query is paired with db images found by the weight-free retrieval."""
+    out = aachen.main(mini, tmp_path / "out", "sift", num_loc=3)
+    assert "retrieval" in out.query_pairs.name
+    pairs = [line.split() for line in out.query_pairs.read_text().splitlines()]
+    queries = {q for q, _ in pairs}
+    assert queries and all(q.startswith("query/") and d.startswith("db/") for q, d in pairs)
+    assert all(sum(1 for q2, _ in pairs if q2 == q) <= 3 for q in queries)
+    assert read_poses(out.submission)  # localized with those pairs
 
 
 def test_covisibility_pairs_against_brute_force(mini: Path) -> None:
