@@ -9,6 +9,7 @@ setup(
     packages=[
         "matchers",
         "matchers.loftr",
+        "matchers.loftr.training",
         "pipeline",
         "localization",
         "datasets",
@@ -29,5 +30,5 @@ setup(
         "pillow",
         "pandas",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "train": ["scikit-image"]},
 )
