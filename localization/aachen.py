@@ -47,12 +47,12 @@ from .localize import (
     write_log,
 )
 from .poses import write_poses, write_submission
+from .retrieval_pairs import EXHAUSTIVE, pairs_label
 
 IMAGES_DIR = "images_upright"
 MODEL_DIR = "3D-models/aachen_v_1_1"
 QUERIES_DIR = "queries"
 QUERY_LIST_PATTERN = "*_time_queries_with_intrinsics.txt"
-EXHAUSTIVE = "exhaustive"
 LAYOUT = (
     "expected the Aachen v1.1 layout: images_upright/db/, images_upright/query/, "
     "3D-models/aachen_v_1_1/ (COLMAP model) and queries/*_time_queries_with_intrinsics.txt"
@@ -192,10 +192,6 @@ def main(
     config = config if config is not None else LocalizationConfig()
     images, sift_model_dir, lists = check_layout(dataset)
     cameras = read_queries(lists, images)
-    if pairs_query is None:
-        from .retrieval_pairs import check_available
-
-        check_available()
     if isinstance(matcher, Matcher):
         model = matcher
     else:
@@ -207,7 +203,7 @@ def main(
         features=outputs / f"features-{label}.h5",
         db_matches=outputs / f"matches-db-{label}.h5",
         reference_sfm=outputs / f"sfm_{label}",
-        query_pairs=outputs / f"pairs-query-{_pairs_label(pairs_query, num_loc)}.txt",
+        query_pairs=outputs / f"pairs-query-{pairs_label(pairs_query, num_loc)}.txt",
         query_features=outputs / f"features-query-{label}.h5",
         query_matches=outputs / f"matches-query-{label}.h5",
         poses=outputs / f"poses-{label}-{estimator}.txt",
@@ -243,11 +239,6 @@ def _as_dict(stats: object) -> dict:
 
     return asdict(stats) if is_dataclass(stats) else {}
 
-
-def _pairs_label(pairs_query: str | Path | None, num_loc: int) -> str:
-    if pairs_query is None:
-        return f"retrieval{num_loc}"
-    return EXHAUSTIVE if str(pairs_query) == EXHAUSTIVE else "given"
 
 
 def main_cli(argv: "list[str] | None" = None) -> AachenOutputs:

@@ -51,12 +51,12 @@ from .localize import (
     write_log,
 )
 from .poses import write_poses, write_submission
+from .retrieval_pairs import EXHAUSTIVE, pairs_label
 
 QUERY_DIR = "query/iphone7"
 CUTOUT_DIR = "database/cutouts"
 ALIGNMENT_DIR = "database/alignments"
 FOCAL_35MM_EQUIVALENT = 28.0  # iPhone 7 main camera, mm (35 mm film equivalent: 36 mm wide sensor)
-EXHAUSTIVE = "exhaustive"  # --pairs-query value: every query with every db image (small datasets)
 DEFAULT_MAX_ERROR = 48.0  # px, hloc's RANSAC threshold for InLoc's full-size 4032x3024 queries
 FULL_SIZE = 4032  # longer side of InLoc's queries; the default threshold scales with the actual size
 
@@ -272,10 +272,6 @@ def main(
     dataset, outputs = Path(dataset), Path(outputs)
     queries, cutouts = check_layout(dataset)
     # the matcher first: unavailable weights fail now, not after the pairs are made
-    if pairs_query is None:
-        from .retrieval_pairs import check_available
-
-        check_available()
     if isinstance(matcher, Matcher):
         model = matcher
     else:
@@ -287,7 +283,7 @@ def main(
         config = LocalizationConfig(pose=PoseEstimationConfig(max_error=default_max_error(cameras.values())))
     out = InLocOutputs(
         queries=outputs / "queries_with_intrinsics.txt",
-        pairs=outputs / f"pairs-query-{_pairs_label(pairs_query, num_loc)}.txt",
+        pairs=outputs / f"pairs-query-{pairs_label(pairs_query, num_loc)}.txt",
         features=outputs / f"features-{label}.h5",
         matches=outputs / f"matches-{label}.h5",
         poses=outputs / f"poses-{label}-{config.pose.estimator}.txt",
@@ -311,11 +307,6 @@ def default_max_error(cameras: "Iterable[pycolmap.Camera]") -> float:
     longest = max((max(c.width, c.height) for c in cameras), default=FULL_SIZE)
     return DEFAULT_MAX_ERROR * longest / FULL_SIZE
 
-
-def _pairs_label(pairs_query: str | Path | None, num_loc: int) -> str:
-    if pairs_query is None:
-        return f"retrieval{num_loc}"
-    return EXHAUSTIVE if str(pairs_query) == EXHAUSTIVE else "given"
 
 
 def _query_pairs(

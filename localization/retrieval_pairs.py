@@ -1,9 +1,8 @@
 """Query -> db pairs by global-descriptor retrieval, for the Aachen and InLoc pipelines.
 
 Uses the pipeline's retrieval step (global descriptors of every image, :mod:`pipeline.retrieval`) and
-``pipeline.pairs.from_retrieval`` (top ``k`` db images per query). When this installation has no
-retrieval step, the pipelines ask for a pairs file instead (``--pairs-query``: hloc's published
-``pairs-query-netvlad*.txt`` lists, or ``exhaustive`` for small datasets).
+``pipeline.pairs.from_retrieval`` (top ``k`` db images per query). Instead, users may give a pairs file
+(``--pairs-query``: hloc's published ``pairs-query-netvlad*.txt`` lists) or ``exhaustive``.
 """
 from __future__ import annotations
 
@@ -11,21 +10,15 @@ from pathlib import Path
 
 from matchers.errors import UserError
 
-NO_RETRIEVAL = (
-    "global retrieval (pipeline.retrieval) is not available in this installation; give the query pairs with "
-    "--pairs-query FILE (e.g. hloc's pairs-query-netvlad50.txt) or --pairs-query exhaustive (small datasets)"
-)
+#: --pairs-query value meaning every query with every db image (small datasets)
+EXHAUSTIVE = "exhaustive"
 
 
-def check_available() -> None:
-    """Raise the :class:`UserError` above now, before hours of matching, when retrieval is missing."""
-    try:
-        from pipeline import pairs as pairs_step
-        from pipeline import retrieval
-    except ImportError:
-        raise UserError(NO_RETRIEVAL) from None
-    if getattr(retrieval, "main", None) is None or getattr(pairs_step, "from_retrieval", None) is None:
-        raise UserError(NO_RETRIEVAL)
+def pairs_label(pairs_query: str | Path | None, num_loc: int) -> str:
+    """The tag of the query pairs file name: retrieval<k>, exhaustive, or given (a user's file)."""
+    if pairs_query is None:
+        return f"retrieval{num_loc}"
+    return EXHAUSTIVE if str(pairs_query) == EXHAUSTIVE else "given"
 
 
 def retrieve_pairs(
@@ -33,7 +26,6 @@ def retrieve_pairs(
     device: str = "auto",
 ) -> dict[str, list[str]]:
     """{query: [top-k db images]} from global descriptors written under ``outputs``."""
-    check_available()
     from pipeline import pairs as pairs_step
     from pipeline import retrieval
 
