@@ -2,7 +2,8 @@
 
 Works offline on a fresh clone: the images come from :mod:`datasets.synthetic` (no downloads). The
 matcher is LoFTR when its weights can be had (the loader is asked: ``--weights``, ``LOFTR_WEIGHTS``, the
-cache, or a download); otherwise the demo says why and uses the weight-free SIFT matcher. The choice is
+cache, or a download); otherwise the demo says why and uses the project's shipped ``loftr-compact``
+weights (or, when given weights are missing, the weight-free SIFT matcher). The choice is
 the demo's own, announced on the terminal — ``python -m pipeline.reconstruct`` never switches matcher.
 
     python -m recipes.demo --outputs outputs/demo [--matcher auto|loftr|sift] [--weights W] [--views 12]
@@ -19,6 +20,7 @@ from pathlib import Path
 from matchers.errors import UserError, run_cli
 
 MATCHER_CHOICES = ("auto", "loftr", "sift")
+COMPACT_WEIGHTS = "loftr-compact"  # shipped with the project, trained on a CPU (weaker than the official ones)
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,23 @@ def choose_matcher(requested: str, weights: str | None, device: str) -> tuple[st
     """(matcher, weights, message). 'auto': LoFTR when the loader can provide weights, else SIFT."""
     if requested == "sift":
         return "sift", None, "matcher: SIFT (weight-free), as requested"
-    try:
-        from matchers.factory import make_matcher
+    from matchers.factory import make_matcher
 
+    try:
         matcher = make_matcher("loftr", weights=weights, resize=320, device=device)
     except UserError as error:
         if requested == "loftr":
             raise
+        if weights is None:  # no weights asked for: the project's own compact LoFTR, announced
+            try:
+                make_matcher("loftr", weights=COMPACT_WEIGHTS, resize=320, device=device)
+            except UserError:
+                pass
+            else:
+                return "loftr", COMPACT_WEIGHTS, (
+                    f"official LoFTR weights unavailable offline ({error}); this demo uses the project's "
+                    f"{COMPACT_WEIGHTS} weights (see matchers/loftr/weights/MODEL_CARD.md)"
+                )
         return "sift", None, (
             f"LoFTR weights unavailable offline ({error}); this demo uses the weight-free SIFT matcher"
         )
@@ -109,7 +121,7 @@ def main_cli(argv: list[str] | None = None) -> DemoResult:
     parser = argparse.ArgumentParser(description="Reconstruct a rendered synthetic scene and report accuracy.")
     parser.add_argument("--outputs", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--matcher", choices=MATCHER_CHOICES, default="auto",
-                        help="auto: LoFTR when its weights are available, else SIFT (announced)")
+                        help="auto: LoFTR with official weights when available, else loftr-compact (announced)")
     parser.add_argument("--weights", help="LoFTR weights name or path (default: outdoor / LOFTR_WEIGHTS)")
     parser.add_argument("--views", type=int, default=12)
     parser.add_argument("--width", type=int, default=320)

@@ -22,6 +22,17 @@ def test_choose_matcher_falls_back_with_the_loaders_reason(tmp_path: Path) -> No
     assert choose_matcher("sift", None, "cpu")[0] == "sift"
 
 
+def test_auto_uses_the_shipped_compact_weights_when_official_ones_are_offline(tmp_path, monkeypatch) -> None:
+    # An unreachable proxy makes the official download fail the same way with or without internet.
+    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("LOFTR_WEIGHTS", raising=False)
+    matcher, weights, message = choose_matcher("auto", None, "cpu")
+    assert (matcher, weights) == ("loftr", "loftr-compact")
+    assert message.startswith("official LoFTR weights unavailable offline") and "loftr-compact" in message
+
+
 def test_demo_runs_offline(tmp_path: Path) -> None:
     """The fallback path end to end, as on a fresh offline clone (no weights reachable)."""
     env = {**os.environ, "LOFTR_WEIGHTS": str(tmp_path / "empty_weights_dir"), "TORCH_HOME": str(tmp_path / "torch")}
