@@ -34,14 +34,12 @@ from pipeline.io import resolve_image, write_pairs
 
 from .cameras import parse_query_list
 from .localize import (
-    STATUS_FAILED,
-    STATUS_FALLBACK,
-    STATUS_LOCALIZED,
     LocalizationConfig,
     LocalizationResult,
     ModelPoints,
-    add_estimator_arguments,
+    add_benchmark_arguments,
     config_from_args,
+    report,
     localize,
     parse_retrieval,
     write_log,
@@ -243,24 +241,12 @@ def _as_dict(stats: object) -> dict:
 
 def main_cli(argv: "list[str] | None" = None) -> AachenOutputs:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", type=Path, required=True, help="Aachen v1.1 folder")
-    parser.add_argument("--outputs", type=Path, required=True, help="output folder")
-    parser.add_argument("--matcher", default="loftr", help="loftr or sift (default loftr)")
-    parser.add_argument("--weights", default=None, help="LoFTR checkpoint name or path (default outdoor)")
-    parser.add_argument("--resize", type=int, default=None, help="longest side for matching")
-    parser.add_argument("--pairs-query", default=None,
-                        help="query-db pairs file (e.g. hloc's pairs-query-netvlad50.txt), or 'exhaustive'")
+    add_benchmark_arguments(parser, "Aachen v1.1 folder", "outdoor", "pairs-query-netvlad50.txt", 50)
     parser.add_argument("--num-covis", type=int, default=20, help="covisible db pairs per db image (default 20)")
-    parser.add_argument("--num-loc", type=int, default=50, help="db images retrieved per query (default 50)")
-    parser.add_argument("--device", default="auto")
-    add_estimator_arguments(parser)
     args = parser.parse_args(argv)
     out = main(args.dataset, args.outputs, args.matcher, args.weights, args.resize, args.pairs_query,
                args.num_covis, args.num_loc, config_from_args(args), args.device)
-    result = out.result
-    print(f"localized {result.count(STATUS_LOCALIZED)} / {len(result.logs)} queries "
-          f"({result.count(STATUS_FALLBACK)} fallback, {result.count(STATUS_FAILED)} failed); "
-          f"submission: {out.submission}")
+    report(out.result, out.submission)
     return out
 
 

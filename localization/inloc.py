@@ -39,13 +39,11 @@ from pipeline.io import open_h5, resolve_image, write_pairs, write_text_atomic
 from .absolute_pose import PoseEstimationConfig
 from .cameras import camera_from_size_and_focal, write_query_list
 from .localize import (
-    STATUS_FAILED,
-    STATUS_FALLBACK,
-    STATUS_LOCALIZED,
     LocalizationConfig,
     LocalizationResult,
-    add_estimator_arguments,
+    add_benchmark_arguments,
     config_from_args,
+    report,
     localize,
     parse_retrieval,
     write_log,
@@ -338,16 +336,7 @@ def _query_pairs(
 
 def main_cli(argv: "list[str] | None" = None) -> InLocOutputs:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", type=Path, required=True, help="InLoc folder (query/, database/)")
-    parser.add_argument("--outputs", type=Path, required=True, help="output folder")
-    parser.add_argument("--matcher", default="loftr", help="loftr or sift (default loftr)")
-    parser.add_argument("--weights", default=None, help="LoFTR checkpoint name or path (default indoor)")
-    parser.add_argument("--resize", type=int, default=None, help="longest side for matching")
-    parser.add_argument("--pairs-query", default=None,
-                        help="query-db pairs file (e.g. hloc's pairs-query-netvlad40.txt), or 'exhaustive'")
-    parser.add_argument("--num-loc", type=int, default=40, help="db images retrieved per query (default 40)")
-    parser.add_argument("--device", default="auto")
-    add_estimator_arguments(parser)
+    add_benchmark_arguments(parser, "InLoc folder (query/, database/)", "indoor", "pairs-query-netvlad40.txt", 40)
     args = parser.parse_args(argv)
     weights = args.weights if args.weights is not None or args.matcher != "loftr" else "indoor"
     if args.max_error is None:  # hloc's 48 px at 4032 px, scaled to these queries
@@ -355,10 +344,7 @@ def main_cli(argv: "list[str] | None" = None) -> InLocOutputs:
         args.max_error = default_max_error(query_camera(*image_size(args.dataset / q)) for q in queries)
     out = main(args.dataset, args.outputs, args.matcher, weights, args.resize, args.pairs_query, args.num_loc,
                config_from_args(args), args.device)
-    result = out.result
-    print(f"localized {result.count(STATUS_LOCALIZED)} / {len(result.logs)} queries "
-          f"({result.count(STATUS_FALLBACK)} fallback, {result.count(STATUS_FAILED)} failed); "
-          f"submission: {out.submission}")
+    report(out.result, out.submission)
     return out
 
 

@@ -429,6 +429,30 @@ def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="RANSAC random seed")
 
 
+def add_benchmark_arguments(
+    parser: argparse.ArgumentParser, dataset_help: str, default_weights: str, pairs_example: str, num_loc: int
+) -> None:
+    """The dataset, matcher and query-pair flags shared by the Aachen and InLoc pipelines."""
+    parser.add_argument("--dataset", type=Path, required=True, help=dataset_help)
+    parser.add_argument("--outputs", type=Path, required=True, help="output folder")
+    parser.add_argument("--matcher", default="loftr", help="loftr or sift (default loftr)")
+    parser.add_argument("--weights", default=None, help=f"LoFTR checkpoint name or path (default {default_weights})")
+    parser.add_argument("--resize", type=int, default=None, help="longest side for matching")
+    parser.add_argument("--pairs-query", default=None,
+                        help=f"query-db pairs file (e.g. hloc's {pairs_example}), or 'exhaustive'")
+    parser.add_argument("--num-loc", type=int, default=num_loc,
+                        help=f"db images retrieved per query (default {num_loc})")
+    parser.add_argument("--device", default="auto")
+    add_estimator_arguments(parser)
+
+
+def report(result: LocalizationResult, submission: Path) -> None:
+    """The one-line summary the Aachen and InLoc CLIs print."""
+    print(f"localized {result.count(STATUS_LOCALIZED)} / {len(result.logs)} queries "
+          f"({result.count(STATUS_FALLBACK)} fallback, {result.count(STATUS_FAILED)} failed); "
+          f"submission: {submission}")
+
+
 def config_from_args(args: argparse.Namespace, default_max_error: float = 12.0) -> LocalizationConfig:
     max_error = args.max_error if args.max_error is not None else default_max_error
     return LocalizationConfig(
