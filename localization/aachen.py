@@ -41,11 +41,10 @@ from .localize import (
     config_from_args,
     report,
     localize,
-    parse_retrieval,
     write_log,
 )
 from .poses import write_poses, write_submission
-from .retrieval_pairs import EXHAUSTIVE, pairs_label
+from .retrieval_pairs import pairs_label, query_pairs
 
 IMAGES_DIR = "images_upright"
 MODEL_DIR = "3D-models/aachen_v_1_1"
@@ -140,29 +139,6 @@ def covisibility_pairs(model: pycolmap.Reconstruction, num_covis: int) -> list[t
     return sorted(pairs)
 
 
-def _query_pairs(
-    images: Path, outputs: Path, cameras: "dict[str, pycolmap.Camera]", db_names: "list[str]",
-    pairs_query: str | Path | None, num_loc: int, target: Path,
-) -> dict[str, list[str]]:
-    if pairs_query is not None and str(pairs_query) == EXHAUSTIVE:
-        pairs = {query: list(db_names) for query in cameras}
-    elif pairs_query is not None:
-        pairs = parse_retrieval(pairs_query)
-        known = set(db_names)
-        unknown = sorted({d for ds in pairs.values() for d in ds} - known)
-        if unknown:
-            raise UserError(f"{pairs_query}: db image {unknown[0]!r} is not in the reference model")
-        stray = sorted(set(pairs) - set(cameras))
-        if stray:
-            raise UserError(f"{pairs_query}: query {stray[0]!r} is in no intrinsics list under queries/")
-    else:
-        from .retrieval_pairs import retrieve_pairs
-
-        pairs = retrieve_pairs(images, outputs, list(cameras), db_names, num_loc)
-    write_pairs(target, [(q, d) for q, ds in pairs.items() for d in ds])
-    return pairs
-
-
 def main(
     dataset: str | Path,
     outputs: str | Path,
@@ -218,7 +194,9 @@ def main(
     reference, tri_stats = triangulate.main(sift_model, images, out.db_pairs, out.features, out.db_matches,
                                             out.reference_sfm)
     db_names = sorted(reference.images[i].name for i in reference.reg_image_ids())
-    pairs = _query_pairs(images, outputs, cameras, db_names, pairs_query, num_loc, out.query_pairs)
+    pairs = query_pairs(images, outputs, list(cameras), db_names, pairs_query, num_loc, out.query_pairs,
+                        unknown_query="is in no intrinsics list under queries/",
+                        unknown_db="is not in the reference model")
     match_dense.main(out.query_pairs, images, out.query_features, out.query_matches, model, match_config,
                      reference_features=out.features)
     result = localize(ModelPoints(reference), cameras, pairs, out.query_features, out.query_matches, config)

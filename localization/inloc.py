@@ -34,7 +34,7 @@ import pycolmap
 from matchers.base import Matcher
 from matchers.errors import UserError, run_cli
 from matchers.image_io import image_size, is_image_file
-from pipeline.io import open_h5, resolve_image, write_pairs, write_text_atomic
+from pipeline.io import open_h5, resolve_image, write_text_atomic
 
 from .absolute_pose import PoseEstimationConfig
 from .cameras import camera_from_size_and_focal, write_query_list
@@ -45,11 +45,10 @@ from .localize import (
     config_from_args,
     report,
     localize,
-    parse_retrieval,
     write_log,
 )
 from .poses import write_poses, write_submission
-from .retrieval_pairs import EXHAUSTIVE, pairs_label
+from .retrieval_pairs import pairs_label, query_pairs
 
 QUERY_DIR = "query/iphone7"
 CUTOUT_DIR = "database/cutouts"
@@ -289,7 +288,9 @@ def main(
         log=outputs / f"poses-{label}-{config.pose.estimator}_log.json",
     )
     write_query_list(out.queries, cameras)
-    pairs = _query_pairs(dataset, outputs, queries, cutouts, pairs_query, num_loc, out.pairs)
+    pairs = query_pairs(dataset, outputs, queries, cutouts, pairs_query, num_loc, out.pairs,
+                        unknown_query=f"is not under {QUERY_DIR}; names are relative to the dataset",
+                        unknown_db="is not a cutout of the dataset")
     match_dense.main(out.pairs, dataset, out.features, out.matches, model, match_config)
     source = ScanPoints(dataset, out.features)
     result = localize(source, cameras, pairs, out.features, out.matches, config)
@@ -305,33 +306,6 @@ def default_max_error(cameras: "Iterable[pycolmap.Camera]") -> float:
     longest = max((max(c.width, c.height) for c in cameras), default=FULL_SIZE)
     return DEFAULT_MAX_ERROR * longest / FULL_SIZE
 
-
-
-def _query_pairs(
-    dataset: Path, outputs: Path, queries: list[str], cutouts: list[str], pairs_query: str | Path | None,
-    num_loc: int, target: Path,
-) -> dict[str, list[str]]:
-    """{query: [cutouts]} from a given pairs file (copied to ``target``) or from global retrieval."""
-    if pairs_query is not None and str(pairs_query) == EXHAUSTIVE:
-        pairs = {query: list(cutouts) for query in queries}  # small datasets: every query with every cutout
-    elif pairs_query is not None:
-        pairs = parse_retrieval(pairs_query)
-        known = set(queries)
-        unknown = [q for q in pairs if q not in known]
-        if unknown:
-            raise UserError(
-                f"{pairs_query}: query {unknown[0]!r} is not under {QUERY_DIR}; names are relative to the dataset"
-            )
-        cutout_set = set(cutouts)
-        bad = [d for ds in pairs.values() for d in ds if d not in cutout_set]
-        if bad:
-            raise UserError(f"{pairs_query}: db image {bad[0]!r} is not a cutout of the dataset")
-    else:
-        from .retrieval_pairs import retrieve_pairs
-
-        pairs = retrieve_pairs(dataset, outputs, queries, cutouts, num_loc)
-    write_pairs(target, [(q, d) for q, ds in pairs.items() for d in ds])
-    return pairs
 
 
 def main_cli(argv: "list[str] | None" = None) -> InLocOutputs:

@@ -37,3 +37,33 @@ def retrieve_pairs(
     for query, db in pairs_step.from_retrieval(descriptors, list(query_names), list(db_names), k):
         pairs.setdefault(query, []).append(db)
     return pairs
+
+
+def query_pairs(
+    image_dir: Path, outputs: Path, queries: "list[str]", db_names: "list[str]", pairs_query: str | Path | None,
+    num_loc: int, target: Path, unknown_query: str, unknown_db: str,
+) -> dict[str, list[str]]:
+    """{query: [db images]} from ``exhaustive``, a given pairs file, or retrieval; written to ``target``.
+
+    A given file naming an image outside ``queries`` / ``db_names`` is a :class:`UserError` whose message
+    ends with ``unknown_query`` / ``unknown_db`` (each pipeline says where its images should be).
+    """
+    from pipeline.io import write_pairs
+
+    from .localize import parse_retrieval
+
+    if pairs_query is not None and str(pairs_query) == EXHAUSTIVE:
+        pairs = {query: list(db_names) for query in queries}  # small datasets: every query with every db image
+    elif pairs_query is not None:
+        pairs = parse_retrieval(pairs_query)
+        known_queries, known_db = set(queries), set(db_names)
+        stray = [q for q in pairs if q not in known_queries]
+        if stray:
+            raise UserError(f"{pairs_query}: query {stray[0]!r} {unknown_query}")
+        unknown = [d for ds in pairs.values() for d in ds if d not in known_db]
+        if unknown:
+            raise UserError(f"{pairs_query}: db image {unknown[0]!r} {unknown_db}")
+    else:
+        pairs = retrieve_pairs(image_dir, outputs, list(queries), list(db_names), num_loc)
+    write_pairs(target, [(q, d) for q, ds in pairs.items() for d in ds])
+    return pairs
