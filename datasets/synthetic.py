@@ -377,9 +377,13 @@ def _rays(K: np.ndarray, pose: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> tu
 
 
 def render_view(
-    world: World, K: np.ndarray, pose: np.ndarray, width: int, height: int, supersample: int = 2
+    world: World, K: np.ndarray, pose: np.ndarray, width: int, height: int, supersample: int = 2,
+    background: tuple[float, float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render one view: (image (H, W, 3) uint8 RGB, depth (H, W) float32, 0 where nothing is hit)."""
+    """Render one view: (image (H, W, 3) uint8 RGB, depth (H, W) float32, 0 where nothing is hit).
+
+    ``background``: RGB in [0, 1] where no surface is hit; None draws a pale sky gradient.
+    """
     K, pose = np.asarray(K, np.float64), np.asarray(pose, np.float64)
     s = int(supersample)
     offsets = (np.arange(s) + 0.5) / s - 0.5
@@ -389,7 +393,10 @@ def render_view(
     distance, colours = _cast(world, origin, directions, shade=True)
     # Background: a smooth vertical gradient by ray elevation (featureless, depth 0).
     elevation = directions[:, 2] / np.linalg.norm(directions, axis=1)
-    sky = (0.75 + 0.2 * elevation[:, None]) * np.array([0.78, 0.84, 0.95], np.float32)
+    if background is None:
+        sky = (0.75 + 0.2 * elevation[:, None]) * np.array([0.78, 0.84, 0.95], np.float32)
+    else:
+        sky = np.asarray(background, np.float32)[None, :]
     colours = np.where(np.isfinite(distance)[:, None], colours, sky)
     image = colours.reshape(height, width, s, s, 3).mean(axis=(2, 3))
     image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)

@@ -8,6 +8,7 @@
 * ``homography:DIR`` random homographic pairs of the photos in DIR (crops, perspective, rotation, photometric
   augmentation); ``homography:skimage`` uses scikit-image's bundled public-domain / CC0 sample photos;
 * ``synthetic:N`` pairs of views of N random synthetic worlds rendered with exact depth (datasets.synthetic);
+* ``objects:N`` the same with object-centric views: no ground, dark background, textures of reduced contrast;
 * ``megadepth:ROOT`` / ``scannet:ROOT`` the official training layouts (index npz files in ROOT/index).
 
 Running the same command again resumes from ``--out`` exactly (model, optimiser, schedule, RNG, data position);
@@ -30,14 +31,14 @@ from matchers.loftr.training.data import (HomographyConfig, HomographyPairs, Meg
                                           ScanNetPairs, SyntheticConfig, SyntheticPairs, load_photos, skimage_photos)
 from matchers.loftr.training.trainer import TrainConfig, TrainResult, export_weights, train
 
-KINDS = ("homography", "synthetic", "megadepth", "scannet")
+KINDS = ("homography", "synthetic", "objects", "megadepth", "scannet")
 
 
 def parse_spec(spec: str) -> tuple[str, str, float]:
     """``kind:value[@weight]`` -> (kind, value, weight)."""
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in KINDS or not rest:
-        raise UserError(f"bad --data {spec!r}; use one of homography:DIR, homography:skimage, synthetic:N, "
+        raise UserError(f"bad --data {spec!r}; use one of homography:DIR, homography:skimage, synthetic:N, objects:N, "
                         f"megadepth:ROOT, scannet:ROOT (optionally @WEIGHT)")
     weight = 1.0
     value, at, w = rest.rpartition("@")
@@ -61,12 +62,16 @@ def build_source(spec: str, size: tuple[int, int], seed: int, trust_index: bool 
     if kind == "homography":
         photos = skimage_photos() if value == "skimage" else load_photos(value)
         return HomographyPairs(photos, HomographyConfig(height=h, width=w), seed=seed, augment=augment), weight
-    if kind == "synthetic":
+    if kind in ("synthetic", "objects"):
         try:
             n = int(value)
         except ValueError:
-            raise UserError(f"bad --data {spec!r}: synthetic:N needs an integer number of worlds") from None
-        return SyntheticPairs(SyntheticConfig(height=h, width=w, num_worlds=n), seed=seed, augment=augment), weight
+            raise UserError(f"bad --data {spec!r}: {kind}:N needs an integer number of worlds") from None
+        if n < 1:
+            raise UserError(f"bad --data {spec!r}: {kind}:N needs N >= 1 worlds")
+        config = (SyntheticConfig.object_centric(h, w, n) if kind == "objects"
+                  else SyntheticConfig(height=h, width=w, num_worlds=n))
+        return SyntheticPairs(config, seed=seed, augment=augment), weight
     if kind == "megadepth":
         return MegaDepthPairs(value, long_side=max(size), seed=seed, allow_pickle=trust_index, augment=augment), weight
     return ScanNetPairs(value, seed=seed, augment=augment), weight

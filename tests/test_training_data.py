@@ -55,6 +55,36 @@ def test_mixed_pairs_and_collate() -> None:
         collate([homography.sample(0), synthetic.sample(0)])
 
 
+def test_object_centric_pairs_have_no_ground_and_consistent_depth() -> None:
+    from datasets.synthetic import project, unproject
+
+    config = SyntheticConfig.object_centric(height=96, width=128, num_worlds=2)
+    source = SyntheticPairs(config, seed=3, augment=False)
+    sample = source.sample(0)
+    assert torch.equal(sample["image0"], source.sample(0)["image0"])  # deterministic in the index
+    image0, depth0 = sample["image0"][0].numpy(), sample["depth0"].numpy()
+    background = depth0 == 0
+    assert 0.02 < background.mean() < 0.98  # objects floating in a void: no ground fills the view
+    # a dark, uniform background (apart from anti-aliased object edges)
+    assert np.mean(image0[background] > config.object_background + 0.01) < 0.1
+    # pixels of image 0 carried by depth and the relative pose land where the renderer puts them in image 1
+    K0, K1, T = (sample[k].double().numpy() for k in ("K0", "K1", "T_0to1"))
+    ys, xs = np.nonzero(~background)
+    points = np.stack([xs, ys], 1)[::37].astype(np.float64)
+    world = unproject(depth0, K0, np.eye(4), points)  # camera-0 frame
+    depth1 = sample["depth1"].numpy()
+
+    def agreeing(T_0to1: np.ndarray) -> int:
+        projected, z = project(world, K1, T_0to1)
+        u, v = np.round(projected).astype(int).T
+        inside = (u >= 0) & (u < 128) & (v >= 0) & (v < 96) & (z > 0)
+        return int((np.abs(depth1[v[inside], u[inside]] - z[inside]) < 0.01 * z[inside]).sum())
+
+    shifted = T.copy()
+    shifted[:3, 3] += 0.3  # a pose error of 0.3 world units (the boxes are 0.6-2.6 units wide)
+    assert agreeing(T) > 20 and agreeing(T) > 3 * agreeing(shifted)
+
+
 @pytest.fixture(scope="module")
 def scene():
     from datasets.synthetic import SceneConfig, render_scene

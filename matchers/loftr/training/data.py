@@ -202,6 +202,17 @@ class SyntheticConfig:
     supersample: int = 2
     photometric: PhotometricConfig = PhotometricConfig(brightness=0.1, contrast=0.2, gamma=0.25, noise=0.02)
     cache_worlds: int = 4
+    #: object-centric views: no ground, a dark background and box textures of reduced contrast (a plaster model
+    #: on a turntable rather than a textured street); its worlds are distinct from the plain ones
+    objects: bool = False
+    object_contrast: tuple[float, float] = (0.15, 1.0)  # texture contrast factor range (1 = unchanged)
+    object_background: float = 0.12  # background grey level drawn from [0, this]
+
+    @staticmethod
+    def object_centric(height: int = 240, width: int = 320, num_worlds: int = 16) -> "SyntheticConfig":
+        """Objects seen from closer, over a wider range of angles and elevations."""
+        return SyntheticConfig(height=height, width=width, num_worlds=num_worlds, angle_deg=(4.0, 45.0),
+                               radius=(5.0, 8.0), camera_height=(0.3, 5.0), objects=True)
 
 
 class SyntheticPairs:
@@ -221,8 +232,23 @@ class SyntheticPairs:
         if k not in self._worlds:
             if len(self._worlds) >= self.config.cache_worlds:
                 self._worlds.pop(next(iter(self._worlds)))
-            self._worlds[k] = make_world(SceneConfig(seed=10_000 + 97 * self.seed + k))
+            base = 20_000 if self.config.objects else 10_000
+            self._worlds[k] = make_world(SceneConfig(seed=base + 97 * self.seed + k))
         return self._worlds[k]
+
+    def _object_world(self, world, rng: np.random.Generator):
+        """``world`` without its ground, each box face's texture at a random contrast around its mean."""
+        from dataclasses import replace
+
+        low, high = self.config.object_contrast
+        boxes = []
+        for box in world.boxes:
+            textures = []
+            for texture in box.textures:
+                mean = texture.mean(axis=(0, 1), keepdims=True)
+                textures.append((mean + rng.uniform(low, high) * (texture - mean)).astype(np.float32))
+            boxes.append(replace(box, textures=tuple(textures)))
+        return replace(world, ground_size=0.0, boxes=tuple(boxes))
 
     def _camera(self, rng: np.random.Generator, azimuth: float) -> tuple[np.ndarray, np.ndarray]:
         from datasets.synthetic import intrinsics, look_at
@@ -244,12 +270,16 @@ class SyntheticPairs:
         c = self.config
         rng = np.random.default_rng([self.seed, 2, index])
         world = self._world(int(rng.integers(c.num_worlds)))
+        background = None
+        if c.objects:
+            world = self._object_world(world, rng)
+            background = (float(rng.uniform(0.0, c.object_background)),) * 3
         a0 = rng.uniform(0, 2 * math.pi)
         a1 = a0 + math.radians(rng.uniform(*c.angle_deg)) * rng.choice([-1.0, 1.0])
         (K0, P0), (K1, P1) = self._camera(rng, a0), self._camera(rng, a1)
         out: Sample = {}
         for k, (K, P) in enumerate(((K0, P0), (K1, P1))):
-            rgb, depth = render_view(world, K, P, c.width, c.height, c.supersample)
+            rgb, depth = render_view(world, K, P, c.width, c.height, c.supersample, background)
             gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
             if self.augment:
                 gray = photometric(gray, rng, c.photometric)

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -359,15 +360,22 @@ def train(model_config: LoFTRConfig, source: PairSource, out: str | Path, config
         save_training_checkpoint(out, model, optimizer, scheduler, step, samples_seen,
                                  elapsed_before + time.monotonic() - start, config, data_specs)
 
-    # SIGINT / SIGTERM finish the current step, then save and return: the same command resumes exactly
-    with _GracefulStop() as stop:
+    def load(first: int) -> tuple[list[Sample], Any]:
+        items = [source.sample(first + k) for k in range(config.batch_size)]
+        return items, supervise_samples(items, config.depth_tolerance)
+
+    # SIGINT / SIGTERM finish the current step, then save and return: the same command resumes exactly.
+    # The next batch is rendered / warped in a worker thread while this one trains (samples are a function of
+    # their index, so prefetching changes nothing but the wall time).
+    with _GracefulStop() as stop, ThreadPoolExecutor(max_workers=1) as prefetch:
+        upcoming = prefetch.submit(load, samples_seen)
         while step < stop_step:
             if minutes is not None and time.monotonic() - start > minutes * 60:
                 break
             if stop.requested:
                 break
-            items = [source.sample(samples_seen + k) for k in range(config.batch_size)]
-            sup = supervise_samples(items, config.depth_tolerance)
+            items, sup = upcoming.result()
+            upcoming = prefetch.submit(load, samples_seen + config.batch_size)
             batch = {k: torch.stack([s[k] for s in items]).to(device) for k in ("image0", "image1", "mask0", "mask1")
                      if k in items[0]}
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
