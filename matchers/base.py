@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -103,6 +103,9 @@ class Matcher(ABC):
 
     #: short name used in outputs and summaries, e.g. "loftr" or "sift"
     name: str = "matcher"
+    #: whether :meth:`match_prepared_batch` is cheaper than pair-by-pair calls (callers batch only then, so a
+    #: crash never loses more than the pair in progress otherwise)
+    batches_pairs: bool = False
 
     @abstractmethod
     def prepare(self, image: np.ndarray) -> Any:
@@ -115,6 +118,13 @@ class Matcher(ABC):
     def match(self, image0: np.ndarray, image1: np.ndarray) -> Matches:
         """Match two grayscale float32 images (H, W) in [0, 1]."""
         return self.match_prepared(self.prepare(image0), self.prepare(image1))
+
+    def match_prepared_batch(self, pairs: Sequence[tuple[Any, Any]]) -> list[Matches]:
+        """Match several prepared pairs, same results as :meth:`match_prepared` on each (in order).
+
+        The default matches them one by one; matchers that gain from batching (LoFTR) override it.
+        """
+        return [self.match_prepared(prepared0, prepared1) for prepared0, prepared1 in pairs]
 
     def describe(self) -> dict[str, Any]:
         """What was used, for summaries (matcher name, weights, options)."""

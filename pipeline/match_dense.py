@@ -42,7 +42,8 @@ from matchers.errors import UserError, run_cli
 from matchers.image_io import image_size, read_gray
 from pipeline import io
 from pipeline.quantize import POSITIONS, ImageKeypoints, QuantizeConfig, aggregate_matches
-from pipeline.tta import ROTATION_MODES, PreparedView, TTAConfig, View, first_views, match_pair, prepare_view, second_views
+from pipeline.tta import (ROTATION_MODES, PreparedView, TTAConfig, View, first_views, match_pair, match_views_batch,
+                          prepare_view, second_views)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class DenseMatchConfig:
     rotation: str = "none"  # none | best | union (image 1 at 0/90/180/270 degrees)
     resize: tuple[int | None, ...] = (None,)  # several sizes -> matches merged; None = matcher's own resize
     cache_size: int = 16  # prepared images kept (LRU); each holds all views the image needs
+    batch_pairs: int = 8  # pairs per matcher call when each pair is matched once (LoFTR batches equal sizes)
     num_workers: int = 1  # prefetching loader threads (0 = read in the main thread)
     keypoint_position: str = "mean"  # "mean" (weighted mean of the best sub-bin) or "bin" (hloc: its node)
     verify_threshold: float = 1.0  # px, MAGSAC++ threshold used by rotation="best"
@@ -69,6 +71,8 @@ class DenseMatchConfig:
         object.__setattr__(self, "resize", tuple(self.resize))
         if self.cache_size < 1:
             raise UserError(f"cache_size must be >= 1, got {self.cache_size}")
+        if self.batch_pairs < 1:
+            raise UserError(f"batch_pairs must be >= 1, got {self.batch_pairs}")
         if self.num_workers < 0:
             raise UserError(f"num_workers must be >= 0, got {self.num_workers}")
         try:
@@ -546,11 +550,24 @@ def _match_pairs(
                 cache.put(name, entry)
             return entry
 
-        for index in tqdm(order, desc="matching", unit="pair", smoothing=0.1, disable=not todo):
-            first, second = oriented[index]
-            result = match_pair(matcher, prepared(first), prepared(second), tta).matches
-            pair = todo[index]
-            store.save(pair, swapped[pair], result.swapped() if swapped[pair] else result)
+        # Pairs matched once each (no rotation / multi-size / two-way TTA) go to the matcher in batches of
+        # consecutive pairs of the cache-friendly order; every result is stored as soon as its batch is done.
+        batched = tta.single_pass and matcher.batches_pairs
+        batch = config.batch_pairs if batched else 1
+        view = View(tta.resize[0], 0)
+        with tqdm(total=len(order), desc="matching", unit="pair", smoothing=0.1, disable=not todo) as bar:
+            for start in range(0, len(order), batch):
+                chunk = order[start:start + batch]
+                if batched:
+                    views_of = [(prepared(oriented[i][0])[view], prepared(oriented[i][1])[view]) for i in chunk]
+                    results = match_views_batch(matcher, views_of)
+                else:
+                    results = [match_pair(matcher, prepared(oriented[i][0]), prepared(oriented[i][1]), tta).matches
+                               for i in chunk]
+                for index, result in zip(chunk, results):
+                    pair = todo[index]
+                    store.save(pair, swapped[pair], result.swapped() if swapped[pair] else result)
+                bar.update(len(chunk))
     return _LoopStats(prepare_calls, cache.hits, cache.misses)
 
 
@@ -598,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference-features", type=Path, default=None,
                         help="features.h5 whose images keep their keypoints (localization)")
     parser.add_argument("--cache-size", type=int, default=defaults.cache_size)
+    parser.add_argument("--batch-pairs", type=int, default=defaults.batch_pairs,
+                        help="pairs per matcher call (LoFTR batches equal-size pairs; 1 = one by one)")
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
     parser.add_argument("--device", choices=DEVICES, default="auto")
     return parser
@@ -625,6 +644,7 @@ def main_cli(argv: Sequence[str] | None = None) -> DenseMatchResult:
         rotation=args.rotation,
         resize=view_sizes,
         cache_size=args.cache_size,
+        batch_pairs=args.batch_pairs,
         num_workers=args.num_workers,
         keypoint_position=args.keypoint_position,
     )

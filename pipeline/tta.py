@@ -16,7 +16,7 @@ quantization's one-to-one step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -45,6 +45,11 @@ class TTAConfig:
                 raise ValueError(f"resize sizes must be >= 8 px or None, got {size}")
         if len(set(self.resize)) != len(self.resize):
             raise ValueError(f"resize sizes must be distinct, got {self.resize}")
+
+    @property
+    def single_pass(self) -> bool:
+        """One match per pair (no rotations, one size, one direction): pairs can be batched."""
+        return self.rotation == "none" and len(self.resize) == 1 and not self.both_directions
 
     @property
     def rotations(self) -> tuple[int, ...]:
@@ -97,7 +102,16 @@ def prepare_view(matcher: Matcher, image: np.ndarray, view: View) -> PreparedVie
 
 def match_views(matcher: Matcher, first: PreparedView, second: PreparedView) -> Matches:
     """Match two prepared views; keypoints in each image's original coordinates."""
-    result = matcher.match_prepared(first.prepared, second.prepared)
+    return _to_original(matcher.match_prepared(first.prepared, second.prepared), first, second)
+
+
+def match_views_batch(matcher: Matcher, pairs: Sequence[tuple[PreparedView, PreparedView]]) -> list[Matches]:
+    """:func:`match_views` for several pairs in one matcher call (LoFTR batches equal-size pairs)."""
+    results = matcher.match_prepared_batch([(first.prepared, second.prepared) for first, second in pairs])
+    return [_to_original(result, first, second) for result, (first, second) in zip(results, pairs)]
+
+
+def _to_original(result: Matches, first: PreparedView, second: PreparedView) -> Matches:
     if len(result) == 0:
         return Matches.empty()
     return Matches(
@@ -166,6 +180,7 @@ __all__ = [
     "second_views",
     "prepare_view",
     "match_views",
+    "match_views_batch",
     "count_verified",
     "PairResult",
     "match_pair",

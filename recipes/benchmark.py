@@ -387,7 +387,7 @@ def techniques(config: BenchmarkConfig, ours_plain: LoFTR) -> dict[str, Any]:
     variants = {
         "nchw": optimize_for_inference(ours_plain, InferenceOptions(fold_bn=False, channels_last=False)),
         "channels_last": optimize_for_inference(ours_plain, InferenceOptions(fold_bn=False, channels_last=True)),
-        "channels_last+bn_folded": optimize_for_inference(ours_plain),
+        "channels_last+bn_folded": optimize_for_inference(ours_plain, InferenceOptions(fold_bn=True)),
     }
     with torch.inference_mode():
         backbone = interleaved({name: (lambda m=m: m.backbone(t0)) for name, m in variants.items()}, runs)

@@ -174,9 +174,10 @@ def test_matcher_returns_original_coordinates(model: LoFTR) -> None:
     assert r0.image.shape == r1.image.shape == (120, 160)
     with torch.inference_mode():
         manual = model.match(as_tensor(r0.image), as_tensor(r1.image))
-    np.testing.assert_allclose(result.keypoints0, r0.to_original(manual["keypoints0"].numpy()), atol=1e-4)
-    np.testing.assert_allclose(result.keypoints1, r1.to_original(manual["keypoints1"].numpy()), atol=1e-4)
-    np.testing.assert_allclose(result.scores, manual["confidence"].numpy(), atol=1e-6)
+    # the matcher runs the optimised inference copy (fused transformer): equal up to float rounding
+    np.testing.assert_allclose(result.keypoints0, r0.to_original(manual["keypoints0"].numpy()), atol=1e-3)
+    np.testing.assert_allclose(result.keypoints1, r1.to_original(manual["keypoints1"].numpy()), atol=1e-3)
+    np.testing.assert_allclose(result.scores, manual["confidence"].numpy(), rtol=1e-4, atol=1e-6)
     expected = (result.keypoints0 + 0.5) * 1.5 - 0.5
     error = np.linalg.norm(result.keypoints1 - expected, axis=1)
     # random weights: coarse cells right, fine offsets arbitrary (<= 4 px at 160 px = 7.5 px in the original)

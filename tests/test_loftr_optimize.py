@@ -71,7 +71,8 @@ def test_fold_conv_bn_equals_conv_then_bn() -> None:
 
 def test_fold_batchnorm_backbone_and_original_untouched(model: LoFTR, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
     keys_before = set(model.state_dict())
-    optimized = optimize_for_inference(model)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in optimize_for_inference(model).backbone.modules())  # opt-in
+    optimized = optimize_for_inference(model, InferenceOptions(fold_bn=True))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in optimized.backbone.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules()) == 17  # stem, 6 blocks x 2, 2 shortcuts, 2 FPN heads
     assert set(model.state_dict()) == keys_before  # the public model keeps its keys and BatchNorms
@@ -83,7 +84,7 @@ def test_fold_batchnorm_backbone_and_original_untouched(model: LoFTR, pair: tupl
 
 
 def test_optimized_model_gives_the_same_matches(model: LoFTR, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
-    optimized = optimize_for_inference(model)
+    optimized = optimize_for_inference(model, InferenceOptions(fold_bn=True))
     assert isinstance(optimized.loftr_coarse, FusedLocalFeatureTransformer)
     with torch.inference_mode():
         reference = model.match_encoded(model.encode(pair[0]), model.encode(pair[1]))

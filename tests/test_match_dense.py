@@ -394,3 +394,56 @@ def test_loftr_with_random_weights_end_to_end(temple_ring, tmp_path, threshold, 
                 assert len(kp0) == 0 and len(matches0) == 0
         if threshold is not None:
             assert sum(result.matches_per_pair.values()) > 10
+
+
+def test_loftr_pairs_are_batched_with_the_same_results(temple_ring, tmp_path):
+    torch = pytest.importorskip("torch")
+    from matchers.loftr import LoFTR, LoFTRMatcher
+
+    torch.manual_seed(0)
+    matcher = LoFTRMatcher(LoFTR().eval(), resize=96, device="cpu", match_threshold=0.0)
+    calls = []
+    batched_call = matcher._inference.match_batch
+    matcher._inference.match_batch = lambda pairs, **kw: calls.append(len(pairs)) or batched_call(pairs, **kw)
+    names = [f"templeR{i:04d}.png" for i in range(1, 6)]
+    pairs = write_pairs(tmp_path / "pairs.txt", [(a, b) for i, a in enumerate(names) for b in names[i + 1:]])
+    outputs = {}
+    for batch in (1, 4):
+        out = tmp_path / f"b{batch}"
+        out.mkdir()
+        run(pairs, temple_ring / "images", out / "f.h5", out / "m.h5", matcher, DenseMatchConfig(batch_pairs=batch))
+        outputs[batch] = (read_h5(out / "f.h5"), read_h5(out / "m.h5"))
+    assert calls == [4, 4, 2]  # 10 pairs of equal-size images: batches of 4, 4 and 2 (batch_pairs=1 never batches)
+    (f1, m1), (f4, m4) = outputs[1], outputs[4]
+    assert f1.keys() == f4.keys() and m1.keys() == m4.keys() and sum(len(v) for v in m1.values()) > 0
+    for key in m1:  # the same matches; scores equal up to float rounding
+        if key.endswith("matches0"):
+            np.testing.assert_array_equal(m1[key], m4[key], err_msg=key)
+        else:
+            np.testing.assert_allclose(m1[key], m4[key], rtol=1e-3, atol=1e-7, err_msg=key)
+    for key in f1:
+        np.testing.assert_allclose(f1[key], f4[key], rtol=1e-3, atol=1e-3, err_msg=key)
+
+
+def test_loftr_batch_of_mixed_sizes_equals_pairs_one_by_one():
+    torch = pytest.importorskip("torch")
+    from matchers.loftr import LoFTR, LoFTRMatcher
+
+    torch.manual_seed(1)
+    matcher = LoFTRMatcher(LoFTR().eval(), resize=None, device="cpu", match_threshold=0.0)
+    matcher.batch_cells = 2 * 12 * 16 * 12 * 16  # two 96x128 pairs per call
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.random((200, 260)).astype(np.float32), (0, 0), 1.5)
+    texture = (texture - texture.min()) / (texture.max() - texture.min())
+    crops = [texture[y:y + 96, x:x + 128] for x, y in ((0, 0), (10, 6), (20, 12), (30, 18))] + [texture[:120, :104]]
+    prepared = [matcher.prepare(np.ascontiguousarray(c)) for c in crops]
+    pairs = [(prepared[0], prepared[1]), (prepared[1], prepared[2]), (prepared[0], prepared[4]),
+             (prepared[2], prepared[3]), (prepared[0], prepared[3])]
+    batched = matcher.match_prepared_batch(pairs)
+    single = [matcher.match_prepared(a, b) for a, b in pairs]
+    assert len(batched) == len(single) == 5
+    for b, s in zip(batched, single):
+        assert len(b) == len(s) > 0
+        np.testing.assert_allclose(b.keypoints0, s.keypoints0, atol=1e-3)
+        np.testing.assert_allclose(b.keypoints1, s.keypoints1, atol=1e-3)
+        np.testing.assert_allclose(b.scores, s.scores, rtol=1e-4, atol=1e-7)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, ContextManager, Literal
+from typing import Any, ContextManager, Literal, Sequence
 
 import numpy as np
 import torch
@@ -18,10 +18,18 @@ from ..base import Matcher, Matches, ResizedImage, resize_image
 from ..errors import UserError
 from .config import COARSE_STRIDE
 from .model import EncodedImage, LoFTR
-from .optimize import optimize_for_inference
+from .optimize import InferenceOptions, optimize_for_inference
 from .weights import load_pretrained, resolve_device
 
 Precision = Literal["fp16", "bf16"]
+
+
+def _to_matches(out: dict[str, torch.Tensor], prepared0: "PreparedImage", prepared1: "PreparedImage") -> Matches:
+    """Model outputs of one pair -> :class:`Matches` in each original image's pixels."""
+    kpts0 = out["keypoints0"].float().cpu().numpy()
+    kpts1 = out["keypoints1"].float().cpu().numpy()
+    scores = out["confidence"].float().cpu().numpy().astype(np.float32)
+    return Matches(prepared0.resized.to_original(kpts0), prepared1.resized.to_original(kpts1), scores)
 
 
 @dataclass(frozen=True)
@@ -38,17 +46,22 @@ class LoFTRMatcher(Matcher):
     ``model``: a :class:`LoFTR` or a weights name/path for :func:`load_pretrained`. ``resize``: longer side in
     pixels (None: original size, any size works). ``both_directions``: also match image 1 -> image 0 and merge.
     ``match_threshold``: overrides the model's coarse threshold. ``amp``: autocast precision ("fp16"/"bf16",
-    meant for CUDA; the model keeps overflow-prone steps in float32). ``optimize``: run an inference copy with
-    BatchNorm folded into the convolutions and fused transformers
-    (:func:`~matchers.loftr.optimize.optimize_for_inference`; same matches, keypoints within ~1e-3 px). ``self.model`` stays the unmodified model; after changing its weights, call
-    :meth:`refresh`.
+    meant for CUDA; the model keeps overflow-prone steps in float32). ``optimize`` (default): run an inference copy
+    with channels_last convolutions and fused transformers (:func:`~matchers.loftr.optimize.optimize_for_inference`;
+    the same matches, keypoints within ~1e-3 px); pass an :class:`~matchers.loftr.optimize.InferenceOptions` to
+    choose the techniques, or False for the plain model. ``self.model`` stays the unmodified model; after changing
+    its weights, call :meth:`refresh`.
     """
 
     name = "loftr"
+    batches_pairs = True
+    #: most coarse-score entries (pairs x cells0 x cells1) one batched call may hold: 8 pairs at 320x240,
+    #: single pairs from about 640x480 up (larger matrices gain little from batching and cost memory)
+    batch_cells: int = 8 * 1200 * 1200
 
     def __init__(self, model: LoFTR | str = "outdoor", resize: int | None = 640, device: str | torch.device = "auto",
                  both_directions: bool = False, match_threshold: float | None = None,
-                 amp: Precision | None = None, optimize: bool = False) -> None:
+                 amp: Precision | None = None, optimize: bool | InferenceOptions = True) -> None:
         if resize is not None and resize < COARSE_STRIDE:
             raise UserError(f"resize must be at least {COARSE_STRIDE} pixels (or None for the original size), "
                             f"got {resize}")
@@ -66,7 +79,11 @@ class LoFTRMatcher(Matcher):
 
     def refresh(self) -> None:
         """Rebuild the inference copy from ``self.model`` (after its weights changed)."""
-        self._inference = optimize_for_inference(self.model) if self.optimize else self.model
+        if not self.optimize:
+            self._inference = self.model
+        else:
+            options = self.optimize if isinstance(self.optimize, InferenceOptions) else None
+            self._inference = optimize_for_inference(self.model, options)
 
     def _autocast(self) -> ContextManager[Any]:
         if self.amp is None:
@@ -94,11 +111,41 @@ class LoFTRMatcher(Matcher):
     def match_prepared(self, prepared0: PreparedImage, prepared1: PreparedImage) -> Matches:
         with torch.inference_mode(), self._autocast():
             out = self._inference.match_encoded(prepared0.encoded, prepared1.encoded, threshold=self.match_threshold,
-                                           both_directions=self.both_directions)
-        kpts0 = out["keypoints0"].float().cpu().numpy()
-        kpts1 = out["keypoints1"].float().cpu().numpy()
-        scores = out["confidence"].float().cpu().numpy().astype(np.float32)
-        return Matches(prepared0.resized.to_original(kpts0), prepared1.resized.to_original(kpts1), scores)
+                                                both_directions=self.both_directions)
+        return _to_matches(out, prepared0, prepared1)
+
+    def match_prepared_batch(self, pairs: Sequence[tuple[PreparedImage, PreparedImage]]) -> list[Matches]:
+        """Match prepared pairs, several at once where the images have equal sizes.
+
+        One batched transformer / matching call costs less than its pairs one by one on a CPU (fewer, larger
+        matrix products); results equal :meth:`match_prepared` up to float rounding. A call holds at most
+        ``batch_cells`` coarse-score entries (pairs x cells0 x cells1), so large images are matched singly.
+        """
+        results: list[Matches | None] = [None] * len(pairs)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, (prepared0, prepared1) in enumerate(pairs):
+            enc0, enc1 = prepared0.encoded, prepared1.encoded
+            batchable = enc0.mask is None and enc1.mask is None and enc0.fine_inputs is None \
+                and enc1.fine_inputs is None and enc0.batch_size == 1 and enc1.batch_size == 1
+            key = (tuple(enc0.coarse.shape), tuple(enc1.coarse.shape), tuple(enc0.fine.shape),
+                   tuple(enc1.fine.shape)) if batchable else ("single", index)
+            groups.setdefault(key, []).append(index)
+        for key, indices in groups.items():
+            cells = pairs[indices[0]][0].encoded.coarse_shape
+            other = pairs[indices[0]][1].encoded.coarse_shape
+            per_call = max(1, self.batch_cells // max(1, cells[0] * cells[1] * other[0] * other[1]))
+            for start in range(0, len(indices), per_call):
+                chunk = indices[start:start + per_call]
+                if len(chunk) == 1:
+                    results[chunk[0]] = self.match_prepared(*pairs[chunk[0]])
+                    continue
+                with torch.inference_mode(), self._autocast():
+                    outs = self._inference.match_batch([(pairs[k][0].encoded, pairs[k][1].encoded) for k in chunk],
+                                                       threshold=self.match_threshold,
+                                                       both_directions=self.both_directions)
+                for k, out in zip(chunk, outs):
+                    results[k] = _to_matches(out, *pairs[k])
+        return [r for r in results if r is not None]
 
     def describe(self) -> dict[str, Any]:
         threshold = self.match_threshold if self.match_threshold is not None else self.model.config.matching.thr

@@ -97,6 +97,11 @@ def collate(encoded: Sequence[EncodedImage]) -> EncodedImage:
     """
     if not encoded:
         raise ValueError("collate needs at least one encoded image")
+    if all(e.mask is None and e.coarse.shape == encoded[0].coarse.shape and e.fine is not None
+           and e.fine.shape == encoded[0].fine.shape for e in encoded):
+        # equal sizes: a plain stack, no padding and no masks (the unmasked attention path is cheaper)
+        return EncodedImage(torch.cat([e.coarse for e in encoded]), torch.cat([e.fine for e in encoded]),
+                            encoded[0].image_size)
     hc = max(e.coarse.shape[2] for e in encoded)
     wc = max(e.coarse.shape[3] for e in encoded)
     hf = max(e.fine.shape[2] for e in encoded)
