@@ -87,7 +87,7 @@ def main(preset: str, data: Sequence[str], out: str | Path, minutes: float | Non
          init: str | Path | None = None, val: Sequence[str] = (), val_pairs: int = 8,
          size: tuple[int, int] = (240, 320), config: TrainConfig = TrainConfig(), device: str = "auto",
          restart: bool = False, trust_index: bool = False, export: str | Path | None = None,
-         export_half: bool = False, progress: bool = True) -> TrainResult:
+         export_half: bool = False, progress: bool = True, export_threshold: float | None = None) -> TrainResult:
     """Build the data, train (resuming ``out`` if it exists) and optionally export the weights."""
     if preset not in PRESET_NAMES:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
@@ -106,7 +106,7 @@ def main(preset: str, data: Sequence[str], out: str | Path, minutes: float | Non
     result = train(LoFTRConfig.preset(preset), source, out, config, minutes=minutes, steps=steps, init=init,
                    val_samples=val_samples, device=device, data_specs=list(data), restart=restart, progress=progress)
     if export is not None:
-        export_weights(result.checkpoint, export, half=export_half)
+        export_weights(result.checkpoint, export, half=export_half, threshold=export_threshold)
     return result
 
 
@@ -140,6 +140,8 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
                         help="allow unpickling the official MegaDepth index files (only for files you trust)")
     parser.add_argument("--export", default=None, help="also write a weights-only checkpoint here")
     parser.add_argument("--export-half", action="store_true", help="store the exported weights as float16")
+    parser.add_argument("--export-threshold", type=float, default=None,
+                        help="coarse matching threshold stored in the exported weights (default: the preset's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -156,7 +158,7 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
                          validate_every=args.validate_every, loss=LossConfig(dense=args.dense_coarse))
     result = main(args.preset, args.data, args.out, args.minutes, args.steps, args.init, args.val, args.val_pairs,
                   (h, w), config, args.device, args.restart, args.trust_index, args.export, args.export_half,
-                  progress=not args.no_progress and not os.environ.get("CI"))
+                  progress=not args.no_progress and not os.environ.get("CI"), export_threshold=args.export_threshold)
     print(f"trained steps {result.start_step} -> {result.end_step}; checkpoint {result.checkpoint}; log {result.log}")
     if result.last_validation:
         print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in result.last_validation.items()))

@@ -93,6 +93,12 @@ def test_checkpoint_loads_as_weights_and_exports(photos: Path, tmp_path: Path) -
     image = cv2.imread(str(photos / "p0.png"), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
     matches = matcher.match(image[:96, :128], image[:96, :128])
     assert matches.keypoints0.shape[1] == 2
+    assert load_pretrained(exported, "cpu").config.matching.thr == 0.2  # the preset's threshold
+    # the threshold the shipped file stores is set on export, not by hand
+    from matchers.loftr.training.trainer import export_weights
+
+    export_weights(out, tmp_path / "thr.ckpt", half=True, threshold=0.1)
+    assert load_pretrained(tmp_path / "thr.ckpt", "cpu").config.matching.thr == 0.1
     # a weights-only file cannot be resumed as a training state
     from matchers.errors import UserError
 

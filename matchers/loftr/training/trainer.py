@@ -227,17 +227,26 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
                         f"delete it to start over") from None
 
 
-def export_weights(checkpoint: str | Path, out: str | Path, half: bool = False) -> Path:
+def export_weights(checkpoint: str | Path, out: str | Path, half: bool = False,
+                   threshold: float | None = None) -> Path:
     """Write just the weights and config of a training checkpoint (the small file that ships).
 
     ``half`` stores floating-point tensors as float16 (half the size; ``load_state_dict`` casts them back to the
-    model's float32 parameters).
+    model's float32 parameters). ``threshold`` sets the coarse matching threshold stored in the config (the one
+    the model uses unless a caller overrides it).
     """
+    import copy
+
     from pipeline.io import atomic_path
 
     data = load_training_checkpoint(Path(checkpoint))
     state = {k: v.half() if half and v.is_floating_point() else v for k, v in data["state_dict"].items()}
-    payload = {"state_dict": state, "loftr_config": data["loftr_config"]}
+    config = copy.deepcopy(data["loftr_config"])
+    if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:
+            raise UserError(f"the coarse threshold must be in [0, 1], got {threshold}")
+        config["matching"]["thr"] = float(threshold)
+    payload = {"state_dict": state, "loftr_config": config}
     meta = {k: data[k] for k in ("step", "samples", "elapsed_s") if k in data}
     payload["training"] = meta
     with atomic_path(Path(out)) as temp:
