@@ -9,7 +9,8 @@ download needed) and a low coarse threshold so that random weights still produce
    interleaved kornia / ours / kornia / ours ... so that load from other processes hits both alike; the median
    of the runs, plus process CPU time. Both results are checked to be the same matches (same set of image-0
    cells, keypoints within 1e-3 px).
-2. **Peak RSS** of one cold pair, each model in its own fresh subprocess (``ru_maxrss``), also at 1600x1200.
+2. **Peak RSS** of one cold pair, each model in its own fresh subprocess (``ru_maxrss``), also at 1600x1200; run
+   after the timing sections (``--rss-in-background`` overlaps them, faster but the timings then run under load).
 3. **Dense job**: 10 images, exhaustive (45 pairs), :func:`pipeline.match_dense.run` (per-image backbone reuse,
    quantization and HDF5 output included) against a loop calling kornia per pair (matching only); our raw
    per-pair matches are checked against kornia's (in the matched, resized image's pixels). Run as ours / kornia /
@@ -586,8 +587,8 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(config: BenchmarkConfig | None = None, json_path: Path | None = None, large: bool = True,
-         sections: Sequence[str] = ("single", "rss", "dense", "techniques"), log: Callable[[str], None] = print
-         ) -> dict[str, Any]:
+         sections: Sequence[str] = ("single", "rss", "dense", "techniques"), log: Callable[[str], None] = print,
+         rss_in_background: bool = False) -> dict[str, Any]:
     """Run the benchmark; returns the report (also written to ``json_path`` if given)."""
     config = config if config is not None else BenchmarkConfig()
     try:
@@ -606,9 +607,9 @@ def main(config: BenchmarkConfig | None = None, json_path: Path | None = None, l
     plain.eval()
     ours = optimize_for_inference(plain)
     rss_thread = None
-    if "rss" in sections:
-        # Memory is measured in subprocesses on a background thread while the timing sections run: the peak RSS
-        # of a process does not depend on CPU load, and the large kornia pair takes many minutes.
+    if "rss" in sections and rss_in_background:
+        # Optionally measured while the timing sections run (the peak RSS of a process does not depend on CPU
+        # load, and the large kornia pair takes minutes), at the price of timings taken under that load.
         log(f"peak RSS at {', '.join(f'{w}x{h}' for w, h in rss_sizes)}: subprocesses in the background ...")
         rss_result: dict[str, Any] = {}
         rss_thread = threading.Thread(
@@ -636,6 +637,9 @@ def main(config: BenchmarkConfig | None = None, json_path: Path | None = None, l
         log("waiting for the peak-RSS subprocesses ...")
         rss_thread.join()
         report["peak_rss"] = rss_result.get("items", [])
+    elif "rss" in sections:
+        log(f"peak RSS at {', '.join(f'{w}x{h}' for w, h in rss_sizes)}: one subprocess each, after the timings ...")
+        report["peak_rss"] = peak_rss_all(config, rss_sizes, log)
     report["targets"] = evaluate_targets(report)
     report["machine"]["load_average_end"] = list(os.getloadavg())
     if json_path is not None:
@@ -668,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--threshold", type=float, default=0.0)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile trial")
+    parser.add_argument("--rss-in-background", action="store_true",
+                        help="measure peak RSS while the timings run (faster, but the timings are taken under load)")
     # internal: one peak-RSS measurement / the torch.compile trial in this (fresh) process
     parser.add_argument("--rss-child", choices=["ours", "kornia"], help=argparse.SUPPRESS)
     parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
@@ -692,7 +698,8 @@ def main_cli(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                      runs=args.runs or config.runs)
     if args.no_compile:
         config = replace(config, compile_size=None)
-    return main(config, args.json, large=not args.no_large, sections=args.sections)
+    return main(config, args.json, large=not args.no_large, sections=args.sections,
+                rss_in_background=args.rss_in_background)
 
 
 if __name__ == "__main__":
