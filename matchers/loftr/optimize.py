@@ -115,6 +115,11 @@ class FusedEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, source: torch.Tensor | None, x_mask: torch.Tensor | None = None,
                 source_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``source=None``: self attention (then ``source_mask`` is ``x_mask``)."""
+        return x + self.message(x, source, x_mask, source_mask)
+
+    def message(self, x: torch.Tensor, source: torch.Tensor | None, x_mask: torch.Tensor | None = None,
+                source_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What the layer adds to ``x`` (its residual branch)."""
         n, length, channels = x.shape
         if source is None:
             q, k, v = F.linear(x, self.w_qkv).split(channels, dim=2)
@@ -137,8 +142,7 @@ class FusedEncoderLayer(nn.Module):
             out = torch.einsum("nlhd,nhdv->nlhv", q, kv)
             message = out[..., :dim] / (out[..., dim:] + self.eps)
         message = self.norm1(self.merge(message.reshape(n, length, channels).to(x.dtype)))
-        message = self.norm2(self.mlp(torch.cat([x, message], dim=2)))
-        return x + message
+        return self.norm2(self.mlp(torch.cat([x, message], dim=2)))
 
 
 class FusedLocalFeatureTransformer(nn.Module):
@@ -161,17 +165,26 @@ class FusedLocalFeatureTransformer(nn.Module):
     def forward(self, feat0: torch.Tensor, feat1: torch.Tensor, mask0: torch.Tensor | None = None,
                 mask1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         together = feat0.shape == feat1.shape and (mask0 is None) == (mask1 is None)
+        if not together:
+            for layer, name in zip(self.layers, self.layer_names):
+                if name == "self":
+                    feat0, feat1 = layer(feat0, None, mask0), layer(feat1, None, mask1)
+                else:
+                    feat0 = layer(feat0, feat1, mask0, mask1)
+                    feat1 = layer(feat1, feat0, mask1, mask0)
+            return feat0, feat1
+        # Both images' tokens live in one (2N, L, C) buffer for the whole stack: self layers run on it as one
+        # batch and every layer adds its message in place, so no layer copies the tokens (same maths and order).
         n = feat0.shape[0]
+        both = torch.cat([feat0, feat1])
+        masks = None if mask0 is None else torch.cat([mask0, mask1])
         for layer, name in zip(self.layers, self.layer_names):
-            if name == "self" and together:
-                both = layer(torch.cat([feat0, feat1]), None, None if mask0 is None else torch.cat([mask0, mask1]))
-                feat0, feat1 = both[:n], both[n:]
-            elif name == "self":
-                feat0, feat1 = layer(feat0, None, mask0), layer(feat1, None, mask1)
+            if name == "self":
+                both.add_(layer.message(both, None, masks))
             else:
-                feat0 = layer(feat0, feat1, mask0, mask1)
-                feat1 = layer(feat1, feat0, mask1, mask0)
-        return feat0, feat1
+                both[:n].add_(layer.message(both[:n], both[n:], mask0, mask1))
+                both[n:].add_(layer.message(both[n:], both[:n], mask1, mask0))
+        return both[:n], both[n:]
 
 
 def optimize_for_inference(model: LoFTR, options: InferenceOptions | None = None) -> LoFTR:
