@@ -13,6 +13,8 @@ from .errors import UserError
 #: matcher names accepted by :func:`make_matcher` (and the ``--matcher`` flags)
 MATCHERS = ("loftr", "sift")
 DEVICES = ("auto", "cpu", "cuda")
+#: LoFTR autocast precisions (``--amp``); float32 when not given
+AMP_MODES = ("bf16", "fp16")
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -591,7 +591,7 @@ def main(
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from matchers.factory import DEVICES, MATCHERS
+    from matchers.factory import AMP_MODES, DEVICES, MATCHERS
 
     defaults = DenseMatchConfig()
     parser = argparse.ArgumentParser(
@@ -619,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pairs per matcher call (LoFTR batches equal-size pairs; 1 = one by one)")
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
     parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--amp", choices=AMP_MODES, default=None,
+                        help="LoFTR autocast precision; bf16 is 2-3x faster on CPUs with AMX and on GPUs "
+                             "(keypoints move ~0.05 px); default float32")
     return parser
 
 
@@ -650,7 +653,10 @@ def main_cli(argv: Sequence[str] | None = None) -> DenseMatchResult:
     )
     # Validate inputs before a checkpoint is loaded.
     load_pairs(args.pairs, args.images)
-    matcher = make_matcher(args.matcher, weights=args.weights, resize=matcher_size, device=args.device)
+    if args.amp and args.matcher != "loftr":
+        raise UserError(f"--amp applies to the loftr matcher only, not {args.matcher}; drop --amp")
+    extra = {"amp": args.amp} if args.amp else {}
+    matcher = make_matcher(args.matcher, weights=args.weights, resize=matcher_size, device=args.device, **extra)
     result = run(args.pairs, args.images, args.features, args.matches, matcher, config, args.reference_features)
     kps = np.array(list(result.keypoints_per_image.values()) or [0])
     counts = np.array(list(result.matches_per_pair.values()) or [0])

@@ -435,6 +435,17 @@ def techniques(config: BenchmarkConfig, ours_plain: LoFTR) -> dict[str, Any]:
             "one by one": lambda: [best.match_encoded(x, y) for x, y in pairs],
             "one batch (match_batch)": lambda: best.match_batch(pairs),
         }, runs)
+        # bf16 autocast (opt-in, --amp bf16): AMX / AVX-512-BF16 CPUs and GPUs; not the same matches, so the
+        # targets are measured in float32 (random weights make its match differences look larger than they are)
+        default = optimize_for_inference(ours_plain)
+
+        def bf16() -> Any:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return run_ours(default, t0, t1)
+        outputs: dict[str, Any] = {}
+        results["autocast_bf16"] = interleaved({"float32": lambda: run_ours(default, t0, t1), "bf16": bf16}, runs,
+                                               first_outputs=outputs)
+        results["autocast_bf16"]["check"] = compare_matches(outputs["float32"], outputs["bf16"])
     if config.compile_size is not None:
         results["torch_compile"] = compile_trial_child(config)
     return results
@@ -536,7 +547,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"techniques at {t['size'][0]}x{t['size'][1]} (median s, interleaved):")
         for section in ("backbone_one_image", "fine_map", "coarse_transformer", "coarse_matching", "batching_4_pairs",
-                        "torch_compile"):
+                        "autocast_bf16", "torch_compile"):
             if section not in t:
                 continue
             entries = t[section]

@@ -189,6 +189,9 @@ def test_cli_bad_input(tmp_path: Path) -> None:
     line = _one_error_line(_cli("--images", str(images), "--outputs", str(tmp_path / "o3"), "--matcher", "sift",
                                 "--resize", "-5"))
     assert "resize" in line
+    line = _one_error_line(_cli("--images", str(images), "--outputs", str(tmp_path / "o5"), "--matcher", "sift",
+                                "--amp", "bf16"))
+    assert "--amp" in line and "loftr" in line
     # LoFTR whose weights cannot be had: the loader's message, no silent switch to another matcher
     line = _one_error_line(_cli("--images", str(images), "--outputs", str(tmp_path / "o4"),
                                 "--weights", str(tmp_path / "missing.ckpt")))
@@ -209,7 +212,7 @@ def test_cli_runs_loftr_end_to_end(tmp_path: Path) -> None:
     images = write_scene(scene, tmp_path / "scene") / "images"
     out = tmp_path / "out"
     run = _cli("--images", str(images), "--outputs", str(out), "--weights", str(weights), "--device", "cpu",
-               "--resize", "96")
+               "--resize", "96", "--amp", "bf16")  # bf16 autocast runs on the CPU too
     if run.returncode == 0:  # random weights can, rarely, still give a model
         summary = json.loads((out / "summary.json").read_text())
     else:
