@@ -562,7 +562,12 @@ def format_table(report: dict[str, Any]) -> str:
             if "error" in entries:
                 lines.append(f"  {section}: {entries['error']}")
                 continue
-            parts = [f"{name} {value['median_s']:.3f}" for name, value in entries.items() if isinstance(value, dict)]
+            parts = [f"{name} {value['median_s']:.3f}" for name, value in entries.items()
+                     if isinstance(value, dict) and "median_s" in value]
+            if isinstance(entries.get("check"), dict):
+                check = entries["check"]
+                parts.append(f"{check['matches_kornia'] - check['only_kornia']}/{check['matches_kornia']} matches "
+                             f"kept (random weights)")
             extra = f" (first call incl. compile {entries['first_call_s']:.1f} s)" if "first_call_s" in entries else ""
             lines.append(f"  {section}: " + "; ".join(parts) + extra)
     lines.append("")
