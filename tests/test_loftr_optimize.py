@@ -269,3 +269,25 @@ def test_benchmark_cli_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> 
         run_cli(lambda: main_cli(["--runs", "0"]))
     assert error.value.code == 2
     assert "--runs" in capsys.readouterr().err
+
+
+def test_pre_attended_images_skip_the_first_layer_with_the_same_matches(model: LoFTR,
+                                                                         pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+    optimized = optimize_for_inference(model)
+    with torch.inference_mode():
+        reference = model.match_encoded(model.encode(pair[0]), model.encode(pair[1]))
+        e0, e1 = optimized.encode(pair[0]), optimized.encode(pair[1])
+        assert model.pre_attend(model.encode(pair[0])).tokens is None  # the plain transformer cannot resume
+        p0, p1 = optimized.pre_attend(e0), optimized.pre_attend(e1)
+        assert p0.tokens is not None and p0.tokens.shape == (1, e0.coarse.shape[2] * e0.coarse.shape[3], 256)
+        first = optimized.loftr_coarse.layers[0]
+        calls = []
+        original = first.message
+        first.message = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+        try:
+            assert_same_matches(reference, optimized.match_encoded(p0, p1))
+            assert calls == []  # layer 0 was not run again for the pair
+            assert_same_matches(reference, optimized.match_encoded(e0, e1))
+            assert len(calls) == 1  # without pre-attention it runs (on both images at once)
+        finally:
+            first.message = original

@@ -101,7 +101,10 @@ class LoFTRMatcher(Matcher):
         resized = resize_image(image, self.resize, multiple=COARSE_STRIDE) if self.resize else resize_image(image, None)
         tensor = torch.from_numpy(resized.image).to(self.device)[None, None]
         with torch.inference_mode(), self._autocast():
-            encoded = self._inference.encode_lazy(tensor) if lazy else self._inference.encode(tensor)
+            if lazy:  # one pair: the fine map only where refinement reads it
+                encoded = self._inference.encode_lazy(tensor)
+            else:  # cached for many pairs: the whole fine map, and the first transformer layer
+                encoded = self._inference.pre_attend(self._inference.encode(tensor))
         return PreparedImage(resized, encoded)
 
     def match(self, image0: np.ndarray, image1: np.ndarray) -> Matches:

@@ -69,6 +69,9 @@ class EncodedImage:
     #: set (and ``fine`` empty) only in the lazy encodings :meth:`LoFTR.match` makes internally: the fine map is
     #: then computed only at the windows refinement reads (see ``ResNetFPN_8_2.fine_windows``)
     fine_inputs: FineInputs | None = None
+    #: (N, L, C) coarse tokens after the transformer's first layer when that is a 'self' layer: it depends on this
+    #: image only, so :meth:`LoFTR.pre_attend` computes it once for an image matched in many pairs
+    tokens: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -80,13 +83,15 @@ class EncodedImage:
 
     def to(self, device: torch.device | str) -> "EncodedImage":
         return replace(self, coarse=self.coarse.to(device), fine=self.fine.to(device),
-                       mask=None if self.mask is None else self.mask.to(device))
+                       mask=None if self.mask is None else self.mask.to(device),
+                       tokens=None if self.tokens is None else self.tokens.to(device))
 
     def __getitem__(self, index: int) -> "EncodedImage":
         """Item ``index`` of the batch, as a batch of one."""
         sl = slice(index, index + 1)
         return replace(self, coarse=self.coarse[sl], fine=self.fine[sl],
-                       mask=None if self.mask is None else self.mask[sl])
+                       mask=None if self.mask is None else self.mask[sl],
+                       tokens=None if self.tokens is None else self.tokens[sl])
 
 
 def collate(encoded: Sequence[EncodedImage]) -> EncodedImage:
@@ -100,8 +105,9 @@ def collate(encoded: Sequence[EncodedImage]) -> EncodedImage:
     if all(e.mask is None and e.coarse.shape == encoded[0].coarse.shape and e.fine is not None
            and e.fine.shape == encoded[0].fine.shape for e in encoded):
         # equal sizes: a plain stack, no padding and no masks (the unmasked attention path is cheaper)
+        tokens = torch.cat([e.tokens for e in encoded]) if all(e.tokens is not None for e in encoded) else None
         return EncodedImage(torch.cat([e.coarse for e in encoded]), torch.cat([e.fine for e in encoded]),
-                            encoded[0].image_size)
+                            encoded[0].image_size, tokens=tokens)
     hc = max(e.coarse.shape[2] for e in encoded)
     wc = max(e.coarse.shape[3] for e in encoded)
     hf = max(e.fine.shape[2] for e in encoded)
@@ -183,6 +189,22 @@ class LoFTR(nn.Module):
         empty = coarse.new_zeros(coarse.shape[0], 0, 0, 0)
         return EncodedImage(coarse, empty, (int(image.shape[2]), int(image.shape[3])), None, inputs)
 
+    @torch.no_grad()
+    def pre_attend(self, enc: EncodedImage) -> EncodedImage:
+        """``enc`` with :attr:`EncodedImage.tokens` set: its coarse tokens through the transformer's first layer.
+
+        That layer is a 'self' layer in every preset, so it depends on the image alone; an image matched in many
+        pairs (``pipeline.match_dense``) pays it once instead of once per pair (1/8 of the coarse transformer).
+        Only the inference transformer of :func:`~matchers.loftr.optimize.optimize_for_inference` can resume
+        after its first layer; for other models, masked or lazy encodings ``enc`` is returned unchanged.
+        """
+        transformer = self.loftr_coarse
+        if (enc.mask is not None or enc.fine_inputs is not None or not hasattr(transformer, "first_self_layer")
+                or transformer.layer_names[0] != "self"):
+            return enc
+        tokens = enc.coarse.flatten(2).transpose(1, 2).contiguous()
+        return replace(enc, tokens=transformer.first_self_layer(tokens))
+
     #: windows are computed one by one when their multiply-adds are below this fraction of the whole fine map's
     #: (small patch convolutions run at roughly half the throughput of the full-map ones)
     lazy_fine_ratio = 0.5
@@ -208,10 +230,14 @@ class LoFTR(nn.Module):
         """Coarse transformer on both token sets: (N, L, C), (N, S, C) and the flat masks (N, L), (N, S)."""
         if enc0.batch_size != enc1.batch_size:
             raise ValueError(f"batch sizes differ: {enc0.batch_size} and {enc1.batch_size}")
-        tokens0 = enc0.coarse.flatten(2).transpose(1, 2).contiguous()
-        tokens1 = enc1.coarse.flatten(2).transpose(1, 2).contiguous()
         mask0 = None if enc0.mask is None else enc0.mask.flatten(1)
         mask1 = None if enc1.mask is None else enc1.mask.flatten(1)
+        if enc0.tokens is not None and enc1.tokens is not None and mask0 is None and mask1 is None:
+            # both images already went through the first (self) layer: run the rest
+            tokens0, tokens1 = self.loftr_coarse(enc0.tokens, enc1.tokens, None, None, start=1)
+            return tokens0, tokens1, mask0, mask1
+        tokens0 = enc0.coarse.flatten(2).transpose(1, 2).contiguous()
+        tokens1 = enc1.coarse.flatten(2).transpose(1, 2).contiguous()
         tokens0, tokens1 = self.loftr_coarse(tokens0, tokens1, mask0, mask1)
         return tokens0, tokens1, mask0, mask1
 

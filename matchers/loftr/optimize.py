@@ -162,11 +162,19 @@ class FusedLocalFeatureTransformer(nn.Module):
         return isinstance(transformer, LocalFeatureTransformer) and all(
             isinstance(layer.attention, LinearAttention) for layer in transformer.layers)
 
+    def first_self_layer(self, feat: torch.Tensor) -> torch.Tensor:
+        """Layer 0 (a 'self' layer) on one image's unmasked tokens: resume with ``forward(..., start=1)``."""
+        if self.layer_names[0] != "self":
+            raise ValueError("the first layer is not a self-attention layer")
+        return feat + self.layers[0].message(feat, None, None)
+
     def forward(self, feat0: torch.Tensor, feat1: torch.Tensor, mask0: torch.Tensor | None = None,
-                mask1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                mask1: torch.Tensor | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers ``start`` onwards (``start=1`` after :meth:`first_self_layer` on each image)."""
         together = feat0.shape == feat1.shape and (mask0 is None) == (mask1 is None)
+        layers = list(zip(self.layers, self.layer_names))[start:]
         if not together:
-            for layer, name in zip(self.layers, self.layer_names):
+            for layer, name in layers:
                 if name == "self":
                     feat0, feat1 = layer(feat0, None, mask0), layer(feat1, None, mask1)
                 else:
@@ -178,7 +186,7 @@ class FusedLocalFeatureTransformer(nn.Module):
         n = feat0.shape[0]
         both = torch.cat([feat0, feat1])
         masks = None if mask0 is None else torch.cat([mask0, mask1])
-        for layer, name in zip(self.layers, self.layer_names):
+        for layer, name in layers:
             if name == "self":
                 both.add_(layer.message(both, None, masks))
             else:
