@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -292,32 +291,3 @@ def test_pre_attended_images_skip_the_first_layer_with_the_same_matches(model: L
             assert len(calls) == 1  # without pre-attention it runs (on both images at once)
         finally:
             first.message = original
-
-
-def test_prepared_images_compute_the_whole_fine_map_at_most_once(model: LoFTR) -> None:
-    from matchers.loftr import LoFTRMatcher
-
-    rng = np.random.default_rng(3)
-    texture = cv2.GaussianBlur(rng.random((160, 200)).astype(np.float32), (0, 0), 1.5)
-    texture = (texture - texture.min()) / (texture.max() - texture.min())
-    crops = [np.ascontiguousarray(texture[y:y + 96, x:x + 128]) for x, y in ((0, 0), (12, 8), (24, 16))]
-    pairs = [(0, 1), (1, 2), (0, 2)]
-    results = {}
-    for ratio in (0.0, 1e9):  # 0: whole maps always pay; 1e9: windows always pay
-        matcher = LoFTRMatcher(model, resize=None, device="cpu", match_threshold=0.0)
-        matcher._inference.lazy_fine_ratio = ratio
-        calls = []
-        backbone = matcher._inference.backbone
-        original = backbone.fine_full
-        backbone.fine_full = lambda inputs: calls.append(1) or original(inputs)
-        prepared = [matcher.prepare(c) for c in crops]
-        results[ratio] = matcher.match_prepared_batch([(prepared[a], prepared[b]) for a, b in pairs])
-        results[ratio] += [matcher.match_prepared(prepared[a], prepared[b]) for a, b in pairs]  # unbatched
-        assert len(calls) == (3 if ratio == 0.0 else 0)  # once per image, however many pairs use it
-    with torch.inference_mode():  # both equal the plain model on whole fine maps
-        for k, (a, b) in enumerate(pairs + pairs):
-            reference = model.match(torch.from_numpy(crops[a])[None, None], torch.from_numpy(crops[b])[None, None])
-            for ratio in results:
-                got = results[ratio][k]
-                assert len(got) == len(reference["keypoints0"]) > 0
-                np.testing.assert_allclose(got.keypoints1, reference["keypoints1"].numpy(), atol=1e-3)

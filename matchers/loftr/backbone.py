@@ -4,7 +4,7 @@ Module names and registration order follow the official network so that its stat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -179,16 +179,10 @@ class ResNetFPN_8_2(nn.Module):
 
 @dataclass(frozen=True)
 class FineInputs:
-    """Inputs of the fine branch: layer-1 output ``x1`` (1/2) and the FPN sum ``lat2`` at 1/4.
-
-    ``sources``: for a batch stacked from single encodings, theirs (so a whole fine map, once computed, is kept
-    with the image it belongs to); ``cache`` holds that map (see ``LoFTR._full_fine``).
-    """
+    """Inputs of the fine branch: layer-1 output ``x1`` (1/2) and the FPN sum ``lat2`` at 1/4."""
 
     x1: torch.Tensor
     lat2: torch.Tensor
-    sources: tuple["FineInputs", ...] = ()
-    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _mid_patch_side(window: int) -> int:

@@ -101,10 +101,10 @@ class LoFTRMatcher(Matcher):
         resized = resize_image(image, self.resize, multiple=COARSE_STRIDE) if self.resize else resize_image(image, None)
         tensor = torch.from_numpy(resized.image).to(self.device)[None, None]
         with torch.inference_mode(), self._autocast():
-            # the fine map is computed only where refinement reads it (or whole, once, when a pair needs most of it)
-            encoded = self._inference.encode_lazy(tensor)
-            if not lazy:  # prepared for many pairs: the first transformer layer too
-                encoded = self._inference.pre_attend(encoded)
+            if lazy:  # one pair: the fine map only where refinement reads it
+                encoded = self._inference.encode_lazy(tensor)
+            else:  # cached for many pairs: the whole fine map, and the first transformer layer
+                encoded = self._inference.pre_attend(self._inference.encode(tensor))
         return PreparedImage(resized, encoded)
 
     def match(self, image0: np.ndarray, image1: np.ndarray) -> Matches:
@@ -128,9 +128,10 @@ class LoFTRMatcher(Matcher):
         groups: dict[tuple[Any, ...], list[int]] = {}
         for index, (prepared0, prepared1) in enumerate(pairs):
             enc0, enc1 = prepared0.encoded, prepared1.encoded
-            batchable = enc0.mask is None and enc1.mask is None and enc0.batch_size == 1 and enc1.batch_size == 1
-            key = (tuple(enc0.coarse.shape), tuple(enc1.coarse.shape), enc0.image_size, enc1.image_size,
-                   enc0.fine_inputs is None, enc1.fine_inputs is None) if batchable else ("single", index)
+            batchable = enc0.mask is None and enc1.mask is None and enc0.fine_inputs is None \
+                and enc1.fine_inputs is None and enc0.batch_size == 1 and enc1.batch_size == 1
+            key = (tuple(enc0.coarse.shape), tuple(enc1.coarse.shape), tuple(enc0.fine.shape),
+                   tuple(enc1.fine.shape)) if batchable else ("single", index)
             groups.setdefault(key, []).append(index)
         for key, indices in groups.items():
             cells = pairs[indices[0]][0].encoded.coarse_shape

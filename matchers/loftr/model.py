@@ -66,8 +66,7 @@ class EncodedImage:
     fine: torch.Tensor
     image_size: tuple[int, int]
     mask: torch.Tensor | None = None
-    #: set (and ``fine`` empty) in lazy encodings (:meth:`LoFTR.encode_lazy`, used by :meth:`LoFTR.match` and the
-    #: images ``LoFTRMatcher.prepare`` caches): the fine map is
+    #: set (and ``fine`` empty) only in the lazy encodings :meth:`LoFTR.match` makes internally: the fine map is
     #: then computed only at the windows refinement reads (see ``ResNetFPN_8_2.fine_windows``)
     fine_inputs: FineInputs | None = None
     #: (N, L, C) coarse tokens after the transformer's first layer when that is a 'self' layer: it depends on this
@@ -103,21 +102,12 @@ def collate(encoded: Sequence[EncodedImage]) -> EncodedImage:
     """
     if not encoded:
         raise ValueError("collate needs at least one encoded image")
-    lazy = [e.fine_inputs is not None for e in encoded]
-    if all(e.mask is None and e.coarse.shape == encoded[0].coarse.shape and e.fine.shape == encoded[0].fine.shape
-           and e.image_size == encoded[0].image_size for e in encoded) and (all(lazy) or not any(lazy)):
+    if all(e.mask is None and e.coarse.shape == encoded[0].coarse.shape and e.fine is not None
+           and e.fine.shape == encoded[0].fine.shape for e in encoded):
         # equal sizes: a plain stack, no padding and no masks (the unmasked attention path is cheaper)
         tokens = torch.cat([e.tokens for e in encoded]) if all(e.tokens is not None for e in encoded) else None
-        inputs = None
-        if all(lazy):
-            inputs = FineInputs(torch.cat([e.fine_inputs.x1 for e in encoded]),
-                                torch.cat([e.fine_inputs.lat2 for e in encoded]),
-                                sources=tuple(e.fine_inputs for e in encoded))
         return EncodedImage(torch.cat([e.coarse for e in encoded]), torch.cat([e.fine for e in encoded]),
-                            encoded[0].image_size, tokens=tokens, fine_inputs=inputs)
-    if any(lazy):
-        raise ValueError("lazy encodings (encode_lazy) can only be batched with others of the same size; "
-                         "use encode() for padded batches")
+                            encoded[0].image_size, tokens=tokens)
     hc = max(e.coarse.shape[2] for e in encoded)
     wc = max(e.coarse.shape[3] for e in encoded)
     hf = max(e.fine.shape[2] for e in encoded)
@@ -206,10 +196,11 @@ class LoFTR(nn.Module):
         That layer is a 'self' layer in every preset, so it depends on the image alone; an image matched in many
         pairs (``pipeline.match_dense``) pays it once instead of once per pair (1/8 of the coarse transformer).
         Only the inference transformer of :func:`~matchers.loftr.optimize.optimize_for_inference` can resume
-        after its first layer; for other models and masked encodings ``enc`` is returned unchanged.
+        after its first layer; for other models, masked or lazy encodings ``enc`` is returned unchanged.
         """
         transformer = self.loftr_coarse
-        if enc.mask is not None or not hasattr(transformer, "first_self_layer") or transformer.layer_names[0] != "self":
+        if (enc.mask is not None or enc.fine_inputs is not None or not hasattr(transformer, "first_self_layer")
+                or transformer.layer_names[0] != "self"):
             return enc
         tokens = enc.coarse.flatten(2).transpose(1, 2).contiguous()
         return replace(enc, tokens=transformer.first_self_layer(tokens))
@@ -230,16 +221,8 @@ class LoFTR(nn.Module):
         if b_ids.shape[0] * per_window < self.lazy_fine_ratio * full:
             return self.backbone.fine_windows(enc.fine_inputs, b_ids, cell_ids // width * stride,
                                               cell_ids % width * stride, window)
-        return gather_windows(self._full_fine(enc.fine_inputs), b_ids, cell_ids, width, window, stride)
-
-    def _full_fine(self, inputs: FineInputs) -> torch.Tensor:
-        """The whole fine map of lazy inputs, computed once per image and kept with it (an image prepared for
-        many pairs pays it at most once, and only if some pair has enough matches to need it)."""
-        if inputs.sources:
-            return torch.cat([self._full_fine(source) for source in inputs.sources])
-        if "full" not in inputs.cache:
-            inputs.cache["full"] = self.backbone.fine_full(inputs)
-        return inputs.cache["full"]
+        fine = self.backbone.fine_full(enc.fine_inputs)
+        return gather_windows(fine, b_ids, cell_ids, width, window, stride)
 
     # ------------------------------------------------------------------------------------------ pair stages
     def transform_coarse(self, enc0: EncodedImage, enc1: EncodedImage
