@@ -46,6 +46,10 @@ MODEL_FILES = ("cameras.bin", "images.bin", "points3D.bin")
 # COLMAP's SIFT is the default for SfM: on temple_ring (47 images, exhaustive) it gives a median
 # relative-rotation error of 0.88 deg against GT, OpenCV's SIFT 0.99 deg (both 47/47 registered).
 SIFT_BACKENDS = ("pycolmap", "opencv")
+#: verified inliers a pair needs with a dense matcher (COLMAP's 15 is meant for SIFT): LoFTR returns hundreds of
+#: matches on overlapping pairs, and on pairs that share nothing (e.g. opposite sides of a symmetric object) its
+#: few wrong matches can still fit an epipolar geometry with 15-27 inliers, which then joins wrong images
+DENSE_MIN_INLIERS = 30
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,8 @@ class ReconstructConfig:
     amp: str | None = None  # LoFTR only: autocast precision "bf16" / "fp16" (None: float32)
     cell_size: int | None = None  # quantization cell (px); None = 8 for dense matchers, 2 for SIFT
     min_match_score: float | None = None
-    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    #: None: COLMAP's two-view options, with at least DENSE_MIN_INLIERS inliers per pair for dense matchers
+    verification: VerificationConfig | None = None
     num_threads: int = -1  # mapper threads; -1 = all cores
     seed: int | None = 0  # COLMAP's random seed (reproducible runs); None = random
     verbose: bool = False  # COLMAP's own log on stderr
@@ -76,6 +81,8 @@ class ReconstructConfig:
             raise UserError(f"unknown pairs strategy {self.pairs!r}; choose one of {', '.join(PAIR_STRATEGIES)}")
         if self.camera_mode not in CAMERA_MODES:
             raise UserError(f"unknown camera mode {self.camera_mode!r}; choose one of {', '.join(CAMERA_MODES)}")
+        if self.verification is not None and self.verification.min_num_inliers < 1:
+            raise UserError(f"--min-num-inliers must be >= 1, got {self.verification.min_num_inliers}")
         if self.amp is not None and (self.amp not in AMP_MODES or self.matcher != "loftr"):
             raise UserError(f"--amp {self.amp} applies to the loftr matcher only, with one of {', '.join(AMP_MODES)}")
         if self.sift_backend not in SIFT_BACKENDS:
@@ -142,6 +149,13 @@ def make_pairs(
 
 
 # ------------------------------------------------------------------------------------------ matching
+def verification_options(config: ReconstructConfig) -> VerificationConfig:
+    """The two-view verification of a run: the given one, else COLMAP's with the matcher's inlier minimum."""
+    if config.verification is not None:
+        return config.verification
+    return VerificationConfig(min_num_inliers=15 if config.matcher == "sift" else DENSE_MIN_INLIERS)
+
+
 def dense_config(config: ReconstructConfig):
     """The DenseMatchConfig and the matcher's own resize for a run (one size: the matcher resizes;
     several: match_dense resizes each view and merges, the matcher takes images as given)."""
@@ -169,7 +183,7 @@ def run_mapping(database: Path, image_dir: Path, models_dir: Path, config: Recon
     models_dir.mkdir(parents=True)
     options = pycolmap.IncrementalPipelineOptions()
     options.num_threads = config.num_threads
-    options.min_num_matches = config.verification.min_num_inliers
+    options.min_num_matches = verification_options(config).min_num_inliers
     if config.seed is not None:
         options.random_seed = config.seed
         options.mapper.random_seed = config.seed
@@ -361,7 +375,7 @@ def main(
         database_stamp = _stamp(
             {"features": _file_state(paths["features"]), "matches": _file_state(paths["matches"]), "names": names,
              "pairs": pair_list, "camera_mode": config.camera_mode, "camera_model": config.camera_model,
-             "verification": asdict(config.verification), "min_match_score": config.min_match_score}
+             "verification": asdict(verification_options(config)), "min_match_score": config.min_match_score}
         )
         with timer("database"):
             database_stats = _reusable_database(paths["database"], paths["database_stamp"], database_stamp)
@@ -370,7 +384,7 @@ def main(
                 _, stats = build_database(
                     paths["database"], images, names, pair_list, paths["features"], paths["matches"],
                     camera_mode=config.camera_mode, camera_model=config.camera_model,
-                    verification=config.verification, min_match_score=config.min_match_score, verbose=config.verbose,
+                    verification=verification_options(config), min_match_score=config.min_match_score, verbose=config.verbose,
                 )
                 database_stats = asdict(stats)
                 # Verification is the slow part: a run interrupted during mapping reuses the database.
@@ -488,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SIFT implementation for --matcher sift (COLMAP's or OpenCV's)")
     parser.add_argument("--cell-size", type=int, help="quantization cell in px (default 8; 2 for sift)")
     parser.add_argument("--min-match-score", type=float)
+    parser.add_argument("--min-num-inliers", type=int, default=None,
+                        help=f"verified inliers a pair needs (default 15 for sift, {DENSE_MIN_INLIERS} for loftr)")
     parser.add_argument("--num-threads", type=int, default=-1)
     parser.add_argument("--verbose", action="store_true", help="show COLMAP's log")
     return parser
@@ -501,7 +517,9 @@ def main_cli(argv: Sequence[str] | None = None) -> ReconstructResult:
         loop_closure=args.loop_closure, resize=tuple(args.resize) if args.resize else None,
         rotation=args.rotation, camera_mode=args.camera_mode, camera_model=args.camera_model,
         device=args.device, sift_backend=args.sift_backend, amp=args.amp, cell_size=args.cell_size,
-        min_match_score=args.min_match_score, num_threads=args.num_threads, verbose=args.verbose,
+        min_match_score=args.min_match_score,
+        verification=None if args.min_num_inliers is None else VerificationConfig(min_num_inliers=args.min_num_inliers),
+        num_threads=args.num_threads, verbose=args.verbose,
     )
     result = main(args.images, args.outputs, config=config)
     print(format_summary(result.summary))
