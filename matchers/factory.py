@@ -5,6 +5,8 @@ Heavy modules (torch, the LoFTR model) are imported only when a matcher that nee
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from .base import Matcher
@@ -15,6 +17,25 @@ MATCHERS = ("loftr", "sift")
 DEVICES = ("auto", "cpu", "cuda")
 #: LoFTR autocast precisions (``--amp``); float32 when not given
 AMP_MODES = ("bf16", "fp16")
+
+
+def _default_loftr(device: str):
+    """The default LoFTR weights, or offline the shipped compact ones, said on stderr (a named file is never swapped)."""
+    from .loftr import load_pretrained
+
+    try:
+        return load_pretrained(None, device)
+    except UserError as error:
+        if os.environ.get("LOFTR_WEIGHTS"):  # the user pointed at weights: the problem with them is the answer
+            raise
+        try:
+            model = load_pretrained(OFFLINE_WEIGHTS, device)
+        except UserError:
+            raise error from None
+        print(f"warning: official LoFTR weights unavailable ({str(error).split(';')[0]}); using the project's "
+              f"offline {OFFLINE_WEIGHTS} weights, which are much weaker (matchers/loftr/weights/MODEL_CARD.md). "
+              f"Pass --weights PATH or set LOFTR_WEIGHTS to use the official ones.", file=sys.stderr)
+        return model
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -40,13 +61,19 @@ def resolve_device(device: str = "auto") -> str:
     return name
 
 
+#: what LoFTR falls back to when no weights are named and the official ones cannot be had (shipped in the package)
+OFFLINE_WEIGHTS = "loftr-compact"
+
+
 def make_matcher(
-    name: str, weights: str | None = None, resize: int | None = None, device: str = "auto", **options: Any
+    name: str, weights: str | None = None, resize: int | None = None, device: str = "auto",
+    offline_fallback: bool = True, **options: Any
 ) -> Matcher:
     """The matcher called ``name`` ('loftr' or 'sift').
 
-    ``weights``: LoFTR checkpoint name ('outdoor', 'indoor', ...) or path (default 'outdoor'); SIFT has
-    none. ``resize``: longest image side used for matching; None keeps the matcher's default (LoFTR 640,
+    ``weights``: LoFTR checkpoint name ('outdoor', 'indoor', ...) or path (default: ``$LOFTR_WEIGHTS``, else the
+    official 'outdoor' weights; when those cannot be downloaded and ``offline_fallback``, the shipped, weaker
+    ``loftr-compact``, with a warning on stderr); SIFT has none. ``resize``: longest image side used for matching; None keeps the matcher's default (LoFTR 640,
     SIFT 1600), 0 matches at the original size. ``options`` go to the matcher (``SIFTOptions`` fields for
     SIFT, keyword arguments of ``LoFTRMatcher`` for LoFTR).
     """
@@ -68,6 +95,9 @@ def make_matcher(
         resolved = resolve_device(device)
         from .loftr import LoFTRMatcher, load_pretrained  # lazy: pulls in torch and the model
 
-        model = load_pretrained(weights, resolved)  # None: $LOFTR_WEIGHTS, else the outdoor default
+        if weights is None and offline_fallback:
+            model = _default_loftr(resolved)
+        else:
+            model = load_pretrained(weights, resolved)  # None: $LOFTR_WEIGHTS, else the outdoor default
         return LoFTRMatcher(model, device=resolved, **size_option, **options)
     raise UserError(f"unknown matcher {name!r}; choose one of {', '.join(MATCHERS)}")

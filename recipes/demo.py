@@ -41,7 +41,7 @@ def choose_matcher(requested: str, weights: str | None, device: str) -> tuple[st
     from matchers.factory import make_matcher
 
     try:
-        matcher = make_matcher("loftr", weights=weights, resize=320, device=device)
+        matcher = make_matcher("loftr", weights=weights, resize=320, device=device, offline_fallback=False)
     except UserError as error:
         if requested == "loftr":
             raise

@@ -34,10 +34,27 @@ def test_loftr_offline_prints_one_actionable_line_and_exits_2(temple_ring, tmp_p
     # An unreachable proxy makes the download fail the same way with or without internet.
     env = {"TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
            "LOFTR_WEIGHTS": ""}
-    run = run_match(image, image, "--matcher", "loftr", "--out", str(tmp_path / "x.png"), env=env)
+    # weights asked for by name: no silent substitute
+    run = run_match(image, image, "--matcher", "loftr", "--weights", "outdoor", "--out", str(tmp_path / "x.png"),
+                    env=env)
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--weights" in lines[0] and "LOFTR_WEIGHTS" in lines[0]
+
+
+def test_loftr_default_weights_offline_fall_back_to_the_shipped_compact_model(temple_ring, tmp_path):
+    names = [str(temple_ring / "images" / f"templeR000{k}.png") for k in (1, 2)]
+    env = {"TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+           "LOFTR_WEIGHTS": ""}
+    run = run_match(*names, "--matcher", "loftr", "--resize", "320", "--out", str(tmp_path / "x.png"), env=env)
+    assert run.returncode == 0, run.stderr
+    warning = run.stderr.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: official LoFTR weights unavailable")
+    assert "loftr-compact" in warning[0] and "--weights" in warning[0]
+    assert "loftr (loftr-compact)" in run.stdout  # the output names the weights used
+    consistent = int(run.stdout.split(" consistent")[0].split(",")[-1].strip())
+    assert consistent > 100  # adjacent temple views: a real geometry, not noise
+    assert (tmp_path / "x.png").is_file()
 
 
 def test_missing_image_is_one_line(tmp_path):
