@@ -55,13 +55,15 @@ def parse_spec(spec: str) -> tuple[str, str, float]:
 
 
 def build_source(spec: str, size: tuple[int, int], seed: int, trust_index: bool = False,
-                 augment: bool = True) -> tuple[PairSource, float]:
-    """One data source of a ``--data`` spec at image size (H, W)."""
+                 augment: bool = True, max_rotation: float = HomographyConfig.max_rotation_deg
+                 ) -> tuple[PairSource, float]:
+    """One data source of a ``--data`` spec at image size (H, W); ``max_rotation``: homographies' in-plane range."""
     kind, value, weight = parse_spec(spec)
     h, w = size
     if kind == "homography":
         photos = skimage_photos() if value == "skimage" else load_photos(value)
-        return HomographyPairs(photos, HomographyConfig(height=h, width=w), seed=seed, augment=augment), weight
+        config = HomographyConfig(height=h, width=w, max_rotation_deg=max_rotation)
+        return HomographyPairs(photos, config, seed=seed, augment=augment), weight
     if kind in ("synthetic", "objects"):
         try:
             n = int(value)
@@ -78,8 +80,8 @@ def build_source(spec: str, size: tuple[int, int], seed: int, trust_index: bool 
 
 
 def build_mixture(specs: Sequence[str], size: tuple[int, int], seed: int, trust_index: bool = False,
-                  augment: bool = True) -> MixedPairs:
-    built = [build_source(s, size, seed, trust_index, augment) for s in specs]
+                  augment: bool = True, max_rotation: float = HomographyConfig.max_rotation_deg) -> MixedPairs:
+    built = [build_source(s, size, seed, trust_index, augment, max_rotation) for s in specs]
     return MixedPairs([b[0] for b in built], [b[1] for b in built], seed=seed)
 
 
@@ -87,7 +89,8 @@ def main(preset: str, data: Sequence[str], out: str | Path, minutes: float | Non
          init: str | Path | None = None, val: Sequence[str] = (), val_pairs: int = 8,
          size: tuple[int, int] = (240, 320), config: TrainConfig = TrainConfig(), device: str = "auto",
          restart: bool = False, trust_index: bool = False, export: str | Path | None = None,
-         export_half: bool = False, progress: bool = True, export_threshold: float | None = None) -> TrainResult:
+         export_half: bool = False, progress: bool = True, export_threshold: float | None = None,
+         max_rotation: float = HomographyConfig.max_rotation_deg) -> TrainResult:
     """Build the data, train (resuming ``out`` if it exists) and optionally export the weights."""
     if preset not in PRESET_NAMES:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
@@ -99,7 +102,9 @@ def main(preset: str, data: Sequence[str], out: str | Path, minutes: float | Non
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda requested but CUDA is not available; use --device cpu")
-    source = build_mixture(data, size, config.seed, trust_index)
+    if not 0.0 <= max_rotation <= 180.0:
+        raise UserError(f"--max-rotation must be within [0, 180] degrees, got {max_rotation}")
+    source = build_mixture(data, size, config.seed, trust_index, max_rotation=max_rotation)
     # validation pairs: a separate seed (different crops, homographies, views), no augmentation
     val_source = build_mixture(val or data[:1], size, config.seed + 7777, trust_index, augment=False)
     val_samples = [val_source.sample(k) for k in range(val_pairs)]
@@ -123,6 +128,8 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
     parser.add_argument("--init", default=None, help="checkpoint to fine-tune from (official, kornia or ours)")
     parser.add_argument("--size", default="320x240", help="training image size WxH (multiples of 8)")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--max-rotation", type=float, default=HomographyConfig.max_rotation_deg,
+                        help="in-plane rotation range of homography pairs, degrees (180: any rotation)")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--warmup", type=int, default=TrainConfig.warmup_steps)
     parser.add_argument("--schedule", default="cosine", choices=("cosine", "step", "constant"))
@@ -158,7 +165,8 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
                          validate_every=args.validate_every, loss=LossConfig(dense=args.dense_coarse))
     result = main(args.preset, args.data, args.out, args.minutes, args.steps, args.init, args.val, args.val_pairs,
                   (h, w), config, args.device, args.restart, args.trust_index, args.export, args.export_half,
-                  progress=not args.no_progress and not os.environ.get("CI"), export_threshold=args.export_threshold)
+                  progress=not args.no_progress and not os.environ.get("CI"), export_threshold=args.export_threshold,
+                  max_rotation=args.max_rotation)
     print(f"trained steps {result.start_step} -> {result.end_step}; checkpoint {result.checkpoint}; log {result.log}")
     if result.last_validation:
         print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in result.last_validation.items()))

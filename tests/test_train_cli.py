@@ -188,3 +188,24 @@ def test_sigterm_saves_the_last_step_and_resumes(photos: Path, tmp_path: Path) -
     state = torch.load(out, weights_only=True)
     rows = _rows(log)
     assert 2 <= state["step"] < 500 and int(rows[-1]["step"]) == state["step"]
+
+
+def test_max_rotation_reaches_the_homography_pairs(photos: Path) -> None:
+    import math
+
+    from matchers.errors import UserError
+    from recipes.train_loftr import build_source
+
+    def angles(max_rotation: float) -> list[float]:
+        source, _ = build_source(f"homography:{photos}", SIZE, 0, max_rotation=max_rotation)
+        out = []
+        for k in range(24):
+            H = source.sample(k)["H_0to1"].numpy()
+            out.append(abs(math.degrees(math.atan2(H[1, 0] - H[0, 1], H[0, 0] + H[1, 1]))))
+        return out
+
+    assert max(angles(30.0)) < 45.0  # the default range (+-30 deg, plus a little from the perspective part)
+    assert max(angles(180.0)) > 90.0  # the full range reaches upside-down pairs
+    with pytest.raises(UserError, match="max-rotation"):
+        main("compact", [f"homography:{photos}"], Path("/tmp/never.ckpt"), steps=1, size=SIZE, config=_config(),
+             device="cpu", progress=False, max_rotation=200.0)
