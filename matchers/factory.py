@@ -17,6 +17,8 @@ MATCHERS = ("loftr", "sift")
 DEVICES = ("auto", "cpu", "cuda")
 #: LoFTR autocast precisions (``--amp``); float32 when not given
 AMP_MODES = ("bf16", "fp16")
+#: what LoFTR falls back to when no weights are named and the official ones cannot be had (shipped in the package)
+OFFLINE_WEIGHTS = "loftr-compact"
 
 
 def _default_loftr(device: str):
@@ -61,10 +63,6 @@ def resolve_device(device: str = "auto") -> str:
     return name
 
 
-#: what LoFTR falls back to when no weights are named and the official ones cannot be had (shipped in the package)
-OFFLINE_WEIGHTS = "loftr-compact"
-
-
 def make_matcher(
     name: str, weights: str | None = None, resize: int | None = None, device: str = "auto",
     offline_fallback: bool = True, **options: Any
@@ -73,9 +71,10 @@ def make_matcher(
 
     ``weights``: LoFTR checkpoint name ('outdoor', 'indoor', ...) or path (default: ``$LOFTR_WEIGHTS``, else the
     official 'outdoor' weights; when those cannot be downloaded and ``offline_fallback``, the shipped, weaker
-    ``loftr-compact``, with a warning on stderr); SIFT has none. ``resize``: longest image side used for matching; None keeps the matcher's default (LoFTR 640,
-    SIFT 1600), 0 matches at the original size. ``options`` go to the matcher (``SIFTOptions`` fields for
-    SIFT, keyword arguments of ``LoFTRMatcher`` for LoFTR).
+    ``loftr-compact``, with a warning on stderr); SIFT has none. ``resize``: longest image side used for
+    matching; None keeps the matcher's default (LoFTR 640, SIFT 1600), 0 matches at the original size.
+    ``options`` go to the matcher (``SIFTOptions`` fields for SIFT, keyword arguments of ``LoFTRMatcher`` for
+    LoFTR; ``amp=None`` is accepted by both).
     """
     key = name.strip().lower()
     if resize is not None and resize < 0:
@@ -84,6 +83,8 @@ def make_matcher(
     if key == "sift":
         if weights is not None:
             raise UserError(f"the sift matcher has no weights, but weights {weights!r} were given; drop --weights")
+        if options.pop("amp", None) is not None:
+            raise UserError("--amp applies to the loftr matcher only, not sift; drop --amp")
         from .sift import SIFTMatcher, SIFTOptions
 
         try:

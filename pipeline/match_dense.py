@@ -653,10 +653,8 @@ def main_cli(argv: Sequence[str] | None = None) -> DenseMatchResult:
     )
     # Validate inputs before a checkpoint is loaded.
     load_pairs(args.pairs, args.images)
-    if args.amp and args.matcher != "loftr":
-        raise UserError(f"--amp applies to the loftr matcher only, not {args.matcher}; drop --amp")
-    extra = {"amp": args.amp} if args.amp else {}
-    matcher = make_matcher(args.matcher, weights=args.weights, resize=matcher_size, device=args.device, **extra)
+    matcher = make_matcher(args.matcher, weights=args.weights, resize=matcher_size, device=args.device,
+                           amp=args.amp)
     result = run(args.pairs, args.images, args.features, args.matches, matcher, config, args.reference_features)
     kps = np.array(list(result.keypoints_per_image.values()) or [0])
     counts = np.array(list(result.matches_per_pair.values()) or [0])

@@ -349,9 +349,9 @@ def main(
     with timer("matching"):
         dense, matcher_size = dense_config(config)
         match_dense.load_pairs(paths["pairs"], images)  # validate before a checkpoint is loaded
-        extra = {"backend": config.sift_backend} if config.matcher == "sift" else {"amp": config.amp}
+        extra = {"backend": config.sift_backend} if config.matcher == "sift" else {}
         matcher_object = make_matcher(
-            config.matcher, weights=config.weights, resize=matcher_size, device=config.device, **extra
+            config.matcher, weights=config.weights, resize=matcher_size, device=config.device, amp=config.amp, **extra
         )
         matched = match_dense.run(paths["pairs"], images, paths["features"], paths["matches"], matcher_object, dense)
 

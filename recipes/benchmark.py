@@ -220,14 +220,19 @@ def single_pair(config: BenchmarkConfig, kornia_model: torch.nn.Module, ours: Lo
 
 
 # ------------------------------------------------------------------------------------------------- memory
-def available_memory_mb() -> float | None:
+def _proc_mb(path: str, field: str) -> float | None:
+    """A ``field:  <n> kB`` line of a /proc file, in MB (None where the file or the field is missing)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
+
+
+def available_memory_mb() -> float | None:
+    return _proc_mb("/proc/meminfo", "MemAvailable")
 
 
 def expected_kornia_mb(size: Size) -> float:
@@ -290,13 +295,8 @@ def _peak_rss_mb() -> float:
     (the forked copy of the benchmark process) over ``execve``, so every child would report at least the
     parent's RSS. VmHWM belongs to the new address space only. ru_maxrss is still reported alongside.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _proc_mb("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------------------------- dense

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from matchers.errors import UserError, run_cli
+from matchers.factory import OFFLINE_WEIGHTS
 
 MATCHER_CHOICES = ("auto", "loftr", "sift")
-COMPACT_WEIGHTS = "loftr-compact"  # shipped with the project, trained on a CPU (weaker than the official ones)
+COMPACT_WEIGHTS = OFFLINE_WEIGHTS  # shipped with the project, trained on a CPU (weaker than the official ones)
 
 
 @dataclass(frozen=True)

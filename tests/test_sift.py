@@ -58,6 +58,9 @@ def test_bad_options_are_user_errors():
         SIFTOptions(ratio=1.5)
     with pytest.raises(UserError, match="no weights"):
         make_matcher("sift", weights="outdoor")
+    with pytest.raises(UserError, match="--amp applies to the loftr matcher only"):
+        make_matcher("sift", amp="bf16")
+    assert make_matcher("sift", amp=None).name == "sift"  # callers may pass amp=None to any matcher
     with pytest.raises(UserError, match="unknown matcher"):
         make_matcher("superglue")
 

@@ -102,8 +102,8 @@ def collate(encoded: Sequence[EncodedImage]) -> EncodedImage:
     """
     if not encoded:
         raise ValueError("collate needs at least one encoded image")
-    if all(e.mask is None and e.coarse.shape == encoded[0].coarse.shape and e.fine is not None
-           and e.fine.shape == encoded[0].fine.shape for e in encoded):
+    if all(e.mask is None and e.coarse.shape == encoded[0].coarse.shape and e.fine.shape == encoded[0].fine.shape
+           for e in encoded):
         # equal sizes: a plain stack, no padding and no masks (the unmasked attention path is cheaper)
         tokens = torch.cat([e.tokens for e in encoded]) if all(e.tokens is not None for e in encoded) else None
         return EncodedImage(torch.cat([e.coarse for e in encoded]), torch.cat([e.fine for e in encoded]),
