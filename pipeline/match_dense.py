@@ -1,8 +1,8 @@
 """Dense matching over a pairs file, quantized into shared per-image keypoints, written as hloc HDF5.
 
     python -m pipeline.match_dense --images DIR --pairs pairs.txt --features F.h5 --matches M.h5 \\
-        --matcher sift|loftr [--weights W] [--resize 640 [840 ...]] [--rotation none|best|union] \\
-        [--both-directions] [--cell-size 8] [--max-error 2] [--max-kps 8192] \\
+        --matcher sift|loftr [--weights W] [--resize 640 [840 ...]] [--rotation none|auto|best|union] \\
+        [--both-directions] [--refine none|klt] [--cell-size 8] [--max-error 2] [--max-kps 8192] \\
         [--reference-features REF.h5] [--device auto|cpu|cuda]
 
 Three stages:
@@ -11,7 +11,8 @@ Three stages:
    pass) are computed once and reused from a bounded LRU cache for all its pairs; images are decoded
    ahead of time by loader threads. Every pair's raw matches are saved at once, atomically, as one
    small ``.npz`` under ``<matches>.raw/<matching-config digest>/``: a killed run resumes where it
-   stopped, and a different matcher or matching option never reuses stale matches.
+   stopped, and a different matcher or matching option never reuses stale matches. With ``refine="klt"``
+   the image-1 points of every pair are refined to sub-pixel accuracy first (:mod:`pipeline.refine`).
 2. **Quantization** (:mod:`pipeline.quantize`): shared keypoints per image (hloc semantics), matches
    re-assigned and made one-to-one; images of ``reference_features`` keep their keypoints.
 3. **Output**: hloc ``features.h5`` and ``matches.h5`` (``matches0`` padded to N0), both atomic.
@@ -41,7 +42,9 @@ from matchers.base import Matcher, Matches
 from matchers.errors import UserError, run_cli
 from matchers.image_io import image_size, read_gray
 from pipeline import io
+from pipeline.orientation import OrientationConfig, estimate_quarter_turns
 from pipeline.quantize import POSITIONS, ImageKeypoints, QuantizeConfig, aggregate_matches
+from pipeline.refine import REFINE_MODES, RefineConfig, refine_matches, to_uint8
 from pipeline.tta import (ROTATION_MODES, PreparedView, TTAConfig, View, first_views, match_pair, match_views_batch,
                           prepare_view, second_views)
 
@@ -59,13 +62,14 @@ class DenseMatchConfig:
     max_error: float = 2.0  # sub-bin size and re-assignment radius (px)
     max_kps: int | None = 8192  # keypoints kept per image (best summed confidence); None = all
     both_directions: bool = False  # union of (0, 1) and (1, 0) matching
-    rotation: str = "none"  # none | best | union (image 1 at 0/90/180/270 degrees)
+    rotation: str = "none"  # none | auto (SIFT's quarter turn per pair) | best | union (image 1 at 0/90/180/270)
     resize: tuple[int | None, ...] = (None,)  # several sizes -> matches merged; None = matcher's own resize
     cache_size: int = 16  # prepared images kept (LRU); each holds all views the image needs
     batch_pairs: int = 8  # pairs per matcher call when each pair is matched once (LoFTR batches equal sizes)
     num_workers: int = 1  # prefetching loader threads (0 = read in the main thread)
     keypoint_position: str = "mean"  # "mean" (weighted mean of the best sub-bin) or "bin" (hloc: its node)
     verify_threshold: float = 1.0  # px, MAGSAC++ threshold used by rotation="best"
+    refine: str = "none"  # none | klt: Lucas-Kanade sub-pixel refinement of each pair's image-1 points
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resize", tuple(self.resize))
@@ -78,6 +82,7 @@ class DenseMatchConfig:
         try:
             self.quantize_config()
             self.tta_config()
+            self.refine_config()
         except ValueError as error:
             raise UserError(f"bad dense matching option: {error}") from None
 
@@ -86,6 +91,9 @@ class DenseMatchConfig:
 
     def tta_config(self) -> TTAConfig:
         return TTAConfig(self.rotation, self.resize, self.both_directions, self.verify_threshold)
+
+    def refine_config(self) -> RefineConfig:
+        return RefineConfig(self.refine)
 
 
 @dataclass(frozen=True)
@@ -383,6 +391,9 @@ def describe_matching(matcher: Matcher, config: DenseMatchConfig) -> dict[str, A
         "resize": list(tta.resize),
         "both_directions": tta.both_directions,
         "verify_threshold": tta.verify_threshold if tta.rotation == "best" else None,
+        # Absent when off, so raw matches of earlier runs stay valid.
+        **({"refine": asdict(config.refine_config())} if config.refine_config().enabled else {}),
+        **({"orientation": asdict(OrientationConfig())} if tta.rotation == "auto" else {}),
     }
 
 
@@ -529,14 +540,20 @@ def _match_pairs(
     tta = config.tta_config()
     # Matching order of each pair: (first, second); the second image gets the rotations.
     oriented = [(b, a) if swapped[(a, b)] else (a, b) for a, b in todo]
+    turns = estimate_quarter_turns(image_dir, oriented) if tta.rotation == "auto" and oriented else {}
+    if turns:
+        turned = sum(k != 0 for k in turns.values())
+        logger.info("rotation auto: %d of %d pairs matched with image 1 turned", turned, len(turns))
     views: dict[str, set[View]] = defaultdict(set)
-    for first, second in oriented:
-        views[first].update(first_views(tta))
-        views[second].update(second_views(tta))
+    for pair in oriented:
+        views[pair[0]].update(first_views(tta))
+        views[pair[1]].update(second_views(tta, turns.get(pair, 0)))
     order = plan_order(oriented, config.cache_size)
     ordered = [oriented[i] for i in order]
 
+    refine = config.refine_config()
     cache = LRUCache(config.cache_size)
+    pixels: dict[str, np.ndarray] = {}  # uint8 originals of the cached images, for refinement
     prepare_calls = 0
     with ImagePrefetcher(image_dir, planned_loads(ordered, config.cache_size), config.num_workers) as loader:
 
@@ -548,25 +565,34 @@ def _match_pairs(
                 entry = {view: prepare_view(matcher, image, view) for view in sorted(views[name], key=_view_key)}
                 prepare_calls += len(entry)
                 cache.put(name, entry)
+                if refine.enabled:
+                    pixels[name] = to_uint8(image)
             return entry
 
         # Pairs matched once each (no rotation / multi-size / two-way TTA) go to the matcher in batches of
         # consecutive pairs of the cache-friendly order; every result is stored as soon as its batch is done.
         batched = tta.single_pass and matcher.batches_pairs
         batch = config.batch_pairs if batched else 1
-        view = View(tta.resize[0], 0)
+        size = tta.resize[0]
         with tqdm(total=len(order), desc="matching", unit="pair", smoothing=0.1, disable=not todo) as bar:
             for start in range(0, len(order), batch):
                 chunk = order[start:start + batch]
                 if batched:
-                    views_of = [(prepared(oriented[i][0])[view], prepared(oriented[i][1])[view]) for i in chunk]
+                    views_of = [(prepared(oriented[i][0])[View(size, 0)],
+                                 prepared(oriented[i][1])[View(size, turns.get(oriented[i], 0))]) for i in chunk]
                     results = match_views_batch(matcher, views_of)
                 else:
-                    results = [match_pair(matcher, prepared(oriented[i][0]), prepared(oriented[i][1]), tta).matches
-                               for i in chunk]
+                    results = [match_pair(matcher, prepared(oriented[i][0]), prepared(oriented[i][1]), tta,
+                                          turns.get(oriented[i], 0)).matches for i in chunk]
                 for index, result in zip(chunk, results):
                     pair = todo[index]
+                    if refine.enabled:
+                        first, second = oriented[index]
+                        result, _ = refine_matches(pixels[first], pixels[second], result, refine,
+                                                   turns.get((first, second), 0))
                     store.save(pair, swapped[pair], result.swapped() if swapped[pair] else result)
+                for evicted in set(pixels) - set(cache.keys()):  # originals live as long as their cache entry
+                    del pixels[evicted]
                 bar.update(len(chunk))
     return _LoopStats(prepare_calls, cache.hits, cache.misses)
 
@@ -608,6 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest side for matching (0 = original); several sizes are matched and merged")
     parser.add_argument("--rotation", choices=ROTATION_MODES, default=defaults.rotation)
     parser.add_argument("--both-directions", action="store_true", help="also match (1, 0) and merge")
+    parser.add_argument("--refine", choices=REFINE_MODES, default=defaults.refine,
+                        help="klt: sub-pixel Lucas-Kanade refinement of each pair's second-image points")
     parser.add_argument("--cell-size", type=int, default=defaults.cell_size)
     parser.add_argument("--max-error", type=float, default=defaults.max_error)
     parser.add_argument("--max-kps", type=int, default=defaults.max_kps, help="keypoints per image (0 = no limit)")
@@ -650,6 +678,7 @@ def main_cli(argv: Sequence[str] | None = None) -> DenseMatchResult:
         batch_pairs=args.batch_pairs,
         num_workers=args.num_workers,
         keypoint_position=args.keypoint_position,
+        refine=args.refine,
     )
     # Validate inputs before a checkpoint is loaded.
     load_pairs(args.pairs, args.images)

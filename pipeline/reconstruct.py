@@ -3,7 +3,7 @@ geometric verification -> incremental mapping (pycolmap) -> the largest model.
 
     python -m pipeline.reconstruct --images DIR --outputs OUT [--matcher loftr|sift] [--weights W]
         [--pairs exhaustive|sequential|retrieval] [--num-pairs K] [--resize 640 [840 ...]]
-        [--rotation none|best|union] [--camera-mode auto|single|per-image] [--device auto|cpu|cuda]
+        [--rotation none|auto|best|union] [--refine none|klt] [--camera-mode auto|single|per-image] [--device auto|cpu|cuda]
 
 Outputs under OUT: ``pairs.txt``, ``features.h5``, ``matches.h5`` (hloc formats), ``database.db``,
 ``sfm/`` (the largest model, COLMAP binary and text), ``models/`` (every model the mapper made),
@@ -37,6 +37,7 @@ from matchers.factory import AMP_MODES
 from pipeline import io
 from pipeline.colmap_db import CAMERA_MODES, VerificationConfig, build_database, colmap_logging
 from pipeline.image_check import check_h5, check_images
+from pipeline.refine import REFINE_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,15 @@ class ReconstructConfig:
     num_pairs: int | None = None  # sequential window / retrieval top-k; None = strategy default
     loop_closure: bool = False  # sequential pairs: also pair the end of the sequence with its start
     resize: tuple[int, ...] | None = None  # longest side(s) for matching; None = matcher default; 0 = original
-    rotation: str = "none"  # none | best | union (see pipeline.tta)
+    rotation: str | None = None  # none | auto | best | union (see pipeline.tta); None = auto for dense matchers
     camera_mode: str = "auto"  # auto | single | per-image
     camera_model: str = "SIMPLE_RADIAL"
     device: str = "auto"
     sift_backend: str = "pycolmap"  # SIFT matcher only: COLMAP's SIFT ("pycolmap") or OpenCV's ("opencv")
     amp: str | None = None  # LoFTR only: autocast precision "bf16" / "fp16" (None: float32)
     cell_size: int | None = None  # quantization cell (px); None = 8 for dense matchers, 2 for SIFT
+    max_error: float | None = None  # quantization sub-bin and re-assignment radius (px); None = match_dense's
+    refine: str | None = None  # none | klt (sub-pixel refinement of dense matches); None = klt for dense matchers
     min_match_score: float | None = None
     #: None: COLMAP's two-view options, with at least DENSE_MIN_INLIERS inliers per pair for dense matchers
     verification: VerificationConfig | None = None
@@ -85,6 +88,10 @@ class ReconstructConfig:
             raise UserError(f"--min-num-inliers must be >= 1, got {self.verification.min_num_inliers}")
         if self.amp is not None and (self.amp not in AMP_MODES or self.matcher != "loftr"):
             raise UserError(f"--amp {self.amp} applies to the loftr matcher only, with one of {', '.join(AMP_MODES)}")
+        if self.refine is not None and self.refine not in REFINE_MODES:
+            raise UserError(f"unknown refinement {self.refine!r}; choose one of {', '.join(REFINE_MODES)}")
+        if self.max_error is not None and self.max_error <= 0:
+            raise UserError(f"--max-error must be > 0 px, got {self.max_error}")
         if self.sift_backend not in SIFT_BACKENDS:
             raise UserError(f"unknown SIFT backend {self.sift_backend!r}; choose one of {', '.join(SIFT_BACKENDS)}")
         if self.num_pairs is not None and self.num_pairs < 1:
@@ -170,7 +177,18 @@ def dense_config(config: ReconstructConfig):
     if cell_size is None:
         # SIFT keypoints are already shared between pairs: a fine grid keeps them nearly all distinct.
         cell_size = 2 if config.matcher == "sift" else DenseMatchConfig().cell_size
-    return DenseMatchConfig(cell_size=cell_size, rotation=config.rotation, resize=view_sizes), matcher_size
+    defaults = DenseMatchConfig()
+    refine = config.refine
+    if refine is None:
+        # SIFT keypoints are detector positions already; LoFTR's image-1 points gain from Lucas-Kanade.
+        refine = "none" if config.matcher == "sift" else "klt"
+    max_error = config.max_error if config.max_error is not None else defaults.max_error
+    rotation = config.rotation
+    if rotation is None:
+        # SIFT is rotation invariant; LoFTR is not, and SIFT's orientations tell cheaply which pairs need a turn.
+        rotation = "none" if config.matcher == "sift" else "auto"
+    return DenseMatchConfig(cell_size=cell_size, max_error=max_error, rotation=rotation, resize=view_sizes,
+                            refine=refine), matcher_size
 
 
 # ------------------------------------------------------------------------------------------ mapping
@@ -291,7 +309,7 @@ def main(
     pairs: str = "exhaustive",
     num_pairs: int | None = None,
     resize: Sequence[int] | None = None,
-    rotation: str = "none",
+    rotation: str | None = None,
     camera_mode: str = "auto",
     device: str = "auto",
     config: ReconstructConfig | None = None,
@@ -491,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loop-closure", action="store_true", help="sequential pairs: close the loop")
     parser.add_argument("--resize", type=int, nargs="+",
                         help="longest side for matching (0 = original); several sizes are matched and merged")
-    parser.add_argument("--rotation", choices=ROTATION_MODES, default="none")
+    parser.add_argument("--rotation", choices=ROTATION_MODES, default=None,
+                        help="in-plane rotation handling (default: auto for loftr, none for sift)")
     parser.add_argument("--camera-mode", choices=CAMERA_MODES, default="auto")
     parser.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model")
     parser.add_argument("--device", choices=DEVICES, default="auto")
@@ -501,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sift-backend", choices=SIFT_BACKENDS, default="pycolmap",
                         help="SIFT implementation for --matcher sift (COLMAP's or OpenCV's)")
     parser.add_argument("--cell-size", type=int, help="quantization cell in px (default 8; 2 for sift)")
+    parser.add_argument("--max-error", type=float, help="quantization re-assignment radius in px")
+    parser.add_argument("--refine", choices=REFINE_MODES, default=None,
+                        help="sub-pixel refinement of dense matches (default klt for loftr, none for sift)")
     parser.add_argument("--min-match-score", type=float)
     parser.add_argument("--min-num-inliers", type=int, default=None,
                         help=f"verified inliers a pair needs (default 15 for sift, {DENSE_MIN_INLIERS} for loftr)")
@@ -517,6 +539,7 @@ def main_cli(argv: Sequence[str] | None = None) -> ReconstructResult:
         loop_closure=args.loop_closure, resize=tuple(args.resize) if args.resize else None,
         rotation=args.rotation, camera_mode=args.camera_mode, camera_model=args.camera_model,
         device=args.device, sift_backend=args.sift_backend, amp=args.amp, cell_size=args.cell_size,
+        max_error=args.max_error, refine=args.refine,
         min_match_score=args.min_match_score,
         verification=None if args.min_num_inliers is None else VerificationConfig(min_num_inliers=args.min_num_inliers),
         num_threads=args.num_threads, verbose=args.verbose,

@@ -86,7 +86,7 @@ class RetrievalConfig:
 
 
 # ------------------------------------------------------------------------------------ local features
-def _to_uint8(image: np.ndarray, max_size: int) -> tuple[np.ndarray, float]:
+def resized_uint8(image: np.ndarray, max_size: int) -> tuple[np.ndarray, float]:
     """Resize a float [0,1] gray image so its longest side is at most ``max_size``; returns uint8, scale."""
     height, width = image.shape[:2]
     scale = min(1.0, max_size / max(height, width)) if max_size > 0 else 1.0
@@ -105,7 +105,7 @@ def rootsift(descriptors: np.ndarray) -> np.ndarray:
 
 def _sift(image: np.ndarray, config: RetrievalConfig, dense: bool) -> tuple[np.ndarray, np.ndarray]:
     """Raw SIFT (N, 128) uint8 and keypoints (N, 2) in pixels of the image resized to ``config.max_size``."""
-    gray, _ = _to_uint8(image, config.max_size)
+    gray, _ = resized_uint8(image, config.max_size)
     sift = cv2.SIFT_create(nfeatures=config.num_features)
     keypoints, descriptors = sift.detectAndCompute(gray, None)
     descriptors = np.zeros((0, 128), np.float32) if descriptors is None else descriptors

@@ -6,6 +6,8 @@ order. The Image Matching Challenge winners wired three tricks by hand; here the
 * ``rotation``: image 1 is also matched rotated by 90, 180 and 270 degrees (``np.rot90``), and its
   keypoints are mapped back to the unrotated image. ``best`` keeps the rotation with the most
   geometrically verified matches (fundamental matrix, OpenCV's MAGSAC++), ``union`` keeps all.
+  ``auto`` matches once, with image 1 turned by the quarter turn that rotation-invariant SIFT finds
+  for the pair (:mod:`pipeline.orientation`; the caller passes it as ``turn``).
 * ``resize``: the pair is matched at several sizes (longest side) and the matches are merged.
 * ``both_directions``: (0, 1) and (1, 0) matches are merged.
 
@@ -23,14 +25,14 @@ import numpy as np
 
 from matchers.base import Matcher, Matches, ResizedImage, resize_image, rotate_points_back
 
-ROTATION_MODES = ("none", "best", "union")
+ROTATION_MODES = ("none", "auto", "best", "union")
 
 
 @dataclass(frozen=True)
 class TTAConfig:
     """Which augmented versions of a pair are matched and how they are combined."""
 
-    rotation: str = "none"  # none | best | union (image 1 at 0/90/180/270 degrees)
+    rotation: str = "none"  # none | auto (SIFT's quarter turn) | best | union (image 1 at 0/90/180/270 degrees)
     resize: tuple[int | None, ...] = (None,)  # longest side per pass; None = the matcher's own resize
     both_directions: bool = False  # also match (1, 0) and merge
     verify_threshold: float = 1.0  # px, MAGSAC++ threshold when choosing the best rotation
@@ -49,11 +51,11 @@ class TTAConfig:
     @property
     def single_pass(self) -> bool:
         """One match per pair (no rotations, one size, one direction): pairs can be batched."""
-        return self.rotation == "none" and len(self.resize) == 1 and not self.both_directions
+        return self.rotation in ("none", "auto") and len(self.resize) == 1 and not self.both_directions
 
     @property
     def rotations(self) -> tuple[int, ...]:
-        """Quarter turns (``np.rot90``'s k) applied to image 1."""
+        """Quarter turns (``np.rot90``'s k) image 1 may be matched at."""
         return (0,) if self.rotation == "none" else (0, 1, 2, 3)
 
 
@@ -70,9 +72,11 @@ def first_views(config: TTAConfig) -> tuple[View, ...]:
     return tuple(View(size, 0) for size in config.resize)
 
 
-def second_views(config: TTAConfig) -> tuple[View, ...]:
-    """Views needed of an image matched in second position (the rotated one)."""
-    return tuple(View(size, k) for size in config.resize for k in config.rotations)
+def second_views(config: TTAConfig, turn: int = 0) -> tuple[View, ...]:
+    """Views needed of an image matched in second position (the rotated one); ``turn``: the pair's
+    quarter turn for ``rotation="auto"``."""
+    turns = (turn % 4,) if config.rotation == "auto" else config.rotations
+    return tuple(View(size, k) for size in config.resize for k in turns)
 
 
 @dataclass(frozen=True)
@@ -138,10 +142,10 @@ def count_verified(matches: Matches, threshold: float = 1.0) -> int:
 
 @dataclass(frozen=True)
 class PairResult:
-    """The merged matches of one pair and, for ``rotation="best"``, the chosen quarter turns."""
+    """The merged matches of one pair and the quarter turn image 1 was matched at (``best`` / ``auto``)."""
 
     matches: Matches
-    rotation: int | None  # k chosen by 'best'; None for 'none' and 'union'
+    rotation: int | None  # k chosen by 'best' or given to 'auto'; None for 'none' and 'union'
     verified: dict[int, int]  # k -> verified matches (only computed for 'best')
 
 
@@ -150,10 +154,12 @@ def match_pair(
     views0: Mapping[View, PreparedView],
     views1: Mapping[View, PreparedView],
     config: TTAConfig,
+    turn: int = 0,
 ) -> PairResult:
-    """Match image 0 (``first_views``) against image 1 (``second_views``) and merge per ``config``."""
+    """Match image 0 (``first_views``) against image 1 (``second_views``) and merge per ``config``;
+    ``turn``: the pair's quarter turn for ``rotation="auto"``."""
     per_rotation: dict[int, Matches] = {}
-    for k in config.rotations:
+    for k in (turn % 4,) if config.rotation == "auto" else config.rotations:
         parts: list[Matches] = []
         for size in config.resize:
             first, second = views0[View(size, 0)], views1[View(size, k)]
@@ -164,6 +170,8 @@ def match_pair(
 
     if config.rotation == "none":
         return PairResult(per_rotation[0], None, {})
+    if config.rotation == "auto":
+        return PairResult(per_rotation[turn % 4], turn % 4, {})
     if config.rotation == "union":
         return PairResult(Matches.concatenate([per_rotation[k] for k in config.rotations]), None, {})
     verified = {k: count_verified(m, config.verify_threshold) for k, m in per_rotation.items()}

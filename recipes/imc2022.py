@@ -56,6 +56,9 @@ from recipes.imc_metrics import IMC2022_THRESHOLDS, fundamental_pose_errors, mea
 
 logger = logging.getLogger(__name__)
 
+# "auto" needs orientation votes over a collection (pipeline.orientation); 2022 pairs are scored one by one.
+PAIR_ROTATION_MODES = tuple(mode for mode in ROTATION_MODES if mode != "auto")
+
 #: robust estimators accepted by ``FundamentalOptions.method`` (OpenCV flags)
 FUNDAMENTAL_METHODS = {
     "magsac": cv2.USAC_MAGSAC,
@@ -102,8 +105,8 @@ class IMC2022Config:
         object.__setattr__(self, "resize", tuple(int(s) for s in self.resize))
         if any(size < 0 for size in self.resize) or len(set(self.resize)) != len(self.resize):
             raise UserError(f"resize sizes must be distinct and >= 0 (0 = original size), got {self.resize}")
-        if self.rotation not in ROTATION_MODES:
-            raise UserError(f"rotation must be one of {', '.join(ROTATION_MODES)}, got {self.rotation!r}")
+        if self.rotation not in PAIR_ROTATION_MODES:
+            raise UserError(f"rotation must be one of {', '.join(PAIR_ROTATION_MODES)}, got {self.rotation!r}")
 
     def matcher_resize(self) -> int | None:
         """The size the matcher itself resizes to: one size -> the matcher's own way; several -> as given."""
@@ -376,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=None, help="LoFTR checkpoint name or path (default outdoor)")
     parser.add_argument("--resize", type=int, nargs="+", default=None,
                         help="longest side(s) for matching; several are matched and merged (e.g. 840 1280); 0 = original")
-    parser.add_argument("--rotation", choices=ROTATION_MODES, default="none")
+    parser.add_argument("--rotation", choices=PAIR_ROTATION_MODES, default="none")
     parser.add_argument("--both-directions", action="store_true", help="also match image 2 -> image 1 and merge")
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--ransac-method", choices=sorted(FUNDAMENTAL_METHODS), default=defaults.method)

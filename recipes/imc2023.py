@@ -1,7 +1,7 @@
 """Image Matching Challenge 2023 / 2024: one COLMAP reconstruction per scene -> Kaggle ``submission.csv``.
 
     python -m recipes.imc2023 --data DIR --output submission.csv [--split auto|train|test] \\
-        [--matcher loftr|sift] [--weights outdoor] [--resize 840 [1280 ...]] [--rotation none|best|union] \\
+        [--matcher loftr|sift] [--weights outdoor] [--resize 840 [1280 ...]] [--rotation none|auto|best|union] \\
         [--exhaustive-max 50] [--num-pairs 20] [--camera-mode auto|single|per-image] \\
         [--time-budget SECONDS] [--work DIR] [--score]
 
@@ -55,7 +55,7 @@ class IMC2023Config:
     matcher: str = "loftr"
     weights: str | None = None  # LoFTR checkpoint name or path (default outdoor); None for SIFT
     resize: tuple[int, ...] | None = None  # longest side(s) for matching; None = matcher default
-    rotation: str = "none"  # none | best | union (see pipeline.tta)
+    rotation: str | None = None  # none | auto | best | union (see pipeline.tta); None = reconstruct's default
     camera_mode: str = "auto"  # auto | single | per-image
     device: str = "auto"
     exhaustive_max: int = 50  # scenes with at most this many images match all pairs
@@ -66,7 +66,7 @@ class IMC2023Config:
     def __post_init__(self) -> None:
         if self.resize is not None:
             object.__setattr__(self, "resize", tuple(int(s) for s in self.resize))
-        if self.rotation not in ROTATION_MODES:
+        if self.rotation is not None and self.rotation not in ROTATION_MODES:
             raise UserError(f"rotation must be one of {', '.join(ROTATION_MODES)}, got {self.rotation!r}")
         if self.exhaustive_max < 2 or self.num_pairs < 1:
             raise UserError("--exhaustive-max must be >= 2 and --num-pairs >= 1")

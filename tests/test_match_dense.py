@@ -447,3 +447,56 @@ def test_loftr_batch_of_mixed_sizes_equals_pairs_one_by_one():
         np.testing.assert_allclose(b.keypoints0, s.keypoints0, atol=1e-3)
         np.testing.assert_allclose(b.keypoints1, s.keypoints1, atol=1e-3)
         np.testing.assert_allclose(b.scores, s.scores, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("refine,tolerance", [("none", 0.4), ("klt", 0.02)])
+def test_klt_refinement_puts_second_image_points_on_the_true_positions(tmp_path, refine, tolerance):
+    # ShiftMatcher jitters image-1 points by up to 0.3 px; the crops sit at integer offsets, so refined
+    # points land exactly on image 1's own grid and quantization keeps them there.
+    images = tmp_path / "images"
+    names, offsets, by_name = make_scene(images, 4)
+    pairs = write_pairs(tmp_path / "pairs.txt", sequential(names, 2))
+    run(pairs, images, tmp_path / "f.h5", tmp_path / "m.h5", ShiftMatcher(offsets), DenseMatchConfig(refine=refine))
+    features, matches = read_h5(tmp_path / "f.h5"), read_h5(tmp_path / "m.h5")
+    errors = []
+    for a, b in sequential(names, 2):
+        matches0 = matches[f"{a}/{b}/matches0"]
+        valid = matches0 > -1
+        scene0 = features[f"{a}/keypoints"][valid] + by_name[a]
+        scene1 = features[f"{b}/keypoints"][matches0[valid]] + by_name[b]
+        errors.append(np.linalg.norm(scene0 - scene1, axis=1))
+    errors = np.concatenate(errors)
+    assert len(errors) > 40
+    assert np.median(errors) < tolerance
+    if refine == "none":
+        assert np.median(errors) > 0.05  # the jitter is really there without refinement
+
+
+def test_rotation_auto_matches_a_turned_image_in_its_sift_orientation(tmp_path):
+    from test_orientation import scene
+    from test_tta import UprightMatcher, to_rot90_coordinates
+
+    images = tmp_path / "images"
+    images.mkdir()
+    upright = np.rint(scene(seed=2) * 255).astype(np.uint8)  # 240 x 320, structured enough for SIFT
+    cv2.imwrite(str(images / "a.png"), upright)
+    cv2.imwrite(str(images / "b.png"), np.ascontiguousarray(np.rot90(upright, 1)))
+    pairs = write_pairs(tmp_path / "pairs.txt", [("a.png", "b.png")])
+    counts = {}
+    for mode in ("none", "auto"):
+        out = tmp_path / mode
+        run(pairs, images, out / "f.h5", out / "m.h5", UprightMatcher(), DenseMatchConfig(rotation=mode, cell_size=1, max_error=0.5))
+        features, matches = read_h5(out / "f.h5"), read_h5(out / "m.h5")
+        matches0 = matches["a.png/b.png/matches0"]
+        valid = matches0 > -1
+        counts[mode] = int(valid.sum())
+        if mode == "auto":
+            points0 = features["a.png/keypoints"][valid]
+            points1 = features["b.png/keypoints"][matches0[valid]]
+            grid = UprightMatcher()
+            shifted = grid.grid + np.stack([grid.parallax, 0 * grid.parallax], 1)
+            lookup = {tuple(p): q for p, q in zip(grid.grid.round(3), shifted)}
+            expected = to_rot90_coordinates(np.array([lookup[tuple(p)] for p in points0.round(3)]), 320)
+            np.testing.assert_allclose(points1, expected, atol=1e-3)
+    assert counts["auto"] >= 0.9 * len(UprightMatcher().grid)
+    assert counts["none"] < 0.5 * counts["auto"]

@@ -159,3 +159,17 @@ def test_sift_on_a_real_image_and_its_turned_copy(temple_ring):
     assert len(result.matches) > 50
     error = np.linalg.norm(result.matches.keypoints1 - to_rot90_coordinates(result.matches.keypoints0, 320), axis=1)
     assert np.mean(error < 1.0) > 0.9
+
+
+def test_auto_rotation_matches_once_at_the_given_turn():
+    image0 = textured(60, 80)
+    image1 = np.ascontiguousarray(np.rot90(image0, 1))
+    matcher, config = UprightMatcher(), TTAConfig(rotation="auto")
+    assert config.single_pass  # one match per pair: batchable like "none"
+    assert second_views(config, turn=3) == (View(None, 3),)
+    assert second_views(config, turn=-1) == (View(None, 3),)
+    result = match_pair(matcher, prepare_all(matcher, image0, first_views(config)),
+                        prepare_all(matcher, image1, second_views(config, turn=3)), config, turn=3)
+    assert result.rotation == 3 and result.verified == {}
+    grid_shifted = matcher.grid + np.stack([matcher.parallax, 0 * matcher.parallax], 1)
+    np.testing.assert_allclose(result.matches.keypoints1, to_rot90_coordinates(grid_shifted, image0.shape[1]), atol=1e-4)

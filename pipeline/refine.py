@@ -1,0 +1,126 @@
+"""Sub-pixel refinement of raw matches with Lucas-Kanade (OpenCV's KLT tracker).
+
+LoFTR places its image-0 points on the coarse grid and refines only the image-1 points, by the expectation
+of a 5x5 heatmap at half resolution. On temple_ring that leaves a median epipolar error of 0.33 px for
+adjacent views where SIFT has 0.10 px, and the structure-from-motion rotation error follows (2.1 vs 0.9 deg).
+A translation-only Lucas-Kanade step on the original pixels, started at LoFTR's estimate, brings the
+adjacent-view error to 0.05-0.13 px for the points it accepts (scratch measurement on templeR0001-0003,
+0011-0012, 0021-0023, 0036-0038). Image-0 points never move, so the keypoints shared by all pairs of an
+image stay the same and tracks still form.
+
+A refinement is accepted only when it is trustworthy, otherwise the matcher's point is kept:
+
+* both directions of the tracker converge (OpenCV status 1);
+* tracking the refined point back lands within ``max_round_trip`` px of the image-0 point (forward-
+  backward check: it fails where the patch deforms too much for a pure translation, e.g. wide baselines);
+* the point moved at most ``max_shift`` px (otherwise the window slid onto another structure).
+
+Coordinates follow hloc and OpenCV alike: (0, 0) is the centre of the top-left pixel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from matchers.base import Matches, rotate_points_back
+
+REFINE_MODES = ("none", "klt")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """How image-1 points are refined (``mode="none"``: not at all). Distances in original-image pixels."""
+
+    mode: str = "klt"
+    window: int = 15  # edge of the tracked patch (odd)
+    max_shift: float = 2.0  # a point moving further keeps the matcher's position
+    max_round_trip: float = 0.2  # forward-backward disagreement allowed
+    iterations: int = 30
+
+    def __post_init__(self) -> None:
+        if self.mode not in REFINE_MODES:
+            raise ValueError(f"refine mode must be one of {REFINE_MODES}, got {self.mode!r}")
+        if self.window < 3 or self.window % 2 == 0:
+            raise ValueError(f"refine window must be an odd number >= 3, got {self.window}")
+        if self.max_shift <= 0 or self.max_round_trip <= 0 or self.iterations < 1:
+            raise ValueError("refine max_shift, max_round_trip and iterations must be positive")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A grayscale image as OpenCV's tracker wants it: uint8, 0-255 (float input is taken as [0, 1])."""
+    if image.dtype == np.uint8:
+        return image
+    return np.clip(np.rint(np.asarray(image, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _common_size(image0: np.ndarray, image1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad both images on the bottom and right to one size (OpenCV's tracker needs equal sizes;
+    padding there leaves pixel coordinates unchanged)."""
+    height = max(image0.shape[0], image1.shape[0])
+    width = max(image0.shape[1], image1.shape[1])
+
+    def pad(image: np.ndarray) -> np.ndarray:
+        if image.shape == (height, width):
+            return image
+        return cv2.copyMakeBorder(image, 0, height - image.shape[0], 0, width - image.shape[1], cv2.BORDER_CONSTANT, 0)
+
+    return pad(image0), pad(image1)
+
+
+def _track(source: np.ndarray, target: np.ndarray, points: np.ndarray, start: np.ndarray,
+           config: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
+    criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, config.iterations, 0.01)
+    tracked, status, _ = cv2.calcOpticalFlowPyrLK(
+        source, target, points, start.copy(), winSize=(config.window, config.window), maxLevel=0,
+        criteria=criteria, flags=cv2.OPTFLOW_USE_INITIAL_FLOW,
+    )
+    return tracked, status.reshape(-1) == 1
+
+
+def refine_matches(image0: np.ndarray, image1: np.ndarray, matches: Matches,
+                   config: RefineConfig | None = None, turn: int = 0) -> tuple[Matches, np.ndarray]:
+    """Refine ``matches.keypoints1`` by tracking each image-0 point into image 1 from its current match.
+
+    ``turn``: image 1 is tracked as ``np.rot90(image1, turn)`` (the quarter turn it was matched at, so
+    that the two patches are upright alike); points stay in the unturned image's coordinates.
+    Returns the refined matches (same order, scores and image-0 points) and a boolean mask of the points
+    whose refinement was accepted; rejected points keep the matcher's position.
+    """
+    config = config if config is not None else RefineConfig()
+    accepted = np.zeros(len(matches), bool)
+    if not config.enabled or len(matches) == 0:
+        return matches, accepted
+    turn %= 4
+    gray0, gray1 = to_uint8(image0), to_uint8(image1)
+    original_size = (gray1.shape[1], gray1.shape[0])
+    keypoints1 = matches.keypoints1
+    if turn:
+        # Mapping into np.rot90(x, turn) is mapping back from an image turned by -turn.
+        gray1 = np.ascontiguousarray(np.rot90(gray1, turn))
+        keypoints1 = rotate_points_back(keypoints1, -turn, original_size)
+    turned_size = (gray1.shape[1], gray1.shape[0])
+    gray0, gray1 = _common_size(gray0, gray1)
+    points0 = np.ascontiguousarray(matches.keypoints0, np.float32).reshape(-1, 1, 2)
+    points1 = np.ascontiguousarray(keypoints1, np.float32).reshape(-1, 1, 2)
+    forward, ok_forward = _track(gray0, gray1, points0, points1, config)
+    back, ok_back = _track(gray1, gray0, forward, points0, config)
+    forward, back = forward.reshape(-1, 2), back.reshape(-1, 2)
+    accepted = (
+        ok_forward & ok_back
+        & np.all(np.isfinite(forward), axis=1)
+        & (np.linalg.norm(back - matches.keypoints0, axis=1) <= config.max_round_trip)
+        & (np.linalg.norm(forward - keypoints1, axis=1) <= config.max_shift)
+    )
+    if turn:
+        forward = rotate_points_back(forward, turn, turned_size)
+    refined = np.where(accepted[:, None], forward, matches.keypoints1).astype(np.float32)
+    return Matches(matches.keypoints0, refined, matches.scores), accepted
+
+
+__all__ = ["REFINE_MODES", "RefineConfig", "refine_matches", "to_uint8"]
