@@ -13,8 +13,11 @@ Three stages:
    small ``.npz`` under ``<matches>.raw/<matching-config digest>/``: a killed run resumes where it
    stopped, and a different matcher or matching option never reuses stale matches. With ``refine="klt"``
    the image-1 points of every pair are refined to sub-pixel accuracy first (:mod:`pipeline.refine`).
+   With ``rotation="auto"`` each pair is matched once, image 1 turned by the quarter turn SIFT finds
+   (:mod:`pipeline.orientation`).
 2. **Quantization** (:mod:`pipeline.quantize`): shared keypoints per image (hloc semantics), matches
-   re-assigned and made one-to-one; images of ``reference_features`` keep their keypoints.
+   re-assigned and made one-to-one; images of ``reference_features`` keep their keypoints. With
+   ``refine="klt"`` the keypoints of each track are then aligned by Lucas-Kanade to its strongest one.
 3. **Output**: hloc ``features.h5`` and ``matches.h5`` (``matches0`` padded to N0), both atomic.
    A stamp in ``<matches>.raw/done.json`` lets an identical re-run return at once.
 
@@ -44,7 +47,7 @@ from matchers.image_io import image_size, read_gray
 from pipeline import io
 from pipeline.orientation import OrientationConfig, estimate_quarter_turns
 from pipeline.quantize import POSITIONS, ImageKeypoints, QuantizeConfig, aggregate_matches
-from pipeline.refine import REFINE_MODES, RefineConfig, refine_matches, to_uint8
+from pipeline.refine import REFINE_MODES, RefineConfig, refine_matches, refine_tracks, to_uint8
 from pipeline.tta import (ROTATION_MODES, PreparedView, TTAConfig, View, first_views, match_pair, match_views_batch,
                           prepare_view, second_views)
 
@@ -113,6 +116,7 @@ class DenseMatchResult:
     up_to_date: bool  # outputs were already complete for this exact input; nothing was done
     keypoints_per_image: dict[str, int] = field(default_factory=dict)
     matches_per_pair: dict[Pair, int] = field(default_factory=dict)
+    pairs_turned: int = 0  # rotation="auto": pairs matched in this run with image 1 turned
 
 
 # -------------------------------------------------------------------------------------------- pairs
@@ -482,13 +486,24 @@ def run(
         logger.info("reusing raw matches of %d/%d pairs from %s", reused, len(pair_list), store.root)
 
     match_start = time.perf_counter()
-    stats = _match_pairs(todo, swapped, image_dir, matcher, config, store)
+    refine = config.refine_config()
+    oriented = [(b, a) if swapped[(a, b)] else (a, b) for a, b in pair_list]
+    # Quarter turns of every pair: for matching the new ones, and for refining tracks through old ones too.
+    needed = config.rotation == "auto" and (todo or refine.enabled)
+    turns = estimate_quarter_turns(image_dir, oriented) if needed else {}
+    stats = _match_pairs(todo, swapped, image_dir, matcher, config, store, turns)
     seconds_matching = time.perf_counter() - match_start
 
     quantized = aggregate_matches(
         pair_list, _RawMatches(store, swapped), config.quantize_config(),
         {name: kp for name, (kp, _) in reference.items()},
     )
+    if refine.enabled:
+        quantized, track_stats = refine_tracks(
+            quantized, lambda name: read_gray(io.resolve_image(image_dir, name)), refine, turns, fixed=set(reference)
+        )
+        logger.info("track refinement: %d tracks, %d of %d keypoints moved", track_stats.tracks,
+                    track_stats.moved, track_stats.candidates)
     io.write_features(features, {name: (kp.keypoints, kp.scores, sizes[name]) for name, kp in quantized.keypoints.items()})
     io.write_matches(matches, {pair: (pm.matches0, pm.scores0) for pair, pm in quantized.matches.items()})
     io.write_text_atomic(
@@ -505,6 +520,7 @@ def run(
     return DenseMatchResult(
         features, matches, len(pair_list), len(todo), reused, stats.prepare_calls, stats.cache_hits,
         stats.cache_misses, seconds_matching, time.perf_counter() - start, False, keypoints_count, match_count,
+        stats.pairs_turned,
     )
 
 
@@ -526,6 +542,7 @@ class _LoopStats:
     prepare_calls: int
     cache_hits: int
     cache_misses: int
+    pairs_turned: int
 
 
 def _match_pairs(
@@ -535,15 +552,16 @@ def _match_pairs(
     matcher: Matcher,
     config: DenseMatchConfig,
     store: RawMatchStore,
+    turns: Mapping[Pair, int],
 ) -> _LoopStats:
-    """Raw-match ``todo`` and store each result as soon as it is computed."""
+    """Raw-match ``todo`` and store each result as soon as it is computed; ``turns``: rotation="auto"'s
+    quarter turn of each (first, second) pair."""
     tta = config.tta_config()
     # Matching order of each pair: (first, second); the second image gets the rotations.
     oriented = [(b, a) if swapped[(a, b)] else (a, b) for a, b in todo]
-    turns = estimate_quarter_turns(image_dir, oriented) if tta.rotation == "auto" and oriented else {}
-    if turns:
-        turned = sum(k != 0 for k in turns.values())
-        logger.info("rotation auto: %d of %d pairs matched with image 1 turned", turned, len(turns))
+    turned = sum(turns.get(pair, 0) != 0 for pair in oriented)
+    if tta.rotation == "auto" and oriented:
+        logger.info("rotation auto: %d of %d pairs matched with image 1 turned", turned, len(oriented))
     views: dict[str, set[View]] = defaultdict(set)
     for pair in oriented:
         views[pair[0]].update(first_views(tta))
@@ -594,7 +612,7 @@ def _match_pairs(
                 for evicted in set(pixels) - set(cache.keys()):  # originals live as long as their cache entry
                     del pixels[evicted]
                 bar.update(len(chunk))
-    return _LoopStats(prepare_calls, cache.hits, cache.misses)
+    return _LoopStats(prepare_calls, cache.hits, cache.misses, turned)
 
 
 def _view_key(view: View) -> tuple[int, int]:

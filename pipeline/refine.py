@@ -19,12 +19,15 @@ Coordinates follow hloc and OpenCV alike: (0, 0) is the centre of the top-left p
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable, Collection, Mapping
 
 import cv2
 import numpy as np
 
 from matchers.base import Matches, rotate_points_back
+from pipeline.quantize import ImageKeypoints, QuantizedMatches
 
 REFINE_MODES = ("none", "klt")
 
@@ -123,4 +126,110 @@ def refine_matches(image0: np.ndarray, image1: np.ndarray, matches: Matches,
     return Matches(matches.keypoints0, refined, matches.scores), accepted
 
 
-__all__ = ["REFINE_MODES", "RefineConfig", "refine_matches", "to_uint8"]
+
+
+# ------------------------------------------------------------------------------------ along tracks
+@dataclass(frozen=True)
+class TrackRefineStats:
+    """What :func:`refine_tracks` did: keypoints that were candidates (in a track, not its reference) and moved."""
+
+    tracks: int
+    candidates: int
+    moved: int
+
+
+def refine_tracks(
+    quantized: QuantizedMatches,
+    load: Callable[[str], np.ndarray],
+    config: RefineConfig | None = None,
+    turns: Mapping[tuple[str, str], int] | None = None,
+    fixed: Collection[str] = (),
+    cache_bytes: int = 2 << 30,
+) -> tuple[QuantizedMatches, TrackRefineStats]:
+    """Move shared keypoints so that every track's observations show the same scene point.
+
+    Quantization merges raw points of different pairs that fall within ``max_error`` of each other, and a
+    keypoint of image B matched to A's keypoint in one pair and to C's in another is in general the image
+    of neither exactly. Here each track (connected component of matched keypoints) keeps its strongest
+    keypoint (highest summed confidence) as reference, and every other keypoint is tracked by Lucas-Kanade
+    from its breadth-first parent — a keypoint it is directly matched to, refined before it — into its own
+    image, starting where it is. Refinements failing :func:`refine_matches`' checks leave the keypoint where
+    it was. Matches are unchanged. ``load(name)`` returns an image (decoded images are kept up to
+    ``cache_bytes``); ``turns[(a, b)]`` is the quarter turn b was matched at against a;
+    keypoints of ``fixed`` images never move (they may still guide others).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import breadth_first_order
+
+    config = config if config is not None else RefineConfig()
+    turns = {} if turns is None else turns
+    names = sorted(quantized.keypoints)
+    offsets = np.cumsum([0] + [len(quantized.keypoints[name]) for name in names])
+    total = int(offsets[-1])
+    image_of = np.repeat(np.arange(len(names)), np.diff(offsets))
+    ends = [np.zeros((0, 2), np.int64)]
+    for (name0, name1), pair in quantized.matches.items():
+        index = pair.index_pairs()
+        ends.append(np.stack([index[:, 0] + offsets[names.index(name0)], index[:, 1] + offsets[names.index(name1)]], 1))
+    edges = np.concatenate(ends)
+    if not config.enabled or total == 0 or len(edges) == 0:
+        return quantized, TrackRefineStats(0, 0, 0)
+
+    # One breadth-first search from a virtual root joined to each track's reference keypoint.
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(total, total)).tocsr()
+    count, label = connected_components(graph, directed=False)
+    scores = np.concatenate([quantized.keypoints[name].scores for name in names]).astype(np.float64)
+    in_track = np.bincount(label, minlength=count)[label] > 1
+    order = np.lexsort((-scores, label))  # per component, strongest first
+    first = order[np.r_[True, label[order][1:] != label[order][:-1]]]
+    references = first[in_track[first]]
+    root = total
+    rows = np.concatenate([edges[:, 0], edges[:, 1], np.full(len(references), root)])
+    cols = np.concatenate([edges[:, 1], edges[:, 0], references])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(total + 1, total + 1)).tocsr()
+    visit, parent = breadth_first_order(graph, root, directed=True, return_predecessors=True)
+    depth = np.zeros(total + 1, np.int64)
+    for node in visit[1:]:
+        depth[node] = depth[parent[node]] + 1
+
+    positions = np.concatenate([quantized.keypoints[name].keypoints for name in names]).astype(np.float32)
+    fixed_images = {names.index(name) for name in fixed if name in quantized.keypoints}
+    candidates = visit[1:][depth[visit[1:]] >= 2]
+    candidates = candidates[~np.isin(image_of[candidates], list(fixed_images))]
+    moved = 0
+    images: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def image(index: int) -> np.ndarray:
+        # Every level visits most image pairs: keep decoded images up to a memory budget, not a count.
+        if index not in images:
+            images[index] = to_uint8(load(names[index]))
+            while sum(pixels.nbytes for pixels in images.values()) > cache_bytes and len(images) > 2:
+                images.popitem(last=False)
+        images.move_to_end(index)
+        return images[index]
+
+    for level in range(2, int(depth[candidates].max(initial=1)) + 1):
+        nodes = candidates[depth[candidates] == level]
+        groups = np.lexsort((image_of[nodes], image_of[parent[nodes]]))  # by (parent image, child image)
+        nodes = nodes[groups]
+        key = image_of[parent[nodes]] * len(names) + image_of[nodes]
+        for chunk in np.split(nodes, np.nonzero(np.diff(key))[0] + 1):
+            source, target = int(image_of[parent[chunk[0]]]), int(image_of[chunk[0]])
+            pair = (names[source], names[target])
+            turn = turns.get(pair, -turns.get(pair[::-1], 0))
+            guide = Matches(positions[parent[chunk]], positions[chunk], np.ones(len(chunk), np.float32))
+            refined, accepted = refine_matches(image(source), image(target), guide, config, turn)
+            positions[chunk[accepted]] = refined.keypoints1[accepted]
+            moved += int(accepted.sum())
+
+    keypoints = {
+        name: ImageKeypoints(positions[offsets[i]:offsets[i + 1]].copy(), quantized.keypoints[name].scores)
+        for i, name in enumerate(names)
+    }
+    stats = TrackRefineStats(int(len(references)), int(len(candidates)), moved)
+    return QuantizedMatches(keypoints, quantized.matches), stats
+
+
+__all__ = ["REFINE_MODES", "RefineConfig", "refine_matches", "to_uint8", "TrackRefineStats", "refine_tracks"]

@@ -101,3 +101,39 @@ def test_images_of_different_sizes_are_refined():
     refined, accepted = refine_matches(image0, image1, matches.subset(inside))
     assert accepted.mean() > 0.9
     assert np.median(np.linalg.norm(refined.keypoints1[accepted] - truth[inside][accepted], axis=1)) < 0.05
+
+
+def test_tracks_are_aligned_to_their_strongest_keypoint_through_chains():
+    from pipeline.quantize import ImageKeypoints, PairMatches, QuantizedMatches
+    from pipeline.refine import refine_tracks
+
+    texture = textured(140, 180, seed=11)
+    shifts = {"a.png": (0.0, 0.0), "b.png": (2.3, -1.6), "c.png": (4.7, 0.9)}
+    images = {name: shifted(texture, shift)[10:130, 10:170] for name, shift in shifts.items()}
+    grid = np.stack(np.meshgrid(np.arange(20, 130, 10.0), np.arange(20, 90, 10.0)), -1).reshape(-1, 2)
+    rng = np.random.default_rng(0)
+    truth = {name: grid + shift for name, shift in shifts.items()}
+    keypoints = {
+        "a.png": ImageKeypoints(grid.astype(np.float32), np.full(len(grid), 5.0, np.float32)),  # the references
+        "b.png": ImageKeypoints((truth["b.png"] + rng.uniform(-0.4, 0.4, grid.shape)).astype(np.float32),
+                                np.ones(len(grid), np.float32)),
+        "c.png": ImageKeypoints((truth["c.png"] + rng.uniform(-0.4, 0.4, grid.shape)).astype(np.float32),
+                                np.ones(len(grid), np.float32)),
+    }
+    identity = np.arange(len(grid), dtype=np.int32)
+    ones = np.ones(len(grid), np.float32)
+    # a-b and b-c only: c's keypoints are two links from their reference.
+    matches = {("a.png", "b.png"): PairMatches(identity, ones), ("b.png", "c.png"): PairMatches(identity, ones)}
+    refined, stats = refine_tracks(QuantizedMatches(keypoints, matches), images.__getitem__)
+    assert stats.tracks == len(grid) and stats.candidates == 2 * len(grid)
+    assert stats.moved >= 0.9 * stats.candidates
+    np.testing.assert_array_equal(refined.keypoints["a.png"].keypoints, keypoints["a.png"].keypoints)
+    for name in ("b.png", "c.png"):
+        error = np.linalg.norm(refined.keypoints[name].keypoints - truth[name], axis=1)
+        before = np.linalg.norm(keypoints[name].keypoints - truth[name], axis=1)
+        assert np.median(before) > 0.2 and np.median(error) < 0.08, name  # c: two links, errors add
+    assert refined.matches is matches
+
+    # Keypoints of fixed images (localization: the reference model's) never move.
+    kept, _ = refine_tracks(QuantizedMatches(keypoints, matches), images.__getitem__, fixed={"c.png"})
+    np.testing.assert_array_equal(kept.keypoints["c.png"].keypoints, keypoints["c.png"].keypoints)
