@@ -223,3 +223,27 @@ def test_cli_runs_loftr_end_to_end(tmp_path: Path) -> None:
     with h5py.File(out / "features.h5", "r") as features, h5py.File(out / "matches.h5", "r") as matches:
         assert set(features) == {name for name in scene.names}
         assert len(matches) >= 1
+
+
+def test_cli_dense_defaults_rotation_auto_and_klt_are_recorded_and_can_be_switched_off(tmp_path: Path) -> None:
+    """With the shipped loftr-compact: the defaults for dense matchers (rotation auto, KLT refinement on
+    the 4 px / 0.5 px grid) reach match_dense, an upright scene gets no turned pair, and the flags switch
+    them off; a bad radius is one error line."""
+    pytest.importorskip("torch")
+    scene = render_scene(SceneConfig(width=160, height=120, num_views=4, num_boxes=3))
+    images = write_scene(scene, tmp_path / "scene") / "images"
+    expected = {
+        (): {"rotation": "auto", "refine": "klt", "cell_size": 4, "max_error": 0.5, "pairs_turned": 0},
+        ("--rotation", "none", "--refine", "none"): {"rotation": "none", "refine": "none", "cell_size": 8,
+                                                     "max_error": 2.0, "pairs_turned": 0},
+    }
+    for index, (flags, figures) in enumerate(expected.items()):
+        out = tmp_path / f"out{index}"
+        run = _cli("--images", str(images), "--outputs", str(out), "--weights", "loftr-compact", "--device", "cpu",
+                   *flags)
+        summary = json.loads((out / "summary.json").read_text())
+        assert {key: summary["matching"][key] for key in figures} == figures, run.stderr[-2000:]
+        with h5py.File(out / "features.h5", "r") as features:
+            assert set(features) == set(scene.names)
+    line = _one_error_line(_cli("--images", str(images), "--outputs", str(tmp_path / "bad"), "--max-error", "0"))
+    assert "--max-error" in line
