@@ -117,6 +117,7 @@ class DenseMatchResult:
     keypoints_per_image: dict[str, int] = field(default_factory=dict)
     matches_per_pair: dict[Pair, int] = field(default_factory=dict)
     pairs_turned: int = 0  # rotation="auto": pairs matched in this run with image 1 turned
+    turns: dict[Pair, int] = field(default_factory=dict)  # rotation="auto": (first, second) -> k, nonzero only
 
 
 # -------------------------------------------------------------------------------------------- pairs
@@ -472,7 +473,8 @@ def run(
         else:
             logger.info("%s and %s are up to date", features, matches)
             return DenseMatchResult(features, matches, len(pair_list), 0, len(pair_list), 0, 0, 0, 0.0,
-                                    time.perf_counter() - start, True, keypoints_count, match_count)
+                                    time.perf_counter() - start, True, keypoints_count, match_count, 0,
+                                    _recorded_turns(stamp_path))
 
     # Sizes first: a file that is not an image fails now, naming it, not after an hour of matching.
     sizes = {name: reference[name][1] if name in reference and all(reference[name][1]) else
@@ -488,9 +490,8 @@ def run(
     match_start = time.perf_counter()
     refine = config.refine_config()
     oriented = [(b, a) if swapped[(a, b)] else (a, b) for a, b in pair_list]
-    # Quarter turns of every pair: for matching the new ones, and for refining tracks through old ones too.
-    needed = config.rotation == "auto" and (todo or refine.enabled)
-    turns = estimate_quarter_turns(image_dir, oriented) if needed else {}
+    # Quarter turns of every pair: for matching the new ones, refining tracks through all, and the record.
+    turns = estimate_quarter_turns(image_dir, oriented) if config.rotation == "auto" else {}
     stats = _match_pairs(todo, swapped, image_dir, matcher, config, store, turns)
     seconds_matching = time.perf_counter() - match_start
 
@@ -506,9 +507,11 @@ def run(
                     track_stats.moved, track_stats.candidates)
     io.write_features(features, {name: (kp.keypoints, kp.scores, sizes[name]) for name, kp in quantized.keypoints.items()})
     io.write_matches(matches, {pair: (pm.matches0, pm.scores0) for pair, pm in quantized.matches.items()})
+    turned = {pair: k for pair, k in turns.items() if k}
     io.write_text_atomic(
         stamp_path,
-        json.dumps({"stamp": stamp, "features": _file_state(features), "matches": _file_state(matches)}),
+        json.dumps({"stamp": stamp, "features": _file_state(features), "matches": _file_state(matches),
+                    "turns": [[first, second, k] for (first, second), k in sorted(turned.items())]}),
     )
     keypoints_count = {name: len(kp) for name, kp in quantized.keypoints.items()}
     match_count = {pair: pm.num_matches for pair, pm in quantized.matches.items()}
@@ -520,8 +523,16 @@ def run(
     return DenseMatchResult(
         features, matches, len(pair_list), len(todo), reused, stats.prepare_calls, stats.cache_hits,
         stats.cache_misses, seconds_matching, time.perf_counter() - start, False, keypoints_count, match_count,
-        stats.pairs_turned,
+        stats.pairs_turned, turned,
     )
+
+
+def _recorded_turns(stamp_path: Path) -> dict[Pair, int]:
+    """The nonzero quarter turns a finished run recorded in its stamp (rotation="auto")."""
+    try:
+        return {(first, second): int(k) for first, second, k in json.loads(stamp_path.read_text()).get("turns", [])}
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 def _up_to_date(stamp_path: Path, stamp: str, features: Path, matches: Path) -> bool:

@@ -477,6 +477,8 @@ def main(
             "up_to_date": matched.up_to_date,
             "rotation": dense.rotation,
             "pairs_turned": matched.pairs_turned,
+            # [first, second, k]: the second image was matched as np.rot90(image, k) (k quarter turns)
+            "turned_pairs": [[first, second, k] for (first, second), k in sorted(matched.turns.items())],
             "refine": dense.refine,
             "cell_size": dense.cell_size,
             "max_error": dense.max_error,

@@ -485,7 +485,12 @@ def test_rotation_auto_matches_a_turned_image_in_its_sift_orientation(tmp_path):
     counts = {}
     for mode in ("none", "auto"):
         out = tmp_path / mode
-        run(pairs, images, out / "f.h5", out / "m.h5", UprightMatcher(), DenseMatchConfig(rotation=mode, cell_size=1, max_error=0.5))
+        config = DenseMatchConfig(rotation=mode, cell_size=1, max_error=0.5)
+        result = run(pairs, images, out / "f.h5", out / "m.h5", UprightMatcher(), config)
+        # np.rot90(b, 3) is a again; the turn is reported, also by an up-to-date re-run.
+        assert result.turns == ({("a.png", "b.png"): 3} if mode == "auto" else {})
+        again = run(pairs, images, out / "f.h5", out / "m.h5", UprightMatcher(), config)
+        assert again.up_to_date and again.turns == result.turns
         features, matches = read_h5(out / "f.h5"), read_h5(out / "m.h5")
         matches0 = matches["a.png/b.png/matches0"]
         valid = matches0 > -1

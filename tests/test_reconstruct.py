@@ -243,6 +243,7 @@ def test_cli_dense_defaults_rotation_auto_and_klt_are_recorded_and_can_be_switch
                    *flags)
         summary = json.loads((out / "summary.json").read_text())
         assert {key: summary["matching"][key] for key in figures} == figures, run.stderr[-2000:]
+        assert summary["matching"]["turned_pairs"] == []
         with h5py.File(out / "features.h5", "r") as features:
             assert set(features) == set(scene.names)
     line = _one_error_line(_cli("--images", str(images), "--outputs", str(tmp_path / "bad"), "--max-error", "0"))
