@@ -153,10 +153,11 @@ def refine_tracks(
     of neither exactly. Here each track (connected component of matched keypoints) keeps its strongest
     keypoint (highest summed confidence) as reference, and every other keypoint is tracked by Lucas-Kanade
     from its breadth-first parent — a keypoint it is directly matched to, refined before it — into its own
-    image, starting where it is. Refinements failing :func:`refine_matches`' checks leave the keypoint where
+    image, starting where it is. Keypoints of ``fixed`` images never move and are preferred as references
+    (localization: a query keypoint is aligned to the database keypoint it is matched to). Refinements failing :func:`refine_matches`' checks leave the keypoint where
     it was. Matches are unchanged. ``load(name)`` returns an image (decoded images are kept up to
     ``cache_bytes``); ``turns[(a, b)]`` is the quarter turn b was matched at against a;
-    keypoints of ``fixed`` images never move (they may still guide others).
+    see above for ``fixed``.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import breadth_first_order
@@ -182,7 +183,8 @@ def refine_tracks(
     count, label = connected_components(graph, directed=False)
     scores = np.concatenate([quantized.keypoints[name].scores for name in names]).astype(np.float64)
     in_track = np.bincount(label, minlength=count)[label] > 1
-    order = np.lexsort((-scores, label))  # per component, strongest first
+    is_fixed = np.isin(image_of, [names.index(name) for name in fixed if name in quantized.keypoints])
+    order = np.lexsort((-scores, ~is_fixed, label))  # per component: a fixed keypoint, else the strongest
     first = order[np.r_[True, label[order][1:] != label[order][:-1]]]
     references = first[in_track[first]]
     root = total
@@ -195,9 +197,8 @@ def refine_tracks(
         depth[node] = depth[parent[node]] + 1
 
     positions = np.concatenate([quantized.keypoints[name].keypoints for name in names]).astype(np.float32)
-    fixed_images = {names.index(name) for name in fixed if name in quantized.keypoints}
     candidates = visit[1:][depth[visit[1:]] >= 2]
-    candidates = candidates[~np.isin(image_of[candidates], list(fixed_images))]
+    candidates = candidates[~is_fixed[candidates]]
     moved = 0
     images: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -212,6 +213,8 @@ def refine_tracks(
 
     for level in range(2, int(depth[candidates].max(initial=1)) + 1):
         nodes = candidates[depth[candidates] == level]
+        if len(nodes) == 0:  # e.g. only keypoints of fixed images at this depth
+            continue
         groups = np.lexsort((image_of[nodes], image_of[parent[nodes]]))  # by (parent image, child image)
         nodes = nodes[groups]
         key = image_of[parent[nodes]] * len(names) + image_of[nodes]

@@ -137,3 +137,12 @@ def test_tracks_are_aligned_to_their_strongest_keypoint_through_chains():
     # Keypoints of fixed images (localization: the reference model's) never move.
     kept, _ = refine_tracks(QuantizedMatches(keypoints, matches), images.__getitem__, fixed={"c.png"})
     np.testing.assert_array_equal(kept.keypoints["c.png"].keypoints, keypoints["c.png"].keypoints)
+    # Two fixed images in a chain a - c - b: a (strongest) is the reference, c is fixed at depth 2 (a level
+    # of the search with nothing to refine), and b is aligned to its fixed neighbour c.
+    exact_c = dict(keypoints, **{"c.png": ImageKeypoints(truth["c.png"].astype(np.float32), ones)})
+    chain = {("a.png", "c.png"): PairMatches(identity, ones), ("c.png", "b.png"): PairMatches(identity, ones)}
+    located, stats = refine_tracks(QuantizedMatches(exact_c, chain), images.__getitem__, fixed={"a.png", "c.png"})
+    assert stats.candidates == len(grid)  # only b's keypoints may move
+    np.testing.assert_array_equal(located.keypoints["c.png"].keypoints, exact_c["c.png"].keypoints)
+    # (~0.1 px: the cubic resampling of the two synthetic views disagrees that much at these fractional shifts)
+    assert np.median(np.linalg.norm(located.keypoints["b.png"].keypoints - truth["b.png"], axis=1)) < 0.12
