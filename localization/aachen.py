@@ -39,6 +39,7 @@ from .localize import (
     ModelPoints,
     add_benchmark_arguments,
     config_from_args,
+    match_config_from_args,
     report,
     localize,
     write_log,
@@ -223,7 +224,7 @@ def main_cli(argv: "list[str] | None" = None) -> AachenOutputs:
     parser.add_argument("--num-covis", type=int, default=20, help="covisible db pairs per db image (default 20)")
     args = parser.parse_args(argv)
     out = main(args.dataset, args.outputs, args.matcher, args.weights, args.resize, args.pairs_query,
-               args.num_covis, args.num_loc, config_from_args(args), args.device)
+               args.num_covis, args.num_loc, config_from_args(args), args.device, match_config_from_args(args))
     report(out.result, out.submission)
     return out
 

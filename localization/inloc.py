@@ -43,6 +43,7 @@ from .localize import (
     LocalizationResult,
     add_benchmark_arguments,
     config_from_args,
+    match_config_from_args,
     report,
     localize,
     write_log,
@@ -317,7 +318,7 @@ def main_cli(argv: "list[str] | None" = None) -> InLocOutputs:
         queries, _ = check_layout(args.dataset)
         args.max_error = default_max_error(query_camera(*image_size(args.dataset / q)) for q in queries)
     out = main(args.dataset, args.outputs, args.matcher, weights, args.resize, args.pairs_query, args.num_loc,
-               config_from_args(args), args.device)
+               config_from_args(args), args.device, match_config_from_args(args))
     report(out.result, out.submission)
     return out
 

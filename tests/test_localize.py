@@ -411,3 +411,19 @@ def test_matches_without_3d_points_fail_with_reason(scene: Scene) -> None:
         assert log["status"] == "failed" and log["num_matches"] > 0
         assert log["reason"] == "none of the matched db keypoints has a 3D point"
     assert result.poses == {}
+
+
+def test_benchmark_flags_choose_the_dense_matching_of_both_steps():
+    import argparse
+
+    from localization.localize import KLT_CELL_SIZE, KLT_MAX_ERROR, add_benchmark_arguments, match_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_benchmark_arguments(parser, "dataset", "outdoor", "pairs.txt", 50)
+    base = ["--dataset", "d", "--outputs", "o"]
+    loftr = match_config_from_args(parser.parse_args(base))
+    assert (loftr.refine, loftr.cell_size, loftr.max_error) == ("klt", KLT_CELL_SIZE, KLT_MAX_ERROR)
+    plain = match_config_from_args(parser.parse_args(base + ["--refine", "none"]))
+    assert (plain.refine, plain.cell_size, plain.max_error) == ("none", 8, 2.0)  # hloc's loftr_aachen grid
+    sift = match_config_from_args(parser.parse_args(base + ["--matcher", "sift"]))
+    assert sift.refine == "none"
