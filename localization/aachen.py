@@ -15,6 +15,8 @@ hloc's LoFTR pipeline for Aachen v1.1, step by step (every step writes files und
 4. query pairs: ``--pairs-query FILE`` (e.g. hloc's ``pairs-query-netvlad50.txt``), ``exhaustive``
    (small datasets) or global retrieval of the top ``num_loc`` db images;
 5. dense matching of the query pairs with the db keypoints held fixed (they are the model's 2D points);
+   with ``--refine klt`` (the default for LoFTR) both matching steps refine LoFTR's points by Lucas-Kanade
+   and each query keypoint is aligned to the db keypoint it is matched to (:mod:`pipeline.refine`);
 6. localization (:mod:`localization.localize`), then the submission file for visuallocalization.net:
    ``Aachen-v1.1_hloc_<matcher>_<estimator>.txt`` with lines ``name qw qx qy qz tx ty tz`` where ``name``
    is the query's file name.
