@@ -153,37 +153,37 @@ def refine_tracks(
     of neither exactly. Here each track (connected component of matched keypoints) keeps its strongest
     keypoint (highest summed confidence) as reference, and every other keypoint is tracked by Lucas-Kanade
     from its breadth-first parent — a keypoint it is directly matched to, refined before it — into its own
-    image, starting where it is. Keypoints of ``fixed`` images never move and are preferred as references
-    (localization: a query keypoint is aligned to the database keypoint it is matched to). Refinements failing :func:`refine_matches`' checks leave the keypoint where
-    it was. Matches are unchanged. ``load(name)`` returns an image (decoded images are kept up to
-    ``cache_bytes``); ``turns[(a, b)]`` is the quarter turn b was matched at against a;
-    see above for ``fixed``.
+    image, starting where it is. Refinements failing :func:`refine_matches`' checks leave the keypoint where
+    it was. Matches are unchanged.
+
+    Keypoints of ``fixed`` images never move and are preferred as references (localization: a query keypoint
+    is aligned to the database keypoint it is matched to). ``load(name)`` returns an image (decoded images
+    are kept up to ``cache_bytes``); ``turns[(a, b)]`` is the quarter turn b was matched at against a.
     """
     from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import breadth_first_order
+    from scipy.sparse.csgraph import breadth_first_order, connected_components
 
     config = config if config is not None else RefineConfig()
     turns = {} if turns is None else turns
     names = sorted(quantized.keypoints)
+    position_of = {name: i for i, name in enumerate(names)}
     offsets = np.cumsum([0] + [len(quantized.keypoints[name]) for name in names])
     total = int(offsets[-1])
     image_of = np.repeat(np.arange(len(names)), np.diff(offsets))
     ends = [np.zeros((0, 2), np.int64)]
     for (name0, name1), pair in quantized.matches.items():
         index = pair.index_pairs()
-        ends.append(np.stack([index[:, 0] + offsets[names.index(name0)], index[:, 1] + offsets[names.index(name1)]], 1))
+        ends.append(np.stack([index[:, 0] + offsets[position_of[name0]], index[:, 1] + offsets[position_of[name1]]], 1))
     edges = np.concatenate(ends)
     if not config.enabled or total == 0 or len(edges) == 0:
         return quantized, TrackRefineStats(0, 0, 0)
 
     # One breadth-first search from a virtual root joined to each track's reference keypoint.
-    from scipy.sparse.csgraph import connected_components
-
     graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(total, total)).tocsr()
     count, label = connected_components(graph, directed=False)
     scores = np.concatenate([quantized.keypoints[name].scores for name in names]).astype(np.float64)
     in_track = np.bincount(label, minlength=count)[label] > 1
-    is_fixed = np.isin(image_of, [names.index(name) for name in fixed if name in quantized.keypoints])
+    is_fixed = np.isin(image_of, [position_of[name] for name in fixed if name in position_of])
     order = np.lexsort((-scores, ~is_fixed, label))  # per component: a fixed keypoint, else the strongest
     first = order[np.r_[True, label[order][1:] != label[order][:-1]]]
     references = first[in_track[first]]
