@@ -71,6 +71,14 @@ def to_gray(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb @ weights, dtype=np.float32)
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """An image in [0, 1] as uint8 0-255, rounded half up (OpenCV detectors and trackers want 8 bits);
+    uint8 input is returned as is."""
+    if image.dtype == np.uint8:
+        return image
+    return np.ascontiguousarray(np.clip(np.asarray(image, np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of an image as displayed (EXIF orientation applied), without decoding pixels."""
     path = Path(path)

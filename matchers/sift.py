@@ -18,6 +18,7 @@ import numpy as np
 
 from .base import Matcher, Matches, ResizedImage, resize_image
 from .errors import UserError
+from .image_io import to_uint8
 
 BACKENDS = ("opencv", "pycolmap")
 
@@ -77,7 +78,7 @@ class SIFTMatcher(Matcher):
         if max_size is not None and max_size >= max(height, width):
             max_size = None  # never upscale
         resized = resize_image(image, max_size)
-        gray8 = np.ascontiguousarray(np.clip(resized.image * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        gray8 = to_uint8(resized.image)
         if self.options.backend == "opencv":
             keypoints, descriptors, scores = self._detect_opencv(gray8)
         else:

@@ -43,11 +43,11 @@ from tqdm import tqdm
 
 from matchers.base import Matcher, Matches
 from matchers.errors import UserError, run_cli
-from matchers.image_io import image_size, read_gray
+from matchers.image_io import image_size, read_gray, to_uint8
 from pipeline import io
 from pipeline.orientation import OrientationConfig, estimate_quarter_turns
 from pipeline.quantize import POSITIONS, ImageKeypoints, QuantizeConfig, aggregate_matches
-from pipeline.refine import REFINE_MODES, RefineConfig, refine_matches, refine_tracks, to_uint8
+from pipeline.refine import REFINE_MODES, RefineConfig, refine_matches, refine_tracks
 from pipeline.tta import (ROTATION_MODES, PreparedView, TTAConfig, View, first_views, match_pair, match_views_batch,
                           prepare_view, second_views)
 

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from matchers.base import Matches, rotate_points_back
+from matchers.image_io import to_uint8
 from pipeline.quantize import ImageKeypoints, QuantizedMatches
 
 REFINE_MODES = ("none", "klt")
@@ -53,13 +54,6 @@ class RefineConfig:
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
-
-
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """A grayscale image as OpenCV's tracker wants it: uint8, 0-255 (float input is taken as [0, 1])."""
-    if image.dtype == np.uint8:
-        return image
-    return np.clip(np.rint(np.asarray(image, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _common_size(image0: np.ndarray, image1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -235,4 +229,4 @@ def refine_tracks(
     return QuantizedMatches(keypoints, quantized.matches), stats
 
 
-__all__ = ["REFINE_MODES", "RefineConfig", "refine_matches", "to_uint8", "TrackRefineStats", "refine_tracks"]
+__all__ = ["REFINE_MODES", "RefineConfig", "refine_matches", "TrackRefineStats", "refine_tracks"]

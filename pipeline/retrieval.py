@@ -49,7 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from matchers.errors import UserError, run_cli
-from matchers.image_io import read_gray, read_rgb
+from matchers.image_io import read_gray, read_rgb, to_uint8
 from pipeline import io
 from pipeline.images import list_images
 
@@ -93,7 +93,7 @@ def resized_uint8(image: np.ndarray, max_size: int) -> tuple[np.ndarray, float]:
     if scale < 1.0:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8), scale
+    return to_uint8(image), scale
 
 
 def rootsift(descriptors: np.ndarray) -> np.ndarray:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from matchers.base import Matches, rotate_points_back
-from pipeline.refine import RefineConfig, refine_matches, to_uint8
+from matchers.image_io import to_uint8
+from pipeline.refine import RefineConfig, refine_matches
 
 
 def textured(height: int, width: int, seed: int = 0) -> np.ndarray:
