@@ -58,6 +58,11 @@ class TTAConfig:
         """Quarter turns (``np.rot90``'s k) image 1 may be matched at."""
         return (0,) if self.rotation == "none" else (0, 1, 2, 3)
 
+    def turns(self, turn: int = 0) -> tuple[int, ...]:
+        """Quarter turns image 1 of one pair is matched at: ``auto`` only the pair's ``turn``, otherwise
+        :attr:`rotations`."""
+        return (turn % 4,) if self.rotation == "auto" else self.rotations
+
 
 @dataclass(frozen=True)
 class View:
@@ -75,8 +80,7 @@ def first_views(config: TTAConfig) -> tuple[View, ...]:
 def second_views(config: TTAConfig, turn: int = 0) -> tuple[View, ...]:
     """Views needed of an image matched in second position (the rotated one); ``turn``: the pair's
     quarter turn for ``rotation="auto"``."""
-    turns = (turn % 4,) if config.rotation == "auto" else config.rotations
-    return tuple(View(size, k) for size in config.resize for k in turns)
+    return tuple(View(size, k) for size in config.resize for k in config.turns(turn))
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,7 @@ def match_pair(
     """Match image 0 (``first_views``) against image 1 (``second_views``) and merge per ``config``;
     ``turn``: the pair's quarter turn for ``rotation="auto"``."""
     per_rotation: dict[int, Matches] = {}
-    for k in (turn % 4,) if config.rotation == "auto" else config.rotations:
+    for k in config.turns(turn):
         parts: list[Matches] = []
         for size in config.resize:
             first, second = views0[View(size, 0)], views1[View(size, k)]
