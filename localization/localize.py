@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from matchers.errors import UserError, run_cli
 from pipeline.io import atomic_path, find_pair, open_h5, read_pairs
-from pipeline.refine import REFINE_MODES
+from pipeline.refine import KLT_CELL_SIZE, REFINE_MODES, default_refine
 
 from .absolute_pose import ESTIMATORS, PoseEstimate, PoseEstimationConfig, estimate_absolute_pose
 from .cameras import parse_query_list
@@ -461,7 +461,6 @@ def report(result: LocalizationResult, submission: Path) -> None:
 #: with loftr-compact (12 queries, 10 retrieved db images each), recall at (0.25 m, 2 deg) / median error:
 #: no refinement (8 px / 2 px) 58 % / 0.225 m 0.59 deg; KLT 8 px / 2 px 92 % / 0.132 m 0.36 deg; KLT 4 px / 1 px
 #: 92 % / 0.101 m 0.27 deg.
-KLT_CELL_SIZE = 4
 KLT_MAX_ERROR = 1.0
 
 
@@ -470,7 +469,7 @@ def match_config_from_args(args: argparse.Namespace):
     SIFT's keypoints as detected."""
     from pipeline.match_dense import DenseMatchConfig
 
-    refine = args.refine if args.refine is not None else ("none" if args.matcher == "sift" else "klt")
+    refine = args.refine if args.refine is not None else default_refine(args.matcher)
     if refine == "klt":
         return DenseMatchConfig(refine=refine, cell_size=KLT_CELL_SIZE, max_error=KLT_MAX_ERROR)
     return DenseMatchConfig(refine=refine)

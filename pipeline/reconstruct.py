@@ -44,7 +44,7 @@ from matchers.factory import AMP_MODES
 from pipeline import io
 from pipeline.colmap_db import CAMERA_MODES, VerificationConfig, build_database, colmap_logging
 from pipeline.image_check import check_h5, check_images
-from pipeline.refine import REFINE_MODES
+from pipeline.refine import KLT_CELL_SIZE, REFINE_MODES, default_refine
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ DENSE_MIN_INLIERS = 30
 #: Exhaustive temple_ring with loftr-compact (47/47 registered each), median relative-rotation error:
 #: 1.50 deg (4 / 1), 1.49 (4 / 0.75), 1.37 (4 / 0.5); fewer matches survive a smaller radius (mean track
 #: length 5.2 -> 4.0), which is why it is not smaller still.
-KLT_CELL_SIZE = 4
 KLT_MAX_ERROR = 0.5
 
 
@@ -188,17 +187,15 @@ def dense_config(config: ReconstructConfig):
         matcher_size, view_sizes = sizes[0], (None,)
     else:
         matcher_size, view_sizes = 0, tuple(size or None for size in sizes)
-    refine = config.refine
-    if refine is None:
-        # SIFT keypoints are detector positions already; LoFTR's image-1 points gain from Lucas-Kanade.
-        refine = "none" if config.matcher == "sift" else "klt"
+    refine = config.refine if config.refine is not None else default_refine(config.matcher)
+    defaults = DenseMatchConfig()
     if config.matcher == "sift":
         # SIFT keypoints are already shared between pairs: a fine grid keeps them nearly all distinct.
-        cell_size, max_error = 2, DenseMatchConfig().max_error
+        cell_size, max_error = 2, defaults.max_error
     elif refine == "klt":
         cell_size, max_error = KLT_CELL_SIZE, KLT_MAX_ERROR
     else:
-        cell_size, max_error = DenseMatchConfig().cell_size, DenseMatchConfig().max_error
+        cell_size, max_error = defaults.cell_size, defaults.max_error
     cell_size = config.cell_size if config.cell_size is not None else cell_size
     max_error = config.max_error if config.max_error is not None else max_error
     rotation = config.rotation

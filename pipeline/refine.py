@@ -31,6 +31,14 @@ from matchers.image_io import to_uint8
 from pipeline.quantize import ImageKeypoints, QuantizedMatches
 
 REFINE_MODES = ("none", "klt")
+#: quantization cell (px) for KLT-refined dense matches (radii differ per use: see pipeline.reconstruct and
+#: localization.localize); hloc's 8 px cell would merge refined points with others several pixels away
+KLT_CELL_SIZE = 4
+
+
+def default_refine(matcher: str) -> str:
+    """``klt`` for detector-free (dense) matchers, ``none`` for SIFT, whose keypoints are detections already."""
+    return "none" if matcher == "sift" else "klt"
 
 
 @dataclass(frozen=True)
@@ -229,4 +237,4 @@ def refine_tracks(
     return QuantizedMatches(keypoints, quantized.matches), stats
 
 
-__all__ = ["REFINE_MODES", "RefineConfig", "refine_matches", "TrackRefineStats", "refine_tracks"]
+__all__ = ["REFINE_MODES", "KLT_CELL_SIZE", "default_refine", "RefineConfig", "refine_matches", "TrackRefineStats", "refine_tracks"]
