@@ -32,7 +32,7 @@ import pycolmap
 
 from matchers.base import Matcher
 from matchers.errors import UserError, run_cli
-from pipeline.io import resolve_image, write_pairs
+from pipeline.io import check_output_dir, resolve_image, write_pairs
 
 from .cameras import parse_query_list
 from .localize import (
@@ -166,6 +166,7 @@ def main(
     from pipeline import match_dense, triangulate
 
     dataset, outputs = Path(dataset), Path(outputs)
+    check_output_dir(outputs, "--outputs")  # a file or a read-only place fails now, not after matching
     config = config if config is not None else LocalizationConfig()
     images, sift_model_dir, lists = check_layout(dataset)
     cameras = read_queries(lists, images)

@@ -34,7 +34,7 @@ import pycolmap
 from matchers.base import Matcher
 from matchers.errors import UserError, run_cli
 from matchers.image_io import image_size, is_image_file
-from pipeline.io import open_h5, resolve_image, write_text_atomic
+from pipeline.io import check_output_dir, open_h5, resolve_image, write_text_atomic
 
 from .absolute_pose import PoseEstimationConfig
 from .cameras import camera_from_size_and_focal, write_query_list
@@ -268,6 +268,7 @@ def main(
     from pipeline import match_dense
 
     dataset, outputs = Path(dataset), Path(outputs)
+    check_output_dir(outputs, "--outputs")  # a file or a read-only place fails now, not after matching
     queries, cutouts = check_layout(dataset)
     # the matcher first: unavailable weights fail now, not after the pairs are made
     if isinstance(matcher, Matcher):

@@ -17,6 +17,7 @@ import numpy as np
 
 from .base import Matches
 from .errors import run_cli
+from .files import check_output_file
 from .factory import DEVICES, MATCHERS, make_matcher
 from .image_io import read_rgb, to_gray
 from .viz import plot_matches
@@ -38,6 +39,8 @@ def main(
     """
     # Read the images first: a wrong path should fail before a checkpoint is downloaded or loaded.
     rgb0, rgb1 = read_rgb(image0_path), read_rgb(image1_path)
+    if out is not None:
+        check_output_file(out, "--out", example="matches.png")
     matcher = make_matcher(matcher_name, weights=weights, resize=resize, device=device)
     start = time.perf_counter()
     matches = matcher.match(to_gray(rgb0), to_gray(rgb1))

@@ -5,13 +5,12 @@ different matchers and pairs can be compared; the text names the matcher and the
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .base import Matches
+from .files import atomic_path
 
 #: the canvas is scaled down so the written PNG is at most this many pixels wide
 MAX_WIDTH_PX = 2400
@@ -104,15 +103,8 @@ def plot_matches(
     )
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(path) as temp:
         figure.savefig(temp, format="png", dpi=dpi)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
     return path
 
 

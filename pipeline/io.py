@@ -12,38 +12,36 @@ Formats (kept identical to hloc so its readers and users' scripts work):
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
 
 from matchers.errors import UserError
+from matchers.files import (  # noqa: F401  (re-exported: pipeline.io.atomic_path and friends)
+    atomic_path,
+    check_output_dir,
+    check_output_file,
+    write_text_atomic,
+)
 
 
 # ---------------------------------------------------------------------------------------------- atomic
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temp_path = Path(temp)
-    try:
-        yield temp_path
-        os.replace(temp_path, path)
-    finally:
-        if temp_path.exists():
-            temp_path.unlink()
+# The writer and the output checks live in matchers.files (the lowest layer; match plots use them too).
+# atomic_path: temp file + one rename, the umask's permissions, no partial file on failure.
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_path(path) as temp:
-        temp.write_text(text)
+def check_match_outputs(features: str | Path, matches: str | Path) -> None:
+    """match_dense's outputs, checked before any pair is matched (a folder or a read-only place fails now)."""
+    features, matches = Path(features), Path(matches)
+    check_output_file(features, "--features", example="features.h5")
+    check_output_file(matches, "--matches", example="matches.h5")
+    if os.path.abspath(features) == os.path.abspath(matches):
+        raise UserError(f"{features}: --features and --matches name the same file; give two file names")
+    raw = Path(str(matches) + ".raw")  # match_dense keeps the raw per-pair matches there
+    if os.path.lexists(raw) and not raw.is_dir():
+        raise UserError(f"{raw}: is a file, but match_dense keeps raw matches in this folder; move the file away")
 
 
 # ----------------------------------------------------------------------------------------------- pairs

@@ -347,6 +347,7 @@ def main(
             camera_mode=camera_mode, device=device,
         )
     images, outputs = Path(images), Path(outputs)
+    io.check_output_dir(outputs, "--outputs")  # a file or a read-only place fails now, not after matching
     timer = _Timer()
     start = time.perf_counter()
     paths = {

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from matchers.errors import UserError, run_cli
+from matchers.files import check_output_dir
 from matchers.factory import OFFLINE_WEIGHTS
 
 MATCHER_CHOICES = ("auto", "loftr", "sift")
@@ -82,6 +83,7 @@ def main(
         raise UserError(f"unknown matcher {matcher!r}; choose one of {', '.join(MATCHER_CHOICES)}")
     start = time.perf_counter()
     outputs = Path(outputs)
+    check_output_dir(outputs, "--outputs")
     scene_dir = outputs / "scene"
     config = SceneConfig(width=width, height=height, num_views=views, seed=seed)
     print(f"rendering a synthetic scene: {views} views of {width}x{height} (seed {seed}) -> {scene_dir}")

@@ -50,6 +50,7 @@ from datasets.imc import (
 )
 from matchers.base import Matcher, Matches
 from matchers.errors import UserError, run_cli
+from matchers.files import check_output_dir, check_output_file
 from matchers.image_io import read_gray
 from pipeline.tta import ROTATION_MODES, PreparedView, TTAConfig, View, first_views, match_pair, prepare_view, second_views
 from recipes.imc_metrics import IMC2022_THRESHOLDS, fundamental_pose_errors, mean_average_accuracy, relative_pose
@@ -258,6 +259,9 @@ def main(
     start = time.monotonic()
     config = config if config is not None else IMC2022Config()
     data, output = Path(data), Path(output)
+    check_output_file(output, "--output", example="submission.csv")  # fail now, not after matching
+    if cache_dir is not None:
+        check_output_dir(cache_dir, "--cache")
     rows = read_test_2022(data / "test.csv")
     paths = check_images(data, rows)
     if score:  # fail on missing ground truth now, not after matching

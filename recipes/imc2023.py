@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from datasets.imc import Pose, SceneImages, list_scenes_2023, read_labels_2023, read_submission_2023, write_submission_2023
 from matchers.errors import UserError, run_cli
-from pipeline.io import write_text_atomic
+from pipeline.io import check_output_dir, check_output_file, write_text_atomic
 from recipes.imc_metrics import average_over_datasets, scene_maa_2023, thresholds_2023
 
 logger = logging.getLogger(__name__)
@@ -203,6 +203,9 @@ def main(
     start = time.monotonic()
     config = config if config is not None else IMC2023Config()
     data, output = Path(data), Path(output)
+    check_output_file(output, "--output", example="submission.csv")  # fail now, not after mapping
+    if work_dir is not None:
+        check_output_dir(work_dir, "--work")
     if score:
         if split == "test":
             raise UserError("--score needs the train split (ground truth is only in train/train_labels.csv)")
