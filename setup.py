@@ -26,6 +26,7 @@ setup(
         "pycolmap>=4.0",
         "h5py",
         "matplotlib",
+        "plotly",  # the interactive model viewer (reconstruction.html, plotly.js inlined)
         "tqdm",
         "pillow",
         "pandas",

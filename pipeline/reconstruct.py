@@ -450,6 +450,11 @@ def main(
 
                 title = images.parent.name if images.name == "images" else images.name
                 plot_reconstruction(reconstruction, paths["png"], title=title)
+            if not (resumed and (outputs / "reconstruction.html").is_file()):  # the interactive viewer
+                from pipeline.viz import write_html
+
+                write_html(reconstruction, outputs / "reconstruction.html",
+                           title=images.parent.name if images.name == "images" else images.name)
 
     description = matcher_object.describe()
     summary: dict[str, Any] = {

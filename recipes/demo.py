@@ -113,7 +113,8 @@ def main(
     print(reconstruct.format_summary(summary))
     print(f"accuracy against the known cameras: {accuracy.describe()}")
     print(f"matcher used: {summary['matcher']}, weights: {summary.get('weights') or 'none (weight-free)'}")
-    print(f"demo finished in {seconds:.1f} s; model plot: {outputs / 'sfm_run' / 'reconstruction.png'}")
+    print(f"demo finished in {seconds:.1f} s; model plot: {outputs / 'sfm_run' / 'reconstruction.png'}; "
+          f"interactive viewer (opens offline in a browser): {outputs / 'sfm_run' / 'reconstruction.html'}")
     return DemoResult(
         summary["matcher"], summary.get("weights"), summary["registered"], summary["total"], summary,
         accuracy.to_dict(), seconds,
@@ -121,7 +122,8 @@ def main(
 
 
 def main_cli(argv: list[str] | None = None) -> DemoResult:
-    parser = argparse.ArgumentParser(description="Reconstruct a rendered synthetic scene and report accuracy.")
+    parser = argparse.ArgumentParser(prog="python -m recipes.demo",
+                                     description="Reconstruct a rendered synthetic scene and report accuracy.")
     parser.add_argument("--outputs", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--matcher", choices=MATCHER_CHOICES, default="auto",
                         help="auto: LoFTR with official weights when available, else loftr-compact (announced)")

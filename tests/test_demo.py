@@ -51,4 +51,6 @@ def test_demo_runs_offline(tmp_path: Path) -> None:
     accuracy = json.loads((tmp_path / "demo" / "accuracy.json").read_text())
     assert accuracy["num_registered"] >= 11 and accuracy["median_rotation_error"] < 0.5
     assert (tmp_path / "demo" / "sfm_run" / "reconstruction.png").is_file()
+    viewer = (tmp_path / "demo" / "sfm_run" / "reconstruction.html").read_text()
+    assert f'data-cameras="{accuracy["num_registered"]}"' in viewer and "reconstruction.html" in out
     assert seconds < 120

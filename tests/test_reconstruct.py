@@ -88,6 +88,8 @@ def test_outputs_follow_hloc_and_colmap_formats(temple_run: dict) -> None:
     assert set(summary["timings"]) >= {"check_images", "pairs", "matching", "database", "mapping", "total"}
     png = (out / "reconstruction.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    viewer = (out / "reconstruction.html").read_text()  # the interactive viewer, self-contained
+    assert 'data-cameras="12"' in viewer
 
 
 def test_database_keypoints_use_colmap_origin(temple_run: dict) -> None:
