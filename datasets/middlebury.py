@@ -177,7 +177,7 @@ def main(par: Path, output: Path, images: Path | None = None) -> Path:
 
 
 def main_cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m datasets.middlebury", description=__doc__.split("\n")[0])
     parser.add_argument("--par", type=Path, required=True, help="Middlebury *_par.txt camera file")
     parser.add_argument("--output", type=Path, required=True, help="output folder for the COLMAP model")
     parser.add_argument("--images", type=Path, help="image folder (to read image sizes; default 640x480)")

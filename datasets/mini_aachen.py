@@ -218,7 +218,7 @@ def _subset(text: str) -> tuple[int, int]:
 
 def main_cli(argv: "list[str] | None" = None) -> dict:
     defaults = MiniAachenConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m datasets.mini_aachen", description=__doc__.split("\n")[0])
     parser.add_argument("--source", type=Path, required=True, help="folder with images/ and a *_par.txt file")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--scene-scale", type=float, default=defaults.scene_scale, help="metres per source unit")

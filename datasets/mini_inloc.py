@@ -165,7 +165,7 @@ def main(output: str | Path, config: MiniInLocConfig | None = None) -> dict:
 
 def main_cli(argv: "list[str] | None" = None) -> dict:
     defaults = MiniInLocConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m datasets.mini_inloc", description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--scans", type=int, default=defaults.num_scans)
     parser.add_argument("--cutouts-per-scan", type=int, default=defaults.cutouts_per_scan)

@@ -222,7 +222,7 @@ def _as_dict(stats: object) -> dict:
 
 
 def main_cli(argv: "list[str] | None" = None) -> AachenOutputs:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m localization.aachen", description=__doc__.split("\n")[0])
     add_benchmark_arguments(parser, "Aachen v1.1 folder", "outdoor", "pairs-query-netvlad50.txt", 50)
     parser.add_argument("--num-covis", type=int, default=20, help="covisible db pairs per db image (default 20)")
     args = parser.parse_args(argv)

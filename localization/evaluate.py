@@ -167,7 +167,7 @@ def main(
 
 
 def main_cli(argv: "list[str] | None" = None) -> Evaluation:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m localization.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--gt", type=Path, required=True, help="ground-truth pose file (name qw qx qy qz tx ty tz)")
     parser.add_argument("--results", type=Path, required=True, help="estimated poses or a submission file")
     parser.add_argument("--thresholds", default="all", help="aachen, inloc, all, or 'm,deg;m,deg' (default all)")

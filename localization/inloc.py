@@ -311,7 +311,7 @@ def default_max_error(cameras: "Iterable[pycolmap.Camera]") -> float:
 
 
 def main_cli(argv: "list[str] | None" = None) -> InLocOutputs:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m localization.inloc", description=__doc__.split("\n")[0])
     add_benchmark_arguments(parser, "InLoc folder (query/, database/)", "indoor", "pairs-query-netvlad40.txt", 40)
     args = parser.parse_args(argv)
     weights = args.weights if args.weights is not None or args.matcher != "loftr" else "indoor"

@@ -437,7 +437,10 @@ def add_benchmark_arguments(
     parser.add_argument("--dataset", type=Path, required=True, help=dataset_help)
     parser.add_argument("--outputs", type=Path, required=True, help="output folder")
     parser.add_argument("--matcher", default="loftr", help="loftr or sift (default loftr)")
-    parser.add_argument("--weights", default=None, help=f"LoFTR checkpoint name or path (default {default_weights})")
+    from matchers.factory import WEIGHTS_HELP
+
+    parser.add_argument("--weights", default=None, help=WEIGHTS_HELP if default_weights == "outdoor" else
+                        f"LoFTR checkpoint name or path (default {default_weights}, never swapped for other weights)")
     parser.add_argument("--resize", type=int, default=None, help="longest side for matching")
     parser.add_argument("--pairs-query", default=None,
                         help=f"query-db pairs file (e.g. hloc's {pairs_example}), or 'exhaustive'")
@@ -485,7 +488,7 @@ def config_from_args(args: argparse.Namespace, default_max_error: float = 12.0) 
 
 
 def main_cli(argv: "list[str] | None" = None) -> LocalizationResult:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m localization.localize", description=__doc__.split("\n")[0])
     parser.add_argument("--reference-sfm", type=Path, required=True, help="COLMAP reference model folder")
     parser.add_argument("--queries", type=Path, required=True, help="query list 'name MODEL W H params...'")
     parser.add_argument("--pairs", type=Path, required=True, help="query-db pairs (retrieval)")

@@ -19,10 +19,15 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("bf16", "fp16")
 #: what LoFTR falls back to when no weights are named and the official ones cannot be had (shipped in the package)
 OFFLINE_WEIGHTS = "loftr-compact"
+#: ``--weights`` help of every CLI whose default is "no weights named"
+WEIGHTS_HELP = ("LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, ...) or a .ckpt path; "
+                "default: $LOFTR_WEIGHTS, else outdoor (downloaded once), else offline the shipped, "
+                "weaker loftr-compact")
 
 
 def _default_loftr(device: str):
-    """The default LoFTR weights, or offline the shipped compact ones, said on stderr (a named file is never swapped)."""
+    """The default LoFTR weights, or offline the shipped compact ones, said on stderr in three short lines
+    (a named file is never swapped)."""
     from .loftr import load_pretrained
 
     try:
@@ -34,10 +39,17 @@ def _default_loftr(device: str):
             model = load_pretrained(OFFLINE_WEIGHTS, device)
         except UserError:
             raise error from None
-        print(f"warning: official LoFTR weights unavailable ({str(error).split(';')[0]}); using the project's "
-              f"offline {OFFLINE_WEIGHTS} weights, which are much weaker (matchers/loftr/weights/MODEL_CARD.md). "
-              f"Pass --weights PATH or set LOFTR_WEIGHTS to use the official ones.", file=sys.stderr)
+        print(f"warning: official LoFTR weights unavailable ({unavailable_reason(error)});\n"
+              f"  using the shipped {OFFLINE_WEIGHTS} weights, much weaker (matchers/loftr/weights/MODEL_CARD.md);\n"
+              f"  for the official ones pass --weights PATH or set LOFTR_WEIGHTS", file=sys.stderr)
         return model
+
+
+def unavailable_reason(error: BaseException, limit: int = 52) -> str:
+    """The short reason in a weights loader's message ('download failed, no internet? (...)'), for one line."""
+    text = str(error).split(";")[0]
+    text = text.split("are not available: ", 1)[-1].strip()
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -5,6 +5,8 @@ shows them (EXIF orientation applied). Unreadable files raise :class:`~matchers.
 """
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,30 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+
+#: The largest image (width x height) any step decodes: PIL's own hard limit (twice its
+#: ``Image.MAX_IMAGE_PIXELS`` warning level, ~13,400 x 13,400); larger files may be decompression bombs.
+MAX_IMAGE_PIXELS = 178_956_970
+
+
+def pixel_limit_reason(width: int | None = None, height: int | None = None, pixels: int | None = None) -> str:
+    """'W x H = N megapixels, more than the 179 that are decoded safely' (for any step that refuses an image)."""
+    size = f"{width}x{height} = " if width and height else ""
+    count = pixels if pixels is not None else (width or 0) * (height or 0)
+    amount = f"{count / 1e6:.0f} megapixels" if count else "too many pixels"
+    return f"{size}{amount}, more than the {MAX_IMAGE_PIXELS / 1e6:.0f} that are decoded safely"
+
+
+def bomb_pixels(error: Exception) -> int | None:
+    """The pixel count in PIL's DecompressionBombError message."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return int(found.group(1)) if found else None
+
+
+def too_many_pixels(path: str | Path, width: int | None = None, height: int | None = None, pixels: int | None = None) -> str:
+    """The one-line message for an image above :data:`MAX_IMAGE_PIXELS`."""
+    return (f"{path}: the image has {pixel_limit_reason(width, height, pixels)}; downscale it (matchers work at "
+            f"a few megapixels) or remove it")
 
 
 def is_image_file(path: Path) -> bool:
@@ -33,14 +59,15 @@ def read_rgb(path: str | Path) -> np.ndarray:
     if path.stat().st_size == 0:
         raise UserError(f"{path}: the file is empty (0 bytes); remove it or copy it again")
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            array = _to_float_rgb(image)
-    except Image.DecompressionBombError:
-        raise UserError(
-            f"{path}: the image is larger than {Image.MAX_IMAGE_PIXELS} pixels; downscale it (matchers work at "
-            "a few megapixels at most) or remove it"
-        ) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is the one
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise UserError(too_many_pixels(path, image.width, image.height))
+                image = ImageOps.exif_transpose(image)
+                array = _to_float_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise UserError(too_many_pixels(path, pixels=bomb_pixels(error))) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise UserError(f"{path}: cannot be read as an image ({error}); remove it or re-export it") from None
     return array

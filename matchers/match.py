@@ -18,7 +18,7 @@ import numpy as np
 from .base import Matches
 from .errors import run_cli
 from .files import check_output_file
-from .factory import DEVICES, MATCHERS, make_matcher
+from .factory import DEVICES, MATCHERS, WEIGHTS_HELP, make_matcher
 from .image_io import read_rgb, to_gray
 from .viz import plot_matches
 
@@ -74,9 +74,7 @@ def main_cli(argv: list[str] | None = None) -> Matches:
     parser.add_argument("image0", type=Path)
     parser.add_argument("image1", type=Path)
     parser.add_argument("--matcher", choices=MATCHERS, default="loftr")
-    parser.add_argument(
-        "--weights", default=None, help="LoFTR weights: outdoor (default), indoor, indoor_ds_new, ... or a .ckpt path"
-    )
+    parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     parser.add_argument(
         "--resize", type=int, default=None, help="longest side used for matching (default: matcher's own; 0 = original)"
     )

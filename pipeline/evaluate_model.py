@@ -169,7 +169,10 @@ def main(model: Path, gt: Path, output: Path | None = None) -> ModelAccuracy:
 
 
 def main_cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Accuracy of a COLMAP model against ground-truth cameras.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate_model",
+        description="Accuracy of a COLMAP model against ground-truth cameras.",
+    )
     parser.add_argument("--model", type=Path, required=True, help="COLMAP model folder (e.g. OUT/sfm)")
     parser.add_argument("--gt", type=Path, required=True, help="Middlebury *_par.txt file or GT COLMAP model folder")
     parser.add_argument("--output", type=Path, help="write the figures as JSON here")

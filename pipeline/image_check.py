@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from matchers.errors import UserError, run_cli
-from matchers.image_io import is_image_file
+from matchers.image_io import MAX_IMAGE_PIXELS, bomb_pixels, is_image_file, pixel_limit_reason
 from pipeline.images import list_images
 from pipeline.io import resolve_image
 
@@ -85,15 +85,18 @@ def inspect_image(path: Path, huge_pixels: int = HUGE_PIXELS) -> tuple[tuple[int
                 width, height = image.size
                 orientation = image.getexif().get(0x0112, 1)
                 mode = image.mode
-                if width * height > huge_pixels:
-                    remarks.append(f"huge ({width}x{height}); the matcher resizes it")
-                    if image.format == "JPEG":  # decode at reduced scale: same truncation check, less memory
-                        image.draft("L", (max(1, width // 8), max(1, height // 8)))
-                image.load()
-    except Image.DecompressionBombError as error:
-        raise ValueError(f"too large to decode safely ({error})") from None
+                if width * height <= MAX_IMAGE_PIXELS:  # larger: refused below, without decoding
+                    if width * height > huge_pixels:
+                        remarks.append(f"huge ({width}x{height}); the matcher resizes it")
+                        if image.format == "JPEG":  # decode at reduced scale: same truncation check, less memory
+                            image.draft("L", (max(1, width // 8), max(1, height // 8)))
+                    image.load()
+    except Image.DecompressionBombError as error:  # PIL refuses at the same limit, before the size is known
+        raise ValueError(f"too large: {pixel_limit_reason(pixels=bomb_pixels(error))}; downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot be decoded ({error})") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"too large: {pixel_limit_reason(width, height)}; downscale it")
     size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # rotated by 90/270 degrees
     if orientation not in (1, None):
         remarks.append(f"EXIF orientation {orientation} applied")
@@ -199,7 +202,10 @@ def main(images: Path, min_images: int = 2) -> ImageCheck:
 
 
 def main_cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Check an image folder: usable images, skipped files and why.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.image_check",
+        description="Check an image folder: usable images, skipped files and why.",
+    )
     parser.add_argument("--images", type=Path, required=True, help="image folder")
     parser.add_argument("--min-images", type=int, default=2)
     args = parser.parse_args(argv)

@@ -226,7 +226,10 @@ def main(
 
 
 def main_cli(argv: Sequence[str] | None = None) -> list[Pair]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.pairs",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--method", choices=METHODS, default="exhaustive")
     parser.add_argument("--images", type=Path)

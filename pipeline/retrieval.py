@@ -600,7 +600,10 @@ def pairs_from_images(
 
 
 def main_cli(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.retrieval",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--images", type=Path, required=True, help="image folder")
     parser.add_argument("--image-list", type=Path, help="describe only these images (one name per line)")
     parser.add_argument("--output", type=Path, default=Path("global-features.h5"))

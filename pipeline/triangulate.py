@@ -190,7 +190,10 @@ def main(
 
 
 def main_cli(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Triangulate matches into a reference COLMAP model with known poses.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.triangulate",
+        description="Triangulate matches into a reference COLMAP model with known poses.",
+    )
     parser.add_argument("--reference", type=Path, required=True, help="reference COLMAP model folder (posed images)")
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--pairs", type=Path, required=True)

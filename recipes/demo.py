@@ -19,7 +19,7 @@ from pathlib import Path
 
 from matchers.errors import UserError, run_cli
 from matchers.files import check_output_dir
-from matchers.factory import OFFLINE_WEIGHTS
+from matchers.factory import OFFLINE_WEIGHTS, WEIGHTS_HELP, unavailable_reason
 
 MATCHER_CHOICES = ("auto", "loftr", "sift")
 COMPACT_WEIGHTS = OFFLINE_WEIGHTS  # shipped with the project, trained on a CPU (weaker than the official ones)
@@ -54,11 +54,11 @@ def choose_matcher(requested: str, weights: str | None, device: str) -> tuple[st
                 pass
             else:
                 return "loftr", COMPACT_WEIGHTS, (
-                    f"official LoFTR weights unavailable offline ({error}); this demo uses the project's "
-                    f"{COMPACT_WEIGHTS} weights (see matchers/loftr/weights/MODEL_CARD.md)"
+                    f"official LoFTR weights unavailable offline ({unavailable_reason(error)});\n"
+                    f"  this demo uses the project's {COMPACT_WEIGHTS} weights (see matchers/loftr/weights/MODEL_CARD.md)"
                 )
         return "sift", None, (
-            f"LoFTR weights unavailable offline ({error}); this demo uses the weight-free SIFT matcher"
+            f"LoFTR weights unavailable offline ({str(error).split(';')[0]});\n  this demo uses the weight-free SIFT matcher"
         )
     name = matcher.describe().get("weights") or weights
     return "loftr", weights, f"matcher: LoFTR with weights {name}"
@@ -127,7 +127,7 @@ def main_cli(argv: list[str] | None = None) -> DemoResult:
     parser.add_argument("--outputs", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--matcher", choices=MATCHER_CHOICES, default="auto",
                         help="auto: LoFTR with official weights when available, else loftr-compact (announced)")
-    parser.add_argument("--weights", help="LoFTR weights name or path (default: outdoor / LOFTR_WEIGHTS)")
+    parser.add_argument("--weights", help=WEIGHTS_HELP)
     parser.add_argument("--views", type=int, default=12)
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)

@@ -94,7 +94,7 @@ class IMC2022Config:
     """What the recipe runs: the matcher, its test-time augmentation, and the F estimation."""
 
     matcher: str = "loftr"
-    weights: str | None = None  # LoFTR checkpoint name or path (default outdoor); None for SIFT
+    weights: str | None = None  # LoFTR checkpoint name or path; None: outdoor (offline loftr-compact), or SIFT
     resize: tuple[int, ...] = ()  # longest sides matched and merged; () = the matcher's default size
     rotation: str = "none"  # none | best | union (image 2 also matched at 90/180/270 degrees)
     both_directions: bool = False  # also match (2, 1) and merge
@@ -373,14 +373,14 @@ def score_submission(submission: Path, test_csv: Path, gt_dir: Path) -> Score202
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from matchers.factory import DEVICES, MATCHERS
+    from matchers.factory import DEVICES, MATCHERS, WEIGHTS_HELP
 
     defaults = FundamentalOptions()
     parser = argparse.ArgumentParser(prog="python -m recipes.imc2022", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="competition folder with test.csv and test_images/")
     parser.add_argument("--output", type=Path, default=Path("submission.csv"))
     parser.add_argument("--matcher", choices=MATCHERS, default="loftr")
-    parser.add_argument("--weights", default=None, help="LoFTR checkpoint name or path (default outdoor)")
+    parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     parser.add_argument("--resize", type=int, nargs="+", default=None,
                         help="longest side(s) for matching; several are matched and merged (e.g. 840 1280); 0 = original")
     parser.add_argument("--rotation", choices=PAIR_ROTATION_MODES, default="none")

@@ -53,7 +53,7 @@ class IMC2023Config:
     """What the recipe runs per scene."""
 
     matcher: str = "loftr"
-    weights: str | None = None  # LoFTR checkpoint name or path (default outdoor); None for SIFT
+    weights: str | None = None  # LoFTR checkpoint name or path; None: outdoor (offline loftr-compact), or SIFT
     resize: tuple[int, ...] | None = None  # longest side(s) for matching; None = matcher default
     rotation: str | None = None  # none | auto | best | union (see pipeline.tta); None = reconstruct's default
     camera_mode: str = "auto"  # auto | single | per-image
@@ -294,7 +294,7 @@ def score_submission(submission: Path, labels: Path) -> Score2023:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from matchers.factory import DEVICES, MATCHERS
+    from matchers.factory import DEVICES, MATCHERS, WEIGHTS_HELP
 
     defaults = IMC2023Config()
     parser = argparse.ArgumentParser(prog="python -m recipes.imc2023", description=__doc__.split("\n\n")[0])
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=("auto", "train", "test"), default="auto",
                         help="auto: test when sample_submission.csv exists (train with --score)")
     parser.add_argument("--matcher", choices=MATCHERS, default=defaults.matcher)
-    parser.add_argument("--weights", default=None, help="LoFTR checkpoint name or path (default outdoor)")
+    parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     parser.add_argument("--resize", type=int, nargs="+", default=None, help="longest side(s) for matching; 0 = original")
     parser.add_argument("--rotation", choices=ROTATION_MODES, default=defaults.rotation)
     parser.add_argument("--camera-mode", choices=("auto", "single", "per-image"), default=defaults.camera_mode)

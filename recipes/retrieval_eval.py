@@ -84,7 +84,10 @@ def main(
 
 
 def main_cli(argv: Sequence[str] | None = None) -> RetrievalEval:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.retrieval_eval",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--gt", type=Path, required=True, help="Middlebury *_par.txt cameras")
     parser.add_argument("--descriptor", choices=retrieval.DESCRIPTORS, default="rootsift-vlad")

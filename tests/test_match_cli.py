@@ -49,8 +49,9 @@ def test_loftr_default_weights_offline_fall_back_to_the_shipped_compact_model(te
     run = run_match(*names, "--matcher", "loftr", "--resize", "320", "--out", str(tmp_path / "x.png"), env=env)
     assert run.returncode == 0, run.stderr
     warning = run.stderr.strip().splitlines()
-    assert len(warning) == 1 and warning[0].startswith("warning: official LoFTR weights unavailable")
-    assert "loftr-compact" in warning[0] and "--weights" in warning[0]
+    assert len(warning) == 3 and warning[0].startswith("warning: official LoFTR weights unavailable")
+    assert all(len(line) <= 100 for line in warning) and warning[1].startswith("  ") and warning[2].startswith("  ")
+    assert "loftr-compact" in warning[1] and "--weights" in warning[2] and "LOFTR_WEIGHTS" in warning[2]
     assert "loftr (loftr-compact)" in run.stdout  # the output names the weights used
     consistent = int(run.stdout.split(" consistent")[0].split(",")[-1].strip())
     assert consistent > 100  # adjacent temple views: a real geometry, not noise

@@ -33,6 +33,7 @@ from typing import Any, Literal, Mapping
 import torch
 
 from ..errors import UserError
+from ..files import atomic_path
 from .config import PRESET_NAMES, LoFTRConfig
 from .model import OFFICIAL_PREFIX, LoFTR
 
@@ -126,16 +127,28 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 f"torch.save({{'state_dict': torch.load(path)['state_dict']}}, 'clean.ckpt') and use that"
             ) from None
         raise UserError(f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(error)}); "
-                        f"download it again") from None
+                        f"{_corrupt_fix(path)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, IndexError, KeyError) as error:
         raise UserError(f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(error)}); "
-                        f"download it again") from None
+                        f"{_corrupt_fix(path)}") from None
     state_dict = _extract_state_dict(obj)
     if state_dict is None:
         raise UserError(f"{path} is not a LoFTR checkpoint: expected {{'state_dict': {{name: tensor}}}} or a state "
                         f"dict of tensors, found {_describe(obj)}")
     config = obj.get(CONFIG_KEY) if isinstance(obj, dict) and isinstance(obj.get(CONFIG_KEY), dict) else None
     return state_dict, config
+
+
+def _corrupt_fix(path: Path) -> str:
+    """What to do about an unreadable checkpoint: depends on who made the file."""
+    resolved = Path(os.path.abspath(path))
+    if resolved.parent == Path(os.path.abspath(PACKAGE_WEIGHTS_DIR)):
+        return "the file shipped with the project is damaged; reinstall the project (pip install -e .)"
+    downloadable = {spec.filename for spec in PRETRAINED.values() if spec.urls}
+    if resolved.parent == Path(os.path.abspath(cache_dir())) and resolved.name in downloadable:
+        return "it is a damaged download: delete it and it is downloaded again on the next run"
+    return ("check that it is the right file and copied completely, or re-save the weights with "
+            "torch.save({'state_dict': model.state_dict()}, PATH)")
 
 
 def _first_line(error: BaseException) -> str:
@@ -216,7 +229,6 @@ def cache_dir() -> Path:
 
 def _download(url: str, destination: Path) -> None:
     """Fetch ``url`` into ``destination`` via a temporary file; stalls longer than the timeout fail."""
-    from pipeline.io import atomic_path  # lazy: pipeline imports matchers
     from tqdm import tqdm
 
     request = urllib.request.Request(url, headers={"User-Agent": "loftr-sfm"})
@@ -345,8 +357,6 @@ def save_checkpoint(model: LoFTR, path: str | os.PathLike[str],
     Both are ``{'state_dict': {...}}``; ``include_config`` adds the model config under ``loftr_config`` so
     :func:`load_pretrained` rebuilds the same architecture (other loaders ignore the entry). Written atomically.
     """
-    from pipeline.io import atomic_path  # lazy: pipeline imports matchers
-
     if layout not in ("official", "kornia"):
         raise ValueError(f"layout must be 'official' or 'kornia', got {layout!r}")
     prefix = OFFICIAL_PREFIX if layout == "official" else ""
