@@ -516,7 +516,10 @@ def main(output: Path, config: SceneConfig | None = None) -> Scene:
 
 def main_cli(argv: list[str] | None = None) -> None:
     defaults = SceneConfig()
-    parser = argparse.ArgumentParser(description="Render a synthetic textured scene with known cameras and depth.")
+    parser = argparse.ArgumentParser(
+        prog="python -m datasets.synthetic",
+        description="Render a synthetic textured scene with known cameras and depth.",
+    )
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--views", type=int, default=defaults.num_views)
     parser.add_argument("--width", type=int, default=defaults.width)
