@@ -472,7 +472,7 @@ def match_config_from_args(args: argparse.Namespace):
     SIFT's keypoints as detected."""
     from pipeline.match_dense import DenseMatchConfig
 
-    refine = args.refine if args.refine is not None else default_refine(args.matcher)
+    refine = args.refine if args.refine is not None else default_refine(args.matcher, fixed_reference=True)
     if refine == "klt":
         return DenseMatchConfig(refine=refine, cell_size=KLT_CELL_SIZE, max_error=KLT_MAX_ERROR)
     return DenseMatchConfig(refine=refine)

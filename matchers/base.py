@@ -24,11 +24,19 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Matches:
-    """Correspondences between two images, in original pixel coordinates (hloc convention)."""
+    """Correspondences between two images, in original pixel coordinates (hloc convention).
+
+    Detector-free matchers also report where each match was found before sub-pixel refinement:
+    ``coarse0`` / ``coarse1`` are the centres of the matched coarse cells (LoFTR: the 1/8 grid), so
+    matches of different pairs that share a cell of an image can be joined into tracks exactly
+    (:mod:`pipeline.tracks`). Both are None for detectors (SIFT), whose keypoints are shared already.
+    """
 
     keypoints0: np.ndarray  # (M, 2) float32, [x, y]
     keypoints1: np.ndarray  # (M, 2) float32, [x, y]
     scores: np.ndarray  # (M,) float32, higher is more confident
+    coarse0: np.ndarray | None = None  # (M, 2) float32, centre of the coarse cell of each match in image 0
+    coarse1: np.ndarray | None = None  # (M, 2) float32, same in image 1
 
     def __post_init__(self) -> None:
         n = len(self.scores)
@@ -36,30 +44,62 @@ class Matches:
             raise ValueError(
                 f"inconsistent match arrays: {self.keypoints0.shape}, {self.keypoints1.shape}, {self.scores.shape}"
             )
+        if (self.coarse0 is None) != (self.coarse1 is None):
+            raise ValueError("coarse0 and coarse1 come together")
+        if self.coarse0 is not None and (self.coarse0.shape != (n, 2) or self.coarse1.shape != (n, 2)):
+            raise ValueError(f"inconsistent coarse arrays: {self.coarse0.shape}, {self.coarse1.shape}, {n} matches")
 
     def __len__(self) -> int:
         return len(self.scores)
 
+    @property
+    def has_coarse(self) -> bool:
+        return self.coarse0 is not None
+
     @staticmethod
-    def empty() -> "Matches":
-        return Matches(np.zeros((0, 2), np.float32), np.zeros((0, 2), np.float32), np.zeros((0,), np.float32))
+    def empty(coarse: bool = False) -> "Matches":
+        points = np.zeros((0, 2), np.float32)
+        return Matches(points, points, np.zeros((0,), np.float32), points if coarse else None,
+                       points if coarse else None)
 
     def swapped(self) -> "Matches":
         """The same correspondences seen from image 1 to image 0."""
-        return Matches(self.keypoints1, self.keypoints0, self.scores)
+        return Matches(self.keypoints1, self.keypoints0, self.scores, self.coarse1, self.coarse0)
 
     def subset(self, keep: np.ndarray) -> "Matches":
-        return Matches(self.keypoints0[keep], self.keypoints1[keep], self.scores[keep])
+        if self.coarse0 is None:
+            return Matches(self.keypoints0[keep], self.keypoints1[keep], self.scores[keep])
+        return Matches(self.keypoints0[keep], self.keypoints1[keep], self.scores[keep], self.coarse0[keep],
+                       self.coarse1[keep])
 
     @staticmethod
     def concatenate(parts: "list[Matches]") -> "Matches":
+        """All matches of ``parts``; coarse cells are kept only when every part has them."""
         if not parts:
             return Matches.empty()
-        return Matches(
-            np.concatenate([p.keypoints0 for p in parts]).astype(np.float32),
-            np.concatenate([p.keypoints1 for p in parts]).astype(np.float32),
-            np.concatenate([p.scores for p in parts]).astype(np.float32),
-        )
+        coarse = all(p.has_coarse for p in parts)
+
+        def stack(field: str) -> np.ndarray:
+            return np.concatenate([getattr(p, field) for p in parts]).astype(np.float32)
+
+        return Matches(stack("keypoints0"), stack("keypoints1"), stack("scores"),
+                       stack("coarse0") if coarse else None, stack("coarse1") if coarse else None)
+
+
+@dataclass(frozen=True)
+class CoarseGrid:
+    """The lattice the coarse cells of one image lie on, in original pixels: ``origin + step * (i, j)``."""
+
+    step: tuple[float, float]  # (x, y) spacing of cells
+    origin: tuple[float, float]  # (x, y) of cell (0, 0)
+
+    def cells(self, points: np.ndarray) -> np.ndarray:
+        """(N, 2) int64 cell indices of the nearest lattice points of ``points`` (N, 2)."""
+        return np.rint((np.asarray(points, np.float64) - self.origin) / self.step).astype(np.int64)
+
+    def centres(self, cells: np.ndarray) -> np.ndarray:
+        """(N, 2) float32 positions of ``cells`` (N, 2)."""
+        return (np.asarray(cells, np.float64) * self.step + self.origin).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -125,6 +165,11 @@ class Matcher(ABC):
         The default matches them one by one; matchers that gain from batching (LoFTR) override it.
         """
         return [self.match_prepared(prepared0, prepared1) for prepared0, prepared1 in pairs]
+
+    def coarse_grid(self, size: tuple[int, int]) -> CoarseGrid | None:
+        """The lattice of the ``coarse0`` / ``coarse1`` cells this matcher reports for an image of ``size``
+        (W, H); None for matchers without coarse cells (detectors)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """What was used, for summaries (matcher name, weights, options)."""

@@ -390,3 +390,27 @@ def build_database(
         num_inlier_matches=num_inliers,
     )
     return image_ids, stats
+
+
+def pair_counts(database_path: Path) -> dict[str, dict[str, int]]:
+    """Per image name: pairs with imported matches (``matched``) and pairs with a verified geometry
+    (``verified``), read from the database (sqlite, as COLMAP's own tools do)."""
+    import sqlite3
+
+    import pycolmap
+
+    connection = sqlite3.connect(f"file:{database_path}?mode=ro", uri=True)
+    try:
+        names = dict(connection.execute("SELECT image_id, name FROM images"))
+        counts = {name: {"matched": 0, "verified": 0} for name in names.values()}
+        for table, column, key in (("matches", "rows", "matched"), ("two_view_geometries", "rows", "verified")):
+            for pair_id, rows in connection.execute(f"SELECT pair_id, {column} FROM {table}"):
+                if not rows:
+                    continue
+                for image_id in pycolmap.pair_id_to_image_pair(pair_id):
+                    if image_id in names:
+                        counts[names[image_id]][key] += 1
+    finally:
+        connection.close()
+    return counts
+

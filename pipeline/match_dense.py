@@ -47,7 +47,8 @@ from matchers.image_io import image_size, read_gray, to_uint8
 from pipeline import io
 from pipeline.orientation import OrientationConfig, estimate_quarter_turns
 from pipeline.quantize import POSITIONS, ImageKeypoints, QuantizeConfig, aggregate_matches
-from pipeline.refine import REFINE_MODES, RefineConfig, refine_matches, refine_tracks
+from pipeline.refine import MATCH_REFINE_MODES, RefineConfig, refine_matches, refine_tracks
+from pipeline.tracks import TrackConfig, TrackStats, build_tracks
 from pipeline.tta import (ROTATION_MODES, PreparedView, TTAConfig, View, first_views, match_pair, match_views_batch,
                           prepare_view, second_views)
 
@@ -72,7 +73,9 @@ class DenseMatchConfig:
     num_workers: int = 1  # prefetching loader threads (0 = read in the main thread)
     keypoint_position: str = "mean"  # "mean" (weighted mean of the best sub-bin) or "bin" (hloc: its node)
     verify_threshold: float = 1.0  # px, MAGSAC++ threshold used by rotation="best"
-    refine: str = "none"  # none | klt: Lucas-Kanade sub-pixel refinement of each pair's image-1 points
+    #: none | klt: Lucas-Kanade sub-pixel refinement of each pair's image-1 points, then quantization |
+    #: tracks: exact tracks on the matcher's coarse cells, each refined against a reference view (pipeline.tracks)
+    refine: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resize", tuple(self.resize))
@@ -82,10 +85,16 @@ class DenseMatchConfig:
             raise UserError(f"batch_pairs must be >= 1, got {self.batch_pairs}")
         if self.num_workers < 0:
             raise UserError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.refine not in MATCH_REFINE_MODES:
+            raise UserError(f"unknown refinement {self.refine!r}; choose one of {', '.join(MATCH_REFINE_MODES)}")
+        if self.refine == "tracks" and (len(self.resize) != 1 or self.both_directions or self.rotation in ("best", "union")):
+            raise UserError("--refine tracks needs one matching size, one direction and rotation none or auto "
+                            "(tracks are built on the coarse cells of one grid per image)")
         try:
             self.quantize_config()
             self.tta_config()
             self.refine_config()
+            self.track_config()
         except ValueError as error:
             raise UserError(f"bad dense matching option: {error}") from None
 
@@ -96,7 +105,11 @@ class DenseMatchConfig:
         return TTAConfig(self.rotation, self.resize, self.both_directions, self.verify_threshold)
 
     def refine_config(self) -> RefineConfig:
-        return RefineConfig(self.refine)
+        """The per-pair refinement (none in ``tracks`` mode, which refines across views instead)."""
+        return RefineConfig(self.refine if self.refine != "tracks" else "none")
+
+    def track_config(self) -> TrackConfig:
+        return TrackConfig(max_kps=self.max_kps)
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,7 @@ class DenseMatchResult:
     matches_per_pair: dict[Pair, int] = field(default_factory=dict)
     pairs_turned: int = 0  # rotation="auto": pairs matched in this run with image 1 turned
     turns: dict[Pair, int] = field(default_factory=dict)  # rotation="auto": (first, second) -> k, nonzero only
+    tracks: TrackStats | None = None  # refine="tracks": how the tracks were built (None when up to date)
 
 
 # -------------------------------------------------------------------------------------------- pairs
@@ -336,10 +350,13 @@ class RawMatchStore:
             with np.load(path, allow_pickle=False) as data:
                 if (str(data["name0"]), str(data["name1"])) != pair:
                     return None
+                coarse = "coarse0" in data.files
                 return Matches(
                     data["keypoints0"].astype(np.float32).reshape(-1, 2),
                     data["keypoints1"].astype(np.float32).reshape(-1, 2),
                     data["scores"].astype(np.float32).reshape(-1),
+                    data["coarse0"].astype(np.float32).reshape(-1, 2) if coarse else None,
+                    data["coarse1"].astype(np.float32).reshape(-1, 2) if coarse else None,
                 )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             logger.warning("%s: unreadable raw matches (%s); recomputing them", path, error)
@@ -357,6 +374,8 @@ class RawMatchStore:
                 keypoints0=matches.keypoints0.astype(np.float32),
                 keypoints1=matches.keypoints1.astype(np.float32),
                 scores=matches.scores.astype(np.float32),
+                **({"coarse0": matches.coarse0.astype(np.float32), "coarse1": matches.coarse1.astype(np.float32)}
+                   if matches.has_coarse else {}),
             )
 
 
@@ -458,7 +477,8 @@ def run(
     stamp = _digest(
         {
             "matching": store.digest,
-            "quantize": asdict(config.quantize_config()),
+            "quantize": asdict(config.quantize_config()) if config.refine != "tracks" else None,
+            **({"tracks": asdict(config.track_config())} if config.refine == "tracks" else {}),
             "pairs": pair_list,
             "images": [_file_state(io.resolve_image(image_dir, name)) for name in names],
             "reference": None if reference_features is None else [str(reference_features), _file_state(Path(reference_features))],
@@ -482,7 +502,20 @@ def run(
 
     # The image with fixed keypoints goes second: the matcher refines its second image's points.
     swapped = {(a, b): a in reference and b not in reference for a, b in pair_list}
-    todo = [pair for pair in pair_list if store.load(pair, swapped[pair]) is None]
+    if config.refine == "tracks":
+        if reference:
+            raise UserError("--refine tracks rebuilds every keypoint; with --reference-features use --refine klt")
+        grids = {name: matcher.coarse_grid(sizes[name]) for name in names}
+        if any(grid is None for grid in grids.values()):
+            raise UserError(f"--refine tracks needs a detector-free matcher with coarse cells (e.g. loftr), "
+                            f"not {matcher.name}; use --refine none")
+
+    def stored(pair: Pair) -> bool:
+        found = store.load(pair, swapped[pair])
+        # Exact tracks need the coarse cells, which raw matches of older runs do not carry.
+        return found is not None and (config.refine != "tracks" or found.has_coarse)
+
+    todo = [pair for pair in pair_list if not stored(pair)]
     reused = len(pair_list) - len(todo)
     if reused:
         logger.info("reusing raw matches of %d/%d pairs from %s", reused, len(pair_list), store.root)
@@ -495,10 +528,21 @@ def run(
     stats = _match_pairs(todo, swapped, image_dir, matcher, config, store, turns)
     seconds_matching = time.perf_counter() - match_start
 
-    quantized = aggregate_matches(
-        pair_list, _RawMatches(store, swapped), config.quantize_config(),
-        {name: kp for name, (kp, _) in reference.items()},
-    )
+    track_stats = None
+    if config.refine == "tracks":
+        quantized, track_stats = build_tracks(
+            _RawMatches(store, swapped), grids, lambda name: read_gray(io.resolve_image(image_dir, name)), turns,
+            config.track_config(),
+        )
+        logger.info("exact tracks: %d tracks over %d observations; %d of %d raw matches in tracks (%d conflicts); "
+                    "%d of %d observations refined against their reference", track_stats.tracks,
+                    track_stats.observations, track_stats.in_tracks, track_stats.raw_matches, track_stats.conflicts,
+                    track_stats.refined, track_stats.candidates)
+    else:
+        quantized = aggregate_matches(
+            pair_list, _RawMatches(store, swapped), config.quantize_config(),
+            {name: kp for name, (kp, _) in reference.items()},
+        )
     if refine.enabled:
         quantized, track_stats = refine_tracks(
             quantized, lambda name: read_gray(io.resolve_image(image_dir, name)), refine, turns, fixed=set(reference)
@@ -523,7 +567,7 @@ def run(
     return DenseMatchResult(
         features, matches, len(pair_list), len(todo), reused, stats.prepare_calls, stats.cache_hits,
         stats.cache_misses, seconds_matching, time.perf_counter() - start, False, keypoints_count, match_count,
-        stats.pairs_turned, turned,
+        stats.pairs_turned, turned, track_stats,
     )
 
 
@@ -663,8 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest side for matching (0 = original); several sizes are matched and merged")
     parser.add_argument("--rotation", choices=ROTATION_MODES, default=defaults.rotation)
     parser.add_argument("--both-directions", action="store_true", help="also match (1, 0) and merge")
-    parser.add_argument("--refine", choices=REFINE_MODES, default=defaults.refine,
-                        help="klt: sub-pixel Lucas-Kanade refinement of each pair's second-image points")
+    parser.add_argument("--refine", choices=MATCH_REFINE_MODES, default=defaults.refine,
+                        help="klt: sub-pixel Lucas-Kanade refinement of each pair's second-image points; tracks: "
+                             "exact tracks on LoFTR's coarse cells, refined against one reference view each")
     parser.add_argument("--cell-size", type=int, default=defaults.cell_size)
     parser.add_argument("--max-error", type=float, default=defaults.max_error)
     parser.add_argument("--max-kps", type=int, default=defaults.max_kps, help="keypoints per image (0 = no limit)")

@@ -31,14 +31,20 @@ from matchers.image_io import to_uint8
 from pipeline.quantize import ImageKeypoints, QuantizedMatches
 
 REFINE_MODES = ("none", "klt")
+#: refinements of a dense matching step: per pair (klt) or exact tracks refined across views (pipeline.tracks)
+MATCH_REFINE_MODES = ("none", "klt", "tracks")
 #: quantization cell (px) for KLT-refined dense matches (radii differ per use: see pipeline.reconstruct and
 #: localization.localize); hloc's 8 px cell would merge refined points with others several pixels away
 KLT_CELL_SIZE = 4
 
 
-def default_refine(matcher: str) -> str:
-    """``klt`` for detector-free (dense) matchers, ``none`` for SIFT, whose keypoints are detections already."""
-    return "none" if matcher == "sift" else "klt"
+def default_refine(matcher: str, fixed_reference: bool = False) -> str:
+    """``none`` for SIFT, whose keypoints are detections already; for detector-free (dense) matchers ``tracks``
+    (exact tracks on coarse cells, :mod:`pipeline.tracks`), or ``klt`` when some images keep fixed reference
+    keypoints (localization: query points must snap to the database's keypoints, so tracks cannot be rebuilt)."""
+    if matcher == "sift":
+        return "none"
+    return "klt" if fixed_reference else "tracks"
 
 
 @dataclass(frozen=True)
@@ -237,4 +243,4 @@ def refine_tracks(
     return QuantizedMatches(keypoints, quantized.matches), stats
 
 
-__all__ = ["REFINE_MODES", "KLT_CELL_SIZE", "default_refine", "RefineConfig", "refine_matches", "TrackRefineStats", "refine_tracks"]
+__all__ = ["REFINE_MODES", "MATCH_REFINE_MODES", "KLT_CELL_SIZE", "default_refine", "RefineConfig", "refine_matches", "TrackRefineStats", "refine_tracks"]

@@ -121,11 +121,13 @@ def match_views_batch(matcher: Matcher, pairs: Sequence[tuple[PreparedView, Prep
 
 def _to_original(result: Matches, first: PreparedView, second: PreparedView) -> Matches:
     if len(result) == 0:
-        return Matches.empty()
+        return Matches.empty(result.has_coarse)
     return Matches(
         first.to_original(result.keypoints0),
         second.to_original(result.keypoints1),
         np.asarray(result.scores, np.float32),
+        first.to_original(result.coarse0) if result.has_coarse else None,
+        second.to_original(result.coarse1) if result.has_coarse else None,
     )
 
 

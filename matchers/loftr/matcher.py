@@ -14,7 +14,7 @@ from typing import Any, ContextManager, Literal, Sequence
 import numpy as np
 import torch
 
-from ..base import Matcher, Matches, ResizedImage, resize_image
+from ..base import CoarseGrid, Matcher, Matches, ResizedImage, resize_image
 from ..errors import UserError
 from .config import COARSE_STRIDE
 from .model import EncodedImage, LoFTR
@@ -24,12 +24,21 @@ from .weights import load_pretrained, resolve_device
 Precision = Literal["fp16", "bf16"]
 
 
+def _cell_centres(cell_ids: torch.Tensor, prepared: "PreparedImage") -> np.ndarray:
+    """Row-major coarse cell indices -> cell centres in the original image's pixels."""
+    width = prepared.encoded.coarse_shape[1]
+    ids = cell_ids.cpu().numpy()
+    points = np.stack([ids % width, ids // width], axis=1).astype(np.float32) * COARSE_STRIDE
+    return prepared.resized.to_original(points)
+
+
 def _to_matches(out: dict[str, torch.Tensor], prepared0: "PreparedImage", prepared1: "PreparedImage") -> Matches:
-    """Model outputs of one pair -> :class:`Matches` in each original image's pixels."""
+    """Model outputs of one pair -> :class:`Matches` in each original image's pixels, with the coarse cells."""
     kpts0 = out["keypoints0"].float().cpu().numpy()
     kpts1 = out["keypoints1"].float().cpu().numpy()
     scores = out["confidence"].float().cpu().numpy().astype(np.float32)
-    return Matches(prepared0.resized.to_original(kpts0), prepared1.resized.to_original(kpts1), scores)
+    return Matches(prepared0.resized.to_original(kpts0), prepared1.resized.to_original(kpts1), scores,
+                   _cell_centres(out["coarse_index0"], prepared0), _cell_centres(out["coarse_index1"], prepared1))
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,18 @@ class LoFTRMatcher(Matcher):
                 for k, out in zip(chunk, outs):
                     results[k] = _to_matches(out, *pairs[k])
         return [r for r in results if r is not None]
+
+    def coarse_grid(self, size: tuple[int, int]) -> CoarseGrid:
+        """The 1/8 grid of an image of ``size`` (W, H) after this matcher's resize, in original pixels."""
+        width, height = size
+        if self.resize:
+            factor = self.resize / max(width, height)
+            new_w = max(COARSE_STRIDE, int(round(width * factor / COARSE_STRIDE)) * COARSE_STRIDE)
+            new_h = max(COARSE_STRIDE, int(round(height * factor / COARSE_STRIDE)) * COARSE_STRIDE)
+        else:
+            new_w, new_h = width, height
+        scale = (width / new_w, height / new_h)
+        return CoarseGrid((COARSE_STRIDE * scale[0], COARSE_STRIDE * scale[1]), (0.5 * scale[0] - 0.5, 0.5 * scale[1] - 0.5))
 
     def describe(self) -> dict[str, Any]:
         threshold = self.match_threshold if self.match_threshold is not None else self.model.config.matching.thr

@@ -1,0 +1,459 @@
+"""Exact tracks from the coarse cells of detector-free matches, refined against one reference view per track.
+
+hloc's quantization (:mod:`pipeline.quantize`) snaps every raw point of an image to a shared keypoint
+within a radius; a detector-free matcher's image-1 points lie anywhere, so on adjacent temple_ring views
+only 52 % of LoFTR's raw matches survive it (4 px cells, 0.5 px radius) and the ones that do are averaged
+with their neighbours. Detector-Free SfM (He et al., CVPR 2024) builds tracks from the *coarse* matches
+instead: LoFTR finds each match between two cells of its 1/8 grids, and a cell of an image is the same
+cell in every pair, so the union over all pairs is exact. This module does that, then gives every
+observation a sub-pixel position relative to one reference view per track:
+
+1. **Nodes and edges.** A node is (image, coarse cell) — the cell of ``Matches.coarse0/1`` on the image's
+   grid (:meth:`matchers.base.Matcher.coarse_grid`; a view turned for matching lands within a pixel of the
+   upright grid and snaps to it). Every raw match is an edge between two nodes.
+2. **Tracks without conflicts.** Edges are joined by union-find in descending confidence; an edge that
+   would put two cells of one image into a track is dropped (a track is one scene point, seen at most
+   once per image). Components that hold no such conflict are taken whole. At most ``max_kps`` nodes per
+   image are kept (highest summed confidence), like hloc's dense quantization.
+3. **Positions.** Each track's reference is its most confident node, placed at its cell centre (exactly
+   LoFTR's image-0 point). The others get positions along a breadth-first tree from it: an edge says that
+   its two matched points (one on the grid, the other refined by LoFTR's fine stage) show the same point,
+   so a child is placed at its own matched point plus its parent's offset from the parent's matched point
+   (turned by the quarter turn between the images). Children of the reference thus get LoFTR's own
+   refinement against the reference's point.
+4. **Multi-view refinement** (``align``): every observation is then aligned to the reference view itself
+   (:mod:`pipeline.align`: the target patch warped by the local affine map that the tracks seen in both
+   images give, only the translation solved for), so all views of a track measure the same point and not
+   a chain of neighbours' points.
+
+The result is a :class:`pipeline.quantize.QuantizedMatches` (keypoints per image, one-to-one matches per
+pair): the raw matches whose two cells ended in one track.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from matchers.base import CoarseGrid, Matches, rotate_points_back
+from matchers.image_io import to_uint8
+from tqdm import tqdm
+
+from pipeline.align import AlignConfig, align_points, local_affines
+from pipeline.quantize import ImageKeypoints, PairMatches, QuantizedMatches
+
+Pair = tuple[str, str]
+TRACK_REFINE_MODES = ("none", "align")
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    """How exact tracks are built and refined (see the module docstring)."""
+
+    max_kps: int | None = 8192  # nodes kept per image (best summed confidence); None = all
+    #: neighbouring cells of one image in one track become one keypoint when their refined positions agree
+    #: within this radius (px); a cell further off keeps no keypoint (its matches are dropped)
+    merge_radius: float = 1.5
+    refine: str = "align"  # none | align: every observation aligned to its track's reference view (pipeline.align)
+    align: AlignConfig = field(default_factory=AlignConfig)  # photometric alignment against the reference view
+
+    def __post_init__(self) -> None:
+        if self.refine not in TRACK_REFINE_MODES:
+            raise ValueError(f"track refinement must be one of {TRACK_REFINE_MODES}, got {self.refine!r}")
+        if self.max_kps is not None and self.max_kps < 1:
+            raise ValueError(f"max_kps must be >= 1 or None, got {self.max_kps}")
+
+
+@dataclass(frozen=True)
+class TrackStats:
+    """What :func:`build_tracks` did, for summaries."""
+
+    raw_matches: int  # raw matches of all pairs
+    in_tracks: int  # raw matches whose two cells ended in one track (they become the output matches)
+    conflicts: int  # raw matches dropped: they would join two cells of one image
+    dropped_max_kps: int  # raw matches dropped with nodes beyond max_kps
+    tracks: int
+    observations: int
+    length_histogram: dict[int, int]  # track length -> tracks
+    refined: int  # observations the multi-view refinement moved (accepted by its checks)
+    candidates: int  # observations it tried (all but the references)
+    median_shift: float  # px, median displacement of the refined observations from their tree estimate
+    median_cell_offset: float  # px, median distance of final positions from their cell centres
+    merged_cells: int = 0  # cells joined with a neighbouring cell of the same image and track into one keypoint
+
+
+@dataclass
+class _Graph:
+    names: list[str]
+    node_image: np.ndarray  # (N,) image index
+    node_cell: np.ndarray  # (N, 2) cell
+    edges: np.ndarray  # (E, 2) node ids
+    points: np.ndarray  # (E, 2, 2) the matched points of each edge, per end
+    scores: np.ndarray  # (E,)
+
+
+def _graph(raw: Mapping[Pair, Matches], grids: Mapping[str, CoarseGrid]) -> _Graph:
+    """Nodes (image, cell) and one edge per raw match, duplicates (same two nodes) kept once, best first."""
+    names = sorted({name for pair in raw for name in pair})
+    index = {name: i for i, name in enumerate(names)}
+    ends, points, scores = [], [], []
+    for (name0, name1), matches in raw.items():
+        if len(matches) == 0:
+            continue
+        if not matches.has_coarse:
+            raise ValueError(f"matches of {name0} / {name1} have no coarse cells; exact tracks need a dense matcher")
+        cells0, cells1 = grids[name0].cells(matches.coarse0), grids[name1].cells(matches.coarse1)
+        image0 = np.full((len(matches), 1), index[name0])
+        image1 = np.full((len(matches), 1), index[name1])
+        ends.append(np.stack([np.hstack([image0, cells0]), np.hstack([image1, cells1])], axis=1))  # (M, 2, 3)
+        points.append(np.stack([matches.keypoints0, matches.keypoints1], axis=1))
+        scores.append(matches.scores)
+    if not ends:
+        empty = np.zeros((0, 2), np.int64)
+        return _Graph(names, empty[:, 0], empty, empty, np.zeros((0, 2, 2), np.float32), np.zeros(0, np.float32))
+    ends_all = np.concatenate(ends)
+    keys, inverse = np.unique(ends_all.reshape(-1, 3), axis=0, return_inverse=True)
+    edges = inverse.reshape(-1, 2)
+    points_all = np.concatenate(points).astype(np.float32)
+    scores_all = np.concatenate(scores).astype(np.float32)
+    # One edge per node pair (a pair's cells are matched once; a turned view can snap two matches together).
+    order = np.lexsort((-scores_all, np.minimum(edges[:, 0], edges[:, 1]), np.maximum(edges[:, 0], edges[:, 1])))
+    sorted_edges = np.sort(edges[order], axis=1)
+    first = np.r_[True, np.any(sorted_edges[1:] != sorted_edges[:-1], axis=1)]
+    keep = order[first]
+    return _Graph(names, keys[:, 0], keys[:, 1:], edges[keep], points_all[keep], scores_all[keep])
+
+
+def _unique_image_union(graph: _Graph, max_cell_spread: int = 1) -> np.ndarray:
+    """Accepted edges (bool (E,)): union-find in descending confidence, refusing unions that would put two
+    cells of one image more than ``max_cell_spread`` cells apart in a component. Components without a
+    repeated image are accepted without the loop."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    num_nodes, edges = len(graph.node_image), graph.edges
+    accepted = np.ones(len(edges), bool)
+    if len(edges) == 0:
+        return accepted
+    matrix = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(num_nodes, num_nodes))
+    _, label = connected_components(matrix, directed=False)
+    image_in_label = label.astype(np.int64) * (int(graph.node_image.max()) + 1) + graph.node_image
+    _, counts = np.unique(image_in_label, return_counts=True)
+    repeated = np.unique(image_in_label)[counts > 1] // (int(graph.node_image.max()) + 1)
+    conflicted = np.isin(label[edges[:, 0]], repeated)
+    if not conflicted.any():
+        return accepted
+    parent = list(range(num_nodes))
+    members: dict[int, dict[int, list[int]]] = {}  # root -> image -> nodes
+    cells = graph.node_cell.tolist()
+
+    def find(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    def compatible(nodes: list[int]) -> bool:
+        # Cells of one image within a 2 x 2 block: one scene point near their common corner, which LoFTR matched
+        # from different pairs into neighbouring cells; further apart, they are different points.
+        xs, ys = [cells[n][0] for n in nodes], [cells[n][1] for n in nodes]
+        return max(xs) - min(xs) <= max_cell_spread and max(ys) - min(ys) <= max_cell_spread
+
+    image_of = graph.node_image.tolist()
+    candidates = np.nonzero(conflicted)[0]
+    candidates = candidates[np.argsort(-graph.scores[candidates], kind="stable")]
+    for edge in candidates.tolist():
+        a, b = int(edges[edge, 0]), int(edges[edge, 1])
+        ra, rb = find(a), find(b)
+        if ra == rb:
+            continue
+        set_a = members.get(ra) or {image_of[ra]: [ra]}
+        set_b = members.get(rb) or {image_of[rb]: [rb]}
+        if len(set_a) < len(set_b):
+            ra, rb, set_a, set_b = rb, ra, set_b, set_a
+        shared = [image for image in set_b if image in set_a]
+        if any(not compatible(set_a[image] + set_b[image]) for image in shared):
+            accepted[edge] = False
+            continue
+        for image, nodes in set_b.items():
+            set_a.setdefault(image, []).extend(nodes)
+        parent[rb] = ra
+        members[ra] = set_a
+        members.pop(rb, None)
+    # An edge skipped as "same component" joins two nodes of one component: consistent by construction.
+    return accepted
+
+
+def _components(num_nodes: int, edges: np.ndarray) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    matrix = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(num_nodes, num_nodes))
+    return connected_components(matrix, directed=False)[1]
+
+
+def _turn_offsets(k: int) -> np.ndarray:
+    """(2, 2) linear part of :func:`rotate_points_back` for ``k`` quarter turns (offsets, not points)."""
+    basis = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    mapped = rotate_points_back(basis, k, (1, 1))
+    return np.stack([mapped[1] - mapped[0], mapped[2] - mapped[0]], axis=1)  # columns: images of e_x, e_y
+
+
+def image_turns(turns: Mapping[Pair, int], names: Sequence[str]) -> dict[str, int]:
+    """Per-image quarter turns ``u`` with ``turns[(a, b)] = u[b] - u[a]`` (mod 4), by breadth-first search."""
+    adjacency: dict[str, list[tuple[str, int]]] = {}
+    for (a, b), k in turns.items():
+        adjacency.setdefault(a, []).append((b, k))
+        adjacency.setdefault(b, []).append((a, -k))
+    turn: dict[str, int] = {}
+    for start in names:
+        if start in turn:
+            continue
+        turn[start] = 0
+        queue = deque([start])
+        while queue:
+            a = queue.popleft()
+            for b, k in adjacency.get(a, ()):
+                if b not in turn:
+                    turn[b] = (turn[a] + k) % 4
+                    queue.append(b)
+    return turn
+
+
+def build_tracks(
+    raw: Mapping[Pair, Matches],
+    grids: Mapping[str, CoarseGrid],
+    load: Callable[[str], np.ndarray] | None = None,
+    turns: Mapping[Pair, int] | None = None,
+    config: TrackConfig | None = None,
+    cache_bytes: int = 2 << 30,
+) -> tuple[QuantizedMatches, TrackStats]:
+    """Exact tracks from ``raw`` matches with coarse cells (see the module docstring).
+
+    ``grids[name]``: the coarse lattice of each image; ``load(name)``: a grayscale image (needed for
+    ``refine="klt"``); ``turns[(a, b)]``: the quarter turn b was matched at against a (``rotation="auto"``).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import breadth_first_order
+
+    config = config if config is not None else TrackConfig()
+    graph = _graph(raw, grids)
+    raw_count = int(sum(len(m) for m in raw.values()))
+    num_nodes, names = len(graph.node_image), graph.names
+    accepted = _unique_image_union(graph)
+    conflicts = int((~accepted).sum())
+
+    # max_kps: the best-supported nodes of each image.
+    edges, scores = graph.edges[accepted], graph.scores[accepted]
+    node_score = np.bincount(edges.reshape(-1), np.repeat(scores, 2), minlength=num_nodes)
+    keep_node = node_score > 0
+    if config.max_kps is not None:
+        order = np.lexsort((-node_score, graph.node_image))
+        rank = np.empty(num_nodes, np.int64)
+        starts = np.searchsorted(graph.node_image[order], graph.node_image[order], side="left")
+        rank[order] = np.arange(num_nodes) - starts
+        keep_node &= rank < config.max_kps
+    kept_edges = keep_node[edges[:, 0]] & keep_node[edges[:, 1]]
+    dropped_max_kps = int((~kept_edges).sum())
+    edge_ids = np.nonzero(accepted)[0][kept_edges]
+    edges, scores = graph.edges[edge_ids], graph.scores[edge_ids]
+    points = graph.points[edge_ids]
+    node_score = np.bincount(edges.reshape(-1), np.repeat(scores, 2), minlength=num_nodes)
+
+    label = _components(num_nodes, edges)
+    in_track = np.zeros(num_nodes, bool)
+    in_track[edges.reshape(-1)] = True
+    # Reference: the most confident node of each track.
+    order = np.lexsort((-node_score, label))
+    first = order[np.r_[True, label[order][1:] != label[order][:-1]]] if num_nodes else order
+    references = first[in_track[first]]
+    positions = np.zeros((num_nodes, 2), np.float32)
+    for i, name in enumerate(names):
+        nodes = np.nonzero(graph.node_image == i)[0]
+        positions[nodes] = grids[name].centres(graph.node_cell[nodes])
+
+    # Breadth-first tree from a virtual root joined to every reference, placed level by level.
+    root = num_nodes
+    rows = np.concatenate([edges[:, 0], edges[:, 1], np.full(len(references), root)])
+    cols = np.concatenate([edges[:, 1], edges[:, 0], references])
+    tree = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(num_nodes + 1, num_nodes + 1)).tocsr()
+    visit, parent = breadth_first_order(tree, root, directed=True, return_predecessors=True)
+    image_turn = image_turns(turns or {}, names)
+    turn_of = np.array([image_turn.get(name, 0) for name in names], np.int64)
+    offset_maps = np.stack([_turn_offsets(k) for k in range(4)])
+    reference_of = np.full(num_nodes, -1, np.int64)
+    reference_of[references] = references
+    depth = np.zeros(num_nodes + 1, np.int64)
+    parent_list, depth_list = parent.tolist(), depth.tolist()
+    for node in visit[1:].tolist():
+        depth_list[node] = depth_list[parent_list[node]] + 1
+    depth = np.array(depth_list)
+    edge_key = np.sort(edges, axis=1) @ np.array([num_nodes, 1], np.int64)
+    edge_order = np.argsort(edge_key)
+    for level in range(2, int(depth.max(initial=1)) + 1):
+        nodes = np.nonzero(depth[:num_nodes] == level)[0]
+        ups = parent[nodes]
+        reference_of[nodes] = reference_of[ups]
+        keys = np.minimum(nodes, ups) * num_nodes + np.maximum(nodes, ups)
+        edge = edge_order[np.searchsorted(edge_key, keys, sorter=edge_order)]
+        side = (edges[edge, 0] != nodes).astype(np.int64)  # which end of its edge each node is
+        matched_self = points[edge, side]
+        matched_up = points[edge, 1 - side]
+        k = (turn_of[graph.node_image[nodes]] - turn_of[graph.node_image[ups]]) % 4
+        offsets = np.einsum("nij,nj->ni", offset_maps[k], positions[ups] - matched_up)
+        positions[nodes] = matched_self + offsets
+    estimates = positions.copy()
+
+    aligned = np.zeros(num_nodes, bool)
+    candidates = 0
+    if config.refine == "align" and load is not None:
+        aligned, candidates = _align_to_references(positions, reference_of, label, in_track, graph.node_image, names,
+                                                   turn_of, load, config.align, cache_bytes)
+    moved = np.linalg.norm(positions - estimates, axis=1)
+    centres = np.zeros_like(positions)
+    for i, name in enumerate(names):
+        nodes = np.nonzero(graph.node_image == i)[0]
+        centres[nodes] = grids[name].centres(graph.node_cell[nodes])
+    keypoint_of, image_keypoints, merged = _one_keypoint_per_view(
+        label, in_track, graph.node_image, positions, node_score, aligned, references, config.merge_radius)
+    kept = (keypoint_of[edges[:, 0]] >= 0) & (keypoint_of[edges[:, 1]] >= 0)
+    edges, scores = edges[kept], scores[kept]
+    result = _to_quantized(raw, graph, keypoint_of, image_keypoints, edges, scores)
+    lengths = np.bincount(label[in_track])
+    lengths = lengths[lengths > 0]
+    histogram = {int(k): int(v) for k, v in zip(*np.unique(lengths, return_counts=True))}
+    stats = TrackStats(
+        raw_matches=raw_count, in_tracks=len(edges), conflicts=conflicts, dropped_max_kps=dropped_max_kps,
+        tracks=int(len(lengths)), observations=int(in_track.sum()), length_histogram=histogram,
+        refined=int(aligned.sum()), candidates=candidates, merged_cells=merged,
+        median_shift=float(np.median(moved[moved > 0])) if (moved > 0).any() else 0.0,
+        median_cell_offset=float(np.median(np.linalg.norm(positions - centres, axis=1)[in_track]))
+        if in_track.any() else 0.0,
+    )
+    return result, stats
+
+
+def _align_to_references(positions: np.ndarray, reference_of: np.ndarray, label: np.ndarray, in_track: np.ndarray,
+                         node_image: np.ndarray, names: Sequence[str], turn_of: np.ndarray,
+                         load: Callable[[str], np.ndarray], config: AlignConfig, cache_bytes: int
+                         ) -> tuple[np.ndarray, int]:
+    """Align every non-reference observation to its track's reference view (:func:`pipeline.align.align_points`),
+    grouped by image pair; the local affine maps come from all tracks seen in both images. ``positions`` is
+    updated in place. Returns the accepted nodes (bool) and how many were tried."""
+    nodes = np.nonzero((reference_of >= 0) & (reference_of != np.arange(len(reference_of))))[0]
+    if len(nodes) == 0:
+        return np.zeros(len(positions), bool), 0
+    source_image, target_image = node_image[reference_of[nodes]], node_image[nodes]
+    order = np.lexsort((target_image, source_image))
+    nodes, source_image, target_image = nodes[order], source_image[order], target_image[order]
+    key = source_image * len(names) + target_image
+    # Per image: its track nodes sorted by track label (a track has at most one node per image).
+    by_image = {}
+    for index in range(len(names)):
+        members = np.nonzero((node_image == index) & in_track)[0]
+        members = members[np.argsort(label[members], kind="stable")]
+        labels, first = np.unique(label[members], return_index=True)  # one node per track (neighbour cells)
+        by_image[index] = (labels, members[first])
+    offset_maps = np.stack([_turn_offsets(k) for k in range(4)])
+    images: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def image(index: int) -> np.ndarray:
+        if index not in images:
+            images[index] = to_uint8(load(names[index])).astype(np.float32)
+            while sum(pixels.nbytes for pixels in images.values()) > cache_bytes and len(images) > 2:
+                images.popitem(last=False)
+        images.move_to_end(index)
+        return images[index]
+
+    start = positions.copy()
+    accepted = np.zeros(len(positions), bool)
+    chunks = np.split(np.arange(len(nodes)), np.nonzero(np.diff(key))[0] + 1)
+    # Two passes: the second fits the local affine maps on the positions the first one refined.
+    for chunk in tqdm(chunks * config.passes, desc="track refinement", unit="image pair", leave=False,
+                      disable=len(nodes) < 20000):
+        source, target = int(source_image[chunk[0]]), int(target_image[chunk[0]])
+        group = nodes[chunk]
+        _, in_source, in_target = np.intersect1d(by_image[source][0], by_image[target][0], assume_unique=True,
+                                                 return_indices=True)
+        common_source = positions[by_image[source][1][in_source]].astype(np.float64)
+        common_target = positions[by_image[target][1][in_target]].astype(np.float64)
+        fallback = offset_maps[int((turn_of[target] - turn_of[source]) % 4)]
+        reference_points = positions[reference_of[group]].astype(np.float64)
+        affines = local_affines(common_source, common_target, reference_points, fallback, config)
+        refined, ok = align_points(image(source), image(target), reference_points,
+                                   start[group].astype(np.float64), affines, config)
+        positions[group] = np.where(ok[:, None], refined, start[group])
+        accepted[group] = ok
+    return accepted, int(len(nodes))
+
+
+def _one_keypoint_per_view(label: np.ndarray, in_track: np.ndarray, node_image: np.ndarray, positions: np.ndarray,
+                           node_score: np.ndarray, aligned: np.ndarray, references: np.ndarray, radius: float
+                           ) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]], int]:
+    """Cells of one image in one track (neighbours, see :func:`_unique_image_union`) become one keypoint.
+
+    The keypoint sits where the view's best cell is (the reference, else an aligned one, else the most
+    confident); the other cells join it when their positions agree within ``radius`` px, else they lose their
+    keypoint. Returns per node its keypoint index in its image (-1: none), per image the keypoints' positions
+    and summed scores, and how many cells were joined.
+    """
+    num_images = int(node_image.max(initial=0)) + 1
+    nodes = np.nonzero(in_track)[0]
+    is_reference = np.zeros(len(positions), bool)
+    is_reference[references] = True
+    group_key = label[nodes].astype(np.int64) * num_images + node_image[nodes]
+    order = np.lexsort((-node_score[nodes], ~aligned[nodes], ~is_reference[nodes], group_key))
+    nodes, group_key = nodes[order], group_key[order]
+    first = np.r_[True, group_key[1:] != group_key[:-1]]
+    group = np.cumsum(first) - 1
+    representative = nodes[first]
+    joins = np.linalg.norm(positions[nodes] - positions[representative[group]], axis=1) <= radius
+    group_score = np.bincount(group[joins], node_score[nodes[joins]], minlength=len(representative))
+    keypoint_in_image = np.zeros(len(representative), np.int64)
+    keypoints: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for image in range(num_images):
+        members = np.nonzero(node_image[representative] == image)[0]
+        keypoint_in_image[members] = np.arange(len(members))
+        keypoints[image] = (positions[representative[members]].astype(np.float32),
+                            group_score[members].astype(np.float32))
+    keypoint_of = np.full(len(positions), -1, np.int64)
+    keypoint_of[nodes[joins]] = keypoint_in_image[group[joins]]
+    return keypoint_of, keypoints, int((~first & joins).sum())
+
+
+def _to_quantized(raw: Mapping[Pair, Matches], graph: _Graph, keypoint_of: np.ndarray,
+                  image_keypoints: dict[int, tuple[np.ndarray, np.ndarray]], edges: np.ndarray, scores: np.ndarray
+                  ) -> QuantizedMatches:
+    """Keypoints (one per track and view) and per-pair one-to-one matches (the kept edges)."""
+    names = graph.names
+    local = keypoint_of
+    keypoints = {name: ImageKeypoints(*image_keypoints.get(i, (np.zeros((0, 2), np.float32), np.zeros(0, np.float32))))
+                 for i, name in enumerate(names)}
+    index = {name: i for i, name in enumerate(names)}
+    image_a, image_b = graph.node_image[edges[:, 0]], graph.node_image[edges[:, 1]]
+    pair_key = np.minimum(image_a, image_b) * len(names) + np.maximum(image_a, image_b)
+    order = np.argsort(pair_key, kind="stable")
+    unique_keys, starts = np.unique(pair_key[order], return_index=True)
+    slices = dict(zip(unique_keys.tolist(), zip(starts.tolist(), np.r_[starts[1:], len(order)].tolist())))
+    matches: dict[Pair, PairMatches] = {}
+    for name0, name1 in raw:
+        count0 = len(keypoints[name0]) if name0 in keypoints else 0
+        matches0 = np.full(count0, -1, np.int32)
+        scores0 = np.zeros(count0, np.float32)
+        if name0 in index and name1 in index:
+            i0, i1 = index[name0], index[name1]
+            key = min(i0, i1) * len(names) + max(i0, i1)
+            start, stop = slices.get(key, (0, 0))
+            chosen = order[start:stop]
+            flip = image_a[chosen] != i0
+            ids0 = local[np.where(flip, edges[chosen, 1], edges[chosen, 0])]
+            ids1 = local[np.where(flip, edges[chosen, 0], edges[chosen, 1])]
+            matches0[ids0] = ids1
+            scores0[ids0] = scores[chosen]
+        matches[(name0, name1)] = PairMatches(matches0, scores0)
+    return QuantizedMatches(keypoints=keypoints, matches=matches)
+
+
+__all__ = ["TRACK_REFINE_MODES", "TrackConfig", "TrackStats", "build_tracks", "image_turns"]
