@@ -16,13 +16,14 @@ from typing import Callable, NoReturn
 
 EXIT_USER_ERROR = 2
 
-#: errno values of write failures the user can fix, with the fix
+#: errno values of write failures the user can fix, with the fix (worded so that it also fits the rare
+#: input file that fails the same way, e.g. an unreadable image)
 WRITE_ERRNO_FIXES = {
-    errno.EACCES: "choose an output path in a folder you can write to, or fix the permissions",
-    errno.EPERM: "choose an output path in a folder you can write to, or fix the permissions",
+    errno.EACCES: "fix its permissions, or write the outputs to a folder you can write to",
+    errno.EPERM: "fix its permissions, or write the outputs to a folder you can write to",
     errno.EROFS: "the file system is read-only; write the outputs somewhere else",
-    errno.EISDIR: "a folder is in the way of a file; remove it or choose another output path",
-    errno.ENOTDIR: "a file is in the way of a folder; remove it or choose another output path",
+    errno.EISDIR: "a folder is where a file is expected; remove it or give another file path",
+    errno.ENOTDIR: "a file is where a folder is expected; remove it or give another path",
     errno.EEXIST: "something is in the way; remove it or choose another output path",
     errno.ENOSPC: "free some space (finished work is kept: run the same command again to resume) "
                   "or write the outputs to another disk",

@@ -219,8 +219,8 @@ def test_aachen_outputs_a_file(a_file, tmp_path):
 # -------------------------------------------------------------------------- OS errors while writing
 @pytest.mark.parametrize(
     "code,fix",
-    [(errno.EACCES, "folder you can write to"), (errno.EISDIR, "a folder is in the way"),
-     (errno.ENOTDIR, "a file is in the way"), (errno.EEXIST, "something is in the way"),
+    [(errno.EACCES, "folder you can write to"), (errno.EISDIR, "a folder is where a file is expected"),
+     (errno.ENOTDIR, "a file is where a folder is expected"), (errno.EEXIST, "something is in the way"),
      (errno.ENOSPC, "free some space"), (errno.EROFS, "read-only"), (errno.EDQUOT, "quota")],
 )
 def test_write_errors_become_one_line_with_the_path_and_a_fix(tmp_path, code, fix):
