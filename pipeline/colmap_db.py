@@ -99,11 +99,12 @@ class DatabaseStats:
 # ------------------------------------------------------------------------------------------- logging
 @contextlib.contextmanager
 def colmap_logging(verbose: bool) -> Iterator[None]:
-    """Silence COLMAP's INFO/WARNING logging (it goes straight to stderr) unless ``verbose``."""
+    """Silence COLMAP's logging (it goes straight to stderr, through the progress bars) unless ``verbose``; its
+    errors (e.g. "Failed to create any sparse model") are reported by the pipeline's own summary instead."""
     import pycolmap
 
     previous = pycolmap.logging.minloglevel
-    pycolmap.logging.minloglevel = 0 if verbose else 2
+    pycolmap.logging.minloglevel = 0 if verbose else 3
     try:
         yield
     finally:

@@ -10,11 +10,13 @@ tracks); COLMAP's verification then sees all matches of a pair at once.
 Where the first part (the detector) verifies a pair on its own, the other parts' matches of that pair
 must agree with its epipolar geometry (fundamental matrix by MAGSAC++, Sampson distance <=
 ``agreement_px``): a dense matcher's confident but wrong matches on repeated structure can never outvote
-a geometry the detector found, so the ensemble does not lose a registration the detector makes.
+a geometry the detector found, so the ensemble does not lose a registration the detector makes. Where it
+does not, the other parts' matches are kept only with ``min_other_inliers`` inliers of their own, so the
+database can verify with the detector's minimum (15 inliers) without linking unrelated images.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +32,10 @@ Pair = tuple[str, str]
 class EnsembleConfig:
     min_inliers: int = 15  # first-part inliers (MAGSAC++ at 1 px) for its geometry to gate the other parts
     agreement_px: float = 2.0  # Sampson distance (px) within which another part's match agrees with it
+    #: a pair the first part cannot verify keeps another part's matches only with this many inliers of their own
+    #: (pipeline.reconstruct.DENSE_MIN_INLIERS: a dense matcher's few wrong matches on pairs that share nothing can
+    #: fit an epipolar geometry with 15-27 inliers), so the database can use the detector's minimum of 15
+    min_other_inliers: int = 30
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,8 @@ class EnsembleStats:
     keypoints: dict[str, int]  # per part name: keypoints over all images
     matches: dict[str, int]  # per part name: matches kept over all pairs
     gated_pairs: int  # pairs whose other-part matches were checked against the first part's geometry
-    rejected: int  # other-part matches that disagreed with it
+    rejected: int  # other-part matches dropped (disagreeing with it, or of pairs without enough own inliers)
+    unverified_pairs: int = 0  # pairs the first part could not verify whose other-part matches were dropped
 
 
 def _sampson(F: np.ndarray, points0: np.ndarray, points1: np.ndarray) -> np.ndarray:
@@ -87,7 +94,7 @@ def merge(parts: Sequence[tuple[str, Path, Path]], pairs: Sequence[Pair], featur
 
     merged_matches = {}
     kept = {part: 0 for part, _, _ in loaded}
-    gated = rejected = 0
+    gated = rejected = unverified = 0
     for name0, name1 in pairs:
         count0 = len(merged_features[name0][0])
         matches0 = np.full(count0, -1, np.int32)
@@ -109,6 +116,10 @@ def merge(parts: Sequence[tuple[str, Path, Path]], pairs: Sequence[Pair], featur
                 gated += 1
                 rejected += int((~agree).sum())
                 ids, scores = ids[agree], scores[agree]
+            elif _geometry(points0, points1, replace(config, min_inliers=config.min_other_inliers)) is None:
+                unverified += 1
+                rejected += len(ids)
+                continue
             rows = ids[:, 0] + offsets[index][name0]
             matches0[rows] = ids[:, 1] + offsets[index][name1]
             scores0[rows] = scores
@@ -117,7 +128,7 @@ def merge(parts: Sequence[tuple[str, Path, Path]], pairs: Sequence[Pair], featur
     io.write_features(features, merged_features)
     io.write_matches(matches, merged_matches)
     keypoint_counts = {part: int(sum(len(f[n][0]) for n in names if n in f)) for part, f, _ in loaded}
-    return EnsembleStats(keypoint_counts, kept, gated, rejected)
+    return EnsembleStats(keypoint_counts, kept, gated, rejected, unverified)
 
 
 __all__ = ["EnsembleConfig", "EnsembleStats", "merge"]

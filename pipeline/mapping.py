@@ -288,6 +288,7 @@ def _register_left_over(mapper, mapper_options, tri_options, reconstruction) -> 
 
 
 def _state(reconstruction, stage: str) -> dict[str, Any]:
+    reconstruction.update_point_3d_errors()
     return {
         "stage": stage,
         "registered": int(reconstruction.num_reg_images()),

@@ -544,11 +544,11 @@ def run(
             {name: kp for name, (kp, _) in reference.items()},
         )
     if refine.enabled:
-        quantized, track_stats = refine_tracks(
+        quantized, klt_stats = refine_tracks(
             quantized, lambda name: read_gray(io.resolve_image(image_dir, name)), refine, turns, fixed=set(reference)
         )
-        logger.info("track refinement: %d tracks, %d of %d keypoints moved", track_stats.tracks,
-                    track_stats.moved, track_stats.candidates)
+        logger.info("track refinement: %d tracks, %d of %d keypoints moved", klt_stats.tracks,
+                    klt_stats.moved, klt_stats.candidates)
     io.write_features(features, {name: (kp.keypoints, kp.scores, sizes[name]) for name, kp in quantized.keypoints.items()})
     io.write_matches(matches, {pair: (pm.matches0, pm.scores0) for pair, pm in quantized.matches.items()})
     turned = {pair: k for pair, k in turns.items() if k}
@@ -560,9 +560,9 @@ def run(
     keypoints_count = {name: len(kp) for name, kp in quantized.keypoints.items()}
     match_count = {pair: pm.num_matches for pair, pm in quantized.matches.items()}
     logger.info(
-        "%d pairs (%d matched, %d reused), %d prepare calls; mean %.0f keypoints/image, %.0f matches/pair",
-        len(pair_list), len(todo), reused, stats.prepare_calls,
-        np.mean(list(keypoints_count.values())), np.mean(list(match_count.values())),
+        "%d pairs (%d matched, %d reused) in %.1f s, %d prepare calls; mean %.0f keypoints/image, %.0f matches/pair",
+        len(pair_list), len(todo), reused, time.perf_counter() - start, stats.prepare_calls,
+        np.mean(list(keypoints_count.values()) or [0]), np.mean(list(match_count.values()) or [0]),
     )
     return DenseMatchResult(
         features, matches, len(pair_list), len(todo), reused, stats.prepare_calls, stats.cache_hits,
@@ -690,7 +690,7 @@ def main(
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from matchers.factory import AMP_MODES, DEVICES, MATCHERS
+    from matchers.factory import AMP_MODES, DEVICES, MATCHERS, WEIGHTS_HELP
 
     defaults = DenseMatchConfig()
     parser = argparse.ArgumentParser(
@@ -702,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", type=Path, required=True, help="output features.h5")
     parser.add_argument("--matches", type=Path, required=True, help="output matches.h5")
     parser.add_argument("--matcher", choices=MATCHERS, default="loftr")
-    parser.add_argument("--weights", default=None, help="LoFTR checkpoint name or path (default outdoor)")
+    parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     parser.add_argument("--resize", type=int, nargs="+", default=None,
                         help="longest side for matching (0 = original); several sizes are matched and merged")
     parser.add_argument("--rotation", choices=ROTATION_MODES, default=defaults.rotation)
@@ -755,18 +755,11 @@ def main_cli(argv: Sequence[str] | None = None) -> DenseMatchResult:
         refine=args.refine,
     )
     # Validate inputs before a checkpoint is loaded.
+    io.check_match_outputs(args.features, args.matches)  # a folder / read-only place fails before any pair is matched
     load_pairs(args.pairs, args.images)
     matcher = make_matcher(args.matcher, weights=args.weights, resize=matcher_size, device=args.device,
                            amp=args.amp)
     result = run(args.pairs, args.images, args.features, args.matches, matcher, config, args.reference_features)
-    kps = np.array(list(result.keypoints_per_image.values()) or [0])
-    counts = np.array(list(result.matches_per_pair.values()) or [0])
-    print(
-        f"{result.num_pairs} pairs ({result.pairs_matched} matched, {result.pairs_reused} reused) in "
-        f"{result.seconds_total:.1f} s; {result.prepare_calls} prepare calls; keypoints/image "
-        f"mean {kps.mean():.0f} (min {kps.min()}, max {kps.max()}); matches/pair mean {counts.mean():.0f} "
-        f"(min {counts.min()}, max {counts.max()})"
-    )
     print(f"wrote {result.features} and {result.matches}")
     return result
 

@@ -44,11 +44,16 @@ from matchers.factory import AMP_MODES
 from pipeline import io
 from pipeline.colmap_db import CAMERA_MODES, VerificationConfig, build_database, colmap_logging
 from pipeline.image_check import check_h5, check_images
-from pipeline.refine import KLT_CELL_SIZE, REFINE_MODES, default_refine
+from pipeline.mapping import CALIBRATION_MODES, MappingConfig, MappingResult, run_mapping
+from pipeline.refine import KLT_CELL_SIZE, MATCH_REFINE_MODES, default_refine
 
 logger = logging.getLogger(__name__)
 
 PAIR_STRATEGIES = ("exhaustive", "sequential", "retrieval")
+#: matcher ensembles (pipeline.ensemble): SIFT's keypoints and a dense matcher's tracks in one model
+ENSEMBLES = ("loftr+sift",)
+#: single detector-free matchers (their pairs need DENSE_MIN_INLIERS verified inliers)
+MATCHERS_DENSE = ("loftr",)
 DEFAULT_NUM_PAIRS = {"sequential": 10, "retrieval": 20}
 MODEL_FILES = ("cameras.bin", "images.bin", "points3D.bin")
 # COLMAP's SIFT is the default for SfM: on temple_ring (47 images, exhaustive) it gives a median
@@ -71,7 +76,9 @@ KLT_MAX_ERROR = 0.5
 class ReconstructConfig:
     """Every option of a reconstruction run (the CLI flags map one-to-one)."""
 
-    matcher: str = "loftr"
+    #: loftr+sift: SIFT's keypoints and LoFTR's exact tracks in one model (pipeline.ensemble); sacre_coeur with the
+    #: offline loftr-compact: 10/10 registered (loftr alone: 2/10)
+    matcher: str = "loftr+sift"
     weights: str | None = None  # LoFTR checkpoint name or path; None = outdoor
     pairs: str = "exhaustive"  # exhaustive | sequential | retrieval
     num_pairs: int | None = None  # sequential window / retrieval top-k; None = strategy default
@@ -89,6 +96,9 @@ class ReconstructConfig:
     min_match_score: float | None = None
     #: None: COLMAP's two-view options, with at least DENSE_MIN_INLIERS inliers per pair for dense matchers
     verification: VerificationConfig | None = None
+    #: staged: focal first, distortion only once enough images support it (pipeline.mapping); colmap: COLMAP's options
+    calibration: str = "staged"
+    refine_iterations: int = 2  # geometry refinement rounds after mapping (bundle adjustment, filtering, re-triangulation)
     num_threads: int = -1  # mapper threads; -1 = all cores
     seed: int | None = 0  # COLMAP's random seed (reproducible runs); None = random
     verbose: bool = False  # COLMAP's own log on stderr
@@ -96,14 +106,22 @@ class ReconstructConfig:
     def __post_init__(self) -> None:
         if self.pairs not in PAIR_STRATEGIES:
             raise UserError(f"unknown pairs strategy {self.pairs!r}; choose one of {', '.join(PAIR_STRATEGIES)}")
+        if self.calibration not in CALIBRATION_MODES:
+            raise UserError(f"unknown calibration {self.calibration!r}; choose one of {', '.join(CALIBRATION_MODES)}")
+        if self.refine_iterations < 0:
+            raise UserError(f"--refine-iterations must be >= 0, got {self.refine_iterations}")
         if self.camera_mode not in CAMERA_MODES:
             raise UserError(f"unknown camera mode {self.camera_mode!r}; choose one of {', '.join(CAMERA_MODES)}")
         if self.verification is not None and self.verification.min_num_inliers < 1:
             raise UserError(f"--min-num-inliers must be >= 1, got {self.verification.min_num_inliers}")
-        if self.amp is not None and (self.amp not in AMP_MODES or self.matcher != "loftr"):
+        from matchers.factory import MATCHERS
+
+        if self.matcher not in MATCHERS + ENSEMBLES:
+            raise UserError(f"unknown matcher {self.matcher!r}; choose one of {', '.join(MATCHERS + ENSEMBLES)}")
+        if self.amp is not None and (self.amp not in AMP_MODES or "loftr" not in self.matcher):
             raise UserError(f"--amp {self.amp} applies to the loftr matcher only, with one of {', '.join(AMP_MODES)}")
-        if self.refine is not None and self.refine not in REFINE_MODES:
-            raise UserError(f"unknown refinement {self.refine!r}; choose one of {', '.join(REFINE_MODES)}")
+        if self.refine is not None and self.refine not in MATCH_REFINE_MODES:
+            raise UserError(f"unknown refinement {self.refine!r}; choose one of {', '.join(MATCH_REFINE_MODES)}")
         if self.max_error is not None and self.max_error <= 0:
             raise UserError(f"--max-error must be > 0 px, got {self.max_error}")
         if self.sift_backend not in SIFT_BACKENDS:
@@ -174,70 +192,105 @@ def verification_options(config: ReconstructConfig) -> VerificationConfig:
     """The two-view verification of a run: the given one, else COLMAP's with the matcher's inlier minimum."""
     if config.verification is not None:
         return config.verification
-    return VerificationConfig(min_num_inliers=15 if config.matcher == "sift" else DENSE_MIN_INLIERS)
+    # An ensemble's dense matches of pairs SIFT cannot verify already needed DENSE_MIN_INLIERS (pipeline.ensemble).
+    return VerificationConfig(min_num_inliers=DENSE_MIN_INLIERS if config.matcher in MATCHERS_DENSE else 15)
 
 
-def dense_config(config: ReconstructConfig):
-    """The DenseMatchConfig and the matcher's own resize for a run (one size: the matcher resizes;
-    several: match_dense resizes each view and merges, the matcher takes images as given)."""
+def ensemble_parts(matcher: str) -> tuple[str, ...]:
+    """The single matchers of ``matcher`` ("loftr+sift" -> ("sift", "loftr"): the detector first, it gates)."""
+    parts = tuple(matcher.split("+"))
+    return tuple(sorted(parts, key=lambda name: name != "sift"))
+
+
+def dense_config(config: ReconstructConfig, matcher: str | None = None):
+    """The DenseMatchConfig and the matcher's own resize for a run's ``matcher`` (default: the run's; one size:
+    the matcher resizes; several: match_dense resizes each view and merges, the matcher takes images as given).
+    In an ensemble, the SIFT part keeps SIFT's defaults; the dense part takes --refine / --rotation."""
     from pipeline.match_dense import DenseMatchConfig
 
+    matcher = matcher or config.matcher
+    user = config if matcher != "sift" or "+" not in config.matcher else ReconstructConfig(matcher="sift")
     sizes = config.resize or (None,)
     if len(sizes) == 1:
         matcher_size, view_sizes = sizes[0], (None,)
     else:
         matcher_size, view_sizes = 0, tuple(size or None for size in sizes)
-    refine = config.refine if config.refine is not None else default_refine(config.matcher)
+    refine = user.refine if user.refine is not None else default_refine(matcher)
     defaults = DenseMatchConfig()
-    if config.matcher == "sift":
+    if matcher == "sift":
         # SIFT keypoints are already shared between pairs: a fine grid keeps them nearly all distinct.
         cell_size, max_error = 2, defaults.max_error
     elif refine == "klt":
         cell_size, max_error = KLT_CELL_SIZE, KLT_MAX_ERROR
     else:
         cell_size, max_error = defaults.cell_size, defaults.max_error
-    cell_size = config.cell_size if config.cell_size is not None else cell_size
-    max_error = config.max_error if config.max_error is not None else max_error
-    rotation = config.rotation
+    cell_size = user.cell_size if user.cell_size is not None else cell_size
+    max_error = user.max_error if user.max_error is not None else max_error
+    rotation = user.rotation
     if rotation is None:
         # SIFT is rotation invariant; LoFTR is not, and SIFT's orientations tell cheaply which pairs need a turn.
-        rotation = "none" if config.matcher == "sift" else "auto"
+        rotation = "none" if matcher == "sift" else "auto"
     return DenseMatchConfig(cell_size=cell_size, max_error=max_error, rotation=rotation, resize=view_sizes,
                             refine=refine), matcher_size
 
 
+@dataclass(frozen=True)
+class Matched:
+    """What the matching step did: one DenseMatchResult per matcher of the run, their descriptions and configs,
+    and the ensemble merge (None for a single matcher)."""
+
+    results: dict[str, Any]  # matcher -> DenseMatchResult
+    descriptions: dict[str, dict[str, Any]]
+    configs: dict[str, Any]  # matcher -> DenseMatchConfig
+    ensemble: Any | None  # pipeline.ensemble.EnsembleStats
+
+
+def match_images(config: ReconstructConfig, images: Path, outputs: Path, pairs: Path, features: Path,
+                 matches: Path) -> Matched:
+    """Match the pairs with the run's matcher, or with each matcher of an ensemble and merge their files."""
+    from matchers.factory import make_matcher
+    from pipeline import ensemble, match_dense
+
+    match_dense.load_pairs(pairs, images)  # validate before a checkpoint is loaded
+    parts = ensemble_parts(config.matcher)
+    results, descriptions, configs, matchers = {}, {}, {}, {}
+    for name in parts:  # every matcher is made (weights loaded) before any pair is matched
+        configs[name], matcher_size = dense_config(config, name)
+        extra = {"backend": config.sift_backend} if name == "sift" else {}
+        matchers[name] = make_matcher(name, weights=config.weights if name != "sift" else None, resize=matcher_size,
+                                      device=config.device, amp=config.amp if name != "sift" else None, **extra)
+        descriptions[name] = matchers[name].describe()
+    for name in parts:
+        part_features, part_matches = (features, matches) if len(parts) == 1 else (
+            outputs / name / "features.h5", outputs / name / "matches.h5")
+        part_features.parent.mkdir(parents=True, exist_ok=True)
+        results[name] = match_dense.run(pairs, images, part_features, part_matches, matchers[name], configs[name])
+    merged = None
+    if len(parts) > 1:
+        stamp_path = outputs / "ensemble.json"
+        inputs = [[name, _file_state(results[name].features), _file_state(results[name].matches)] for name in parts]
+        inputs.append(asdict(ensemble.EnsembleConfig()))
+        try:
+            recorded = json.loads(stamp_path.read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        if (isinstance(recorded, dict) and recorded.get("inputs") == inputs
+                and recorded.get("outputs") == [_file_state(features), _file_state(matches)]):
+            merged = ensemble.EnsembleStats(**recorded["stats"])
+        else:
+            merged = ensemble.merge([(name, results[name].features, results[name].matches) for name in parts],
+                                    io.read_pairs(pairs), features, matches)
+            io.write_text_atomic(stamp_path, json.dumps({"inputs": inputs, "stats": asdict(merged),
+                                                         "outputs": [_file_state(features), _file_state(matches)]}))
+    return Matched(results, descriptions, configs, merged)
+
+
 # ------------------------------------------------------------------------------------------ mapping
-def run_mapping(database: Path, image_dir: Path, models_dir: Path, config: ReconstructConfig, num_images: int):
-    """pycolmap incremental mapping; returns {index: Reconstruction} (all models)."""
-    import pycolmap
-
-    if models_dir.exists():
-        shutil.rmtree(models_dir)
-    models_dir.mkdir(parents=True)
-    options = pycolmap.IncrementalPipelineOptions()
-    options.num_threads = config.num_threads
-    options.min_num_matches = verification_options(config).min_num_inliers
-    if config.seed is not None:
-        options.random_seed = config.seed
-        options.mapper.random_seed = config.seed
-        options.triangulation.random_seed = config.seed
-    progress = tqdm(total=num_images, desc="mapping (registered images)", leave=False)
-
-    def initial_pair() -> None:
-        progress.update(min(2, progress.total - progress.n))
-
-    def next_image() -> None:
-        progress.update(min(1, progress.total - progress.n))
-
-    try:
-        with colmap_logging(config.verbose):
-            models = pycolmap.incremental_mapping(
-                str(database), str(image_dir), str(models_dir), options,
-                initial_image_pair_callback=initial_pair, next_image_callback=next_image,
-            )
-    finally:
-        progress.close()
-    return dict(models)
+def mapping_options(config: ReconstructConfig) -> MappingConfig:
+    """The mapping step's options of a run."""
+    return MappingConfig(min_num_matches=verification_options(config).min_num_inliers, calibration=config.calibration,
+                         refine_iterations=config.refine_iterations, num_threads=config.num_threads,
+                         seed=config.seed, verbose=config.verbose)
 
 
 def write_model(reconstruction, sfm_dir: Path) -> None:
@@ -319,14 +372,14 @@ def _previous_summary(path: Path) -> dict[str, Any] | None:
 def main(
     images: Path,
     outputs: Path,
-    matcher: str = "loftr",
+    matcher: str = ReconstructConfig.matcher,
     weights: str | None = None,
-    pairs: str = "exhaustive",
+    pairs: str = ReconstructConfig.pairs,
     num_pairs: int | None = None,
     resize: Sequence[int] | None = None,
     rotation: str | None = None,
-    camera_mode: str = "auto",
-    device: str = "auto",
+    camera_mode: str = ReconstructConfig.camera_mode,
+    device: str = ReconstructConfig.device,
     config: ReconstructConfig | None = None,
 ) -> ReconstructResult:
     """Reconstruct the images of folder ``images`` into ``outputs`` (see the module docstring).
@@ -336,9 +389,6 @@ def main(
     summary.
     """
     import pycolmap
-
-    from matchers.factory import make_matcher
-    from pipeline import match_dense
 
     if config is None:
         config = ReconstructConfig(
@@ -381,13 +431,9 @@ def main(
             io.write_pairs(paths["pairs"], pair_list)
 
     with timer("matching"):
-        dense, matcher_size = dense_config(config)
-        match_dense.load_pairs(paths["pairs"], images)  # validate before a checkpoint is loaded
-        extra = {"backend": config.sift_backend} if config.matcher == "sift" else {}
-        matcher_object = make_matcher(
-            config.matcher, weights=config.weights, resize=matcher_size, device=config.device, amp=config.amp, **extra
-        )
-        matched = match_dense.run(paths["pairs"], images, paths["features"], paths["matches"], matcher_object, dense)
+        matched_all = match_images(config, images, outputs, paths["pairs"], paths["features"], paths["matches"])
+        primary = [name for name in ensemble_parts(config.matcher) if name != "sift"] or ["sift"]
+        matched, dense = matched_all.results[primary[0]], matched_all.configs[primary[0]]
 
     options = asdict(config)
     options.pop("verbose")
@@ -402,6 +448,7 @@ def main(
         logger.info("the model in %s is up to date; skipping the database and the mapping", paths["sfm"])
         reconstruction = pycolmap.Reconstruction(str(paths["sfm"]))
         database_stats, models_sizes = previous.get("database"), previous.get("models", [])
+        mapping_report = previous.get("mapping", {})
         timer.seconds.update({k: v for k, v in previous.get("timings", {}).items() if k in ("database", "mapping")})
         resumed = True
     else:
@@ -430,10 +477,14 @@ def main(
                 logger.info("reusing the verified database %s", paths["database"])
         with timer("mapping"):
             verified = database_stats.get("num_verified_pairs", 0)
-            models = run_mapping(paths["database"], images, paths["models"], config, len(names)) if verified else {}
+            mapped = (run_mapping(paths["database"], images, paths["models"], mapping_options(config), len(names))
+                      if verified else MappingResult({}, None))
+            mapping_report = {"attempts": mapped.attempts, "calibration": mapped.calibration,
+                              "refinement": mapped.refinement, "cameras": mapped.cameras()}
+            models = mapped.models
             models_sizes = sorted((m.num_reg_images() for m in models.values()), reverse=True)
-            if models:
-                reconstruction = max(models.values(), key=lambda m: (m.num_reg_images(), m.num_points3D()))
+            if mapped.reconstruction is not None:
+                reconstruction = mapped.reconstruction
                 write_model(reconstruction, paths["sfm"])
             elif paths["sfm"].exists():
                 shutil.rmtree(paths["sfm"])  # a stale model from other inputs must not survive
@@ -456,7 +507,7 @@ def main(
                 write_html(reconstruction, outputs / "reconstruction.html",
                            title=images.parent.name if images.name == "images" else images.name)
 
-    description = matcher_object.describe()
+    description = matched_all.descriptions[primary[0]]
     summary: dict[str, Any] = {
         "images": str(images),
         "outputs": str(outputs),
@@ -468,7 +519,7 @@ def main(
             else {"registered": 0, "total": len(names)}
         ),
         "models": models_sizes,
-        "matcher": description.get("matcher", config.matcher),
+        "matcher": config.matcher,
         "weights": description.get("weights"),
         "matcher_options": description,
         "options": options,
@@ -485,14 +536,18 @@ def main(
             "refine": dense.refine,
             "cell_size": dense.cell_size,
             "max_error": dense.max_error,
+            "tracks": asdict(matched.tracks) if matched.tracks is not None else None,
+            "ensemble": asdict(matched_all.ensemble) if matched_all.ensemble is not None else None,
         },
         "database": database_stats,
+        "mapping": mapping_report,
         "reused_database": database_reused,
         "resumed_model": resumed,
         "timings": {**timer.seconds, "total": round(time.perf_counter() - start, 3)},
         "inputs_stamp": inputs_stamp,
         "pycolmap": pycolmap.__version__,
     }
+    summary["unregistered_images"] = unregistered_report(paths["database"], names, summary)
     io.write_text_atomic(paths["summary"], json.dumps(summary, indent=2, default=str))
     if reconstruction is None:
         verified = (database_stats or {}).get("num_verified_pairs", 0)
@@ -502,6 +557,47 @@ def main(
             f"(details in {paths['summary']})"
         )
     return ReconstructResult(reconstruction, summary, outputs)
+
+
+#: below this share of registered images the summary explains each missing image and what to try
+WEAK_RUN_SHARE = 0.8
+
+
+def unregistered_report(database: Path, names: Sequence[str], summary: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per unregistered image: its pairs with matches and with a verified geometry (from the database)."""
+    from pipeline.colmap_db import pair_counts
+
+    missing = summary.get("unregistered", list(names) if not summary.get("registered") else [])
+    if not missing or not database.is_file():
+        return {}
+    try:
+        counts = pair_counts(database)
+    except Exception as error:  # a report must never fail the run
+        logger.warning("could not read pair counts from %s: %s", database, error)
+        return {}
+    return {name: counts.get(name, {"matched": 0, "verified": 0}) for name in missing}
+
+
+def weak_run_advice(summary: dict[str, Any]) -> list[str]:
+    """Lines for a run that registered fewer than WEAK_RUN_SHARE of its images: each missing image with its
+    matched / verified pairs, and one line on what to try."""
+    total, registered = summary.get("total", 0), summary.get("registered", 0)
+    missing = summary.get("unregistered_images") or {}
+    if not total or registered >= WEAK_RUN_SHARE * total or not missing:
+        return []
+    lines = [f"only {registered}/{total} images registered; the others and their pairs (matched / verified):"]
+    lines += [f"  {name}: {counts['matched']} / {counts['verified']}" for name, counts in sorted(missing.items())]
+    weights = str(summary.get("weights") or "")
+    tips = []
+    if "loftr-compact" in weights:
+        tips.append("the official LoFTR weights (--weights outdoor; loftr-compact is weak on wide baselines)")
+    if summary.get("matcher") != "loftr+sift":
+        tips.append("--matcher loftr+sift (SIFT's matches added)")
+    if summary.get("pairs", {}).get("strategy") != "exhaustive":
+        tips.append("--pairs exhaustive or a larger --num-pairs")
+    tips.append("more overlapping photos of the missing views")
+    lines.append("try: " + "; ".join(tips))
+    return lines
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -516,47 +612,54 @@ def format_summary(summary: dict[str, Any]) -> str:
         + (f", backend {backend}" if backend else ""),
         "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in summary["timings"].items()),
         f"outputs in {summary['outputs']}",
+        *weak_run_advice(summary),
     ]
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from matchers.factory import DEVICES, MATCHERS
+    from matchers.factory import DEVICES, MATCHERS, WEIGHTS_HELP
     from pipeline.tta import ROTATION_MODES
 
+    defaults = ReconstructConfig()
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.reconstruct",
         description="Reconstruct a folder of images with dense matching and pycolmap (hloc-style).",
     )
     parser.add_argument("--images", type=Path, required=True, help="image folder")
     parser.add_argument("--outputs", type=Path, required=True, help="output folder (re-run to resume)")
-    parser.add_argument("--matcher", choices=MATCHERS, default="loftr")
-    parser.add_argument("--weights", help="LoFTR checkpoint name (outdoor, indoor, ...) or path; default outdoor")
-    parser.add_argument("--pairs", choices=PAIR_STRATEGIES, default="exhaustive")
+    parser.add_argument("--matcher", choices=MATCHERS + ENSEMBLES, default=defaults.matcher,
+                        help="loftr+sift: one set of tracks from SIFT's keypoints and LoFTR's exact tracks")
+    parser.add_argument("--weights", help=WEIGHTS_HELP)
+    parser.add_argument("--pairs", choices=PAIR_STRATEGIES, default=defaults.pairs)
     parser.add_argument("--num-pairs", type=int, help="sequential window / retrieval top-k (default 10 / 20)")
     parser.add_argument("--loop-closure", action="store_true", help="sequential pairs: close the loop")
     parser.add_argument("--resize", type=int, nargs="+",
                         help="longest side for matching (0 = original); several sizes are matched and merged")
     parser.add_argument("--rotation", choices=ROTATION_MODES, default=None,
                         help="in-plane rotation handling (default: auto for loftr, none for sift)")
-    parser.add_argument("--camera-mode", choices=CAMERA_MODES, default="auto")
-    parser.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model")
-    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--camera-mode", choices=CAMERA_MODES, default=defaults.camera_mode)
+    parser.add_argument("--camera-model", default=defaults.camera_model, help="COLMAP camera model")
+    parser.add_argument("--device", choices=DEVICES, default=defaults.device)
     parser.add_argument("--amp", choices=AMP_MODES, default=None,
                         help="LoFTR autocast precision; bf16 is 2-3x faster on CPUs with AMX and on GPUs "
                              "(keypoints move ~0.05 px); default float32")
-    parser.add_argument("--sift-backend", choices=SIFT_BACKENDS, default="pycolmap",
+    parser.add_argument("--sift-backend", choices=SIFT_BACKENDS, default=defaults.sift_backend,
                         help="SIFT implementation for --matcher sift (COLMAP's or OpenCV's)")
     parser.add_argument("--cell-size", type=int,
                         help="quantization cell in px (default 4 with --refine klt, else 8; 2 for sift)")
     parser.add_argument("--max-error", type=float,
                         help="quantization re-assignment radius in px (default 0.5 with --refine klt, else 2)")
-    parser.add_argument("--refine", choices=REFINE_MODES, default=None,
+    parser.add_argument("--refine", choices=MATCH_REFINE_MODES, default=None,
                         help="sub-pixel refinement of dense matches (default klt for loftr, none for sift)")
     parser.add_argument("--min-match-score", type=float)
     parser.add_argument("--min-num-inliers", type=int, default=None,
                         help=f"verified inliers a pair needs (default 15 for sift, {DENSE_MIN_INLIERS} for loftr)")
-    parser.add_argument("--num-threads", type=int, default=-1)
+    parser.add_argument("--calibration", choices=CALIBRATION_MODES, default=defaults.calibration,
+                        help="staged: focal first, distortion only with enough images (default); colmap: COLMAP's options")
+    parser.add_argument("--refine-iterations", type=int, default=defaults.refine_iterations,
+                        help="geometry refinement rounds after mapping (bundle adjustment, filtering, re-triangulation)")
+    parser.add_argument("--num-threads", type=int, default=defaults.num_threads)
     parser.add_argument("--verbose", action="store_true", help="show COLMAP's log")
     return parser
 
@@ -572,6 +675,7 @@ def main_cli(argv: Sequence[str] | None = None) -> ReconstructResult:
         max_error=args.max_error, refine=args.refine,
         min_match_score=args.min_match_score,
         verification=None if args.min_num_inliers is None else VerificationConfig(min_num_inliers=args.min_num_inliers),
+        calibration=args.calibration, refine_iterations=args.refine_iterations,
         num_threads=args.num_threads, verbose=args.verbose,
     )
     result = main(args.images, args.outputs, config=config)

@@ -401,6 +401,9 @@ def _one_keypoint_per_view(label: np.ndarray, in_track: np.ndarray, node_image: 
     """
     num_images = int(node_image.max(initial=0)) + 1
     nodes = np.nonzero(in_track)[0]
+    if len(nodes) == 0:
+        empty = (np.zeros((0, 2), np.float32), np.zeros(0, np.float32))
+        return np.full(len(positions), -1, np.int64), {image: empty for image in range(num_images)}, 0
     is_reference = np.zeros(len(positions), bool)
     is_reference[references] = True
     group_key = label[nodes].astype(np.int64) * num_images + node_image[nodes]

@@ -214,7 +214,7 @@ def test_cli_runs_loftr_end_to_end(tmp_path: Path) -> None:
     images = write_scene(scene, tmp_path / "scene") / "images"
     out = tmp_path / "out"
     run = _cli("--images", str(images), "--outputs", str(out), "--weights", str(weights), "--device", "cpu",
-               "--resize", "96", "--amp", "bf16")  # bf16 autocast runs on the CPU too
+               "--resize", "96", "--amp", "bf16", "--matcher", "loftr")  # bf16 autocast runs on the CPU too
     if run.returncode == 0:  # random weights can, rarely, still give a model
         summary = json.loads((out / "summary.json").read_text())
     else:
@@ -227,25 +227,32 @@ def test_cli_runs_loftr_end_to_end(tmp_path: Path) -> None:
         assert len(matches) >= 1
 
 
-def test_cli_dense_defaults_rotation_auto_and_klt_are_recorded_and_can_be_switched_off(tmp_path: Path) -> None:
-    """With the shipped loftr-compact: the defaults for dense matchers (rotation auto, KLT refinement on
-    the 4 px / 0.5 px grid) reach match_dense, an upright scene gets no turned pair, and the flags switch
-    them off; a bad radius is one error line."""
+def test_cli_defaults_ensemble_with_exact_tracks_are_recorded_and_can_be_switched_off(tmp_path: Path) -> None:
+    """With the shipped loftr-compact: the default matcher is the loftr+sift ensemble whose dense part uses
+    rotation auto and exact tracks (pipeline.tracks); an upright scene gets no turned pair; the flags give back
+    LoFTR alone with per-pair KLT on the 4 px / 0.5 px grid, or no refinement at all."""
     pytest.importorskip("torch")
     scene = render_scene(SceneConfig(width=160, height=120, num_views=4, num_boxes=3))
     images = write_scene(scene, tmp_path / "scene") / "images"
     expected = {
-        (): {"rotation": "auto", "refine": "klt", "cell_size": 4, "max_error": 0.5, "pairs_turned": 0},
-        ("--rotation", "none", "--refine", "none"): {"rotation": "none", "refine": "none", "cell_size": 8,
-                                                     "max_error": 2.0, "pairs_turned": 0},
+        (): ("loftr+sift", {"rotation": "auto", "refine": "tracks", "pairs_turned": 0}),
+        ("--matcher", "loftr", "--refine", "klt"): ("loftr", {"rotation": "auto", "refine": "klt", "cell_size": 4,
+                                                              "max_error": 0.5, "pairs_turned": 0}),
+        ("--matcher", "loftr", "--rotation", "none", "--refine", "none"): (
+            "loftr", {"rotation": "none", "refine": "none", "cell_size": 8, "max_error": 2.0, "pairs_turned": 0}),
     }
-    for index, (flags, figures) in enumerate(expected.items()):
+    for index, (flags, (matcher, figures)) in enumerate(expected.items()):
         out = tmp_path / f"out{index}"
         run = _cli("--images", str(images), "--outputs", str(out), "--weights", "loftr-compact", "--device", "cpu",
                    *flags)
         summary = json.loads((out / "summary.json").read_text())
+        assert summary["matcher"] == matcher, run.stderr[-2000:]
         assert {key: summary["matching"][key] for key in figures} == figures, run.stderr[-2000:]
         assert summary["matching"]["turned_pairs"] == []
+        assert (summary["matching"]["tracks"] is not None) == (figures["refine"] == "tracks")
+        assert (summary["matching"]["ensemble"] is not None) == (matcher == "loftr+sift")
+        if matcher == "loftr+sift":
+            assert summary["matching"]["ensemble"]["keypoints"]["sift"] > 0
         with h5py.File(out / "features.h5", "r") as features:
             assert set(features) == set(scene.names)
     line = _one_error_line(_cli("--images", str(images), "--outputs", str(tmp_path / "bad"), "--max-error", "0"))
