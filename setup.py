@@ -30,6 +30,9 @@ setup(
         "tqdm",
         "pillow",
         "pandas",
+        # LoFTR as ONNX (python -m matchers.loftr.export_onnx) and run by onnxruntime (--weights model.onnx)
+        "onnx>=1.15",
+        "onnxruntime>=1.17",
     ],
     extras_require={"test": ["pytest"], "train": ["scikit-image"]},
 )

@@ -20,7 +20,8 @@ AMP_MODES = ("bf16", "fp16")
 #: what LoFTR falls back to when no weights are named and the official ones cannot be had (shipped in the package)
 OFFLINE_WEIGHTS = "loftr-compact"
 #: ``--weights`` help of every CLI whose default is "no weights named"
-WEIGHTS_HELP = ("LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, ...) or a .ckpt path; "
+WEIGHTS_HELP = ("LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, ...), a .ckpt path or an "
+                ".onnx export (run by onnxruntime); "
                 "default: $LOFTR_WEIGHTS, else outdoor (downloaded once), else offline the shipped, "
                 "weaker loftr-compact")
 
@@ -43,6 +44,15 @@ def _default_loftr(device: str):
               f"  using the shipped {OFFLINE_WEIGHTS} weights, much weaker (matchers/loftr/weights/MODEL_CARD.md);\n"
               f"  for the official ones pass --weights PATH or set LOFTR_WEIGHTS", file=sys.stderr)
         return model
+
+
+def _onnx_weights(weights: str | None) -> str | None:
+    """The .onnx file LoFTR should run from: ``weights`` when it names one, else ``$LOFTR_WEIGHTS`` when no weights
+    are named and it is an .onnx file; None for checkpoints and names."""
+    if weights is None:
+        env = os.environ.get("LOFTR_WEIGHTS", "")
+        return env if env.lower().endswith(".onnx") and os.path.isfile(os.path.expanduser(env)) else None
+    return weights if os.fspath(weights).lower().endswith(".onnx") else None
 
 
 def unavailable_reason(error: BaseException, limit: int = 52) -> str:
@@ -86,7 +96,10 @@ def make_matcher(
     ``loftr-compact``, with a warning on stderr); SIFT has none. ``resize``: longest image side used for
     matching; None keeps the matcher's default (LoFTR 640, SIFT 1600), 0 matches at the original size.
     ``options`` go to the matcher (``SIFTOptions`` fields for SIFT, keyword arguments of ``LoFTRMatcher`` for
-    LoFTR; ``amp=None`` is accepted by both).
+    LoFTR; ``amp=None`` is accepted by both). A ``weights`` path ending in ``.onnx`` (or such a ``$LOFTR_WEIGHTS``
+    when no weights are named) is an export of :mod:`matchers.loftr.export_onnx`, run by onnxruntime
+    (:class:`~matchers.loftr.onnx_backend.OnnxLoFTRMatcher`; its options: ``preset``, ``threads``,
+    ``both_directions``, ``match_threshold``).
     """
     key = name.strip().lower()
     if resize is not None and resize < 0:
@@ -105,6 +118,11 @@ def make_matcher(
             raise UserError(f"bad option for the sift matcher: {error}") from None
         return SIFTMatcher(sift_options)
     if key == "loftr":
+        onnx_file = _onnx_weights(weights)
+        if onnx_file is not None:  # an export of matchers.loftr.export_onnx: run by onnxruntime, no checkpoint
+            from .loftr.onnx_backend import OnnxLoFTRMatcher
+
+            return OnnxLoFTRMatcher(onnx_file, device=device, **size_option, **options)
         resolved = resolve_device(device)
         from .loftr import LoFTRMatcher, load_pretrained  # lazy: pulls in torch and the model
 
