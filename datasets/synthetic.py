@@ -6,6 +6,27 @@ patches and text-like glyph blobs — so that both SIFT and LoFTR find plenty of
 Lambertian shading with one directional light (view-independent, so colours are consistent across views);
 the background is a smooth gradient with depth 0 (invalid).
 
+Object-centric layout (``SceneConfig(layout="object")``): no ground; one compact object centred at the
+origin, a plinth carrying a leaning stack of boxes of decreasing size and varied yaw with side pieces
+sticking out (``num_boxes`` pieces, like a statue), surfaced with a weak plaster / stone texture (smooth
+noise, faint stains, fine grains) whose amplitude is ``texture_contrast``; a flat near-black background
+(``background`` grey level) and Gaussian sensor noise (``noise``, 8-bit levels); a full ring of cameras
+looking at the object, alternately ``height_step / 2`` above and below ``camera_height``; ``focal_factor``
+sets the focal length in image widths exactly (K in ``cameras.txt``; no distortion). Presets
+(``SceneConfig.preset(name, **overrides)``, CLI ``--preset``), 48 views of 640x480, the object spanning
+~70 % of the image height:
+
+* ``object_tele``: focal 5 x width = 3200 px (11.4 deg field of view), cameras 24 units away;
+* ``object_wide``: the same object through a normal lens, focal 1.1 x width = 704 px (48.9 deg).
+
+Weak texture: OpenCV's SIFT finds 200-475 keypoints per view (median 300; COLMAP's SIFT ~530), 96 % of
+them on the object, the rest on its outline. ``pipeline.reconstruct --matcher sift`` (exhaustive pairs,
+shared SIMPLE_RADIAL camera) registers 48/48 on both presets: relative-rotation error median 0.11 deg
+(mean 0.13, max 0.40) and focal 3224 px for 3200 on ``object_tele``; 0.12 deg (mean 0.13, max 0.40) and
+705 px for 704 on ``object_wide``. The telephoto ring is near a cliff for self-calibration: with
+``texture_contrast=0.25`` and the cameras 25 units away, SIFT still registered 48/48 but at focal 4305 px,
+with two views 9-15 deg off (median 0.56 deg, max 18 deg).
+
 Conventions (the same as :mod:`datasets.middlebury` and OpenCV):
 
 * world: z up; cameras: x right, y down, z forward;
@@ -19,7 +40,8 @@ API: ``render_scene(SceneConfig(...)) -> Scene``; ``write_scene(scene, folder)``
 for other viewpoints ``make_world(config)`` then ``render_view(world, K, pose, width, height)``;
 ``unproject`` / ``project`` / ``warp`` to map pixels between views with the depth (training supervision).
 
-CLI: ``python -m datasets.synthetic --output DIR [--views 12] [--width 320 --height 240] [--seed 0]``
+CLI: ``python -m datasets.synthetic --output DIR [--preset object_tele|object_wide] [--views 12]
+[--width 320 --height 240] [--seed 0] [--arc 110]`` (the flags override the preset's values).
 """
 from __future__ import annotations
 
@@ -42,6 +64,23 @@ FONTS = (
     cv2.FONT_HERSHEY_PLAIN,
 )
 GLYPHS = string.ascii_letters + string.digits + "#%&@?"
+LAYOUTS = ("boxes", "object")
+
+# Object-centric presets (see the module docstring). The object is about 2.2 units tall and up to 1.9 wide;
+# the ring radius is chosen so that it spans about 70 % of the image height with either lens, seen from
+# about 16 deg above, the views alternating 3 deg higher and lower.
+_OBJECT = dict(
+    layout="object", width=640, height=480, num_views=48, arc_degrees=360.0, target_height=0.0, num_boxes=7,
+    texels_per_unit=160.0, texture_contrast=0.3, background=0.03, noise=1.0,
+)
+PRESETS: dict[str, dict] = {
+    # telephoto: focal 5 x width = 3200 px (horizontal field of view 11.4 deg), cameras 24 units away
+    "object_tele": {**_OBJECT, "focal_factor": 5.0, "radius": 23.0, "camera_height": 6.7, "height_step": 2.4,
+                    "jitter": 0.15},
+    # a normal lens: focal 1.1 x width = 704 px (field of view 48.9 deg), cameras 5.2 units away
+    "object_wide": {**_OBJECT, "focal_factor": 1.1, "radius": 5.0, "camera_height": 1.45, "height_step": 0.5,
+                    "jitter": 0.03},
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +101,13 @@ class SceneConfig:
     ground_size: float = 10.0  # the ground is a square of this side centred at the origin
     texels_per_unit: float = 60.0  # texture resolution (finer detail than pixels: SIFT finds more)
     supersample: int = 2  # colour samples per pixel per axis (anti-aliasing)
+    # --- added for object-centric scenes; the defaults leave the "boxes" scenes exactly as they were
+    layout: str = "boxes"  # "boxes": boxes on a textured ground; "object": one compact object at the origin
+    focal_factor: float | None = None  # focal length in units of the image width; overrides fov_degrees when set
+    height_step: float = 0.0  # cameras alternate between camera_height + height_step / 2 and - height_step / 2
+    texture_contrast: float = 1.0  # "object": relative amplitude of the object's texture (weak texture: ~0.1)
+    background: float | None = None  # grey level in [0, 1] of a flat background; None: the pale sky gradient
+    noise: float = 0.0  # std of Gaussian image noise in 8-bit grey levels (seeded per view)
 
     def __post_init__(self) -> None:
         if self.width < 8 or self.height < 8:
@@ -72,8 +118,41 @@ class SceneConfig:
             raise UserError(f"fov_degrees must be in [1, 170], got {self.fov_degrees}")
         if self.supersample < 1:
             raise UserError(f"supersample must be >= 1, got {self.supersample}")
-        if self.radius <= self.ground_size / np.sqrt(2) * 0.5:
+        if self.layout not in LAYOUTS:
+            raise UserError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if self.focal_factor is not None and not 0.05 <= self.focal_factor <= 100.0:
+            raise UserError(f"focal_factor (focal / image width) must be in [0.05, 100], got {self.focal_factor}")
+        if self.texture_contrast < 0:
+            raise UserError(f"texture_contrast must be >= 0, got {self.texture_contrast}")
+        if self.background is not None and not 0.0 <= self.background <= 1.0:
+            raise UserError(f"background must be a grey level in [0, 1] or None, got {self.background}")
+        if self.noise < 0:
+            raise UserError(f"noise must be >= 0 (8-bit grey levels), got {self.noise}")
+        if self.layout == "object":
+            if self.num_boxes < 1:
+                raise UserError(f"the object layout needs num_boxes >= 1 (the plinth), got {self.num_boxes}")
+            if self.radius <= 2.0:
+                raise UserError(f"object layout: cameras must stand outside the object: radius > 2, got {self.radius}")
+        elif self.radius <= self.ground_size / np.sqrt(2) * 0.5:
             raise UserError("cameras must stand outside the ground square: increase radius or reduce ground_size")
+
+    @property
+    def focal(self) -> float:
+        """Focal length in pixels (square pixels)."""
+        if self.focal_factor is not None:
+            return self.focal_factor * self.width
+        return 0.5 * self.width / np.tan(np.radians(self.fov_degrees) / 2)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SceneConfig":
+        """A named configuration (see :data:`PRESETS`), with fields replaced by ``overrides``."""
+        if name not in PRESETS:
+            raise UserError(f"unknown scene preset {name!r}; choose one of {', '.join(PRESETS)}")
+        fields = {**PRESETS[name], **overrides}
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UserError(f"SceneConfig has no field {unknown[0]!r}")
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -196,9 +275,86 @@ def procedural_texture(rng: np.random.Generator, height: int, width: int) -> np.
     return texture.astype(np.float32) / 255.0
 
 
+def weak_texture(
+    rng: np.random.Generator, height: int, width: int, colour: np.ndarray, contrast: float
+) -> np.ndarray:
+    """A plaster / stone-like texture (H, W, 3) float32 in [0, 1]: ``colour`` modulated by smooth noise,
+    faint stains and fine grains (pores, specks) whose relative amplitude is about ``contrast``."""
+    height, width = max(8, int(height)), max(8, int(width))
+    area = height * width
+    detail = 0.6 * (_noise(rng, height, width, octaves=6) - 0.5)  # smooth shading variations
+    stains = np.zeros((height, width), np.float32)
+    for _ in range(int(area / 4000) + 2):
+        centre = (int(rng.integers(width)), int(rng.integers(height)))
+        axes = (int(rng.integers(4, 24)), int(rng.integers(4, 24)))
+        cv2.ellipse(stains, centre, axes, float(rng.uniform(0, 180)), 0, 360, float(rng.uniform(-1, 1)), -1,
+                    cv2.LINE_AA)
+    detail += 0.4 * cv2.GaussianBlur(stains, (0, 0), 3.0)
+    grains = np.zeros((height, width), np.float32)
+    for _ in range(int(area / 90) + 4):
+        centre = (int(rng.integers(width)), int(rng.integers(height)))
+        value = float(rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 1.0))
+        cv2.circle(grains, centre, int(rng.integers(1, 5)), value, -1, cv2.LINE_AA)
+    detail += cv2.GaussianBlur(grains, (0, 0), 0.8)
+    tint = 1.0 + 0.15 * contrast * rng.uniform(-1, 1, 3).astype(np.float32)
+    texture = np.asarray(colour, np.float32) * tint * (1.0 + contrast * detail[..., None])
+    return np.clip(texture, 0.0, 1.0).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------- world
+def make_object_world(config: SceneConfig) -> World:
+    """One compact object centred at the origin, no ground: a plinth with a leaning stack of boxes of
+    decreasing size and varied yaw on it (like a statue) and side pieces sticking out, all with
+    :func:`weak_texture` of ``config.texture_contrast``; ``config.num_boxes`` pieces in all."""
+    rng = np.random.default_rng([config.seed, 4243])  # independent of the boxes layout's stream
+    density = config.texels_per_unit
+    plaster = np.array([0.80, 0.76, 0.68]) * rng.uniform(0.92, 1.05)  # light plaster
+    stone = np.array([0.55, 0.55, 0.58]) * rng.uniform(0.9, 1.1)  # a darker plinth
+    pieces: list[tuple[np.ndarray, np.ndarray, float, np.ndarray]] = []  # centre, half size, yaw, colour
+    plinth = np.array([rng.uniform(0.7, 0.8), rng.uniform(0.6, 0.7), rng.uniform(0.12, 0.16)])
+    pieces.append((np.array([0.0, 0.0, plinth[2]]), plinth, float(rng.uniform(0, np.pi / 2)), stone))
+    count = config.num_boxes - 1
+    num_side = count // 3
+    num_stack = count - num_side
+    top, half_xy = 2 * plinth[2], np.array([0.58, 0.48])
+    xy = np.zeros(2)
+    for _ in range(num_stack):
+        half = np.array([*(half_xy * rng.uniform(0.8, 1.0, 2)), rng.uniform(0.18, 0.3)])
+        xy = xy + rng.uniform(-0.08, 0.08, 2)
+        pieces.append((np.array([xy[0], xy[1], top + half[2] - 0.02]), half, float(rng.uniform(0, np.pi)), plaster))
+        top += 2 * half[2] - 0.02
+        half_xy = half_xy * 0.85
+    for _ in range(num_side):  # arms: horizontal pieces sticking out of a stack piece (num_stack >= 2 num_side)
+        centre, half, _, _ = pieces[1 + int(rng.integers(num_stack))]
+        direction = rng.uniform(0, 2 * np.pi)
+        arm = np.array([rng.uniform(0.3, 0.45), rng.uniform(0.08, 0.14), rng.uniform(0.08, 0.14)])
+        offset = (half[0] + 0.6 * arm[0]) * np.array([np.cos(direction), np.sin(direction)])
+        lift = rng.uniform(-0.5, 0.5) * half[2]
+        arm_centre = np.array([centre[0] + offset[0], centre[1] + offset[1], centre[2] + lift])
+        pieces.append((arm_centre, arm, float(direction), plaster))
+    # centre the bounding box of all pieces at the origin
+    corners = []
+    for centre, half, yaw, _ in pieces:
+        c, s = np.cos(yaw), np.sin(yaw)
+        R = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+        signs = np.array(np.meshgrid([-1, 1], [-1, 1], [-1, 1])).reshape(3, -1).T
+        corners.append(centre + (signs * half) @ R.T)
+    corners = np.concatenate(corners)
+    shift = (corners.min(axis=0) + corners.max(axis=0)) / 2
+    boxes: list[Box] = []
+    for centre, half, yaw, colour in pieces:
+        dims = 2 * half
+        spans = [(dims[1], dims[2])] * 2 + [(dims[0], dims[2])] * 2 + [(dims[0], dims[1])] * 2
+        textures = tuple(weak_texture(rng, h * density, w * density, colour, config.texture_contrast) for w, h in spans)
+        boxes.append(Box(centre - shift, half, yaw, textures))
+    return World(0.0, np.zeros((8, 8, 3), np.float32), tuple(boxes), density)
+
+
 def make_world(config: SceneConfig) -> World:
-    """Random boxes on a textured ground (deterministic given ``config.seed``)."""
+    """Random boxes on a textured ground (deterministic given ``config.seed``); for ``layout="object"``
+    the object of :func:`make_object_world`."""
+    if config.layout == "object":
+        return make_object_world(config)
     rng = np.random.default_rng(config.seed)
     density = config.texels_per_unit
     ground_pixels = int(config.ground_size * density)
@@ -252,12 +408,16 @@ def ring_cameras(config: SceneConfig) -> tuple[np.ndarray, np.ndarray]:
     """(K (N, 3, 3), poses (N, 4, 4)) of ``num_views`` cameras on a ring/arc around the scene."""
     rng = np.random.default_rng(config.seed + 7919)  # independent of the world's stream
     K = intrinsics(config.width, config.height, config.fov_degrees)
+    if config.focal_factor is not None:
+        K[0, 0] = K[1, 1] = config.focal
     full = abs(config.arc_degrees - 360.0) < 1e-9
     count = config.num_views if full else max(config.num_views - 1, 1)
     angles = np.radians(np.arange(config.num_views) * config.arc_degrees / count)
     poses = []
-    for angle in angles:
+    for index, angle in enumerate(angles):
         eye = np.array([config.radius * np.cos(angle), config.radius * np.sin(angle), config.camera_height])
+        if config.height_step:
+            eye[2] += config.height_step / 2 * (1 if index % 2 == 0 else -1)
         eye = eye + rng.uniform(-config.jitter, config.jitter, 3)
         target = np.array([0.0, 0.0, config.target_height]) + rng.uniform(-config.jitter, config.jitter, 3)
         poses.append(look_at(eye, target))
@@ -301,6 +461,7 @@ def _cast(
     with np.errstate(invalid="ignore"):  # inf * 0 for rays parallel to an axis
         gx, gy = origin[0] + t_ground * directions[:, 0], origin[1] + t_ground * directions[:, 1]
     inside = np.isfinite(t_ground) & (np.abs(gx) <= half) & (np.abs(gy) <= half) & (t_ground > 0)
+    inside &= half > 0  # ground_size 0: no ground
     best[inside] = t_ground[inside]
     hit_kind[inside] = 0
     norms2 = np.einsum("ij,ij->i", directions, directions)
@@ -412,9 +573,13 @@ def render_scene(config: SceneConfig | None = None) -> Scene:
     config = config if config is not None else SceneConfig()
     world = make_world(config)
     K, poses = ring_cameras(config)
+    background = None if config.background is None else (config.background,) * 3
     images, depths = [], []
-    for k, pose in zip(K, poses):
-        image, depth = render_view(world, k, pose, config.width, config.height, config.supersample)
+    for index, (k, pose) in enumerate(zip(K, poses)):
+        image, depth = render_view(world, k, pose, config.width, config.height, config.supersample, background)
+        if config.noise > 0:
+            noise = np.random.default_rng([config.seed, 104729, index]).normal(0.0, config.noise, image.shape[:2])
+            image = np.clip(image + noise[..., None] + 0.5, 0, 255).astype(np.uint8)  # grey noise: all channels
         images.append(image)
         depths.append(depth)
     names = [f"view_{i:03d}.png" for i in range(config.num_views)]
@@ -521,15 +686,19 @@ def main_cli(argv: list[str] | None = None) -> None:
         description="Render a synthetic textured scene with known cameras and depth.",
     )
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--views", type=int, default=defaults.num_views)
-    parser.add_argument("--width", type=int, default=defaults.width)
-    parser.add_argument("--height", type=int, default=defaults.height)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--arc", type=float, default=defaults.arc_degrees, help="arc of the camera ring in degrees")
+    parser.add_argument("--preset", default=None,
+                        help=f"a named scene ({', '.join(PRESETS)}); the flags below override its values")
+    parser.add_argument("--views", type=int, default=None, help=f"number of views (default {defaults.num_views})")
+    parser.add_argument("--width", type=int, default=None, help=f"image width (default {defaults.width})")
+    parser.add_argument("--height", type=int, default=None, help=f"image height (default {defaults.height})")
+    parser.add_argument("--seed", type=int, default=None, help=f"random seed (default {defaults.seed})")
+    parser.add_argument("--arc", type=float, default=None,
+                        help=f"arc of the camera ring in degrees (default {defaults.arc_degrees:g})")
     args = parser.parse_args(argv)
-    config = SceneConfig(
-        width=args.width, height=args.height, num_views=args.views, seed=args.seed, arc_degrees=args.arc
-    )
+    given = {"num_views": args.views, "width": args.width, "height": args.height, "seed": args.seed,
+             "arc_degrees": args.arc}
+    overrides = {key: value for key, value in given.items() if value is not None}
+    config = SceneConfig.preset(args.preset, **overrides) if args.preset is not None else SceneConfig(**overrides)
     scene = main(args.output, config)
     print(f"wrote {len(scene)} views to {args.output}")
 
