@@ -16,6 +16,10 @@ download needed) and a low coarse threshold so that random weights still produce
    per-pair matches are checked against kornia's (in the matched, resized image's pixels). Run as ours / kornia /
    ours; ours is their mean.
 4. **Techniques**: the measured effect of each optimisation, toggled alone (interleaved, median).
+5. **ONNX** (``--onnx``, not run by default): torch (the default matcher, a cold pair) against onnxruntime running
+   the file of ``python -m matchers.loftr.export_onnx``, per pair at 640x480, interleaved in one process, for the
+   shipped loftr-compact weights and outdoor_ds-shaped random weights; same-match check, export time, model sizes
+   (parameters, checkpoint and .onnx bytes) and the peak RSS of one cold pair per backend in a fresh subprocess.
 
 Prints a table (with the targets of issue 6) and writes everything as JSON (atomically).
 """
@@ -494,6 +498,98 @@ def compile_trial(config: BenchmarkConfig, model: LoFTR) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- report
+# ------------------------------------------------------------------------------------------------- onnx
+ONNX_SIZE: Size = (640, 480)
+ONNX_MODELS = ("loftr-compact", "outdoor_ds-random")
+
+
+def _onnx_torch_model(name: str, config: BenchmarkConfig) -> LoFTR:
+    """The plain torch model of an ONNX row: the shipped compact weights, or the seeded random outdoor_ds ones."""
+    if name == "loftr-compact":
+        from matchers.loftr import load_pretrained
+
+        return load_pretrained("loftr-compact", "cpu")
+    state, _ = random_state_dict(config.seed, config.threshold)
+    model = LoFTR(LoFTRConfig.preset("outdoor_ds").replace(matching={"thr": config.threshold}))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _matches_dict(matches: Any) -> dict[str, np.ndarray]:
+    return {"keypoints0": matches.keypoints0, "keypoints1": matches.keypoints1}
+
+
+def onnx_rows(config: BenchmarkConfig, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Torch vs onnxruntime, one cold 640x480 pair, interleaved; sizes and peak RSS per model."""
+    import onnxruntime
+
+    from matchers.loftr import LoFTRMatcher
+    from matchers.loftr.export_onnx import export
+    from matchers.loftr.onnx_backend import OnnxLoFTRMatcher
+    from matchers.loftr.weights import save_checkpoint
+
+    image0, image1, source = pair_images(config.data_root, ONNX_SIZE)
+    result: dict[str, Any] = {"size": list(ONNX_SIZE), "images": source, "onnxruntime": onnxruntime.__version__,
+                              "threads": config.threads, "rows": []}
+    for name in ONNX_MODELS:
+        model = _onnx_torch_model(name, config)
+        onnx_path, ckpt_path = workdir / f"{name}.onnx", workdir / f"{name}.ckpt"
+        start = time.perf_counter()
+        export(model, onnx_path, weights_label=name)
+        export_s = time.perf_counter() - start
+        save_checkpoint(model, ckpt_path)
+        torch_matcher = LoFTRMatcher(model, resize=None, device="cpu")
+        onnx_matcher = OnnxLoFTRMatcher(onnx_path, resize=None, device="cpu", threads=config.threads)
+        outputs: dict[str, Any] = {}
+        timing = interleaved({"torch": lambda: torch_matcher.match(image0, image1),
+                              "onnxruntime": lambda: onnx_matcher.match(image0, image1)},
+                             config.runs, warmup=False, first_outputs=outputs)
+        check = compare_matches(_matches_dict(outputs["torch"]), _matches_dict(outputs["onnxruntime"]))
+        row = {"model": name, "threshold": model.config.matching.thr, "export_s": export_s,
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "checkpoint_mb": ckpt_path.stat().st_size / 2 ** 20, "onnx_mb": onnx_path.stat().st_size / 2 ** 20,
+               "torch": timing["torch"], "onnxruntime": timing["onnxruntime"],
+               "ratio": timing["onnxruntime"]["median_s"] / timing["torch"]["median_s"], "check": check}
+        del torch_matcher, onnx_matcher
+        row["peak_rss"] = {backend: onnx_rss_child(backend, name, onnx_path, config)
+                           for backend in ("torch", "onnxruntime")}
+        log(f"  {name}: torch {row['torch']['median_s']:.3f} s, onnxruntime {row['onnxruntime']['median_s']:.3f} s, "
+            f"ratio {row['ratio']:.2f}, same matches: {check['same']} ({check['matches_kornia']}, max dkp "
+            f"{check['max_keypoint_diff_px']:.1e} px)")
+        result["rows"].append(row)
+    return result
+
+
+def onnx_rss_child(backend: str, name: str, onnx_path: Path, config: BenchmarkConfig) -> dict[str, Any]:
+    """One cold 640x480 pair of ``backend`` for model ``name`` in a fresh interpreter: its peak RSS and time."""
+    args = [sys.executable, "-m", "recipes.benchmark", "--onnx-child", backend, "--onnx-model", name,
+            "--onnx-file", str(onnx_path), "--threads", str(config.threads), "--seed", str(config.seed),
+            "--threshold", str(config.threshold), "--data-root", str(config.data_root)]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return {"ok": True, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def _onnx_child_main(backend: str, name: str, onnx_path: Path, config: BenchmarkConfig) -> None:
+    torch.set_num_threads(config.threads)
+    image0, image1, _ = pair_images(config.data_root, ONNX_SIZE)
+    if backend == "torch":
+        from matchers.loftr import LoFTRMatcher
+
+        matcher: Any = LoFTRMatcher(_onnx_torch_model(name, config), resize=None, device="cpu")
+    else:
+        from matchers.loftr.onnx_backend import OnnxLoFTRMatcher
+
+        matcher = OnnxLoFTRMatcher(onnx_path, resize=None, device="cpu", threads=config.threads)
+    before = _peak_rss_mb()
+    start = time.perf_counter()
+    matches = matcher.match(image0, image1)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"backend": backend, "model": name, "peak_rss_mb": _peak_rss_mb(), "rss_before_match_mb": before,
+                      "match_seconds": seconds, "matches": len(matches)}))
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
@@ -570,6 +666,20 @@ def format_table(report: dict[str, Any]) -> str:
                              f"kept (random weights)")
             extra = f" (first call incl. compile {entries['first_call_s']:.1f} s)" if "first_call_s" in entries else ""
             lines.append(f"  {section}: " + "; ".join(parts) + extra)
+    o = report.get("onnx")
+    if o:
+        lines.append("")
+        lines.append(f"ONNX: torch vs onnxruntime {o['onnxruntime']}, cold {o['size'][0]}x{o['size'][1]} pair "
+                     f"({o['threads']} threads, interleaved, median s; peak RSS of one pair in a fresh process)")
+        lines.append(f"{'model':<20}{'torch s':>9}{'ort s':>8}{'ratio':>7}{'matches':>9}{'same':>6}{'max dkp px':>12}"
+                     f"{'params':>11}{'ckpt MB':>9}{'onnx MB':>9}{'export s':>10}{'RSS torch':>11}{'RSS ort':>9}")
+        for row in o["rows"]:
+            c, rss = row["check"], row["peak_rss"]
+            rss_text = [f"{rss[b]['peak_rss_mb']:.0f}" if rss[b].get("ok") else "fail" for b in ("torch", "onnxruntime")]
+            lines.append(f"{row['model']:<20}{row['torch']['median_s']:>9.3f}{row['onnxruntime']['median_s']:>8.3f}"
+                         f"{row['ratio']:>7.2f}{c['matches_kornia']:>9}{'yes' if c['same'] else 'NO':>6}"
+                         f"{c['max_keypoint_diff_px']:>12.1e}{row['parameters']:>11,}{row['checkpoint_mb']:>9.1f}"
+                         f"{row['onnx_mb']:>9.1f}{row['export_s']:>10.1f}{rss_text[0]:>11}{rss_text[1]:>9}")
     lines.append("")
     lines.append("targets (issue 6):")
     for target in report["targets"]:
@@ -599,6 +709,11 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             targets.append({"name": "1600x1200 pair peak RSS <= 0.5 x kornia",
                             "value": f"{o['peak_rss_mb']:.0f} MB vs {k['peak_rss_mb']:.0f} MB" if ok else "not measured",
                             "pass": (o["peak_rss_mb"] <= 0.5 * k["peak_rss_mb"]) if ok else None})
+    for row in (report.get("onnx") or {}).get("rows", []):
+        if row["model"] == "loftr-compact":
+            targets.append({"name": "onnxruntime per pair <= torch's for loftr-compact (issue 17), same matches",
+                            "value": f"{row['ratio']:.2f} x, same={row['check']['same']}",
+                            "pass": row["ratio"] <= 1.0 and row["check"]["same"]})
     return targets
 
 
@@ -649,6 +764,10 @@ def main(config: BenchmarkConfig | None = None, json_path: Path | None = None, l
         log("techniques ...")
         report["techniques"] = techniques(config, plain)
         log(json.dumps(report["techniques"], default=str))
+    if "onnx" in sections:
+        log(f"onnx: torch vs onnxruntime at {ONNX_SIZE[0]}x{ONNX_SIZE[1]} ...")
+        with tempfile.TemporaryDirectory(prefix="loftr_bench_onnx_") as tmp:
+            report["onnx"] = onnx_rows(config, Path(tmp), log)
     if rss_thread is not None:
         log("waiting for the peak-RSS subprocesses ...")
         rss_thread.join()
@@ -682,7 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA, help="folder with scannet_sample/, temple_ring/")
     parser.add_argument("--no-large", action="store_true", help="skip the 1600x1200 peak-RSS pair (minutes for kornia)")
     parser.add_argument("--sections", nargs="+", default=["single", "rss", "dense", "techniques"],
-                        choices=["single", "rss", "dense", "techniques"])
+                        choices=["single", "rss", "dense", "techniques", "onnx"])
+    parser.add_argument("--onnx", action="store_true",
+                        help="also compare torch with onnxruntime (section 'onnx'; alone: --sections onnx)")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per model and size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=3)
@@ -694,6 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rss-child", choices=["ours", "kornia"], help=argparse.SUPPRESS)
     parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=_parse_size, help=argparse.SUPPRESS)
+    parser.add_argument("--onnx-child", choices=["torch", "onnxruntime"], help=argparse.SUPPRESS)
+    parser.add_argument("--onnx-model", choices=ONNX_MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--onnx-file", type=Path, help=argparse.SUPPRESS)
     return parser
 
 
@@ -701,6 +825,11 @@ def main_cli(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = build_parser().parse_args(argv)
     if args.rss_child:
         _rss_child_main(args.rss_child, args.size, args.threads, args.seed, args.threshold, args.data_root)
+        return None
+    if args.onnx_child:
+        child = replace(BenchmarkConfig(data_root=args.data_root), threads=args.threads, seed=args.seed,
+                        threshold=args.threshold)
+        _onnx_child_main(args.onnx_child, args.onnx_model, args.onnx_file, child)
         return None
     if args.runs is not None and args.runs < 1:
         raise UserError(f"--runs must be at least 1, got {args.runs}")
@@ -714,7 +843,8 @@ def main_cli(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                      runs=args.runs or config.runs)
     if args.no_compile:
         config = replace(config, compile_size=None)
-    return main(config, args.json, large=not args.no_large, sections=args.sections,
+    sections = list(args.sections) + (["onnx"] if args.onnx and "onnx" not in args.sections else [])
+    return main(config, args.json, large=not args.no_large, sections=sections,
                 rss_in_background=args.rss_in_background)
 
 
