@@ -10,6 +10,13 @@ that affine map, and only the translation is solved for (Gauss-Newton on the ref
 gradients, bilinear sampling with ``cv2.remap``, all points of an image pair at once). A point is
 accepted when the aligned patches correlate (zero-mean NCC >= ``min_ncc``), the window is textured
 (smallest eigenvalue of the normal matrix), and the point moved at most ``max_shift`` px.
+
+The affine fit is robust (a second least-squares fit without the neighbours the first fits worst): on
+temple_ring the plain fit on LoFTR's noisy neighbour positions made the refinement worse than none at
+all. Measured on temple_ring's adjacent views (exhaustive pairs, loftr-compact, exact tracks), median
+epipolar error of the final matches against the GT cameras: 0.371 px unrefined; 0.314 px (NCC >= 0.9,
+eigenvalue >= 10, plain fit); 0.251 px with these defaults (NCC >= 0.8, eigenvalue >= 1, robust fit);
+0.227 px with no affine map at all, which on the rendered scene above leaves 0.45 px.
 """
 from __future__ import annotations
 
@@ -25,11 +32,12 @@ class AlignConfig:
     window: int = 11  # patch edge (px, odd)
     iterations: int = 12
     max_shift: float = 3.0  # px from the start
-    min_ncc: float = 0.9
-    min_eigenvalue: float = 10.0  # of the per-pixel mean normal matrix (grey levels^2 / px^2)
+    min_ncc: float = 0.8
+    min_eigenvalue: float = 1.0  # of the per-pixel mean normal matrix (grey levels^2 / px^2)
     neighbours: int = 16  # correspondences used for each local affine map
     radius: float = 48.0  # px, neighbours farther away are ignored
     min_neighbours: int = 6  # fewer: the fallback linear map is used
+    max_residual: float = 1.0  # px (or 2.5x the median residual), worse-fitting neighbours leave the second fit
     passes: int = 2  # pipeline.tracks: the second pass fits the affine maps on the first pass's positions
 
     def __post_init__(self) -> None:
@@ -54,9 +62,14 @@ def local_affines(source: np.ndarray, target: np.ndarray, queries: np.ndarray, f
     weights = valid.astype(np.float64)
     design = np.concatenate([source[index] - queries[:, None, :], np.ones((count, k, 1))], axis=2)  # (N, k, 3)
     values = target[index]  # (N, k, 2)
-    normal = np.einsum("nk,nki,nkj->nij", weights, design, design) + 1e-6 * np.eye(3)
-    right = np.einsum("nk,nki,nkj->nij", weights, design, values)
-    solution = np.linalg.solve(normal, right)  # (N, 3, 2): rows x, y, 1 -> columns target x, y
+    for _ in range(2):  # least squares, then again without the neighbours it fits worst (wrong matches)
+        normal = np.einsum("nk,nki,nkj->nij", weights, design, design) + 1e-6 * np.eye(3)
+        right = np.einsum("nk,nki,nkj->nij", weights, design, values)
+        solution = np.linalg.solve(normal, right)  # (N, 3, 2): rows x, y, 1 -> columns target x, y
+        residual = np.linalg.norm(np.einsum("nki,nij->nkj", design, solution) - values, axis=2)
+        typical = np.nanmedian(np.where(weights > 0, residual, np.nan), axis=1, keepdims=True)
+        weights = weights * (residual <= np.maximum(config.max_residual, 2.5 * np.nan_to_num(typical)))
+    valid = weights > 0
     linear = solution[:, :2, :].transpose(0, 2, 1)  # (N, 2, 2) target = linear @ offset + c
     singular = np.linalg.svd(linear, compute_uv=False)
     good = (valid.sum(axis=1) >= config.min_neighbours) & (singular[:, 1] > 1 / 3) & (singular[:, 0] < 3)

@@ -3,6 +3,7 @@ dropped by confidence, and multi-view refinement against a reference view on a r
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -70,12 +71,13 @@ def test_neighbouring_cells_of_one_image_in_a_track_become_one_keypoint():
         ("C", "A"): one((56, 8), (19.0, 24.0), (56, 8), (24, 24), 0.8),  # C(7,1) - A(3,3), A refined to 19
         ("B", "C"): one((40, 24), (56.0, 8.0), (40, 24), (56, 8), 0.7),
     }
-    result, stats = build_tracks(raw, {n: GRID for n in "ABC"}, config=TrackConfig(refine="none", merge_radius=4))
+    config = TrackConfig(refine="none", max_cell_spread=1, merge_radius=4)
+    result, stats = build_tracks(raw, {n: GRID for n in "ABC"}, config=config)
     assert stats.conflicts == 0 and stats.tracks == 1 and stats.merged_cells == 1
     assert [len(result.keypoints[n]) for n in "ABC"] == [1, 1, 1]
     assert all(pair.matches0.tolist() == [0] for pair in result.matches.values())
     # too far apart to be one point: the weaker cell loses its keypoint and its match
-    result, stats = build_tracks(raw, {n: GRID for n in "ABC"}, config=TrackConfig(refine="none", merge_radius=1))
+    result, stats = build_tracks(raw, {n: GRID for n in "ABC"}, config=replace(config, merge_radius=1))
     assert stats.merged_cells == 0 and len(result.keypoints["A"]) == 1
     assert result.matches[("C", "A")].matches0.tolist() == [-1]
 
