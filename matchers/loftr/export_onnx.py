@@ -337,6 +337,9 @@ def main_cli(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     if not args.output.endswith(".onnx"):
         raise UserError(f"--output {args.output} must end with .onnx (that is how --weights recognises ONNX files)")
+    if args.weights.lower().endswith(".onnx"):
+        raise UserError(f"--weights {args.weights} is already an ONNX export; pass the weights it came from "
+                        f"(a name or a .ckpt path)")
     check_output_file(args.output, "--output", example="model.onnx")
     try:
         import onnx  # noqa: F401
