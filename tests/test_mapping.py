@@ -87,3 +87,64 @@ def test_a_scene_whose_pairs_all_fail_is_one_error_line_with_the_pairs_in_the_su
     assert summary["registered"] == 0
     assert set(summary["unregistered_images"]) == {f"{i}.png" for i in range(4)}
     assert all(counts["verified"] == 0 for counts in summary["unregistered_images"].values())
+
+
+def _telephoto_database(root: Path, seed: int = 1, views: int = 24, points: int = 2000, cell: float = 8.0) -> Path:
+    """A database as dense matching makes it on a telephoto ring (focal 5x the width): the true projections of
+    points on an object, each snapped to its 8 px coarse cell, matched between views up to 3 apart."""
+    from datasets.synthetic import ring_cameras
+    from pipeline import io
+    from pipeline.colmap_db import build_database
+
+    config = SceneConfig.preset("object_tele", num_views=views)
+    K, poses = ring_cameras(config)
+    rng = np.random.default_rng(seed)
+    normals = rng.normal(size=(points, 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    world = normals * np.array([1.2, 1.2, 2.5]) + [0, 0, 0.5]
+    (root / "images").mkdir(parents=True)
+    features, seen = {}, {}
+    for index in range(views):
+        R, t = poses[index][:3, :3], poses[index][:3, 3]
+        centre = -R.T @ t
+        rays = (centre - world) / np.linalg.norm(centre - world, axis=1, keepdims=True)
+        pixels = (world @ R.T + t) @ K[index].T
+        pixels = pixels[:, :2] / pixels[:, 2:]
+        visible = (np.einsum("ij,ij->i", normals, rays) > 0.2) & np.all(
+            (pixels > 0) & (pixels < [config.width - 1, config.height - 1]), axis=1)
+        ids = np.nonzero(visible)[0]
+        name = f"view_{index:03d}.png"
+        (root / "images" / name).write_bytes(b"")  # the database reads sizes from features.h5
+        features[name] = (np.round(pixels[ids] / cell) * cell, np.ones(len(ids)), (config.width, config.height))
+        seen[name] = {int(point): row for row, point in enumerate(ids)}
+    names = sorted(features)
+    pairs, matches = [], {}
+    for index in range(views):
+        for step in (1, 2, 3):
+            a, b = names[index], names[(index + step) % views]
+            common = sorted(set(seen[a]) & set(seen[b]))
+            matches0 = np.full(len(features[a][0]), -1, np.int32)
+            matches0[[seen[a][p] for p in common]] = [seen[b][p] for p in common]
+            matches[(a, b)] = (matches0, np.ones(len(matches0), np.float32))
+            pairs.append((a, b))
+    io.write_features(root / "features.h5", features)
+    io.write_matches(root / "matches.h5", matches)
+    build_database(root / "database.db", root / "images", names, pairs, root / "features.h5", root / "matches.h5",
+                   camera_mode="single")
+    return root / "database.db"
+
+
+def test_staged_calibration_registers_the_telephoto_ring_on_which_colmaps_distortion_diverges(tmp_path: Path):
+    from pipeline.mapping import run_mapping
+
+    database = _telephoto_database(tmp_path)
+    colmap = run_mapping(database, tmp_path / "images", tmp_path / "colmap", MappingConfig(calibration="colmap",
+                                                                                           refine_iterations=0), 24)
+    # COLMAP's options: the shared camera's distortion runs past COLMAP's bogus bound (|k| > 1) and mapping stops.
+    assert colmap.reconstruction.num_reg_images() < 20
+    assert camera_problem(colmap.reconstruction.cameras[1], 1.0) is not None
+    staged = run_mapping(database, tmp_path / "images", tmp_path / "staged", MappingConfig(), 24)
+    assert staged.reconstruction.num_reg_images() == 24 and staged.attempts[0]["distortion_held"]
+    camera = staged.reconstruction.cameras[1]
+    assert camera_problem(camera, 0.5) is None
+    assert abs(camera.params[0] / 3200.0 - 1) < 0.1  # focal 5x the width, from coarse (8 px) keypoints
