@@ -1,29 +1,36 @@
-"""A folder of images in, a COLMAP reconstruction out: check -> pairs -> dense matching -> database ->
-geometric verification -> incremental mapping (pycolmap) -> the largest model.
+"""A folder of images in, a COLMAP reconstruction out: check -> pairs -> matching (exact tracks) -> database ->
+geometric verification -> incremental mapping with staged self-calibration -> geometry refinement (pycolmap).
 
-    python -m pipeline.reconstruct --images DIR --outputs OUT [--matcher loftr|sift] [--weights W]
+    python -m pipeline.reconstruct --images DIR --outputs OUT [--matcher loftr+sift|loftr|sift] [--weights W]
         [--pairs exhaustive|sequential|retrieval] [--num-pairs K] [--resize 640 [840 ...]]
-        [--rotation none|auto|best|union] [--refine none|klt] [--camera-mode auto|single|per-image] [--device auto|cpu|cuda]
+        [--rotation none|auto|best|union] [--refine tracks|klt|none] [--calibration staged|colmap]
+        [--refine-iterations 2] [--camera-mode auto|single|per-image] [--device auto|cpu|cuda]
 
-Outputs under OUT: ``pairs.txt``, ``features.h5``, ``matches.h5`` (hloc formats), ``database.db``,
-``sfm/`` (the largest model, COLMAP binary and text), ``models/`` (every model the mapper made),
-``points.ply``, ``summary.json`` (registered/total, points, mean track length, mean reprojection
-error, matcher and weights, timings per step) and ``reconstruction.png``.
+Outputs under OUT: ``pairs.txt``, ``features.h5``, ``matches.h5`` (hloc formats; for an ensemble each
+matcher's own files under ``OUT/<matcher>/``), ``database.db``, ``sfm/`` (the largest model, COLMAP binary
+and text), ``models/`` (every model the mapper made), ``points.ply``, ``summary.json`` (registered/total,
+points, track lengths, reprojection error per refinement round, the cameras and every calibration decision,
+the tracks' figures, per unregistered image its matched and verified pairs, timings per step),
+``reconstruction.png`` and ``reconstruction.html`` (an interactive viewer).
 
 Resuming: run the same command again. Matching resumes pair by pair (:mod:`pipeline.match_dense`);
 the verified database is reused when ``database.json`` records the same matches and options (else it
 is rebuilt in a temporary file and renamed into place); the mapping is skipped when ``summary.json``
 records the same inputs and the model is complete, else redone.
 
-The default matcher is LoFTR (outdoor weights; offline and without ``--weights`` the shipped
-``loftr-compact``, announced on stderr; it never switches to another matcher by itself). For dense
-matchers two steps are on by default:
+The default matcher is the ``loftr+sift`` ensemble (:mod:`pipeline.ensemble`): SIFT's keypoints and
+LoFTR's exact tracks in one model (LoFTR with the outdoor weights; offline and without ``--weights`` the
+shipped ``loftr-compact``, announced on stderr; it never switches to another matcher by itself). For LoFTR:
 
 * ``--rotation auto``: pairs whose images are turned against each other (SIFT orientations vote, see
   :mod:`pipeline.orientation`) are matched with image 1 turned back; upright pairs are matched as is.
-* ``--refine klt``: LoFTR's image-1 points are refined to sub-pixel accuracy by Lucas-Kanade
-  (:mod:`pipeline.refine`), quantized on a finer grid (``--cell-size 4 --max-error 0.5``) so that the
-  shared keypoints keep that accuracy, and each track's keypoints are aligned to its strongest one.
+* ``--refine tracks`` (detector-free SfM, :mod:`pipeline.tracks`): tracks are built exactly on LoFTR's
+  coarse cells and every observation is aligned to its track's reference view; ``--refine klt`` is the
+  earlier per-pair Lucas-Kanade refinement with quantization on a 4 px / 0.5 px grid.
+
+Mapping (:mod:`pipeline.mapping`) holds the distortion until enough images support it, maps again with
+COLMAP's options when images are left out, and refines the geometry in two rounds of bundle adjustment,
+observation filtering (3 px, 2 px), re-triangulation and registration of left-over images.
 """
 from __future__ import annotations
 

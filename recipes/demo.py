@@ -100,7 +100,8 @@ def main(
         scene_dir / "images",
         outputs / "sfm_run",
         config=reconstruct.ReconstructConfig(
-            matcher=chosen, weights=chosen_weights, pairs="exhaustive",
+            # LoFTR runs as the main job does by default: in the loftr+sift ensemble
+            matcher="loftr+sift" if chosen == "loftr" else chosen, weights=chosen_weights, pairs="exhaustive",
             resize=(max(width, height),) if chosen == "loftr" else None, device=device,
         ),
     )
