@@ -1,7 +1,7 @@
 """Image Matching Challenge 2023 / 2024: one COLMAP reconstruction per scene -> Kaggle ``submission.csv``.
 
     python -m recipes.imc2023 --data DIR --output submission.csv [--split auto|train|test] \\
-        [--matcher loftr|sift] [--weights outdoor] [--resize 840 [1280 ...]] [--rotation none|auto|best|union] \\
+        [--matcher loftr+sift|loftr|sift] [--weights outdoor] [--resize 840 [1280 ...]] [--rotation none|auto|best|union] \\
         [--exhaustive-max 50] [--num-pairs 20] [--camera-mode auto|single|per-image] \\
         [--time-budget SECONDS] [--work DIR] [--score]
 
@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from datasets.imc import Pose, SceneImages, list_scenes_2023, read_labels_2023, read_submission_2023, write_submission_2023
 from matchers.errors import UserError, run_cli
+from pipeline.reconstruct import ENSEMBLES, ReconstructConfig, ensemble_parts
 from pipeline.io import check_output_dir, check_output_file, write_text_atomic
 from recipes.imc_metrics import average_over_datasets, scene_maa_2023, thresholds_2023
 
@@ -52,7 +53,7 @@ ROTATION_MODES = ("none", "best", "union")
 class IMC2023Config:
     """What the recipe runs per scene."""
 
-    matcher: str = "loftr"
+    matcher: str = ReconstructConfig.matcher  # the main job's default: the loftr+sift ensemble
     weights: str | None = None  # LoFTR checkpoint name or path; None: outdoor (offline loftr-compact), or SIFT
     resize: tuple[int, ...] | None = None  # longest side(s) for matching; None = matcher default
     rotation: str | None = None  # none | auto | best | union (see pipeline.tta); None = reconstruct's default
@@ -217,7 +218,8 @@ def main(
     work = Path(work_dir) if work_dir is not None else output.with_name(output.name + ".work")
     from matchers.factory import make_matcher
 
-    make_matcher(config.matcher, weights=config.weights, device=config.device)  # bad weights/device: fail now
+    for name in ensemble_parts(config.matcher):  # bad weights/device: fail now
+        make_matcher(name, weights=config.weights if name != "sift" else None, device=config.device)
 
     poses: dict[tuple[str, str], dict[str, Pose]] = {}
     results: list[SceneResult] = []
@@ -302,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=Path("submission.csv"))
     parser.add_argument("--split", choices=("auto", "train", "test"), default="auto",
                         help="auto: test when sample_submission.csv exists (train with --score)")
-    parser.add_argument("--matcher", choices=MATCHERS, default=defaults.matcher)
+    parser.add_argument("--matcher", choices=MATCHERS + ENSEMBLES, default=defaults.matcher)
     parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     parser.add_argument("--resize", type=int, nargs="+", default=None, help="longest side(s) for matching; 0 = original")
     parser.add_argument("--rotation", choices=ROTATION_MODES, default=defaults.rotation)
