@@ -101,6 +101,15 @@ class CoarseGrid:
         """(N, 2) float32 positions of ``cells`` (N, 2)."""
         return (np.asarray(cells, np.float64) * self.step + self.origin).astype(np.float32)
 
+    @staticmethod
+    def of_resized(size: tuple[int, int], max_size: int | None, stride: int) -> "CoarseGrid":
+        """The grid of ``stride`` px cells of an image of ``size`` (W, H) resized as :func:`resize_image` does
+        (longer side ``max_size``, sides multiples of ``stride``), in the original image's pixels."""
+        width, height = size
+        new_w, new_h = resized_size(size, max_size, stride) if max_size else (width, height)
+        sx, sy = width / new_w, height / new_h
+        return CoarseGrid((stride * sx, stride * sy), (0.5 * sx - 0.5, 0.5 * sy - 0.5))
+
 
 @dataclass(frozen=True)
 class ResizedImage:
@@ -116,6 +125,14 @@ class ResizedImage:
         return ((points + 0.5) * scale - 0.5).astype(np.float32)
 
 
+def resized_size(size: tuple[int, int], max_size: int | None, multiple: int = 1) -> tuple[int, int]:
+    """(W, H) after :func:`resize_image`: longer side ``max_size`` (None: unchanged), sides multiples of ``multiple``."""
+    width, height = size
+    factor = 1.0 if max_size is None else max_size / max(height, width)
+    return (max(multiple, int(round(width * factor / multiple)) * multiple),
+            max(multiple, int(round(height * factor / multiple)) * multiple))
+
+
 def resize_image(image: np.ndarray, max_size: int | None, multiple: int = 1) -> ResizedImage:
     """Resize so the longer side is ``max_size`` (never upscaled when None) and sides divide by ``multiple``.
 
@@ -123,9 +140,7 @@ def resize_image(image: np.ndarray, max_size: int | None, multiple: int = 1) -> 
     keypoints map back to original coordinates without bias.
     """
     height, width = image.shape[:2]
-    factor = 1.0 if max_size is None else max_size / max(height, width)
-    new_w = max(multiple, int(round(width * factor / multiple)) * multiple)
-    new_h = max(multiple, int(round(height * factor / multiple)) * multiple)
+    new_w, new_h = resized_size((width, height), max_size, multiple)
     if (new_w, new_h) == (width, height):
         resized = image
     else:

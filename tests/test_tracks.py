@@ -133,3 +133,25 @@ def test_refinement_against_the_reference_recovers_points_perturbed_by_two_pixel
     refined_errors = errors[accepted]
     assert np.median(refined_errors) < 0.15 and np.mean(refined_errors < 0.3) > 0.8, (
         np.median(refined_errors), np.mean(refined_errors < 0.3))
+
+
+@pytest.mark.parametrize("resize", [None, 160])
+def test_loftr_coarse_cells_lie_on_the_matchers_grid(resize):
+    """The coarse cells LoFTR reports (original pixels of an odd-sized image, resized or not) are exactly the
+    lattice points of ``coarse_grid``, so the same cell of an image is the same node in every pair."""
+    torch = pytest.importorskip("torch")
+    from matchers.loftr import LoFTR, LoFTRConfig
+    from matchers.loftr.matcher import LoFTRMatcher
+
+    torch.manual_seed(0)
+    matcher = LoFTRMatcher(LoFTR(LoFTRConfig.preset("outdoor_ds")).eval(), resize=resize, device="cpu",
+                           match_threshold=0.0)
+    rng = np.random.default_rng(0)
+    image0 = rng.random((125, 171)).astype(np.float32)
+    image1 = rng.random((131, 167)).astype(np.float32)
+    matches = matcher.match(image0, image1)
+    assert len(matches) > 0 and matches.has_coarse
+    for points, image in ((matches.coarse0, image0), (matches.coarse1, image1)):
+        grid = matcher.coarse_grid((image.shape[1], image.shape[0]))
+        np.testing.assert_allclose(grid.centres(grid.cells(points)), points, atol=1e-3)
+    np.testing.assert_allclose(matches.coarse0, matches.keypoints0, atol=1e-4)  # image 0 is not refined

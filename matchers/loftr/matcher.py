@@ -161,15 +161,7 @@ class LoFTRMatcher(Matcher):
 
     def coarse_grid(self, size: tuple[int, int]) -> CoarseGrid:
         """The 1/8 grid of an image of ``size`` (W, H) after this matcher's resize, in original pixels."""
-        width, height = size
-        if self.resize:
-            factor = self.resize / max(width, height)
-            new_w = max(COARSE_STRIDE, int(round(width * factor / COARSE_STRIDE)) * COARSE_STRIDE)
-            new_h = max(COARSE_STRIDE, int(round(height * factor / COARSE_STRIDE)) * COARSE_STRIDE)
-        else:
-            new_w, new_h = width, height
-        scale = (width / new_w, height / new_h)
-        return CoarseGrid((COARSE_STRIDE * scale[0], COARSE_STRIDE * scale[1]), (0.5 * scale[0] - 0.5, 0.5 * scale[1] - 0.5))
+        return CoarseGrid.of_resized(size, self.resize, COARSE_STRIDE)
 
     def describe(self) -> dict[str, Any]:
         threshold = self.match_threshold if self.match_threshold is not None else self.model.config.matching.thr

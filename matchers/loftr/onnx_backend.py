@@ -236,15 +236,7 @@ class OnnxLoFTRMatcher(Matcher):
     def coarse_grid(self, size: tuple[int, int]) -> CoarseGrid:
         """The 1/8 grid of an image of ``size`` (W, H) after this matcher's resize, in original pixels (the same
         lattice as :meth:`LoFTRMatcher.coarse_grid <matchers.loftr.matcher.LoFTRMatcher.coarse_grid>`)."""
-        width, height = size
-        if self.resize:
-            factor = self.resize / max(width, height)
-            new_w = max(COARSE_STRIDE, int(round(width * factor / COARSE_STRIDE)) * COARSE_STRIDE)
-            new_h = max(COARSE_STRIDE, int(round(height * factor / COARSE_STRIDE)) * COARSE_STRIDE)
-        else:
-            new_w, new_h = width, height
-        sx, sy = width / new_w, height / new_h
-        return CoarseGrid((COARSE_STRIDE * sx, COARSE_STRIDE * sy), (0.5 * sx - 0.5, 0.5 * sy - 0.5))
+        return CoarseGrid.of_resized(size, self.resize, COARSE_STRIDE)
 
     def describe(self) -> dict[str, Any]:
         return {
