@@ -20,6 +20,7 @@ half-written database behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -378,6 +379,11 @@ def build_database(
         num_verified, num_inliers = verify(temp, imported, verification, verbose) if imported else (0, 0)
         remove_database(database_path, side_files_only=True)
         os.replace(temp, database_path)
+    except (OSError, RuntimeError) as error:
+        problem = full_disk_error(error, database_path)
+        if problem is None:
+            raise
+        raise problem from error
     finally:
         remove_database(temp)
     stats = DatabaseStats(
@@ -391,6 +397,24 @@ def build_database(
         num_inlier_matches=num_inliers,
     )
     return image_ids, stats
+
+
+def full_disk_error(error: Exception, path: Path) -> OSError | None:
+    """A full disk as SQLite reports it through pycolmap (``RuntimeError: ... database or disk is full``, or
+    ``No registered database factory succeeded`` when not even the journal fits) or as a ``write()`` that names
+    no file: an OSError naming ``path``, which run_cli prints as one line; None for any other error."""
+    code = error.errno if isinstance(error, OSError) and error.filename is None else None
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        code = None
+        if isinstance(error, RuntimeError):
+            try:
+                stat = os.statvfs(path.parent)
+                low = stat.f_bavail * stat.f_frsize < (1 << 20)
+            except OSError:
+                low = False
+            if "disk is full" in str(error) or ("database" in str(error).lower() and low):
+                code = errno.ENOSPC
+    return None if code is None else OSError(code, os.strerror(code), str(path))
 
 
 def pair_counts(database_path: Path) -> dict[str, dict[str, int]]:

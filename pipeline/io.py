@@ -12,8 +12,12 @@ Formats (kept identical to hloc so its readers and users' scripts work):
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -109,11 +113,35 @@ def open_h5(path: str | Path, mode: str = "r") -> h5py.File:
         ) from None
 
 
+@contextlib.contextmanager
+def _h5_writer(path: str | Path, num_bytes: int, num_objects: int) -> Iterator[h5py.File]:
+    """A new HDF5 file at ``path``, atomically. On a full disk HDF5 fails on close with a RuntimeError (errno only
+    in its text) or crashes the process (H5D__flush_all_cb, h5py 3 / HDF5 1.14): the room for the data and
+    ~1 KiB of headers per object is checked first, and a failure that reaches Python is an OSError naming ``path``."""
+    path = Path(path)
+    try:
+        stat = os.statvfs(path.parent)
+    except OSError:  # the folder is not there yet (atomic_path makes it)
+        stat = None
+    if stat is not None and stat.f_bavail * stat.f_frsize < num_bytes + 1024 * num_objects + (64 << 10):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    with atomic_path(path) as temp:
+        try:
+            with h5py.File(temp, "w") as file:
+                yield file
+        except RuntimeError as error:
+            found = re.search(r"errno\s*=\s*(\d+)", str(error))
+            if found is None:
+                raise
+            raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path)) from error
+
+
 def write_features(
     path: str | Path, features: "dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]]"
 ) -> None:
     """Write ``{name: (keypoints (N,2), scores (N,), (W, H))}`` to a new features.h5, atomically."""
-    with atomic_path(path) as temp, h5py.File(temp, "w") as file:
+    num_bytes = sum(12 * len(scores) + 16 for _, scores, _ in features.values())
+    with _h5_writer(path, num_bytes, 4 * len(features)) as file:
         for name, (keypoints, scores, size) in features.items():
             group = file.create_group(name)
             group.create_dataset("keypoints", data=np.asarray(keypoints, np.float32).reshape(-1, 2))
@@ -146,7 +174,8 @@ def read_keypoints(path: str | Path, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- matches
 def write_matches(path: str | Path, matches: "dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]") -> None:
     """Write ``{(name0, name1): (matches0 (N0,), scores0 (N0,))}`` to a new matches.h5, atomically."""
-    with atomic_path(path) as temp, h5py.File(temp, "w") as file:
+    num_bytes = sum(8 * len(matches0) for matches0, _ in matches.values())
+    with _h5_writer(path, num_bytes, 4 * len(matches)) as file:
         for (name0, name1), (matches0, scores0) in matches.items():
             group = file.require_group(names_to_pair(name0, name1))
             group.create_dataset("matches0", data=np.asarray(matches0, np.int32).reshape(-1))

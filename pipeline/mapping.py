@@ -31,7 +31,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from pipeline.colmap_db import colmap_logging
+from matchers.errors import UserError
+from pipeline.colmap_db import colmap_logging, full_disk_error
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,48 @@ def _incremental(database: Path, image_dir: Path, models_dir: Path, options, num
                 str(database), str(image_dir), str(models_dir), options,
                 initial_image_pair_callback=initial_pair, next_image_callback=next_image,
             )
+    except RuntimeError as error:  # the mapper writes into the database: a full disk is one line, not a traceback
+        problem = full_disk_error(error, database)
+        if problem is None:
+            raise
+        raise problem from error
     finally:
         progress.close()
-    return dict(models)
+    models = dict(models)
+    try:
+        for index, model in models.items():
+            if (models_dir / str(index)).is_dir():
+                check_model_written(model, models_dir / str(index), models_dir / str(index))
+    except UserError:
+        shutil.rmtree(models_dir, ignore_errors=True)  # no cut-short model is left behind
+        raise
+    return models
+
+
+def incomplete_write(path: Path, detail: str) -> UserError:
+    return UserError(f"{path}: COLMAP wrote an incomplete file ({detail}); most likely no space left on device or "
+                     f"the disk quota is used up: free some space (finished work is kept: run the same command "
+                     f"again to resume) or write the outputs to another disk")
+
+
+def check_model_written(reconstruction, folder: Path, target: Path, kinds: tuple[str, ...] = ("binary",)) -> None:
+    """COLMAP's writers say nothing when the disk fills up (a file is cut short): read the model in ``folder``
+    back (``kinds``: binary, text) and compare its counts with ``reconstruction``'s (a UserError naming ``target``)."""
+    import pycolmap
+
+    def counts(model) -> tuple[int, ...]:
+        return (model.num_cameras(), model.num_reg_images(), model.num_points3D(), model.compute_num_observations())
+
+    for kind in kinds:
+        model = pycolmap.Reconstruction()
+        try:
+            getattr(model, f"read_{kind}")(str(folder))
+            found = counts(model)
+        except Exception as error:  # a cut file fails to parse (ValueError, IndexError, ...)
+            raise incomplete_write(target, f"the {kind} model does not read back: {' '.join(str(error).split())[:200]}"
+                                   ) from None
+        if found != counts(reconstruction):
+            raise incomplete_write(target, f"the {kind} model reads back as {found}, not {counts(reconstruction)}")
 
 
 def _largest(models: dict[int, Any]) -> Any | None:

@@ -51,7 +51,8 @@ from matchers.factory import AMP_MODES
 from pipeline import io
 from pipeline.colmap_db import CAMERA_MODES, VerificationConfig, build_database, colmap_logging
 from pipeline.image_check import check_h5, check_images
-from pipeline.mapping import CALIBRATION_MODES, MappingConfig, MappingResult, run_mapping
+from pipeline.mapping import (CALIBRATION_MODES, MappingConfig, MappingResult, check_model_written, incomplete_write,
+                              run_mapping)
 from pipeline.refine import KLT_CELL_SIZE, MATCH_REFINE_MODES, default_refine
 
 logger = logging.getLogger(__name__)
@@ -306,8 +307,13 @@ def write_model(reconstruction, sfm_dir: Path) -> None:
     if temp.exists():
         shutil.rmtree(temp)
     temp.mkdir(parents=True)
-    reconstruction.write_binary(str(temp))
-    reconstruction.write_text(str(temp))
+    try:
+        reconstruction.write_binary(str(temp))
+        reconstruction.write_text(str(temp))
+        check_model_written(reconstruction, temp, sfm_dir, ("binary", "text"))
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
     old = sfm_dir.with_name(f".{sfm_dir.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -316,6 +322,27 @@ def write_model(reconstruction, sfm_dir: Path) -> None:
     temp.rename(sfm_dir)
     if old.exists():
         shutil.rmtree(old)
+
+
+#: bytes of the property types of a binary PLY
+_PLY_TYPES = {"char": 1, "uchar": 1, "int8": 1, "uint8": 1, "short": 2, "ushort": 2, "int16": 2, "uint16": 2,
+              "int": 4, "uint": 4, "int32": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
+
+
+def export_ply(reconstruction, path: Path) -> None:
+    """``points.ply`` (COLMAP's binary PLY), atomically; a file cut short by a full disk is an error, not a result."""
+    with io.atomic_path(path) as temp:
+        reconstruction.export_PLY(str(temp))
+        with open(temp, "rb") as handle:
+            head = handle.read(4096)
+        end = head.find(b"end_header\n")
+        lines = head[:end].decode("ascii", "replace").splitlines() if end >= 0 else []
+        vertices = [int(line.split()[2]) for line in lines if line.startswith("element vertex")]
+        record = sum(_PLY_TYPES.get(line.split()[1], 0) for line in lines if line.startswith("property "))
+        binary = any(line.startswith("format binary") for line in lines)
+        expected = end + len(b"end_header\n") + (vertices[0] * record if vertices else 0)
+        if end < 0 or vertices != [reconstruction.num_points3D()] or (binary and temp.stat().st_size != expected):
+            raise incomplete_write(path, f"{temp.stat().st_size} bytes for {reconstruction.num_points3D()} points")
 
 
 def model_complete(sfm_dir: Path) -> bool:
@@ -501,8 +528,7 @@ def main(
             if resumed and paths["ply"].is_file():
                 pass
             else:
-                with io.atomic_path(paths["ply"]) as temp:
-                    reconstruction.export_PLY(str(temp))
+                export_ply(reconstruction, paths["ply"])
             if not (resumed and paths["png"].is_file()):
                 from pipeline.viz import plot_reconstruction
 
