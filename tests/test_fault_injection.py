@@ -4,7 +4,7 @@ run, and a full disk at each writer is one ``error:`` line (exit 2) with no corr
 * **SIGKILL at each stage.** ``python -m pipeline.reconstruct`` runs in a subprocess through a small bootstrap
   (:data:`BOOTSTRAP`) that wraps one function of the pipeline and sends the process SIGKILL right before or after
   its n-th call (``FAULT_KILL=before|after:module.attr:n``, or ``replace:NAME:n`` — just before the n-th atomic
-  rename onto a file called NAME, the temporary file complete — or ``rename:NAME:n`` for ``Path.rename``). The
+  rename onto a path ending in NAME, the temporary file complete — or ``rename:NAME:n`` for ``Path.rename``). The
   kill is a real SIGKILL (no ``finally``, no cleanup) at a deterministic point; the pipeline itself has no hook.
   The LoFTR case is killed from outside, by polling for its first raw ``.npz``. After each kill the same command
   runs to completion and its outputs must equal the uninterrupted run's: the same files (so no temporary file is
@@ -20,6 +20,11 @@ run, and a full disk at each writer is one ``error:`` line (exit 2) with no corr
 * **A real full disk**: the CLI on a small tmpfs mounted in a private user + mount namespace (``unshare -rm``;
   skipped with the reason where that is not allowed), sized to fill up at h5py, SQLite, COLMAP's model writer
   and a Python writer.
+
+Two deviations are fixed in :func:`matchers.files.atomic_path` (outside pipeline/): a ``write()`` that fails on a
+full disk names no file, and the temporary file of a writer killed before its rename stays forever. Until that
+patch is in, the tests that meet them run every other assertion and then xfail, listing what they saw
+(:class:`KnownBugs`); once it is in, they are ordinary failures.
 
 The scene: 5 rendered views, 160x120, over a 40 degree arc (SIFT registers all five in ~2 s); mapping with
 ``--num-threads 1`` is exactly reproducible, so an interrupted run must give the same model.
@@ -347,10 +352,6 @@ def _is_temp_of(path, target: str) -> bool:
     return stem.endswith(".npz") if target == "*.npz" else stem == target
 
 
-def _text_like(stat_target: Path) -> bytes | None:
-    return stat_target.read_bytes() if stat_target.is_file() else None
-
-
 #: writer -> (target file, how its lowest write fails). "python": open()/write() of the temporary file
 #: (half-written, then ENOSPC); "h5py": create_dataset raises h5py's RuntimeError carrying errno 28;
 #: "sqlite": pycolmap raises SQLite's "database or disk is full"; "silent": COLMAP's C++ writer truncates the
@@ -570,7 +571,7 @@ def test_loftr_ensemble_killed_from_outside_during_matching_then_in_the_merge(im
             process.wait(60)
     assert process.returncode == -signal.SIGKILL
     raw = list((out / "loftr" / "matches.h5.raw").glob("*/*.npz"))
-    assert 1 <= len(raw) < 10 and not (out / "loftr" / "matches.h5").exists()
+    assert 1 <= len(raw) <= 10 and not (out / "loftr" / "matches.h5").exists()  # killed before LoFTR's outputs
     assert (out / "sift" / "matches.h5.raw" / "done.json").is_file()  # SIFT went first and finished
 
     # loftr/matches.h5 is the first matches.h5 put in place, the ensemble's the second
