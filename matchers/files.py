@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -69,10 +70,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield temp_path
         os.chmod(temp_path, new_file_mode())
         os.replace(temp_path, path)
+        remove_stale_temps(path)
     except OSError as error:
         code = errno_of(error)
         named = str(error.filename) if error.filename is not None else ""
-        if temp_path is not None and code is not None and (named == str(temp_path) or str(temp_path) in str(error)):
+        # write() on a full disk names no file: it is the temporary file's
+        unnamed_write = error.filename is None and code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        if temp_path is not None and code is not None and (
+                named == str(temp_path) or str(temp_path) in str(error) or unnamed_write):
             raise OSError(code, os.strerror(code), str(path)) from error
         raise
     finally:
@@ -80,6 +85,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 if temp_path.exists() or temp_path.is_symlink():
                     temp_path.unlink()
+
+
+def remove_stale_temps(path: str | Path) -> None:
+    """Remove the temporary files of ``path`` that writers killed before their rename left behind
+    (``atomic_path`` calls it once ``path`` is in place)."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{'?' * 8}.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
