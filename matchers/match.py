@@ -12,12 +12,12 @@ import argparse
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from .base import Matches
 from .errors import run_cli
 from .files import check_output_file
+from .geometry import fundamental_magsac
 from .factory import DEVICES, MATCHERS, WEIGHTS_HELP, make_matcher
 from .image_io import read_rgb, to_gray
 from .viz import plot_matches
@@ -62,11 +62,8 @@ def verify_epipolar(matches: Matches, threshold: float = 1.0) -> np.ndarray | No
     """Inlier mask of a MAGSAC++ fundamental matrix fit (None when there are too few matches to fit one)."""
     if len(matches) < 8:
         return None
-    _, mask = cv2.findFundamentalMat(
-        matches.keypoints0.astype(np.float64), matches.keypoints1.astype(np.float64), cv2.USAC_MAGSAC,
-        threshold, 0.9999, 10000,
-    )
-    return None if mask is None else mask.ravel().astype(bool)
+    matrix, inliers = fundamental_magsac(matches.keypoints0, matches.keypoints1, threshold, confidence=0.9999)
+    return None if matrix is None else inliers
 
 
 def main_cli(argv: list[str] | None = None) -> Matches:

@@ -17,13 +17,14 @@ that no part can verify is written without matches, which spares COLMAP's verifi
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-import cv2
 import numpy as np
 
+from matchers.geometry import fundamental_magsac
 from pipeline import io
 
 Pair = tuple[str, str]
@@ -53,52 +54,46 @@ class EnsembleStats:
     dropped_pairs: int = 0  # pairs no part could verify: written without matches
 
 
-def _sampson(F: np.ndarray, points0: np.ndarray, points1: np.ndarray) -> np.ndarray:
-    x0 = np.hstack([points0, np.ones((len(points0), 1))])
-    x1 = np.hstack([points1, np.ones((len(points1), 1))])
-    Fx0, Ftx1 = x0 @ F.T, x1 @ F
-    numerator = np.sum(x1 * Fx0, axis=1) ** 2
-    return np.sqrt(numerator / (Fx0[:, 0] ** 2 + Fx0[:, 1] ** 2 + Ftx1[:, 0] ** 2 + Ftx1[:, 1] ** 2 + 1e-12))
-
-
 def _geometry(points0: np.ndarray, points1: np.ndarray, config: EnsembleConfig, threshold: float = 1.0
               ) -> np.ndarray | None:
     """A fundamental matrix with at least ``config.min_inliers`` MAGSAC++ inliers at ``threshold`` px, or None."""
-    if len(points0) < max(8, config.min_inliers):
-        return None
-    try:
-        F, mask = cv2.findFundamentalMat(points0.astype(np.float64), points1.astype(np.float64), cv2.USAC_MAGSAC,
-                                         threshold, 0.9999, 10000)
-    except cv2.error:
-        return None
-    if F is None or mask is None or F.shape != (3, 3) or int(mask.sum()) < config.min_inliers:
-        return None
-    return F
+    matrix, inliers = fundamental_magsac(points0, points1, threshold, confidence=0.9999)
+    return matrix if int(inliers.sum()) >= config.min_inliers else None
 
 
 def merge(parts: Sequence[tuple[str, Path, Path]], pairs: Sequence[Pair], features: Path, matches: Path,
           config: EnsembleConfig | None = None) -> EnsembleStats:
     """Merge ``parts`` (name, features.h5, matches.h5) into ``features`` and ``matches`` (see the module docstring)."""
     config = config if config is not None else EnsembleConfig()
-    loaded = [(name, io.read_features(f), m) for name, f, m in parts]
-    names = sorted({n for pair in pairs for n in pair})
-    offsets: list[dict[str, int]] = []
+    with contextlib.ExitStack() as stack:  # every part's matches.h5 opened once, not once per pair
+        loaded = [(name, io.read_features(f), stack.enter_context(io.open_h5(m))) for name, f, m in parts]
+        merged_features, offsets = _concatenate_keypoints(loaded, sorted({n for pair in pairs for n in pair}))
+        merged_matches, stats = _merge_matches(loaded, pairs, merged_features, offsets, config)
+    io.write_features(features, merged_features)
+    io.write_matches(matches, merged_matches)
+    return stats
+
+
+def _concatenate_keypoints(loaded, names: Sequence[str]):
+    """Each image's keypoints of all parts, in part order, and each part's offset into them per image."""
+    empty = (np.zeros((0, 2), np.float32), np.zeros(0, np.float32), None)
+    offsets: list[dict[str, int]] = [{} for _ in loaded]
     merged_features = {}
     for name in names:
         keypoints, scores, size = [], [], None
-        for _, part_features, _ in loaded:
-            kp, sc, part_size = part_features.get(name, (np.zeros((0, 2), np.float32), np.zeros(0, np.float32), None))
+        for index, (_, part_features, _) in enumerate(loaded):
+            kp, sc, part_size = part_features.get(name, empty)
+            offsets[index][name] = sum(len(k) for k in keypoints)
             keypoints.append(kp)
             scores.append(sc)
             size = size if size is not None else part_size
         merged_features[name] = (np.concatenate(keypoints), np.concatenate(scores), size)
-    for _, part_features, _ in loaded:
-        offsets.append({})
-    for name in names:
-        start = 0
-        for index, (_, part_features, _) in enumerate(loaded):
-            offsets[index][name] = start
-            start += len(part_features.get(name, (np.zeros((0, 2)),))[0])
+    return merged_features, offsets
+
+
+def _merge_matches(loaded, pairs: Sequence[Pair], merged_features, offsets, config: EnsembleConfig):
+    """Per pair the union of the parts' matches (re-indexed), gated as the module docstring says; and the stats."""
+    import pycolmap
 
     merged_matches = {}
     kept = {part: 0 for part, _, _ in loaded}
@@ -111,8 +106,8 @@ def merge(parts: Sequence[tuple[str, Path, Path]], pairs: Sequence[Pair], featur
         geometry, verifiable = None, False
         for index, (part, part_features, part_matches) in enumerate(loaded):
             try:
-                ids, scores = io.read_matches(part_matches, name0, name1)
-            except Exception:  # a part without this pair (e.g. too few matches) contributes nothing
+                ids, scores = io.read_pair_matches(part_matches, name0, name1)
+            except KeyError:  # a part without this pair contributes nothing
                 continue
             if len(ids) == 0:
                 continue
@@ -122,7 +117,8 @@ def merge(parts: Sequence[tuple[str, Path, Path]], pairs: Sequence[Pair], featur
                 geometry = _geometry(points0, points1, config)
                 verifiable = geometry is not None or _geometry(points0, points1, config, config.verify_px) is not None
             elif geometry is not None:
-                agree = _sampson(geometry, points0, points1) <= config.agreement_px
+                sampson = np.sqrt(pycolmap.compute_squared_sampson_error(points0, points1, geometry))
+                agree = sampson <= config.agreement_px
                 gated += 1
                 rejected += int((~agree).sum())
                 ids, scores = ids[agree], scores[agree]
@@ -142,10 +138,8 @@ def merge(parts: Sequence[tuple[str, Path, Path]], pairs: Sequence[Pair], featur
             scores0[rows] = scores
             kept[part] += len(ids)
         merged_matches[(name0, name1)] = (matches0, scores0)
-    io.write_features(features, merged_features)
-    io.write_matches(matches, merged_matches)
-    keypoint_counts = {part: int(sum(len(f[n][0]) for n in names if n in f)) for part, f, _ in loaded}
-    return EnsembleStats(keypoint_counts, kept, gated, rejected, unverified, dropped)
+    keypoint_counts = {part: int(sum(len(f[n][0]) for n in merged_features if n in f)) for part, f, _ in loaded}
+    return merged_matches, EnsembleStats(keypoint_counts, kept, gated, rejected, unverified, dropped)
 
 
 __all__ = ["EnsembleConfig", "EnsembleStats", "merge"]

@@ -197,11 +197,16 @@ def read_matches(path: str | Path, name0: str, name1: str) -> tuple[np.ndarray, 
     """(M, 2) index pairs into image 0's and image 1's keypoints, and their (M,) scores."""
     with open_h5(path) as file:
         try:
-            key, reverse = find_pair(file, name0, name1)
+            return read_pair_matches(file, name0, name1)
         except KeyError:
             raise UserError(f"{path}: no matches for pair ({name0}, {name1}); re-run the matching step") from None
-        matches0 = file[key]["matches0"][()]
-        scores0 = file[key]["matching_scores0"][()] if "matching_scores0" in file[key] else np.ones(len(matches0))
+
+
+def read_pair_matches(file: h5py.File, name0: str, name1: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_matches` on an open matches.h5 (for reading many pairs); KeyError when the pair is absent."""
+    key, reverse = find_pair(file, name0, name1)
+    matches0 = file[key]["matches0"][()]
+    scores0 = file[key]["matching_scores0"][()] if "matching_scores0" in file[key] else np.ones(len(matches0))
     valid = matches0 > -1
     indices = np.stack([np.where(valid)[0], matches0[valid]], axis=1).astype(np.int64)
     scores = scores0[valid].astype(np.float32)

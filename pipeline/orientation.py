@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from matchers.image_io import read_gray
+from matchers.geometry import fundamental_magsac
 from pipeline import io
 from pipeline.retrieval import resized_uint8, rootsift
 
@@ -79,15 +80,9 @@ def quarter_turns(features0: OrientedFeatures, features1: OrientedFeatures,
         return 0, 0
     index0 = np.array([m.queryIdx for m in good])
     index1 = np.array([m.trainIdx for m in good])
-    try:
-        _, mask = cv2.findFundamentalMat(features0.points[index0].astype(np.float64),
-                                         features1.points[index1].astype(np.float64),
-                                         cv2.USAC_MAGSAC, config.threshold, 0.999, 10000)
-    except cv2.error:
+    _, inliers = fundamental_magsac(features0.points[index0], features1.points[index1], config.threshold)
+    if int(inliers.sum()) < config.min_inliers:
         return 0, 0
-    if mask is None or int(mask.sum()) < config.min_inliers:
-        return 0, 0
-    inliers = mask.reshape(-1).astype(bool)
     # np.rot90(., k) turns an image by k quarter turns, which takes 90 k degrees from its SIFT orientations
     # (checked in tests/test_orientation.py by turning an image and estimating the turn back).
     difference = (features1.angles[index1[inliers]] - features0.angles[index0[inliers]]) % 360.0

@@ -259,7 +259,7 @@ def match_images(config: ReconstructConfig, images: Path, outputs: Path, pairs: 
     from matchers.factory import make_matcher
     from pipeline import ensemble, match_dense
 
-    match_dense.load_pairs(pairs, images)  # validate before a checkpoint is loaded
+    pair_list = match_dense.load_pairs(pairs, images)  # validated before a checkpoint is loaded
     parts = ensemble_parts(config.matcher)
     results, descriptions, configs, matchers = {}, {}, {}, {}
     for name in parts:  # every matcher is made (weights loaded) before any pair is matched
@@ -287,7 +287,7 @@ def match_images(config: ReconstructConfig, images: Path, outputs: Path, pairs: 
             merged = ensemble.EnsembleStats(**recorded["stats"])
         else:
             merged = ensemble.merge([(name, results[name].features, results[name].matches) for name in parts],
-                                    io.read_pairs(pairs), features, matches)
+                                    pair_list, features, matches)
             io.write_text_atomic(stamp_path, json.dumps({"inputs": inputs, "stats": asdict(merged),
                                                          "outputs": [_file_state(features), _file_state(matches)]}))
     return Matched(results, descriptions, configs, merged)

@@ -49,6 +49,7 @@ import numpy as np
 from tqdm import tqdm
 
 from matchers.errors import UserError, run_cli
+from matchers.geometry import fundamental_magsac
 from matchers.image_io import read_gray, read_rgb, to_uint8
 from pipeline import io
 from pipeline.images import list_images
@@ -478,8 +479,7 @@ def verified_matches(
         return 0  # too few for a fundamental matrix: unverifiable, ranked last
     p0 = points0[[m.queryIdx for m in good]].astype(np.float64)
     p1 = points1[[m.trainIdx for m in good]].astype(np.float64)
-    _, mask = cv2.findFundamentalMat(p0, p1, cv2.USAC_MAGSAC, threshold, 0.999, 10000)
-    return 0 if mask is None else int(mask.sum())
+    return int(fundamental_magsac(p0, p1, threshold)[1].sum())
 
 
 def spatial_rerank(

@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import cv2
 import numpy as np
 
 from matchers.base import Matcher, Matches, ResizedImage, resize_image, rotate_points_back
+from matchers.geometry import fundamental_magsac
 
 ROTATION_MODES = ("none", "auto", "best", "union")
 
@@ -133,17 +133,7 @@ def _to_original(result: Matches, first: PreparedView, second: PreparedView) -> 
 
 def count_verified(matches: Matches, threshold: float = 1.0) -> int:
     """Matches consistent with one fundamental matrix (MAGSAC++); 0 with fewer than 8 matches."""
-    if len(matches) < 8:
-        return 0
-    points0 = matches.keypoints0.astype(np.float64)
-    points1 = matches.keypoints1.astype(np.float64)
-    try:
-        matrix, mask = cv2.findFundamentalMat(points0, points1, cv2.USAC_MAGSAC, threshold, 0.999, 10000)
-    except cv2.error:  # degenerate input (e.g. all points identical)
-        return 0
-    if matrix is None or mask is None:
-        return 0
-    return int(mask.sum())
+    return int(fundamental_magsac(matches.keypoints0, matches.keypoints1, threshold)[1].sum())
 
 
 @dataclass(frozen=True)
