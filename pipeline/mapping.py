@@ -74,16 +74,22 @@ class MappingResult:
         """The final cameras (model, size, parameters, images) for summaries."""
         if self.reconstruction is None:
             return []
-        counts: dict[int, int] = {}
-        for image_id in self.reconstruction.reg_image_ids():
-            camera_id = self.reconstruction.images[image_id].camera_id
-            counts[camera_id] = counts.get(camera_id, 0) + 1
+        counts = images_per_camera(self.reconstruction)
         return [
             {"camera_id": int(camera_id), "model": camera.model.name, "width": int(camera.width),
              "height": int(camera.height), "params": [round(float(v), 6) for v in camera.params],
              "registered_images": counts.get(camera_id, 0)}
             for camera_id, camera in sorted(self.reconstruction.cameras.items())
         ]
+
+
+def images_per_camera(reconstruction) -> dict[int, int]:
+    """Registered images per camera id (cameras without any are absent)."""
+    counts: dict[int, int] = {}
+    for image_id in reconstruction.reg_image_ids():
+        camera_id = reconstruction.images[image_id].camera_id
+        counts[camera_id] = counts.get(camera_id, 0) + 1
+    return counts
 
 
 def _pipeline_options(config: MappingConfig, hold_distortion: bool):
@@ -241,9 +247,10 @@ def refine_geometry(database: Path, reconstruction, config: MappingConfig, calib
         mapper_options = options.get_mapper()
         tri_options = options.get_triangulation()
         cameras_before = {camera_id: list(camera.params) for camera_id, camera in reconstruction.cameras.items()}
-        freeable = _cameras_for_distortion(reconstruction, config) if free_distortion else set()
-        with_distortion = {camera_id for camera_id, camera in reconstruction.cameras.items()
-                           if camera.extra_params_idxs() and _images_of(reconstruction, camera_id)}
+        counts = images_per_camera(reconstruction)
+        with_distortion = {camera_id for camera_id in counts if reconstruction.cameras[camera_id].extra_params_idxs()}
+        freeable = {camera_id for camera_id in with_distortion
+                    if counts[camera_id] >= config.min_images_for_distortion} if free_distortion else set()
         # pycolmap refines the distortion of all cameras or of none: free it only when every camera qualifies.
         refine_distortion = bool(with_distortion) and with_distortion <= freeable
         mapper = pycolmap.IncrementalMapper(cache)
@@ -265,21 +272,9 @@ def refine_geometry(database: Path, reconstruction, config: MappingConfig, calib
                 mapper.adjust_global_bundle(mapper_options, ba_options)
             rounds.append(_state(reconstruction, f"round {iteration + 1} (filter {max_error:g} px)"))
         mapper.end_reconstruction(False)
-    _describe_distortion(reconstruction, refine_distortion, cameras_before, config, calibration)
+    _describe_distortion(reconstruction, sorted(with_distortion), refine_distortion, free_distortion, cameras_before,
+                         config, calibration)
     return rounds
-
-
-def _images_of(reconstruction, camera_id: int) -> int:
-    return sum(reconstruction.images[i].camera_id == camera_id for i in reconstruction.reg_image_ids())
-
-
-def _cameras_for_distortion(reconstruction, config: MappingConfig) -> set[int]:
-    counts: dict[int, int] = {}
-    for image_id in reconstruction.reg_image_ids():
-        camera_id = reconstruction.images[image_id].camera_id
-        counts[camera_id] = counts.get(camera_id, 0) + 1
-    return {camera_id for camera_id, count in counts.items()
-            if count >= config.min_images_for_distortion and reconstruction.cameras[camera_id].extra_params_idxs()}
 
 
 def _reset_bad_distortion(reconstruction, config: MappingConfig, calibration: list[str]) -> bool:
@@ -298,14 +293,15 @@ def _reset_bad_distortion(reconstruction, config: MappingConfig, calibration: li
     return reset
 
 
-def _describe_distortion(reconstruction, refined: bool, before: dict[int, list[float]], config: MappingConfig,
-                         calibration: list[str]) -> None:
-    for camera_id, camera in reconstruction.cameras.items():
-        if not camera.extra_params_idxs() or not _images_of(reconstruction, camera_id):
-            continue
+def _describe_distortion(reconstruction, camera_ids: list[int], refined: bool, staged: bool,
+                         before: dict[int, list[float]], config: MappingConfig, calibration: list[str]) -> None:
+    for camera_id in camera_ids:
+        camera = reconstruction.cameras[camera_id]
         extras = ", ".join(f"{camera.params[i]:+.4f}" for i in camera.extra_params_idxs())
         if refined:
             calibration.append(f"camera {camera_id}: distortion refined in the geometry refinement ({extras})")
+        elif not staged:
+            calibration.append(f"camera {camera_id}: distortion as COLMAP's mapping refined it ({extras})")
         elif all(camera.params[i] == before[camera_id][i] for i in camera.extra_params_idxs()):
             calibration.append(f"camera {camera_id}: distortion kept at {extras} (cameras need "
                                f"{config.min_images_for_distortion} registered images each to refine it)")
