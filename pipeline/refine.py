@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Collection, Mapping
+from typing import Callable, Collection, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -137,6 +137,24 @@ def refine_matches(image0: np.ndarray, image1: np.ndarray, matches: Matches,
 
 
 # ------------------------------------------------------------------------------------ along tracks
+class DecodedImages:
+    """8-bit grayscale images by index, decoded by ``load(names[index])`` on first use and kept up to
+    ``cache_bytes`` (least recently used out first): refining tracks visits most image pairs, so the bound is
+    memory, not a count of images."""
+
+    def __init__(self, load: Callable[[str], np.ndarray], names: Sequence[str], cache_bytes: int) -> None:
+        self._load, self._names, self._budget = load, names, cache_bytes
+        self._images: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if index not in self._images:
+            self._images[index] = to_uint8(self._load(self._names[index]))
+            while sum(pixels.nbytes for pixels in self._images.values()) > self._budget and len(self._images) > 2:
+                self._images.popitem(last=False)
+        self._images.move_to_end(index)
+        return self._images[index]
+
+
 @dataclass(frozen=True)
 class TrackRefineStats:
     """What :func:`refine_tracks` did: keypoints that were candidates (in a track, not its reference) and moved."""
@@ -208,16 +226,7 @@ def refine_tracks(
     candidates = visit[1:][depth[visit[1:]] >= 2]
     candidates = candidates[~is_fixed[candidates]]
     moved = 0
-    images: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def image(index: int) -> np.ndarray:
-        # Every level visits most image pairs: keep decoded images up to a memory budget, not a count.
-        if index not in images:
-            images[index] = to_uint8(load(names[index]))
-            while sum(pixels.nbytes for pixels in images.values()) > cache_bytes and len(images) > 2:
-                images.popitem(last=False)
-        images.move_to_end(index)
-        return images[index]
+    image = DecodedImages(load, names, cache_bytes)
 
     for level in range(2, int(depth[candidates].max(initial=1)) + 1):
         nodes = candidates[depth[candidates] == level]
@@ -231,7 +240,7 @@ def refine_tracks(
             pair = (names[source], names[target])
             turn = turns.get(pair, -turns.get(pair[::-1], 0))
             guide = Matches(positions[parent[chunk]], positions[chunk], np.ones(len(chunk), np.float32))
-            refined, accepted = refine_matches(image(source), image(target), guide, config, turn)
+            refined, accepted = refine_matches(image[source], image[target], guide, config, turn)
             positions[chunk[accepted]] = refined.keypoints1[accepted]
             moved += int(accepted.sum())
 
@@ -243,4 +252,4 @@ def refine_tracks(
     return QuantizedMatches(keypoints, quantized.matches), stats
 
 
-__all__ = ["REFINE_MODES", "MATCH_REFINE_MODES", "KLT_CELL_SIZE", "default_refine", "RefineConfig", "refine_matches", "TrackRefineStats", "refine_tracks"]
+__all__ = ["REFINE_MODES", "MATCH_REFINE_MODES", "KLT_CELL_SIZE", "default_refine", "RefineConfig", "refine_matches", "TrackRefineStats", "refine_tracks", "DecodedImages"]

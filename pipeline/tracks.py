@@ -32,18 +32,17 @@ pair): the raw matches whose two cells ended in one track.
 """
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
-
-from matchers.base import CoarseGrid, Matches, rotate_points_back
-from matchers.image_io import to_uint8
 from tqdm import tqdm
 
+from matchers.base import CoarseGrid, Matches, rotate_points_back
 from pipeline.align import AlignConfig, align_points, local_affines
 from pipeline.quantize import ImageKeypoints, PairMatches, QuantizedMatches
+from pipeline.refine import DecodedImages
 
 Pair = tuple[str, str]
 TRACK_REFINE_MODES = ("none", "align")
@@ -400,15 +399,7 @@ def _align_to_references(positions: np.ndarray, reference_of: np.ndarray, label:
         labels, first = np.unique(label[members], return_index=True)  # one node per track (neighbour cells)
         by_image[index] = (labels, members[first])
     offset_maps = np.stack([_turn_offsets(k) for k in range(4)])
-    images: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def image(index: int) -> np.ndarray:
-        if index not in images:
-            images[index] = to_uint8(load(names[index])).astype(np.float32)
-            while sum(pixels.nbytes for pixels in images.values()) > cache_bytes and len(images) > 2:
-                images.popitem(last=False)
-        images.move_to_end(index)
-        return images[index]
+    image = DecodedImages(load, names, cache_bytes)
 
     start = positions.copy()
     accepted = np.zeros(len(positions), bool)
@@ -425,7 +416,7 @@ def _align_to_references(positions: np.ndarray, reference_of: np.ndarray, label:
         fallback = offset_maps[int((turn_of[target] - turn_of[source]) % 4)]
         reference_points = positions[reference_of[group]].astype(np.float64)
         affines = local_affines(common_source, common_target, reference_points, fallback, config)
-        refined, ok = align_points(image(source), image(target), reference_points,
+        refined, ok = align_points(image[source], image[target], reference_points,
                                    start[group].astype(np.float64), affines, config)
         positions[group] = np.where(ok[:, None], refined, start[group])
         accepted[group] = ok
