@@ -586,8 +586,7 @@ def main(
         verified = (database_stats or {}).get("num_verified_pairs", 0)
         raise UserError(
             f"{images}: no model could be reconstructed ({verified} image pairs passed geometric verification); "
-            f"images need overlapping views — try --pairs exhaustive, more images, or another matcher "
-            f"(details in {paths['summary']})"
+            f"images need overlapping views — try: {'; '.join(what_to_try(summary))} (details in {paths['summary']})"
         )
     return ReconstructResult(reconstruction, summary, outputs)
 
@@ -620,6 +619,12 @@ def weak_run_advice(summary: dict[str, Any]) -> list[str]:
         return []
     lines = [f"only {registered}/{total} images registered; the others and their pairs (matched / verified):"]
     lines += [f"  {name}: {counts['matched']} / {counts['verified']}" for name, counts in sorted(missing.items())]
+    lines.append("try: " + "; ".join(what_to_try(summary)))
+    return lines
+
+
+def what_to_try(summary: dict[str, Any]) -> list[str]:
+    """What may register more images, given what this run used."""
     weights = str(summary.get("weights") or "")
     tips = []
     if "loftr-compact" in weights:
@@ -629,8 +634,7 @@ def weak_run_advice(summary: dict[str, Any]) -> list[str]:
     if summary.get("pairs", {}).get("strategy") != "exhaustive":
         tips.append("--pairs exhaustive or a larger --num-pairs")
     tips.append("more overlapping photos of the missing views")
-    lines.append("try: " + "; ".join(tips))
-    return lines
+    return tips
 
 
 def format_summary(summary: dict[str, Any]) -> str:
