@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 DEMO_OUT ?= outputs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo lint test clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m recipes.demo --outputs $(DEMO_OUT)
 
-test: install
+# lint first (seconds): ruff (lint + format) and the layer contract in .importlinter
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q tests
 
 clean:

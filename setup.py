@@ -1,4 +1,5 @@
 """Distribution for the LoFTR structure-from-motion and localization toolbox."""
+
 from setuptools import setup
 
 setup(
@@ -9,7 +10,8 @@ setup(
     packages=[
         "matchers",
         "matchers.loftr",
-        "matchers.loftr.training",
+        "recipes.training",
+        "core",
         "pipeline",
         "localization",
         "datasets",
@@ -34,5 +36,5 @@ setup(
         "onnx>=1.15",
         "onnxruntime>=1.17",
     ],
-    extras_require={"test": ["pytest"], "train": ["scikit-image"]},
+    extras_require={"test": ["pytest", "ruff", "import-linter"], "train": ["scikit-image"]},
 )

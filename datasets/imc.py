@@ -18,30 +18,31 @@ IMC 2023 / 2024 (``--data DIR``)::
                                                (9 and 3 numbers, ';'-separated, row-major; nan if unregistered)
 
 Poses are world-to-camera (``x_cam = R x_world + T``) as in COLMAP. Every reader raises
-:class:`~matchers.errors.UserError` naming the file, the row and the column when something is missing.
+:class:`~core.errors.UserError` naming the file, the row and the column when something is missing.
 
 Converters (``python -m datasets.imc ...``) build these layouts from ../shared/data so both recipes run
 offline end to end: ``scannet2022`` (ScanNet sample pairs with GT) and ``middlebury2023`` (alias
 ``temple2023``: the Middlebury temple ring, or a synthetic scene of :mod:`datasets.synthetic`, with their
 calibrated cameras; repeat it to add scenes).
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
 import math
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from matchers.errors import UserError, run_cli
-from matchers.image_io import read_rgb
-from pipeline.io import atomic_path, check_relative_name, resolve_image
+from core.errors import UserError, run_cli
+from core.image_io import read_rgb
+from core.io import atomic_path, check_relative_name, resolve_image
 
 TEST_2022_COLUMNS = ("sample_id", "batch_id", "image_1_id", "image_2_id")
 SUBMISSION_2022_COLUMNS = ("sample_id", "fundamental_matrix")
@@ -191,7 +192,9 @@ def read_covisibility_2022(path: str | Path) -> dict[str, float]:
     table = read_table(path, COVISIBILITY_COLUMNS)
     out: dict[str, float] = {}
     for number, row in enumerate(table.to_dict("records"), start=2):
-        out[str(row["pair"])] = float(parse_numbers(row["covisibility"], 1, " ", f"{path}: row {number}, column 'covisibility'")[0])
+        out[str(row["pair"])] = float(
+            parse_numbers(row["covisibility"], 1, " ", f"{path}: row {number}, column 'covisibility'")[0]
+        )
     return out
 
 
@@ -199,7 +202,9 @@ def read_scaling_factors(path: str | Path) -> dict[str, float]:
     """``{scene: metres per scene unit}`` from scaling_factors.csv."""
     table = read_table(path, SCALING_COLUMNS)
     return {
-        str(row["scene"]): float(parse_numbers(row["scaling_factor"], 1, " ", f"{path}: row {n}, column 'scaling_factor'")[0])
+        str(row["scene"]): float(
+            parse_numbers(row["scaling_factor"], 1, " ", f"{path}: row {n}, column 'scaling_factor'")[0]
+        )
         for n, row in enumerate(table.to_dict("records"), start=2)
     }
 
@@ -216,9 +221,7 @@ class SceneImages:
     names: tuple[str, ...]  # paths relative to image_dir (what the pipeline calls image names)
 
 
-def write_submission_2023(
-    path: str | Path, rows: Sequence[tuple[str, str, str, Pose | None]]
-) -> None:
+def write_submission_2023(path: str | Path, rows: Sequence[tuple[str, str, str, Pose | None]]) -> None:
     """Write ``image_path,dataset,scene,rotation_matrix,translation_vector``; None poses become nan."""
     out = []
     for image_path, dataset, scene, pose in rows:
@@ -268,7 +271,9 @@ def list_scenes_2023(data_dir: str | Path, split: str = "auto") -> tuple[str, li
         split = "test" if (data_dir / "sample_submission.csv").is_file() else "train"
     if split == "test":
         csv_path = data_dir / "sample_submission.csv"
-        table = read_table(csv_path, ("image_path", "dataset", "scene"), "a test run needs the competition's sample_submission.csv")
+        table = read_table(
+            csv_path, ("image_path", "dataset", "scene"), "a test run needs the competition's sample_submission.csv"
+        )
         roots = [data_dir / "test", data_dir]
     elif split == "train":
         csv_path = data_dir / "train" / "train_labels.csv"
@@ -285,7 +290,9 @@ def list_scenes_2023(data_dir: str | Path, split: str = "auto") -> tuple[str, li
             value = str(row[column])
             if "/" in value or "\\" in value or value in (".", ".."):
                 raise UserError(f"{csv_path}: row {number}, column {column!r}: {value!r} is not a plain name")
-        found = next((resolve_image(root, image_path) for root in roots if resolve_image(root, image_path).is_file()), None)
+        found = next(
+            (resolve_image(root, image_path) for root in roots if resolve_image(root, image_path).is_file()), None
+        )
         if found is None:
             raise UserError(f"{where}: image {image_path!r} not found under {roots[0]} or {roots[1]}")
         grouped.setdefault((str(row["dataset"]), str(row["scene"])), []).append((image_path, found))
@@ -351,14 +358,18 @@ def read_scannet_pairs(path: str | Path) -> list[tuple[str, str, np.ndarray, np.
         if not parts or parts[0].startswith("#"):
             continue
         if len(parts) != 38:
-            raise UserError(f"{path}:{number}: expected 'name0 name1 rot0 rot1 K0(9) K1(9) T_0to1(16)' (38 fields), got {len(parts)}")
+            raise UserError(
+                f"{path}:{number}: expected 'name0 name1 rot0 rot1 K0(9) K1(9) T_0to1(16)' (38 fields), got {len(parts)}"
+            )
         try:
             numbers = np.array([float(v) for v in parts[4:]])
         except ValueError:
             raise UserError(f"{path}:{number}: non-numeric calibration values") from None
         if int(parts[2]) != 0 or int(parts[3]) != 0:
             raise UserError(f"{path}:{number}: EXIF rotations are not supported by this converter")
-        out.append((parts[0], parts[1], numbers[:9].reshape(3, 3), numbers[9:18].reshape(3, 3), numbers[18:].reshape(4, 4)))
+        out.append(
+            (parts[0], parts[1], numbers[:9].reshape(3, 3), numbers[9:18].reshape(3, 3), numbers[18:].reshape(4, 4))
+        )
     return out
 
 
@@ -383,18 +394,27 @@ def convert_scannet_2022(source: str | Path, output: str | Path, max_size: int |
             scene = f"{scene}_{len(scales)}"
         id0, id1 = _image_id(name0), _image_id(name1)
         calibration = []
-        for name, image_id, K, R, T in ((name0, id0, K0, np.eye(3), np.zeros(3)), (name1, id1, K1, T01[:3, :3], T01[:3, 3])):
+        for name, image_id, K, R, T in (
+            (name0, id0, K0, np.eye(3), np.zeros(3)),
+            (name1, id1, K1, T01[:3, :3], T01[:3, 3]),
+        ):
             image = source / "images" / name
             sx, sy = _save_image(image, output / "test_images" / scene / f"{image_id}.png", max_size)
             calibration.append((image_id, _scale_intrinsics(K, sx, sy), R, T))
         (_, Ka, Ra, Ta), (_, Kb, Rb, Tb) = calibration
-        from recipes.imc_metrics import fundamental_from_pose, relative_pose  # local: datasets must not need recipes at import
+        from datasets.imc_metrics import (  # local: datasets must not need recipes at import
+            fundamental_from_pose,
+            relative_pose,
+        )
 
         F = fundamental_from_pose(Ka, Kb, *relative_pose(Ra, Ta, Rb, Tb))
         _write_rows(
             output / "train" / scene / "calibration.csv",
             CALIBRATION_COLUMNS,
-            [(i, format_numbers(K.reshape(9), " "), format_numbers(R.reshape(9), " "), format_numbers(T, " ")) for i, K, R, T in calibration],
+            [
+                (i, format_numbers(K.reshape(9), " "), format_numbers(R.reshape(9), " "), format_numbers(T, " "))
+                for i, K, R, T in calibration
+            ],
         )
         _write_rows(
             output / "train" / scene / "pair_covisibility.csv",
@@ -435,7 +455,7 @@ def convert_middlebury_2023(
     every k-th view, at most ``limit``) for quick tests; ``max_size`` downscales the images (poses are unchanged; the 2023 labels carry no
     intrinsics).
     """
-    from datasets.middlebury import read_par_file
+    from core.par_files import read_par_file
 
     source, output = Path(source), Path(output)
     if every < 1 or start < 0:
@@ -451,8 +471,11 @@ def convert_middlebury_2023(
     rows: list[tuple[str, ...]] = []
     if labels.is_file():  # keep the other scenes
         table = read_table(labels, LABELS_2023_COLUMNS)
-        rows = [tuple(str(r[c]) for c in LABELS_2023_COLUMNS) for r in table.to_dict("records")
-                if (r["dataset"], r["scene"]) != (dataset, scene)]
+        rows = [
+            tuple(str(r[c]) for c in LABELS_2023_COLUMNS)
+            for r in table.to_dict("records")
+            if (r["dataset"], r["scene"]) != (dataset, scene)
+        ]
     image_dir = output / "train" / dataset / scene / "images"
     keep = {f"{Path(camera.name).stem}.png" for camera in cameras}
     if image_dir.is_dir():  # a re-conversion with other views must not leave stale images behind
@@ -465,8 +488,15 @@ def convert_middlebury_2023(
             raise UserError(f"{par_file}: image {camera.name!r} listed but {image} does not exist")
         target = f"{Path(camera.name).stem}.png"
         _save_image(image, image_dir / target, max_size)
-        rows.append((dataset, scene, f"{dataset}/{scene}/images/{target}",
-                     format_numbers(camera.R.reshape(9), ";"), format_numbers(camera.t, ";")))
+        rows.append(
+            (
+                dataset,
+                scene,
+                f"{dataset}/{scene}/images/{target}",
+                format_numbers(camera.R.reshape(9), ";"),
+                format_numbers(camera.t, ";"),
+            )
+        )
     _write_rows(labels, LABELS_2023_COLUMNS, rows)
     return {"images": len(cameras)}
 
@@ -484,7 +514,8 @@ def main_cli(argv: Sequence[str] | None = None) -> None:
     scannet.add_argument("--output", type=Path, required=True)
     scannet.add_argument("--max-size", type=int, default=None, help="downscale images to this longer side (K follows)")
     temple = commands.add_parser(
-        "middlebury2023", aliases=["temple2023"],
+        "middlebury2023",
+        aliases=["temple2023"],
         help="add a Middlebury-style scene (temple ring, synthetic scenes) to an IMC 2023 training folder",
     )
     temple.add_argument("--source", type=Path, required=True, help="folder with images/ and *_par.txt (or cameras.txt)")
@@ -500,9 +531,12 @@ def main_cli(argv: Sequence[str] | None = None) -> None:
         summary = convert_scannet_2022(args.source, args.output, args.max_size)
         print(f"wrote {summary['pairs']} pairs ({summary['images']} images) to {args.output} (IMC 2022 layout)")
     else:
-        summary = convert_middlebury_2023(args.source, args.output, args.dataset, args.scene, args.every, args.limit, args.max_size,
-                                          args.start)
-        print(f"wrote {summary['images']} images of {args.dataset}/{args.scene} to {args.output / 'train'} (IMC 2023 layout)")
+        summary = convert_middlebury_2023(
+            args.source, args.output, args.dataset, args.scene, args.every, args.limit, args.max_size, args.start
+        )
+        print(
+            f"wrote {summary['images']} images of {args.dataset}/{args.scene} to {args.output / 'train'} (IMC 2023 layout)"
+        )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ the original units it is 6.25 mm at 0.56 m). Rotations are scale-free. ``mini_aa
 factor; ``localization.evaluate --scale 1`` then applies as is (pass ``--scale 1/40`` to compare files
 in the original units).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from matchers.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 
 DB_DIR = "db"
 QUERY_DIR = "query/day/temple"
@@ -78,7 +79,7 @@ class MiniAachenConfig:
 
 def _scaled_camera(camera, factor: tuple[float, float], scene_scale: float):
     """The GT camera of an image resized by (sx, sy), in a world scaled by ``scene_scale``."""
-    from datasets.middlebury import GTCamera
+    from core.par_files import GTCamera
 
     sx, sy = factor
     K = camera.K.copy()
@@ -90,7 +91,7 @@ def _scaled_camera(camera, factor: tuple[float, float], scene_scale: float):
 
 def _copy_image(source: Path, target: Path, max_size: int | None) -> tuple[tuple[int, int], tuple[float, float]]:
     """Copy (and maybe downscale) an image; returns ((W, H) written, (sx, sy) applied)."""
-    from pipeline.io import atomic_path
+    from core.io import atomic_path
 
     image = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
     if image is None:
@@ -117,10 +118,10 @@ def sift_reference_model(gt_model, image_dir: Path, work_dir: Path, num_neighbor
     SIFT keypoints and mutual-NN + ratio matches (``matchers.sift``, no quantization: the model keeps
     SIFT's own keypoints, as Aachen's does) go to hloc files, then :func:`pipeline.triangulate.main`.
     """
-    from matchers.image_io import read_gray
+    from core.image_io import read_gray
+    from core.io import write_features, write_matches, write_pairs
     from matchers.sift import SIFTMatcher, SIFTOptions, match_descriptors
     from pipeline import triangulate
-    from pipeline.io import write_features, write_matches, write_pairs
 
     sift = SIFTMatcher(SIFTOptions(max_keypoints=max_keypoints, resize=None))
     images = list(gt_model.images.values())
@@ -137,21 +138,28 @@ def sift_reference_model(gt_model, image_dir: Path, work_dir: Path, num_neighbor
         scores0 = np.zeros(len(matches0), np.float32)
         matches0[index0], scores0[index0] = index1, scores
         matches[(name0, name1)] = (matches0, scores0)
-    write_features(work_dir / "features.h5",
-                   {n: (f.keypoints, f.scores, f.image_size) for n, f in features.items()})
+    write_features(work_dir / "features.h5", {n: (f.keypoints, f.scores, f.image_size) for n, f in features.items()})
     write_matches(work_dir / "matches.h5", matches)
     write_pairs(work_dir / "pairs.txt", sorted(pairs))
-    model, _ = triangulate.main(gt_model, image_dir, work_dir / "pairs.txt", work_dir / "features.h5",
-                                work_dir / "matches.h5", work_dir / "sfm", verification="known")
+    model, _ = triangulate.main(
+        gt_model,
+        image_dir,
+        work_dir / "pairs.txt",
+        work_dir / "features.h5",
+        work_dir / "matches.h5",
+        work_dir / "sfm",
+        verification="known",
+    )
     return model
 
 
 def main(source: str | Path, output: str | Path, config: MiniAachenConfig | None = None) -> dict:
     """Build the mini Aachen dataset from ``source`` (images/ + *_par.txt); returns its description."""
-    from datasets.middlebury import gt_reconstruction, read_par_file
-    from localization.cameras import make_camera, write_query_list
-    from localization.poses import rigid_from_matrix, write_poses
-    from pipeline.io import write_text_atomic
+    from core.cameras import make_camera, write_query_list
+    from core.io import write_text_atomic
+    from core.par_files import read_par_file
+    from core.poses import rigid_from_matrix, write_poses
+    from datasets.middlebury import gt_reconstruction
 
     config = config if config is not None else MiniAachenConfig()
     source, output = Path(source), Path(output)
@@ -192,16 +200,23 @@ def main(source: str | Path, output: str | Path, config: MiniAachenConfig | None
         intrinsics[name] = make_camera("PINHOLE", width, height, [K[0, 0], K[1, 1], K[0, 2] + 0.5, K[1, 2] + 0.5])
     (output / "queries").mkdir(parents=True, exist_ok=True)
     write_query_list(output / QUERY_LIST, intrinsics)
-    write_poses(output / "ground_truth.txt",
-                {name: rigid_from_matrix(camera.R, camera.t) for name, camera in query_cameras.items()})
+    write_poses(
+        output / "ground_truth.txt",
+        {name: rigid_from_matrix(camera.R, camera.t) for name, camera in query_cameras.items()},
+    )
     description = {
-        "source": str(source), "config": asdict(config),
+        "source": str(source),
+        "config": asdict(config),
         "scene_scale": config.scene_scale,
         "units": f"poses are in source units x {config.scene_scale:g} (scene metres)",
-        "queries": list(query_cameras), "db": list(db_cameras),
-        "reference_model": {"images": model.num_reg_images(), "points3D": model.num_points3D(),
-                            "mean_track_length": model.compute_mean_track_length(),
-                            "mean_reprojection_error": model.compute_mean_reprojection_error()},
+        "queries": list(query_cameras),
+        "db": list(db_cameras),
+        "reference_model": {
+            "images": model.num_reg_images(),
+            "points3D": model.num_points3D(),
+            "mean_track_length": model.compute_mean_track_length(),
+            "mean_reprojection_error": model.compute_mean_reprojection_error(),
+        },
         "ground_truth": "ground_truth.txt",
     }
     write_text_atomic(output / "mini_aachen.json", json.dumps(description, indent=1))
@@ -228,13 +243,20 @@ def main_cli(argv: "list[str] | None" = None) -> dict:
     parser.add_argument("--subset", type=_subset, default=None, help="only images START:STOP of the par file")
     parser.add_argument("--num-neighbors", type=int, default=defaults.num_neighbors)
     args = parser.parse_args(argv)
-    config = MiniAachenConfig(scene_scale=args.scene_scale, query_every=args.query_every,
-                              query_offset=args.query_offset, max_size=args.max_size,
-                              subset=args.subset, num_neighbors=args.num_neighbors)
+    config = MiniAachenConfig(
+        scene_scale=args.scene_scale,
+        query_every=args.query_every,
+        query_offset=args.query_offset,
+        max_size=args.max_size,
+        subset=args.subset,
+        num_neighbors=args.num_neighbors,
+    )
     description = main(args.source, args.output, config)
     model = description["reference_model"]
-    print(f"wrote {len(description['db'])} db images, {len(description['queries'])} queries and a SIFT model "
-          f"({model['points3D']} points) to {args.output}")
+    print(
+        f"wrote {len(description['db'])} db images, {len(description['queries'])} queries and a SIFT model "
+        f"({model['points3D']} points) to {args.output}"
+    )
     return description
 
 

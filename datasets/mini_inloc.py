@@ -20,6 +20,7 @@ for a random ``hole_fraction`` of pixels, like scanner drop-outs); each scan get
 scan-to-world ``P_after_GICP``, so a pipeline that forgets the alignment fails. Scans alternate between
 two floors (``DUC1``, ``DUC2``) to exercise the folder layout; all share one world frame.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from matchers.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 
 FLOORS = ("DUC1", "DUC2")
 BUILDING = "DUC"
@@ -85,7 +86,7 @@ def _random_alignment(rng: np.random.Generator) -> np.ndarray:
 
 
 def _write_jpeg(path: Path, rgb: np.ndarray, quality: int) -> None:
-    from pipeline.io import atomic_path
+    from core.io import atomic_path
 
     ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
@@ -98,16 +99,17 @@ def main(output: str | Path, config: MiniInLocConfig | None = None) -> dict:
     """Render and write the mini InLoc dataset; returns its description (also in mini_inloc.json)."""
     from scipy.io import savemat
 
+    from core.io import atomic_path, write_text_atomic
+    from core.poses import rigid_from_matrix, write_poses
     from datasets.synthetic import SceneConfig, intrinsics, look_at, make_world, render_view, unproject
     from localization.inloc import ALIGNMENT_DIR, CUTOUT_DIR, QUERY_DIR, query_focal_length, write_alignment
-    from localization.poses import rigid_from_matrix, write_poses
-    from pipeline.io import atomic_path, write_text_atomic
 
     config = config if config is not None else MiniInLocConfig()
     output = Path(output)
     rng = np.random.default_rng(config.seed)
-    scene_config = SceneConfig(width=config.width, height=config.height, seed=config.seed,
-                               fov_degrees=config.cutout_fov_degrees)
+    scene_config = SceneConfig(
+        width=config.width, height=config.height, seed=config.seed, fov_degrees=config.cutout_fov_degrees
+    )
     world = make_world(scene_config)
     target = np.array([0.0, 0.0, scene_config.target_height])
     K_cut = intrinsics(config.width, config.height, config.cutout_fov_degrees)
@@ -116,13 +118,17 @@ def main(output: str | Path, config: MiniInLocConfig | None = None) -> dict:
     cutout_poses = {}
     for scan in range(config.num_scans):
         angle = 2 * np.pi * scan / config.num_scans
-        eye = np.array([scene_config.radius * np.cos(angle), scene_config.radius * np.sin(angle),
-                        scene_config.camera_height]) + rng.uniform(-0.2, 0.2, 3)
+        eye = np.array(
+            [scene_config.radius * np.cos(angle), scene_config.radius * np.sin(angle), scene_config.camera_height]
+        ) + rng.uniform(-0.2, 0.2, 3)
         floor, scan_id = FLOORS[scan % len(FLOORS)], f"{scan:03d}"
         scan_to_world = _random_alignment(rng)
         world_to_scan = np.linalg.inv(scan_to_world)
-        write_alignment(output / ALIGNMENT_DIR / floor / "transformations" / f"{BUILDING}_trans_{scan_id}.txt",
-                        scan_to_world, p_before=np.eye(4))
+        write_alignment(
+            output / ALIGNMENT_DIR / floor / "transformations" / f"{BUILDING}_trans_{scan_id}.txt",
+            scan_to_world,
+            p_before=np.eye(4),
+        )
         base = look_at(eye, target)
         for k in range(config.cutouts_per_scan):
             yaw = (k - (config.cutouts_per_scan - 1) / 2) * config.yaw_step_degrees
@@ -135,14 +141,18 @@ def main(output: str | Path, config: MiniInLocConfig | None = None) -> dict:
             name = f"{CUTOUT_DIR}/{floor}/{scan_id}/{BUILDING}_cutout_{scan_id}_{int(round(yaw)) % 360}_0.jpg"
             _write_jpeg(output / name, image, config.jpeg_quality)
             with atomic_path(output / (name + ".mat")) as temp:
-                savemat(str(temp), {"XYZcut": local.reshape(config.height, config.width, 3).astype(np.float32)},
-                        do_compression=True)
+                savemat(
+                    str(temp),
+                    {"XYZcut": local.reshape(config.height, config.width, 3).astype(np.float32)},
+                    do_compression=True,
+                )
             cutouts.append(name)
             cutout_poses[name] = rigid_from_matrix(pose[:3, :3], pose[:3, 3])
 
     focal = query_focal_length(config.query_width, config.query_height)
-    K_query = np.array([[focal, 0.0, (config.query_width - 1) / 2], [0.0, focal, (config.query_height - 1) / 2],
-                        [0.0, 0.0, 1.0]])  # centre W/2 in COLMAP's convention = (W-1)/2 with integer centres
+    K_query = np.array(
+        [[focal, 0.0, (config.query_width - 1) / 2], [0.0, focal, (config.query_height - 1) / 2], [0.0, 0.0, 1.0]]
+    )  # centre W/2 in COLMAP's convention = (W-1)/2 with integer centres
     gt = {}
     for q in range(config.num_queries):
         angle = 2 * np.pi * (q + 0.5) / config.num_queries + rng.uniform(-0.15, 0.15)
@@ -156,9 +166,16 @@ def main(output: str | Path, config: MiniInLocConfig | None = None) -> dict:
         gt[name] = rigid_from_matrix(pose[:3, :3], pose[:3, 3])
     write_poses(output / "ground_truth.txt", gt)
     write_poses(output / "database_poses.txt", cutout_poses)  # not part of InLoc; for checks
-    description = {"source": "datasets.synthetic", "config": asdict(config), "units": "metres (synthetic world units)",
-                   "queries": list(gt), "cutouts": cutouts, "ground_truth": "ground_truth.txt",
-                   "database_poses": "database_poses.txt", "cutout_intrinsics_K": K_cut.tolist()}
+    description = {
+        "source": "datasets.synthetic",
+        "config": asdict(config),
+        "units": "metres (synthetic world units)",
+        "queries": list(gt),
+        "cutouts": cutouts,
+        "ground_truth": "ground_truth.txt",
+        "database_poses": "database_poses.txt",
+        "cutout_intrinsics_K": K_cut.tolist(),
+    }
     write_text_atomic(output / "mini_inloc.json", json.dumps(description, indent=1))
     return description
 
@@ -174,9 +191,16 @@ def main_cli(argv: "list[str] | None" = None) -> dict:
     parser.add_argument("--height", type=int, default=defaults.height)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
-    config = MiniInLocConfig(num_scans=args.scans, cutouts_per_scan=args.cutouts_per_scan, num_queries=args.queries,
-                             width=args.width, height=args.height, query_width=args.width,
-                             query_height=args.height, seed=args.seed)
+    config = MiniInLocConfig(
+        num_scans=args.scans,
+        cutouts_per_scan=args.cutouts_per_scan,
+        num_queries=args.queries,
+        width=args.width,
+        height=args.height,
+        query_width=args.width,
+        query_height=args.height,
+        seed=args.seed,
+    )
     description = main(args.output, config)
     print(f"wrote {len(description['cutouts'])} cutouts and {len(description['queries'])} queries to {args.output}")
     return description

@@ -43,6 +43,7 @@ for other viewpoints ``make_world(config)`` then ``render_view(world, K, pose, w
 CLI: ``python -m datasets.synthetic --output DIR [--preset object_tele|object_wide] [--views 12]
 [--width 320 --height 240] [--seed 0] [--arc 110]`` (the flags override the preset's values).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from matchers.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 
 FONTS = (
     cv2.FONT_HERSHEY_SIMPLEX,
@@ -70,16 +71,37 @@ LAYOUTS = ("boxes", "object")
 # the ring radius is chosen so that it spans about 70 % of the image height with either lens, seen from
 # about 16 deg above, the views alternating 3 deg higher and lower.
 _OBJECT = dict(
-    layout="object", width=640, height=480, num_views=48, arc_degrees=360.0, target_height=0.0, num_boxes=7,
-    texels_per_unit=160.0, texture_contrast=0.3, background=0.03, noise=1.0,
+    layout="object",
+    width=640,
+    height=480,
+    num_views=48,
+    arc_degrees=360.0,
+    target_height=0.0,
+    num_boxes=7,
+    texels_per_unit=160.0,
+    texture_contrast=0.3,
+    background=0.03,
+    noise=1.0,
 )
 PRESETS: dict[str, dict] = {
     # telephoto: focal 5 x width = 3200 px (horizontal field of view 11.4 deg), cameras 24 units away
-    "object_tele": {**_OBJECT, "focal_factor": 5.0, "radius": 23.0, "camera_height": 6.7, "height_step": 2.4,
-                    "jitter": 0.15},
+    "object_tele": {
+        **_OBJECT,
+        "focal_factor": 5.0,
+        "radius": 23.0,
+        "camera_height": 6.7,
+        "height_step": 2.4,
+        "jitter": 0.15,
+    },
     # a normal lens: focal 1.1 x width = 704 px (field of view 48.9 deg), cameras 5.2 units away
-    "object_wide": {**_OBJECT, "focal_factor": 1.1, "radius": 5.0, "camera_height": 1.45, "height_step": 0.5,
-                    "jitter": 0.03},
+    "object_wide": {
+        **_OBJECT,
+        "focal_factor": 1.1,
+        "radius": 5.0,
+        "camera_height": 1.45,
+        "height_step": 0.5,
+        "jitter": 0.03,
+    },
 }
 
 
@@ -206,8 +228,8 @@ class Scene:
         return self.poses[:, :3, 3]
 
     def cameras(self):
-        """``{name: datasets.middlebury.GTCamera}`` (K, R, t), e.g. for pipeline.evaluate_model."""
-        from datasets.middlebury import GTCamera
+        """``{name: core.par_files.GTCamera}`` (K, R, t), e.g. for pipeline.evaluate_model."""
+        from core.par_files import GTCamera
 
         return {n: GTCamera(n, self.K[i].copy(), self.R[i].copy(), self.t[i].copy()) for i, n in enumerate(self.names)}
 
@@ -275,9 +297,7 @@ def procedural_texture(rng: np.random.Generator, height: int, width: int) -> np.
     return texture.astype(np.float32) / 255.0
 
 
-def weak_texture(
-    rng: np.random.Generator, height: int, width: int, colour: np.ndarray, contrast: float
-) -> np.ndarray:
+def weak_texture(rng: np.random.Generator, height: int, width: int, colour: np.ndarray, contrast: float) -> np.ndarray:
     """A plaster / stone-like texture (H, W, 3) float32 in [0, 1]: ``colour`` modulated by smooth noise,
     faint stains and fine grains (pores, specks) whose relative amplitude is about ``contrast``."""
     height, width = max(8, int(height)), max(8, int(width))
@@ -287,8 +307,9 @@ def weak_texture(
     for _ in range(int(area / 4000) + 2):
         centre = (int(rng.integers(width)), int(rng.integers(height)))
         axes = (int(rng.integers(4, 24)), int(rng.integers(4, 24)))
-        cv2.ellipse(stains, centre, axes, float(rng.uniform(0, 180)), 0, 360, float(rng.uniform(-1, 1)), -1,
-                    cv2.LINE_AA)
+        cv2.ellipse(
+            stains, centre, axes, float(rng.uniform(0, 180)), 0, 360, float(rng.uniform(-1, 1)), -1, cv2.LINE_AA
+        )
     detail += 0.4 * cv2.GaussianBlur(stains, (0, 0), 3.0)
     grains = np.zeros((height, width), np.float32)
     for _ in range(int(area / 90) + 4):
@@ -436,8 +457,11 @@ def _sample(texture: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     map_v = np.zeros(rows * columns, np.float32)
     map_u[:count], map_v[:count] = u, v
     mapped = cv2.remap(
-        texture, map_u.reshape(rows, columns), map_v.reshape(rows, columns),
-        interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101,
+        texture,
+        map_u.reshape(rows, columns),
+        map_v.reshape(rows, columns),
+        interpolation=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REFLECT_101,
     )
     return mapped.reshape(-1, 3)[:count]
 
@@ -538,7 +562,12 @@ def _rays(K: np.ndarray, pose: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> tu
 
 
 def render_view(
-    world: World, K: np.ndarray, pose: np.ndarray, width: int, height: int, supersample: int = 2,
+    world: World,
+    K: np.ndarray,
+    pose: np.ndarray,
+    width: int,
+    height: int,
+    supersample: int = 2,
     background: tuple[float, float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one view: (image (H, W, 3) uint8 RGB, depth (H, W) float32, 0 where nothing is hit).
@@ -631,8 +660,8 @@ def warp(scene: Scene, i: int, j: int, points: np.ndarray, tolerance: float = 0.
 def write_scene(scene: Scene, folder: str | Path) -> Path:
     """Write ``images/*.png``, ``depths/*.npy``, ``cameras.txt`` (Middlebury par format: K, R, t)
     and ``scene.json`` (the config) under ``folder``; files are written atomically."""
-    from datasets.middlebury import write_par_file
-    from pipeline.io import atomic_path, write_text_atomic
+    from core.io import atomic_path, write_text_atomic
+    from core.par_files import write_par_file
 
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -652,8 +681,8 @@ def write_scene(scene: Scene, folder: str | Path) -> Path:
 
 def read_scene(folder: str | Path) -> Scene:
     """Read a scene written by :func:`write_scene`."""
-    from datasets.middlebury import read_par_file
-    from matchers.image_io import read_rgb
+    from core.image_io import read_rgb
+    from core.par_files import read_par_file
 
     folder = Path(folder)
     cameras = read_par_file(folder / "cameras.txt")
@@ -686,17 +715,24 @@ def main_cli(argv: list[str] | None = None) -> None:
         description="Render a synthetic textured scene with known cameras and depth.",
     )
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--preset", default=None,
-                        help=f"a named scene ({', '.join(PRESETS)}); the flags below override its values")
+    parser.add_argument(
+        "--preset", default=None, help=f"a named scene ({', '.join(PRESETS)}); the flags below override its values"
+    )
     parser.add_argument("--views", type=int, default=None, help=f"number of views (default {defaults.num_views})")
     parser.add_argument("--width", type=int, default=None, help=f"image width (default {defaults.width})")
     parser.add_argument("--height", type=int, default=None, help=f"image height (default {defaults.height})")
     parser.add_argument("--seed", type=int, default=None, help=f"random seed (default {defaults.seed})")
-    parser.add_argument("--arc", type=float, default=None,
-                        help=f"arc of the camera ring in degrees (default {defaults.arc_degrees:g})")
+    parser.add_argument(
+        "--arc", type=float, default=None, help=f"arc of the camera ring in degrees (default {defaults.arc_degrees:g})"
+    )
     args = parser.parse_args(argv)
-    given = {"num_views": args.views, "width": args.width, "height": args.height, "seed": args.seed,
-             "arc_degrees": args.arc}
+    given = {
+        "num_views": args.views,
+        "width": args.width,
+        "height": args.height,
+        "seed": args.seed,
+        "arc_degrees": args.arc,
+    }
     overrides = {key: value for key, value in given.items() if value is not None}
     config = SceneConfig.preset(args.preset, **overrides) if args.preset is not None else SceneConfig(**overrides)
     scene = main(args.output, config)

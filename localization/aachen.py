@@ -21,6 +21,7 @@ hloc's LoFTR pipeline for Aachen v1.1, step by step (every step writes files und
    ``Aachen-v1.1_hloc_<matcher>_<estimator>.txt`` with lines ``name qw qx qy qz tx ty tz`` where ``name``
    is the query's file name.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,23 +31,23 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
+from core.cameras import parse_query_list
+from core.errors import UserError, run_cli
+from core.io import check_output_dir, resolve_image, write_pairs
+from core.poses import write_poses, write_submission
 from matchers.base import Matcher
-from matchers.errors import UserError, run_cli
-from pipeline.io import check_output_dir, resolve_image, write_pairs
 
-from .cameras import parse_query_list
 from .localize import (
     LocalizationConfig,
     LocalizationResult,
     ModelPoints,
     add_benchmark_arguments,
     config_from_args,
+    localize,
     match_config_from_args,
     report,
-    localize,
     write_log,
 )
-from .poses import write_poses, write_submission
 from .retrieval_pairs import pairs_label, query_pairs
 
 IMAGES_DIR = "images_upright"
@@ -125,8 +126,9 @@ def covisibility_pairs(model: pycolmap.Reconstruction, num_covis: int) -> list[t
                 cols.append(column)
     if not rows:
         return []
-    observations = coo_matrix((np.ones(len(rows), np.float32), (rows, cols)),
-                              shape=(len(image_ids), model.num_points3D())).tocsr()
+    observations = coo_matrix(
+        (np.ones(len(rows), np.float32), (rows, cols)), shape=(len(image_ids), model.num_points3D())
+    ).tocsr()
     observations.data[:] = 1.0  # an image observing a point twice still counts once
     covisible = (observations @ observations.T).tocsr()
     covisible.setdiag(0)
@@ -195,21 +197,44 @@ def main(
         raise UserError(f"{sift_model_dir}: the reference model has no covisible db images (no 3D points?)")
     write_pairs(out.db_pairs, db_pairs)
     match_dense.main(out.db_pairs, images, out.features, out.db_matches, model, match_config)
-    reference, tri_stats = triangulate.main(sift_model, images, out.db_pairs, out.features, out.db_matches,
-                                            out.reference_sfm)
+    reference, tri_stats = triangulate.main(
+        sift_model, images, out.db_pairs, out.features, out.db_matches, out.reference_sfm
+    )
     db_names = sorted(reference.images[i].name for i in reference.reg_image_ids())
-    pairs = query_pairs(images, outputs, list(cameras), db_names, pairs_query, num_loc, out.query_pairs,
-                        unknown_query="is in no intrinsics list under queries/",
-                        unknown_db="is not in the reference model")
-    match_dense.main(out.query_pairs, images, out.query_features, out.query_matches, model, match_config,
-                     reference_features=out.features)
+    pairs = query_pairs(
+        images,
+        outputs,
+        list(cameras),
+        db_names,
+        pairs_query,
+        num_loc,
+        out.query_pairs,
+        unknown_query="is in no intrinsics list under queries/",
+        unknown_db="is not in the reference model",
+    )
+    match_dense.main(
+        out.query_pairs,
+        images,
+        out.query_features,
+        out.query_matches,
+        model,
+        match_config,
+        reference_features=out.features,
+    )
     result = localize(ModelPoints(reference), cameras, pairs, out.query_features, out.query_matches, config)
     write_poses(out.poses, result.poses)
     write_submission(out.submission, result.poses)
-    out.stats = {"reference_points3D": int(reference.num_points3D()), "db_pairs": len(db_pairs),
-                 "triangulation": _as_dict(tri_stats)}
-    write_log(out.log, result, config, {"dataset": str(dataset), "matching": model.describe(),
-                                        "pairs": str(out.query_pairs), **out.stats})
+    out.stats = {
+        "reference_points3D": int(reference.num_points3D()),
+        "db_pairs": len(db_pairs),
+        "triangulation": _as_dict(tri_stats),
+    }
+    write_log(
+        out.log,
+        result,
+        config,
+        {"dataset": str(dataset), "matching": model.describe(), "pairs": str(out.query_pairs), **out.stats},
+    )
     out.result = result
     return out
 
@@ -220,14 +245,24 @@ def _as_dict(stats: object) -> dict:
     return asdict(stats) if is_dataclass(stats) else {}
 
 
-
 def main_cli(argv: "list[str] | None" = None) -> AachenOutputs:
     parser = argparse.ArgumentParser(prog="python -m localization.aachen", description=__doc__.split("\n")[0])
     add_benchmark_arguments(parser, "Aachen v1.1 folder", "outdoor", "pairs-query-netvlad50.txt", 50)
     parser.add_argument("--num-covis", type=int, default=20, help="covisible db pairs per db image (default 20)")
     args = parser.parse_args(argv)
-    out = main(args.dataset, args.outputs, args.matcher, args.weights, args.resize, args.pairs_query,
-               args.num_covis, args.num_loc, config_from_args(args), args.device, match_config_from_args(args))
+    out = main(
+        args.dataset,
+        args.outputs,
+        args.matcher,
+        args.weights,
+        args.resize,
+        args.pairs_query,
+        args.num_covis,
+        args.num_loc,
+        config_from_args(args),
+        args.device,
+        match_config_from_args(args),
+    )
     report(out.result, out.submission)
     return out
 

@@ -13,6 +13,7 @@ and a pycolmap camera, and return a world-to-camera pose (pycolmap ``Rigid3d``) 
 Any estimator failure (too few points, degenerate configuration, OpenCV error, non-finite pose,
 fewer inliers than required) is returned as ``success=False`` with a reason, never raised.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,9 +22,8 @@ import cv2
 import numpy as np
 import pycolmap
 
-from matchers.errors import UserError
-
-from .cameras import pinhole_matrix, undistort_points
+from core.cameras import pinhole_matrix, undistort_points
+from core.errors import UserError
 
 ESTIMATORS = ("pycolmap", "magsac")
 MIN_CORRESPONDENCES = 4  # P3P needs 3 points plus one to pick among its solutions

@@ -14,6 +14,7 @@ CLI::
 
     python -m localization.evaluate --gt gt.txt --results poses.txt [--scale 1] [--thresholds aachen]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
-from matchers.errors import UserError, run_cli
-from pipeline.io import atomic_path
+from core.errors import UserError, run_cli
+from core.io import atomic_path
+from core.poses import camera_center, read_poses
 
 from .localize import json_safe
-from .poses import camera_center, read_poses
 
 #: Aachen day/night (and most outdoor benchmarks): (metres, degrees)
 AACHEN_THRESHOLDS: tuple[tuple[float, float], ...] = ((0.25, 2.0), (0.5, 5.0), (5.0, 10.0))
@@ -62,7 +63,8 @@ class Evaluation:
     def table(self) -> str:
         cells = [f"({d:g}m, {a:g}deg): {r:.1f}%" for (d, a), r in zip(self.thresholds, self.recall)]
         return (
-            f"{self.num_localized}/{self.num_queries} localized; recall " + ", ".join(cells)
+            f"{self.num_localized}/{self.num_queries} localized; recall "
+            + ", ".join(cells)
             + f"; median error {self.median_position:.4g} m, {self.median_rotation:.3g} deg (scale {self.scale:g})"
         )
 
@@ -141,9 +143,7 @@ def parse_thresholds(text: str) -> tuple[tuple[float, float], ...]:
     if text in THRESHOLD_SETS:
         return THRESHOLD_SETS[text]
     try:
-        out = tuple(
-            (float(part.split(",")[0]), float(part.split(",")[1])) for part in text.split(";") if part.strip()
-        )
+        out = tuple((float(part.split(",")[0]), float(part.split(",")[1])) for part in text.split(";") if part.strip())
     except (ValueError, IndexError):
         raise UserError(f"thresholds {text!r}: use aachen, inloc, all or 'metres,degrees;...'") from None
     if not out:

@@ -20,35 +20,36 @@ Steps: query-db pairs (``--pairs-query``, e.g. hloc's ``pairs-query-netvlad40.tx
 retrieval), dense matching, 2D-3D from the scans, absolute pose, submission for visuallocalization.net
 (``name qw qx qy qz tx ty tz`` with the query's file name).
 """
+
 from __future__ import annotations
 
 import argparse
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pycolmap
 
+from core.cameras import camera_from_size_and_focal, write_query_list
+from core.errors import UserError, run_cli
+from core.image_io import image_size, is_image_file
+from core.io import check_output_dir, open_h5, resolve_image, write_text_atomic
+from core.poses import write_poses, write_submission
 from matchers.base import Matcher
-from matchers.errors import UserError, run_cli
-from matchers.image_io import image_size, is_image_file
-from pipeline.io import check_output_dir, open_h5, resolve_image, write_text_atomic
 
 from .absolute_pose import PoseEstimationConfig
-from .cameras import camera_from_size_and_focal, write_query_list
 from .localize import (
     LocalizationConfig,
     LocalizationResult,
     add_benchmark_arguments,
     config_from_args,
+    localize,
     match_config_from_args,
     report,
-    localize,
     write_log,
 )
-from .poses import write_poses, write_submission
 from .retrieval_pairs import pairs_label, query_pairs
 
 QUERY_DIR = "query/iphone7"
@@ -127,8 +128,10 @@ def interpolate_xyz(xyz: np.ndarray, keypoints: np.ndarray) -> tuple[np.ndarray,
     x1, y1 = np.minimum(x0 + 1, width - 1), np.minimum(y0 + 1, height - 1)
     wx, wy = (xc - x0)[:, None], (yc - y0)[:, None]
     bilinear = (
-        xyz[y0, x0] * (1 - wx) * (1 - wy) + xyz[y0, x1] * wx * (1 - wy)
-        + xyz[y1, x0] * (1 - wx) * wy + xyz[y1, x1] * wx * wy
+        xyz[y0, x0] * (1 - wx) * (1 - wy)
+        + xyz[y0, x1] * wx * (1 - wy)
+        + xyz[y1, x0] * (1 - wx) * wy
+        + xyz[y1, x1] * wx * wy
     )
     nearest = xyz[np.rint(yc).astype(np.int64), np.rint(xc).astype(np.int64)]
     # NaN * 0 is NaN, so a hole anywhere in the 2x2 window makes the bilinear value NaN -> nearest
@@ -290,9 +293,17 @@ def main(
         log=outputs / f"poses-{label}-{config.pose.estimator}_log.json",
     )
     write_query_list(out.queries, cameras)
-    pairs = query_pairs(dataset, outputs, queries, cutouts, pairs_query, num_loc, out.pairs,
-                        unknown_query=f"is not under {QUERY_DIR}; names are relative to the dataset",
-                        unknown_db="is not a cutout of the dataset")
+    pairs = query_pairs(
+        dataset,
+        outputs,
+        queries,
+        cutouts,
+        pairs_query,
+        num_loc,
+        out.pairs,
+        unknown_query=f"is not under {QUERY_DIR}; names are relative to the dataset",
+        unknown_db="is not a cutout of the dataset",
+    )
     match_dense.main(out.pairs, dataset, out.features, out.matches, model, match_config)
     source = ScanPoints(dataset, out.features)
     result = localize(source, cameras, pairs, out.features, out.matches, config)
@@ -309,7 +320,6 @@ def default_max_error(cameras: "Iterable[pycolmap.Camera]") -> float:
     return DEFAULT_MAX_ERROR * longest / FULL_SIZE
 
 
-
 def main_cli(argv: "list[str] | None" = None) -> InLocOutputs:
     parser = argparse.ArgumentParser(prog="python -m localization.inloc", description=__doc__.split("\n")[0])
     add_benchmark_arguments(parser, "InLoc folder (query/, database/)", "indoor", "pairs-query-netvlad40.txt", 40)
@@ -318,8 +328,18 @@ def main_cli(argv: "list[str] | None" = None) -> InLocOutputs:
     if args.max_error is None:  # hloc's 48 px at 4032 px, scaled to these queries
         queries, _ = check_layout(args.dataset)
         args.max_error = default_max_error(query_camera(*image_size(args.dataset / q)) for q in queries)
-    out = main(args.dataset, args.outputs, args.matcher, weights, args.resize, args.pairs_query, args.num_loc,
-               config_from_args(args), args.device, match_config_from_args(args))
+    out = main(
+        args.dataset,
+        args.outputs,
+        args.matcher,
+        weights,
+        args.resize,
+        args.pairs_query,
+        args.num_loc,
+        config_from_args(args),
+        args.device,
+        match_config_from_args(args),
+    )
     report(out.result, out.submission)
     return out
 

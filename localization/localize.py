@@ -23,6 +23,7 @@ CLI::
     python -m localization.localize --reference-sfm sfm/ --queries queries.txt --pairs pairs-loc.txt \\
         --features features.h5 --matches matches.h5 --results poses.txt [--estimator magsac]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,13 +38,13 @@ import numpy as np
 import pycolmap
 from tqdm import tqdm
 
-from matchers.errors import UserError, run_cli
-from pipeline.io import atomic_path, find_pair, open_h5, read_pairs
+from core.cameras import parse_query_list
+from core.errors import UserError, run_cli
+from core.io import atomic_path, find_pair, open_h5, read_pairs
+from core.poses import qt_from_rigid, write_poses
 from pipeline.refine import KLT_CELL_SIZE, REFINE_MODES, default_refine
 
 from .absolute_pose import ESTIMATORS, PoseEstimate, PoseEstimationConfig, estimate_absolute_pose
-from .cameras import parse_query_list
-from .poses import qt_from_rigid, write_poses
 
 FALLBACKS = ("none", "nearest")
 STATUS_LOCALIZED, STATUS_FAILED, STATUS_FALLBACK = "localized", "failed", "fallback"
@@ -237,8 +238,15 @@ def localize_query(
     config: LocalizationConfig,
 ) -> tuple[PoseEstimate | None, dict]:
     """Localize one query; returns the best estimate (or None) and its log entry."""
-    log: dict = {"estimator": config.pose.estimator, "db": list(db_names), "num_matches": 0,
-                 "num_correspondences": 0, "num_inliers": 0, "db_used": [], "reason": ""}
+    log: dict = {
+        "estimator": config.pose.estimator,
+        "db": list(db_names),
+        "num_matches": 0,
+        "num_correspondences": 0,
+        "num_inliers": 0,
+        "db_used": [],
+        "reason": "",
+    }
     if not db_names:
         log["reason"] = "no db images listed for the query"
         return None, log
@@ -255,9 +263,14 @@ def localize_query(
         matches_per_db.update(corr.matches_per_db)
         missing += corr.missing_pairs
         estimate = estimate_absolute_pose(corr.points2D, corr.points3D, camera, config.pose)
-        cluster_logs.append({"db": cluster, "num_correspondences": len(corr.points2D),
-                             "num_inliers": estimate.num_inliers if estimate.success else 0,
-                             "reason": estimate.reason})
+        cluster_logs.append(
+            {
+                "db": cluster,
+                "num_correspondences": len(corr.points2D),
+                "num_inliers": estimate.num_inliers if estimate.success else 0,
+                "reason": estimate.reason,
+            }
+        )
         if estimate.success:
             if best is None or estimate.num_inliers > best[0].num_inliers:
                 best = (estimate, corr)
@@ -414,19 +427,31 @@ def main(
             raise UserError(f"{path}: not found; run the matching step (python -m pipeline.match_dense) first")
     result = localize(source, cameras, pairs, features, matches, config)
     write_poses(results, result.poses)
-    write_log(log_path or default_log_path(results), result, config,
-              {"features": str(features), "matches": str(matches), "pairs": str(retrieval)})
+    write_log(
+        log_path or default_log_path(results),
+        result,
+        config,
+        {"features": str(features), "matches": str(matches), "pairs": str(retrieval)},
+    )
     return result
 
 
 def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
     """The pose-estimation flags shared by localize, aachen and inloc."""
-    parser.add_argument("--estimator", choices=ESTIMATORS, default="pycolmap",
-                        help="pycolmap LO-RANSAC or OpenCV USAC MAGSAC++ (default: %(default)s)")
+    parser.add_argument(
+        "--estimator",
+        choices=ESTIMATORS,
+        default="pycolmap",
+        help="pycolmap LO-RANSAC or OpenCV USAC MAGSAC++ (default: %(default)s)",
+    )
     parser.add_argument("--max-error", type=float, default=None, help="RANSAC inlier threshold in pixels")
     parser.add_argument("--covisibility-clustering", action="store_true", help="estimate per covisible db cluster")
-    parser.add_argument("--fallback", choices=FALLBACKS, default="none",
-                        help="pose for failed queries: none, or the best-matching db image's pose")
+    parser.add_argument(
+        "--fallback",
+        choices=FALLBACKS,
+        default="none",
+        help="pose for failed queries: none, or the best-matching db image's pose",
+    )
     parser.add_argument("--seed", type=int, default=0, help="RANSAC random seed")
 
 
@@ -439,24 +464,37 @@ def add_benchmark_arguments(
     parser.add_argument("--matcher", default="loftr", help="loftr or sift (default loftr)")
     from matchers.factory import WEIGHTS_HELP
 
-    parser.add_argument("--weights", default=None, help=WEIGHTS_HELP if default_weights == "outdoor" else
-                        f"LoFTR checkpoint name or path (default {default_weights}, never swapped for other weights)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help=WEIGHTS_HELP
+        if default_weights == "outdoor"
+        else f"LoFTR checkpoint name or path (default {default_weights}, never swapped for other weights)",
+    )
     parser.add_argument("--resize", type=int, default=None, help="longest side for matching")
-    parser.add_argument("--pairs-query", default=None,
-                        help=f"query-db pairs file (e.g. hloc's {pairs_example}), or 'exhaustive'")
-    parser.add_argument("--num-loc", type=int, default=num_loc,
-                        help=f"db images retrieved per query (default {num_loc})")
+    parser.add_argument(
+        "--pairs-query", default=None, help=f"query-db pairs file (e.g. hloc's {pairs_example}), or 'exhaustive'"
+    )
+    parser.add_argument(
+        "--num-loc", type=int, default=num_loc, help=f"db images retrieved per query (default {num_loc})"
+    )
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--refine", choices=REFINE_MODES, default=None,
-                        help="sub-pixel refinement of dense matches (default klt for loftr, none for sift)")
+    parser.add_argument(
+        "--refine",
+        choices=REFINE_MODES,
+        default=None,
+        help="sub-pixel refinement of dense matches (default klt for loftr, none for sift)",
+    )
     add_estimator_arguments(parser)
 
 
 def report(result: LocalizationResult, submission: Path) -> None:
     """The one-line summary the Aachen and InLoc CLIs print."""
-    print(f"localized {result.count(STATUS_LOCALIZED)} / {len(result.logs)} queries "
-          f"({result.count(STATUS_FALLBACK)} fallback, {result.count(STATUS_FAILED)} failed); "
-          f"submission: {submission}")
+    print(
+        f"localized {result.count(STATUS_LOCALIZED)} / {len(result.logs)} queries "
+        f"({result.count(STATUS_FALLBACK)} fallback, {result.count(STATUS_FAILED)} failed); "
+        f"submission: {submission}"
+    )
 
 
 #: Quantization of KLT-refined matches in localization: the query step snaps database points to the reference
@@ -498,10 +536,20 @@ def main_cli(argv: "list[str] | None" = None) -> LocalizationResult:
     parser.add_argument("--log", type=Path, default=None, help="JSON log (default <results>_log.json)")
     add_estimator_arguments(parser)
     args = parser.parse_args(argv)
-    result = main(args.reference_sfm, args.queries, args.pairs, args.features, args.matches, args.results,
-                  config_from_args(args), args.log)
-    print(f"localized {result.count(STATUS_LOCALIZED)} / {len(result.logs)} queries "
-          f"({result.count(STATUS_FALLBACK)} fallback, {result.count(STATUS_FAILED)} failed) -> {args.results}")
+    result = main(
+        args.reference_sfm,
+        args.queries,
+        args.pairs,
+        args.features,
+        args.matches,
+        args.results,
+        config_from_args(args),
+        args.log,
+    )
+    print(
+        f"localized {result.count(STATUS_LOCALIZED)} / {len(result.logs)} queries "
+        f"({result.count(STATUS_FALLBACK)} fallback, {result.count(STATUS_FAILED)} failed) -> {args.results}"
+    )
     return result
 
 

@@ -4,11 +4,12 @@ Uses the pipeline's retrieval step (global descriptors of every image, :mod:`pip
 ``pipeline.pairs.from_retrieval`` (top ``k`` db images per query). Instead, users may give a pairs file
 (``--pairs-query``: hloc's published ``pairs-query-netvlad*.txt`` lists) or ``exhaustive``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from matchers.errors import UserError
+from core.errors import UserError
 
 #: --pairs-query value meaning every query with every db image (small datasets)
 EXHAUSTIVE = "exhaustive"
@@ -22,7 +23,11 @@ def pairs_label(pairs_query: str | Path | None, num_loc: int) -> str:
 
 
 def retrieve_pairs(
-    image_dir: str | Path, outputs: str | Path, query_names: "list[str]", db_names: "list[str]", k: int,
+    image_dir: str | Path,
+    outputs: str | Path,
+    query_names: "list[str]",
+    db_names: "list[str]",
+    k: int,
     device: str = "auto",
 ) -> dict[str, list[str]]:
     """{query: [top-k db images]} from global descriptors written under ``outputs``."""
@@ -40,15 +45,22 @@ def retrieve_pairs(
 
 
 def query_pairs(
-    image_dir: Path, outputs: Path, queries: "list[str]", db_names: "list[str]", pairs_query: str | Path | None,
-    num_loc: int, target: Path, unknown_query: str, unknown_db: str,
+    image_dir: Path,
+    outputs: Path,
+    queries: "list[str]",
+    db_names: "list[str]",
+    pairs_query: str | Path | None,
+    num_loc: int,
+    target: Path,
+    unknown_query: str,
+    unknown_db: str,
 ) -> dict[str, list[str]]:
     """{query: [db images]} from ``exhaustive``, a given pairs file, or retrieval; written to ``target``.
 
     A given file naming an image outside ``queries`` / ``db_names`` is a :class:`UserError` whose message
     ends with ``unknown_query`` / ``unknown_db`` (each pipeline says where its images should be).
     """
-    from pipeline.io import write_pairs
+    from core.io import write_pairs
 
     from .localize import parse_retrieval
 

@@ -3,8 +3,10 @@
 ``make_matcher("loftr" | "sift", ...)`` builds one; see :mod:`matchers.base` for the interface.
 Importing this package is light: torch and the LoFTR model load only when a LoFTR matcher is built.
 """
+
+from core.errors import UserError
+
 from .base import Matcher, Matches
-from .errors import UserError
 from .factory import make_matcher, resolve_device
 
 __all__ = ["Matcher", "Matches", "UserError", "make_matcher", "resolve_device"]

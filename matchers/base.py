@@ -12,11 +12,13 @@ once per image and reused for every pair that image takes part in::
 
 ``matcher.match(image0, image1)`` does both.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -59,8 +61,9 @@ class Matches:
     @staticmethod
     def empty(coarse: bool = False) -> "Matches":
         points = np.zeros((0, 2), np.float32)
-        return Matches(points, points, np.zeros((0,), np.float32), points if coarse else None,
-                       points if coarse else None)
+        return Matches(
+            points, points, np.zeros((0,), np.float32), points if coarse else None, points if coarse else None
+        )
 
     def swapped(self) -> "Matches":
         """The same correspondences seen from image 1 to image 0."""
@@ -69,8 +72,9 @@ class Matches:
     def subset(self, keep: np.ndarray) -> "Matches":
         if self.coarse0 is None:
             return Matches(self.keypoints0[keep], self.keypoints1[keep], self.scores[keep])
-        return Matches(self.keypoints0[keep], self.keypoints1[keep], self.scores[keep], self.coarse0[keep],
-                       self.coarse1[keep])
+        return Matches(
+            self.keypoints0[keep], self.keypoints1[keep], self.scores[keep], self.coarse0[keep], self.coarse1[keep]
+        )
 
     @staticmethod
     def concatenate(parts: "list[Matches]") -> "Matches":
@@ -82,8 +86,13 @@ class Matches:
         def stack(field: str) -> np.ndarray:
             return np.concatenate([getattr(p, field) for p in parts]).astype(np.float32)
 
-        return Matches(stack("keypoints0"), stack("keypoints1"), stack("scores"),
-                       stack("coarse0") if coarse else None, stack("coarse1") if coarse else None)
+        return Matches(
+            stack("keypoints0"),
+            stack("keypoints1"),
+            stack("scores"),
+            stack("coarse0") if coarse else None,
+            stack("coarse1") if coarse else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -129,8 +138,10 @@ def resized_size(size: tuple[int, int], max_size: int | None, multiple: int = 1)
     """(W, H) after :func:`resize_image`: longer side ``max_size`` (None: unchanged), sides multiples of ``multiple``."""
     width, height = size
     factor = 1.0 if max_size is None else max_size / max(height, width)
-    return (max(multiple, int(round(width * factor / multiple)) * multiple),
-            max(multiple, int(round(height * factor / multiple)) * multiple))
+    return (
+        max(multiple, int(round(width * factor / multiple)) * multiple),
+        max(multiple, int(round(height * factor / multiple)) * multiple),
+    )
 
 
 def resize_image(image: np.ndarray, max_size: int | None, multiple: int = 1) -> ResizedImage:

@@ -3,14 +3,16 @@
 Heavy modules (torch, the LoFTR model) are imported only when a matcher that needs them is built, so
 ``import matchers`` stays fast and the SIFT path never loads torch.
 """
+
 from __future__ import annotations
 
 import os
 import sys
 from typing import Any
 
+from core.errors import UserError
+
 from .base import Matcher
-from .errors import UserError
 
 #: matcher names accepted by :func:`make_matcher` (and the ``--matcher`` flags)
 MATCHERS = ("loftr", "sift")
@@ -20,10 +22,12 @@ AMP_MODES = ("bf16", "fp16")
 #: what LoFTR falls back to when no weights are named and the official ones cannot be had (shipped in the package)
 OFFLINE_WEIGHTS = "loftr-compact"
 #: ``--weights`` help of every CLI whose default is "no weights named"
-WEIGHTS_HELP = ("LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, ...), a .ckpt path or an "
-                ".onnx export (run by onnxruntime); "
-                "default: $LOFTR_WEIGHTS, else outdoor (downloaded once), else offline the shipped, "
-                "weaker loftr-compact")
+WEIGHTS_HELP = (
+    "LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, ...), a .ckpt path or an "
+    ".onnx export (run by onnxruntime); "
+    "default: $LOFTR_WEIGHTS, else outdoor (downloaded once), else offline the shipped, "
+    "weaker loftr-compact"
+)
 
 
 def _default_loftr(device: str):
@@ -40,9 +44,12 @@ def _default_loftr(device: str):
             model = load_pretrained(OFFLINE_WEIGHTS, device)
         except UserError:
             raise error from None
-        print(f"warning: official LoFTR weights unavailable ({unavailable_reason(error)});\n"
-              f"  using the shipped {OFFLINE_WEIGHTS} weights, much weaker (matchers/loftr/weights/MODEL_CARD.md);\n"
-              f"  for the official ones pass --weights PATH or set LOFTR_WEIGHTS", file=sys.stderr)
+        print(
+            f"warning: official LoFTR weights unavailable ({unavailable_reason(error)});\n"
+            f"  using the shipped {OFFLINE_WEIGHTS} weights, much weaker (matchers/loftr/weights/MODEL_CARD.md);\n"
+            f"  for the official ones pass --weights PATH or set LOFTR_WEIGHTS",
+            file=sys.stderr,
+        )
         return model
 
 
@@ -86,8 +93,12 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def make_matcher(
-    name: str, weights: str | None = None, resize: int | None = None, device: str = "auto",
-    offline_fallback: bool = True, **options: Any
+    name: str,
+    weights: str | None = None,
+    resize: int | None = None,
+    device: str = "auto",
+    offline_fallback: bool = True,
+    **options: Any,
 ) -> Matcher:
     """The matcher called ``name`` ('loftr' or 'sift').
 

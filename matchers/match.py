@@ -6,6 +6,7 @@
 Prints the number of matches and the matching time; problems the user can fix (missing image, weights
 that cannot be downloaded offline, no GPU) end with one ``error:`` line and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import run_cli
+from core.files import check_output_file
+from core.geometry import fundamental_magsac
+from core.image_io import read_rgb, to_gray
+
 from .base import Matches
-from .errors import run_cli
-from .files import check_output_file
-from .geometry import fundamental_magsac
 from .factory import DEVICES, MATCHERS, WEIGHTS_HELP, make_matcher
-from .image_io import read_rgb, to_gray
 from .viz import plot_matches
 
 
@@ -49,7 +51,9 @@ def main(
     used = described.get("weights")
     label = matcher.name + (f" ({used})" if used else "")
     inliers = verify_epipolar(matches)
-    verified = f", {int(inliers.sum())} consistent with one fundamental matrix (MAGSAC++)" if inliers is not None else ""
+    verified = (
+        f", {int(inliers.sum())} consistent with one fundamental matrix (MAGSAC++)" if inliers is not None else ""
+    )
     print(f"{label}: {len(matches)} matches in {elapsed:.2f} s{verified}")
     if out is not None:
         title = f"{label} {Path(image0_path).name} - {Path(image1_path).name}"

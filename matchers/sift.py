@@ -8,6 +8,7 @@ convention ((0, 0) is the centre of the top-left pixel):
   about +0.25 px; ``enable_precise_upscale`` removes that bias, so it is always on here.
 * COLMAP's SIFT puts the top-left pixel corner at (0, 0), i.e. +0.5 of hloc's convention; we subtract it.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -16,9 +17,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from core.errors import UserError
+from core.image_io import to_uint8
+
 from .base import Matcher, Matches, ResizedImage, resize_image
-from .errors import UserError
-from .image_io import to_uint8
 
 BACKENDS = ("opencv", "pycolmap")
 

@@ -3,14 +3,16 @@
 Lines are coloured by confidence on an absolute [0, 1] scale (red = low, green = high), so plots of
 different matchers and pairs can be compared; the text names the matcher and the match count.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
+from core.files import atomic_path
+
 from .base import Matches
-from .files import atomic_path
 
 #: the canvas is scaled down so the written PNG is at most this many pixels wide
 MAX_WIDTH_PX = 2400
@@ -71,9 +73,7 @@ def plot_matches(
     if shown_outliers is not None and len(shown_outliers):
         start = shown_outliers.keypoints0.astype(np.float64)
         end = shown_outliers.keypoints1.astype(np.float64) + np.array([w0 + gap, 0.0])
-        axes.add_collection(
-            LineCollection(np.stack([start, end], axis=1), colors="magenta", alpha=0.5, linewidths=0.4)
-        )
+        axes.add_collection(LineCollection(np.stack([start, end], axis=1), colors="magenta", alpha=0.5, linewidths=0.4))
     if len(shown):
         # Draw the least confident first so confident (green) lines end up on top.
         shown = shown.subset(np.arange(len(shown))[::-1])

@@ -18,6 +18,7 @@ epipolar error of the final matches against the GT cameras: 0.371 px unrefined; 
 eigenvalue >= 10, plain fit); 0.251 px with these defaults (NCC >= 0.8, eigenvalue >= 1, robust fit);
 0.227 px with no affine map at all, which on the rendered scene above leaves 0.45 px.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ class AlignConfig:
             raise ValueError(f"alignment window must be an odd number >= 3, got {self.window}")
 
 
-def local_affines(source: np.ndarray, target: np.ndarray, queries: np.ndarray, fallback: np.ndarray,
-                  config: AlignConfig) -> np.ndarray:
+def local_affines(
+    source: np.ndarray, target: np.ndarray, queries: np.ndarray, fallback: np.ndarray, config: AlignConfig
+) -> np.ndarray:
     """(N, 2, 2) linear parts of the affine maps source -> target around ``queries`` (N, 2), fitted on the
     correspondences ``source`` (K, 2) -> ``target`` (K, 2); ``fallback`` (2, 2) where too few neighbours
     support a fit or the fit is implausible (scale outside [0.33, 3])."""
@@ -90,8 +92,14 @@ def _sample(image: np.ndarray, points: np.ndarray) -> np.ndarray:
     return sampled.reshape(-1)[: len(flat)].reshape(shape)
 
 
-def align_points(reference: np.ndarray, target: np.ndarray, reference_points: np.ndarray, start: np.ndarray,
-                 affines: np.ndarray, config: AlignConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+def align_points(
+    reference: np.ndarray,
+    target: np.ndarray,
+    reference_points: np.ndarray,
+    start: np.ndarray,
+    affines: np.ndarray,
+    config: AlignConfig | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions in ``target`` of ``reference_points`` (N, 2) of ``reference``, starting at ``start`` (N, 2),
     with the target patch warped by ``affines`` (N, 2, 2); images grayscale (uint8 or float). Returns the
     refined points (N, 2) and a bool (N,) of accepted ones (rejected points keep ``start``)."""
@@ -105,15 +113,22 @@ def align_points(reference: np.ndarray, target: np.ndarray, reference_points: np
     axis = np.arange(-half, half + 1, dtype=np.float64)
     offsets = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)  # (P, 2) as (x, y)
     patch = _sample(reference, reference_points[:, None, :] + offsets[None])  # (N, P)
-    grad_x = (_sample(reference, reference_points[:, None, :] + offsets[None] + [0.5, 0])
-              - _sample(reference, reference_points[:, None, :] + offsets[None] - [0.5, 0]))
-    grad_y = (_sample(reference, reference_points[:, None, :] + offsets[None] + [0, 0.5])
-              - _sample(reference, reference_points[:, None, :] + offsets[None] - [0, 0.5]))
+    grad_x = _sample(reference, reference_points[:, None, :] + offsets[None] + [0.5, 0]) - _sample(
+        reference, reference_points[:, None, :] + offsets[None] - [0.5, 0]
+    )
+    grad_y = _sample(reference, reference_points[:, None, :] + offsets[None] + [0, 0.5]) - _sample(
+        reference, reference_points[:, None, :] + offsets[None] - [0, 0.5]
+    )
     usable = np.isfinite(patch).all(1) & np.isfinite(grad_x).all(1) & np.isfinite(grad_y).all(1)
     patch, grad_x, grad_y = np.nan_to_num(patch), np.nan_to_num(grad_x), np.nan_to_num(grad_y)
     # Inverse compositional on the translation: the reference's gradients are the Jacobian, fixed.
-    normal = np.stack([np.stack([(grad_x * grad_x).sum(1), (grad_x * grad_y).sum(1)], -1),
-                       np.stack([(grad_x * grad_y).sum(1), (grad_y * grad_y).sum(1)], -1)], 1)  # (N, 2, 2)
+    normal = np.stack(
+        [
+            np.stack([(grad_x * grad_x).sum(1), (grad_x * grad_y).sum(1)], -1),
+            np.stack([(grad_x * grad_y).sum(1), (grad_y * grad_y).sum(1)], -1),
+        ],
+        1,
+    )  # (N, 2, 2)
     smallest = np.linalg.eigvalsh(normal)[:, 0] / len(offsets)
     usable &= smallest >= config.min_eigenvalue
     inverse = np.linalg.inv(normal + 1e-6 * np.eye(2))
@@ -136,8 +151,9 @@ def align_points(reference: np.ndarray, target: np.ndarray, reference_points: np
     a = np.nan_to_num(sampled) - np.nan_to_num(sampled).mean(1, keepdims=True)
     b = patch - patch.mean(1, keepdims=True)
     ncc = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-9)
-    accepted = (usable & finite & (ncc >= config.min_ncc)
-                & (np.linalg.norm(position - start, axis=1) <= config.max_shift))
+    accepted = (
+        usable & finite & (ncc >= config.min_ncc) & (np.linalg.norm(position - start, axis=1) <= config.max_shift)
+    )
     refined = np.where(accepted[:, None], position, start).astype(np.float32)
     return refined, accepted
 

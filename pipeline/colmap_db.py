@@ -17,21 +17,22 @@ hloc/COLMAP semantics:
 The database is built in a temporary file and renamed into place, so an interrupted run never leaves a
 half-written database behind.
 """
+
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from matchers.errors import UserError
-from pipeline.io import find_pair, open_h5, resolve_image
+from core.errors import UserError
+from core.io import find_pair, open_h5, resolve_image
 
 CAMERA_MODES = ("auto", "single", "per-image")
 DEFAULT_FOCAL_LENGTH_FACTOR = 1.2  # COLMAP's ImageReaderOptions.default_focal_length_factor
@@ -194,9 +195,7 @@ def make_camera(prior: CameraPrior, camera_id: int, model: str):
     import pycolmap
 
     try:
-        camera = pycolmap.Camera.create_from_model_name(
-            camera_id, model, prior.focal_length, prior.width, prior.height
-        )
+        camera = pycolmap.Camera.create_from_model_name(camera_id, model, prior.focal_length, prior.width, prior.height)
     except Exception as error:  # pycolmap raises a plain ValueError/RuntimeError for unknown models
         raise UserError(f"unknown COLMAP camera model {model!r} ({error}); use e.g. SIMPLE_RADIAL or OPENCV") from None
     camera.has_prior_focal_length = prior.prior_focal_length
@@ -367,7 +366,7 @@ def build_database(
         sizes = read_feature_sizes(features_path, names)
         for name in names:
             if name not in sizes:  # older files without image_size: read it from the image header
-                from matchers.image_io import image_size
+                from core.image_io import image_size
 
                 sizes[name] = image_size(resolve_image(image_dir, name))
         image_ids, num_cameras = create_database(temp, image_dir, names, sizes, camera_mode, camera_model)
@@ -438,4 +437,3 @@ def pair_counts(database_path: Path) -> dict[str, dict[str, int]]:
     finally:
         connection.close()
     return counts
-

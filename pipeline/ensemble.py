@@ -15,17 +15,18 @@ does not, the other parts' matches are kept only with ``min_other_inliers`` inli
 database can verify with the detector's minimum (15 inliers) without linking unrelated images. A pair
 that no part can verify is written without matches, which spares COLMAP's verification its slowest case.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from matchers.geometry import fundamental_magsac
-from pipeline import io
+from core import io
+from core.geometry import fundamental_magsac
 
 Pair = tuple[str, str]
 
@@ -54,15 +55,21 @@ class EnsembleStats:
     dropped_pairs: int = 0  # pairs no part could verify: written without matches
 
 
-def _geometry(points0: np.ndarray, points1: np.ndarray, config: EnsembleConfig, threshold: float = 1.0
-              ) -> np.ndarray | None:
+def _geometry(
+    points0: np.ndarray, points1: np.ndarray, config: EnsembleConfig, threshold: float = 1.0
+) -> np.ndarray | None:
     """A fundamental matrix with at least ``config.min_inliers`` MAGSAC++ inliers at ``threshold`` px, or None."""
     matrix, inliers = fundamental_magsac(points0, points1, threshold, confidence=0.9999)
     return matrix if int(inliers.sum()) >= config.min_inliers else None
 
 
-def merge(parts: Sequence[tuple[str, Path, Path]], pairs: Sequence[Pair], features: Path, matches: Path,
-          config: EnsembleConfig | None = None) -> EnsembleStats:
+def merge(
+    parts: Sequence[tuple[str, Path, Path]],
+    pairs: Sequence[Pair],
+    features: Path,
+    matches: Path,
+    config: EnsembleConfig | None = None,
+) -> EnsembleStats:
     """Merge ``parts`` (name, features.h5, matches.h5) into ``features`` and ``matches`` (see the module docstring)."""
     config = config if config is not None else EnsembleConfig()
     with contextlib.ExitStack() as stack:  # every part's matches.h5 opened once, not once per pair

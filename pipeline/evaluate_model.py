@@ -12,17 +12,19 @@ CLI::
 
     python -m pipeline.evaluate_model --model OUT/sfm --gt templeR_par.txt
 """
+
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from matchers.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 
 
 class Pose(Protocol):
@@ -149,7 +151,7 @@ def load_gt(path: Path) -> dict[str, Pose]:
         import pycolmap
 
         return dict(model_poses(pycolmap.Reconstruction(str(path))))
-    from datasets.middlebury import read_par_file
+    from core.par_files import read_par_file
 
     return dict(read_par_file(path))
 
@@ -162,7 +164,7 @@ def main(model: Path, gt: Path, output: Path | None = None) -> ModelAccuracy:
         raise UserError(f"{model}: no COLMAP model (images.bin / images.txt) found")
     accuracy = evaluate(pycolmap.Reconstruction(str(model)), load_gt(gt))
     if output is not None:
-        from pipeline.io import write_text_atomic
+        from core.io import write_text_atomic
 
         write_text_atomic(output, json.dumps(accuracy.to_dict(), indent=2))
     return accuracy

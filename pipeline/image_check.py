@@ -19,23 +19,24 @@ corrupt HDF5 file (left by a crash of an older run or another tool) into a clear
 
 CLI: ``python -m pipeline.image_check --images DIR`` prints the report (exit 2 when unusable).
 """
+
 from __future__ import annotations
 
 import argparse
 import hashlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from matchers.errors import UserError, run_cli
-from matchers.image_io import MAX_IMAGE_PIXELS, bomb_pixels, is_image_file, pixel_limit_reason
+from core.errors import UserError, run_cli
+from core.image_io import MAX_IMAGE_PIXELS, bomb_pixels, is_image_file, pixel_limit_reason
+from core.io import resolve_image
 from pipeline.images import list_images
-from pipeline.io import resolve_image
 
 HUGE_PIXELS = 40_000_000  # above this an image is noted as huge (the matcher resizes it anyway)
 

@@ -1,10 +1,11 @@
 """Listing the images of a folder as hloc names (paths relative to the root, '/'-separated)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from matchers.errors import UserError
-from matchers.image_io import is_image_file
+from core.errors import UserError
+from core.image_io import is_image_file
 
 
 def list_images(root: str | Path) -> list[str]:

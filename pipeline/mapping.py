@@ -21,6 +21,7 @@ register left-over images, re-triangulate, complete and merge tracks, global bun
 observations whose reprojection error exceeds the round's threshold (3 px, then 2 px), bundle adjustment
 again. The mean reprojection error is recorded per round.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from matchers.errors import UserError
+from core.errors import UserError
 from pipeline.colmap_db import colmap_logging, full_disk_error
 
 logger = logging.getLogger(__name__)
@@ -76,9 +77,14 @@ class MappingResult:
             return []
         counts = images_per_camera(self.reconstruction)
         return [
-            {"camera_id": int(camera_id), "model": camera.model.name, "width": int(camera.width),
-             "height": int(camera.height), "params": [round(float(v), 6) for v in camera.params],
-             "registered_images": counts.get(camera_id, 0)}
+            {
+                "camera_id": int(camera_id),
+                "model": camera.model.name,
+                "width": int(camera.width),
+                "height": int(camera.height),
+                "params": [round(float(v), 6) for v in camera.params],
+                "registered_images": counts.get(camera_id, 0),
+            }
             for camera_id, camera in sorted(self.reconstruction.cameras.items())
         ]
 
@@ -107,8 +113,9 @@ def _pipeline_options(config: MappingConfig, hold_distortion: bool):
     return options
 
 
-def _incremental(database: Path, image_dir: Path, models_dir: Path, options, num_images: int, verbose: bool
-                 ) -> dict[int, Any]:
+def _incremental(
+    database: Path, image_dir: Path, models_dir: Path, options, num_images: int, verbose: bool
+) -> dict[int, Any]:
     import pycolmap
 
     if models_dir.exists():
@@ -125,8 +132,12 @@ def _incremental(database: Path, image_dir: Path, models_dir: Path, options, num
     try:
         with colmap_logging(verbose):
             models = pycolmap.incremental_mapping(
-                str(database), str(image_dir), str(models_dir), options,
-                initial_image_pair_callback=initial_pair, next_image_callback=next_image,
+                str(database),
+                str(image_dir),
+                str(models_dir),
+                options,
+                initial_image_pair_callback=initial_pair,
+                next_image_callback=next_image,
             )
     except RuntimeError as error:  # the mapper writes into the database: a full disk is one line, not a traceback
         problem = full_disk_error(error, database)
@@ -147,9 +158,11 @@ def _incremental(database: Path, image_dir: Path, models_dir: Path, options, num
 
 
 def incomplete_write(path: Path, detail: str) -> UserError:
-    return UserError(f"{path}: COLMAP wrote an incomplete file ({detail}); most likely no space left on device or "
-                     f"the disk quota is used up: free some space (finished work is kept: run the same command "
-                     f"again to resume) or write the outputs to another disk")
+    return UserError(
+        f"{path}: COLMAP wrote an incomplete file ({detail}); most likely no space left on device or "
+        f"the disk quota is used up: free some space (finished work is kept: run the same command "
+        f"again to resume) or write the outputs to another disk"
+    )
 
 
 def check_model_written(reconstruction, folder: Path, target: Path, kinds: tuple[str, ...] = ("binary",)) -> None:
@@ -166,8 +179,9 @@ def check_model_written(reconstruction, folder: Path, target: Path, kinds: tuple
             getattr(model, f"read_{kind}")(str(folder))
             found = counts(model)
         except Exception as error:  # a cut file fails to parse (ValueError, IndexError, ...)
-            raise incomplete_write(target, f"the {kind} model does not read back: {' '.join(str(error).split())[:200]}"
-                                   ) from None
+            raise incomplete_write(
+                target, f"the {kind} model does not read back: {' '.join(str(error).split())[:200]}"
+            ) from None
         if found != counts(reconstruction):
             raise incomplete_write(target, f"the {kind} model reads back as {found}, not {counts(reconstruction)}")
 
@@ -196,28 +210,39 @@ def camera_problem(camera, max_distortion: float) -> str | None:
     return None
 
 
-def run_mapping(database: Path, image_dir: Path, models_dir: Path, config: MappingConfig, num_images: int
-                ) -> MappingResult:
+def run_mapping(
+    database: Path, image_dir: Path, models_dir: Path, config: MappingConfig, num_images: int
+) -> MappingResult:
     """Incremental mapping with staged self-calibration, then geometry refinement of the largest model."""
     staged = config.calibration == "staged"
-    models = _incremental(database, image_dir, models_dir, _pipeline_options(config, staged), num_images,
-                          config.verbose)
+    models = _incremental(
+        database, image_dir, models_dir, _pipeline_options(config, staged), num_images, config.verbose
+    )
     result = MappingResult(models, _largest(models))
-    result.attempts.append({"calibration": config.calibration, "distortion_held": staged,
-                            "registered": _registered(models), "models": len(models)})
+    result.attempts.append(
+        {
+            "calibration": config.calibration,
+            "distortion_held": staged,
+            "registered": _registered(models),
+            "models": len(models),
+        }
+    )
     if staged and _registered(models) < num_images and _registered(models) > 0:
         # Some images left out: COLMAP's own options may register them (e.g. a strongly distorted lens).
         other_dir = models_dir.with_name(models_dir.name + ".colmap")
-        other = _incremental(database, image_dir, other_dir, _pipeline_options(config, False), num_images,
-                             config.verbose)
-        result.attempts.append({"calibration": "colmap", "distortion_held": False,
-                                "registered": _registered(other), "models": len(other)})
+        other = _incremental(
+            database, image_dir, other_dir, _pipeline_options(config, False), num_images, config.verbose
+        )
+        result.attempts.append(
+            {"calibration": "colmap", "distortion_held": False, "registered": _registered(other), "models": len(other)}
+        )
         if _registered(other) > _registered(models):
             shutil.rmtree(models_dir)
             other_dir.rename(models_dir)
             result.models, result.reconstruction = other, _largest(other)
-            result.calibration.append("COLMAP's options registered more images than the staged calibration; "
-                                      "their model is used")
+            result.calibration.append(
+                "COLMAP's options registered more images than the staged calibration; their model is used"
+            )
         else:
             shutil.rmtree(other_dir, ignore_errors=True)
     elif staged and _registered(models) == 0:
@@ -225,13 +250,15 @@ def run_mapping(database: Path, image_dir: Path, models_dir: Path, config: Mappi
     if result.reconstruction is not None:
         if staged and not result.calibration:  # the staged model was kept
             result.calibration.append("distortion held at zero during incremental mapping (focal lengths refined)")
-        result.refinement = refine_geometry(database, result.reconstruction, config, result.calibration,
-                                            free_distortion=staged)
+        result.refinement = refine_geometry(
+            database, result.reconstruction, config, result.calibration, free_distortion=staged
+        )
     return result
 
 
-def refine_geometry(database: Path, reconstruction, config: MappingConfig, calibration: list[str],
-                    free_distortion: bool = True) -> list[dict[str, Any]]:
+def refine_geometry(
+    database: Path, reconstruction, config: MappingConfig, calibration: list[str], free_distortion: bool = True
+) -> list[dict[str, Any]]:
     """Geometry refinement rounds on ``reconstruction`` in place (see the module docstring); returns per round
     the registered images, points and mean reprojection error."""
     import pycolmap
@@ -249,8 +276,11 @@ def refine_geometry(database: Path, reconstruction, config: MappingConfig, calib
         cameras_before = {camera_id: list(camera.params) for camera_id, camera in reconstruction.cameras.items()}
         counts = images_per_camera(reconstruction)
         with_distortion = {camera_id for camera_id in counts if reconstruction.cameras[camera_id].extra_params_idxs()}
-        freeable = {camera_id for camera_id in with_distortion
-                    if counts[camera_id] >= config.min_images_for_distortion} if free_distortion else set()
+        freeable = (
+            {camera_id for camera_id in with_distortion if counts[camera_id] >= config.min_images_for_distortion}
+            if free_distortion
+            else set()
+        )
         # pycolmap refines the distortion of all cameras or of none: free it only when every camera qualifies.
         refine_distortion = bool(with_distortion) and with_distortion <= freeable
         mapper = pycolmap.IncrementalMapper(cache)
@@ -272,8 +302,9 @@ def refine_geometry(database: Path, reconstruction, config: MappingConfig, calib
                 mapper.adjust_global_bundle(mapper_options, ba_options)
             rounds.append(_state(reconstruction, f"round {iteration + 1} (filter {max_error:g} px)"))
         mapper.end_reconstruction(False)
-    _describe_distortion(reconstruction, sorted(with_distortion), refine_distortion, free_distortion, cameras_before,
-                         config, calibration)
+    _describe_distortion(
+        reconstruction, sorted(with_distortion), refine_distortion, free_distortion, cameras_before, config, calibration
+    )
     return rounds
 
 
@@ -293,8 +324,15 @@ def _reset_bad_distortion(reconstruction, config: MappingConfig, calibration: li
     return reset
 
 
-def _describe_distortion(reconstruction, camera_ids: list[int], refined: bool, staged: bool,
-                         before: dict[int, list[float]], config: MappingConfig, calibration: list[str]) -> None:
+def _describe_distortion(
+    reconstruction,
+    camera_ids: list[int],
+    refined: bool,
+    staged: bool,
+    before: dict[int, list[float]],
+    config: MappingConfig,
+    calibration: list[str],
+) -> None:
     for camera_id in camera_ids:
         camera = reconstruction.cameras[camera_id]
         extras = ", ".join(f"{camera.params[i]:+.4f}" for i in camera.extra_params_idxs())
@@ -303,8 +341,10 @@ def _describe_distortion(reconstruction, camera_ids: list[int], refined: bool, s
         elif not staged:
             calibration.append(f"camera {camera_id}: distortion as COLMAP's mapping refined it ({extras})")
         elif all(camera.params[i] == before[camera_id][i] for i in camera.extra_params_idxs()):
-            calibration.append(f"camera {camera_id}: distortion kept at {extras} (cameras need "
-                               f"{config.min_images_for_distortion} registered images each to refine it)")
+            calibration.append(
+                f"camera {camera_id}: distortion kept at {extras} (cameras need "
+                f"{config.min_images_for_distortion} registered images each to refine it)"
+            )
 
 
 def _register_left_over(mapper, mapper_options, tri_options, reconstruction) -> int:

@@ -24,6 +24,7 @@ Three stages:
 Pairs whose first image is a reference image and second is not are matched swapped (as hloc does):
 LoFTR refines the keypoints of its second image only, and refined points snap to fixed keypoints.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,24 +34,34 @@ import logging
 import time
 import zipfile
 from collections import OrderedDict, defaultdict, deque
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from core import io
+from core.errors import UserError, run_cli
+from core.image_io import image_size, read_gray, to_uint8
 from matchers.base import Matcher, Matches
-from matchers.errors import UserError, run_cli
-from matchers.image_io import image_size, read_gray, to_uint8
-from pipeline import io
 from pipeline.orientation import OrientationConfig, estimate_quarter_turns
 from pipeline.quantize import POSITIONS, ImageKeypoints, QuantizeConfig, aggregate_matches
 from pipeline.refine import MATCH_REFINE_MODES, RefineConfig, refine_matches, refine_tracks
 from pipeline.tracks import TrackConfig, TrackStats, build_tracks
-from pipeline.tta import (ROTATION_MODES, PreparedView, TTAConfig, View, first_views, match_pair, match_views_batch,
-                          prepare_view, second_views)
+from pipeline.tta import (
+    ROTATION_MODES,
+    PreparedView,
+    TTAConfig,
+    View,
+    first_views,
+    match_pair,
+    match_views_batch,
+    prepare_view,
+    second_views,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +98,13 @@ class DenseMatchConfig:
             raise UserError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.refine not in MATCH_REFINE_MODES:
             raise UserError(f"unknown refinement {self.refine!r}; choose one of {', '.join(MATCH_REFINE_MODES)}")
-        if self.refine == "tracks" and (len(self.resize) != 1 or self.both_directions or self.rotation in ("best", "union")):
-            raise UserError("--refine tracks needs one matching size, one direction and rotation none or auto "
-                            "(tracks are built on the coarse cells of one grid per image)")
+        if self.refine == "tracks" and (
+            len(self.resize) != 1 or self.both_directions or self.rotation in ("best", "union")
+        ):
+            raise UserError(
+                "--refine tracks needs one matching size, one direction and rotation none or auto "
+                "(tracks are built on the coarse cells of one grid per image)"
+            )
         try:
             self.quantize_config()
             self.tta_config()
@@ -279,7 +294,9 @@ class ImagePrefetcher:
         self.image_dir = Path(image_dir)
         self._plan = deque(plan)
         self._pending: deque[tuple[str, Future]] = deque()
-        self._executor = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="image-loader") if num_workers else None
+        self._executor = (
+            ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="image-loader") if num_workers else None
+        )
         self._lookahead = lookahead if lookahead is not None else 2 * num_workers + 2
         self._fill()
 
@@ -374,8 +391,11 @@ class RawMatchStore:
                 keypoints0=matches.keypoints0.astype(np.float32),
                 keypoints1=matches.keypoints1.astype(np.float32),
                 scores=matches.scores.astype(np.float32),
-                **({"coarse0": matches.coarse0.astype(np.float32), "coarse1": matches.coarse1.astype(np.float32)}
-                   if matches.has_coarse else {}),
+                **(
+                    {"coarse0": matches.coarse0.astype(np.float32), "coarse1": matches.coarse1.astype(np.float32)}
+                    if matches.has_coarse
+                    else {}
+                ),
             )
 
 
@@ -481,7 +501,9 @@ def run(
             **({"tracks": asdict(config.track_config())} if config.refine == "tracks" else {}),
             "pairs": pair_list,
             "images": [_file_state(io.resolve_image(image_dir, name)) for name in names],
-            "reference": None if reference_features is None else [str(reference_features), _file_state(Path(reference_features))],
+            "reference": None
+            if reference_features is None
+            else [str(reference_features), _file_state(Path(reference_features))],
         }
     )
     stamp_path = raw_root(matches) / "done.json"
@@ -492,13 +514,31 @@ def run(
             pass  # unreadable despite the stamp: recompute below
         else:
             logger.info("%s and %s are up to date", features, matches)
-            return DenseMatchResult(features, matches, len(pair_list), 0, len(pair_list), 0, 0, 0, 0.0,
-                                    time.perf_counter() - start, True, keypoints_count, match_count, 0,
-                                    _recorded_turns(stamp_path))
+            return DenseMatchResult(
+                features,
+                matches,
+                len(pair_list),
+                0,
+                len(pair_list),
+                0,
+                0,
+                0,
+                0.0,
+                time.perf_counter() - start,
+                True,
+                keypoints_count,
+                match_count,
+                0,
+                _recorded_turns(stamp_path),
+            )
 
     # Sizes first: a file that is not an image fails now, naming it, not after an hour of matching.
-    sizes = {name: reference[name][1] if name in reference and all(reference[name][1]) else
-             image_size(io.resolve_image(image_dir, name)) for name in names}
+    sizes = {
+        name: reference[name][1]
+        if name in reference and all(reference[name][1])
+        else image_size(io.resolve_image(image_dir, name))
+        for name in names
+    }
 
     # The image with fixed keypoints goes second: the matcher refines its second image's points.
     swapped = {(a, b): a in reference and b not in reference for a, b in pair_list}
@@ -507,8 +547,10 @@ def run(
             raise UserError("--refine tracks rebuilds every keypoint; with --reference-features use --refine klt")
         grids = {name: matcher.coarse_grid(sizes[name]) for name in names}
         if any(grid is None for grid in grids.values()):
-            raise UserError(f"--refine tracks needs a detector-free matcher with coarse cells (e.g. loftr), "
-                            f"not {matcher.name}; use --refine none")
+            raise UserError(
+                f"--refine tracks needs a detector-free matcher with coarse cells (e.g. loftr), "
+                f"not {matcher.name}; use --refine none"
+            )
 
     def stored(pair: Pair) -> bool:
         found = store.load(pair, swapped[pair])
@@ -531,43 +573,85 @@ def run(
     track_stats = None
     if config.refine == "tracks":
         quantized, track_stats = build_tracks(
-            _RawMatches(store, swapped), grids, lambda name: read_gray(io.resolve_image(image_dir, name)), turns,
+            _RawMatches(store, swapped),
+            grids,
+            lambda name: read_gray(io.resolve_image(image_dir, name)),
+            turns,
             config.track_config(),
         )
-        logger.info("exact tracks: %d tracks over %d observations; %d of %d raw matches in tracks (%d conflicts); "
-                    "%d of %d observations refined against their reference", track_stats.tracks,
-                    track_stats.observations, track_stats.in_tracks, track_stats.raw_matches, track_stats.conflicts,
-                    track_stats.refined, track_stats.candidates)
+        logger.info(
+            "exact tracks: %d tracks over %d observations; %d of %d raw matches in tracks (%d conflicts); "
+            "%d of %d observations refined against their reference",
+            track_stats.tracks,
+            track_stats.observations,
+            track_stats.in_tracks,
+            track_stats.raw_matches,
+            track_stats.conflicts,
+            track_stats.refined,
+            track_stats.candidates,
+        )
     else:
         quantized = aggregate_matches(
-            pair_list, _RawMatches(store, swapped), config.quantize_config(),
+            pair_list,
+            _RawMatches(store, swapped),
+            config.quantize_config(),
             {name: kp for name, (kp, _) in reference.items()},
         )
     if refine.enabled:
         quantized, klt_stats = refine_tracks(
             quantized, lambda name: read_gray(io.resolve_image(image_dir, name)), refine, turns, fixed=set(reference)
         )
-        logger.info("track refinement: %d tracks, %d of %d keypoints moved", klt_stats.tracks,
-                    klt_stats.moved, klt_stats.candidates)
-    io.write_features(features, {name: (kp.keypoints, kp.scores, sizes[name]) for name, kp in quantized.keypoints.items()})
+        logger.info(
+            "track refinement: %d tracks, %d of %d keypoints moved",
+            klt_stats.tracks,
+            klt_stats.moved,
+            klt_stats.candidates,
+        )
+    io.write_features(
+        features, {name: (kp.keypoints, kp.scores, sizes[name]) for name, kp in quantized.keypoints.items()}
+    )
     io.write_matches(matches, {pair: (pm.matches0, pm.scores0) for pair, pm in quantized.matches.items()})
     turned = {pair: k for pair, k in turns.items() if k}
     io.write_text_atomic(
         stamp_path,
-        json.dumps({"stamp": stamp, "features": _file_state(features), "matches": _file_state(matches),
-                    "turns": [[first, second, k] for (first, second), k in sorted(turned.items())]}),
+        json.dumps(
+            {
+                "stamp": stamp,
+                "features": _file_state(features),
+                "matches": _file_state(matches),
+                "turns": [[first, second, k] for (first, second), k in sorted(turned.items())],
+            }
+        ),
     )
     keypoints_count = {name: len(kp) for name, kp in quantized.keypoints.items()}
     match_count = {pair: pm.num_matches for pair, pm in quantized.matches.items()}
     logger.info(
         "%d pairs (%d matched, %d reused) in %.1f s, %d prepare calls; mean %.0f keypoints/image, %.0f matches/pair",
-        len(pair_list), len(todo), reused, time.perf_counter() - start, stats.prepare_calls,
-        np.mean(list(keypoints_count.values()) or [0]), np.mean(list(match_count.values()) or [0]),
+        len(pair_list),
+        len(todo),
+        reused,
+        time.perf_counter() - start,
+        stats.prepare_calls,
+        np.mean(list(keypoints_count.values()) or [0]),
+        np.mean(list(match_count.values()) or [0]),
     )
     return DenseMatchResult(
-        features, matches, len(pair_list), len(todo), reused, stats.prepare_calls, stats.cache_hits,
-        stats.cache_misses, seconds_matching, time.perf_counter() - start, False, keypoints_count, match_count,
-        stats.pairs_turned, turned, track_stats,
+        features,
+        matches,
+        len(pair_list),
+        len(todo),
+        reused,
+        stats.prepare_calls,
+        stats.cache_hits,
+        stats.cache_misses,
+        seconds_matching,
+        time.perf_counter() - start,
+        False,
+        keypoints_count,
+        match_count,
+        stats.pairs_turned,
+        turned,
+        track_stats,
     )
 
 
@@ -649,20 +733,30 @@ def _match_pairs(
         size = tta.resize[0]
         with tqdm(total=len(order), desc="matching", unit="pair", smoothing=0.1, disable=not todo) as bar:
             for start in range(0, len(order), batch):
-                chunk = order[start:start + batch]
+                chunk = order[start : start + batch]
                 if batched:
-                    views_of = [(prepared(oriented[i][0])[View(size, 0)],
-                                 prepared(oriented[i][1])[View(size, turns.get(oriented[i], 0))]) for i in chunk]
+                    views_of = [
+                        (
+                            prepared(oriented[i][0])[View(size, 0)],
+                            prepared(oriented[i][1])[View(size, turns.get(oriented[i], 0))],
+                        )
+                        for i in chunk
+                    ]
                     results = match_views_batch(matcher, views_of)
                 else:
-                    results = [match_pair(matcher, prepared(oriented[i][0]), prepared(oriented[i][1]), tta,
-                                          turns.get(oriented[i], 0)).matches for i in chunk]
+                    results = [
+                        match_pair(
+                            matcher, prepared(oriented[i][0]), prepared(oriented[i][1]), tta, turns.get(oriented[i], 0)
+                        ).matches
+                        for i in chunk
+                    ]
                 for index, result in zip(chunk, results):
                     pair = todo[index]
                     if refine.enabled:
                         first, second = oriented[index]
-                        result, _ = refine_matches(pixels[first], pixels[second], result, refine,
-                                                   turns.get((first, second), 0))
+                        result, _ = refine_matches(
+                            pixels[first], pixels[second], result, refine, turns.get((first, second), 0)
+                        )
                     store.save(pair, swapped[pair], result.swapped() if swapped[pair] else result)
                 for evicted in set(pixels) - set(cache.keys()):  # originals live as long as their cache entry
                     del pixels[evicted]
@@ -703,27 +797,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--matches", type=Path, required=True, help="output matches.h5")
     parser.add_argument("--matcher", choices=MATCHERS, default="loftr")
     parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    parser.add_argument("--resize", type=int, nargs="+", default=None,
-                        help="longest side for matching (0 = original); several sizes are matched and merged")
+    parser.add_argument(
+        "--resize",
+        type=int,
+        nargs="+",
+        default=None,
+        help="longest side for matching (0 = original); several sizes are matched and merged",
+    )
     parser.add_argument("--rotation", choices=ROTATION_MODES, default=defaults.rotation)
     parser.add_argument("--both-directions", action="store_true", help="also match (1, 0) and merge")
-    parser.add_argument("--refine", choices=MATCH_REFINE_MODES, default=defaults.refine,
-                        help="klt: sub-pixel Lucas-Kanade refinement of each pair's second-image points; tracks: "
-                             "exact tracks on LoFTR's coarse cells, refined against one reference view each")
+    parser.add_argument(
+        "--refine",
+        choices=MATCH_REFINE_MODES,
+        default=defaults.refine,
+        help="klt: sub-pixel Lucas-Kanade refinement of each pair's second-image points; tracks: "
+        "exact tracks on LoFTR's coarse cells, refined against one reference view each",
+    )
     parser.add_argument("--cell-size", type=int, default=defaults.cell_size)
     parser.add_argument("--max-error", type=float, default=defaults.max_error)
     parser.add_argument("--max-kps", type=int, default=defaults.max_kps, help="keypoints per image (0 = no limit)")
     parser.add_argument("--keypoint-position", choices=POSITIONS, default=defaults.keypoint_position)
-    parser.add_argument("--reference-features", type=Path, default=None,
-                        help="features.h5 whose images keep their keypoints (localization)")
+    parser.add_argument(
+        "--reference-features",
+        type=Path,
+        default=None,
+        help="features.h5 whose images keep their keypoints (localization)",
+    )
     parser.add_argument("--cache-size", type=int, default=defaults.cache_size)
-    parser.add_argument("--batch-pairs", type=int, default=defaults.batch_pairs,
-                        help="pairs per matcher call (LoFTR batches equal-size pairs; 1 = one by one)")
+    parser.add_argument(
+        "--batch-pairs",
+        type=int,
+        default=defaults.batch_pairs,
+        help="pairs per matcher call (LoFTR batches equal-size pairs; 1 = one by one)",
+    )
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
     parser.add_argument("--device", choices=DEVICES, default="auto")
-    parser.add_argument("--amp", choices=AMP_MODES, default=None,
-                        help="LoFTR autocast precision; bf16 is 2-3x faster on CPUs with AMX and on GPUs "
-                             "(keypoints move ~0.05 px); default float32")
+    parser.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default=None,
+        help="LoFTR autocast precision; bf16 is 2-3x faster on CPUs with AMX and on GPUs "
+        "(keypoints move ~0.05 px); default float32",
+    )
     return parser
 
 
@@ -757,8 +872,7 @@ def main_cli(argv: Sequence[str] | None = None) -> DenseMatchResult:
     # Validate inputs before a checkpoint is loaded.
     io.check_match_outputs(args.features, args.matches)  # a folder / read-only place fails before any pair is matched
     load_pairs(args.pairs, args.images)
-    matcher = make_matcher(args.matcher, weights=args.weights, resize=matcher_size, device=args.device,
-                           amp=args.amp)
+    matcher = make_matcher(args.matcher, weights=args.weights, resize=matcher_size, device=args.device, amp=args.amp)
     result = run(args.pairs, args.images, args.features, args.matches, matcher, config, args.reference_features)
     print(f"wrote {result.features} and {result.matches}")
     return result

@@ -16,20 +16,21 @@ assignment (1x1 conv, softmax over clusters) -> residual sums -> intra-normalise
 The file is cached as ``$TORCH_HOME/hub/netvlad/VGG16-NetVLAD-Pitts30K.mat``; pass ``weights=`` or set
 ``NETVLAD_WEIGHTS`` to use a local copy.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matchers.errors import UserError
-from pipeline import io
+from core import io
+from core.errors import UserError
 
 WEIGHTS_URL = "https://cvg-data.inf.ethz.ch/hloc/netvlad/Pitts30K_struct.mat"
 WEIGHTS_NAME = "VGG16-NetVLAD-Pitts30K.mat"
@@ -114,8 +115,10 @@ def _cell(weights: object) -> list[np.ndarray]:
 def _param(target: torch.Tensor, value: np.ndarray, where: str) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
     if tensor.shape != target.shape:
-        raise UserError(f"{where}: weights of shape {tuple(tensor.shape)}, the model needs {tuple(target.shape)}; "
-                        "the .mat file is not a VGG16-NetVLAD struct export")
+        raise UserError(
+            f"{where}: weights of shape {tuple(tensor.shape)}, the model needs {tuple(target.shape)}; "
+            "the .mat file is not a VGG16-NetVLAD struct export"
+        )
     return tensor
 
 

@@ -15,20 +15,21 @@ to its connected component's first image, and each pair is matched with the diff
 turns. So a pair SIFT cannot verify directly is still turned when its images are linked through others;
 pairs across components are matched upright.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from matchers.image_io import read_gray
-from matchers.geometry import fundamental_magsac
-from pipeline import io
+from core import io
+from core.geometry import fundamental_magsac
+from core.image_io import read_gray
 from pipeline.retrieval import resized_uint8, rootsift
 
 Pair = tuple[str, str]
@@ -68,8 +69,9 @@ def oriented_sift(image: np.ndarray, config: OrientationConfig) -> OrientedFeatu
     )
 
 
-def quarter_turns(features0: OrientedFeatures, features1: OrientedFeatures,
-                  config: OrientationConfig) -> tuple[int, int]:
+def quarter_turns(
+    features0: OrientedFeatures, features1: OrientedFeatures, config: OrientationConfig
+) -> tuple[int, int]:
     """(k, support): ``np.rot90(image1, k)`` is upright relative to image 0, voted by ``support`` verified
     matches; (0, 0) without clear evidence."""
     if len(features0.descriptors) < 8 or len(features1.descriptors) < 8:
@@ -99,8 +101,10 @@ def consistent_turns(votes: dict[Pair, tuple[int, int]], pairs: Sequence[Pair]) 
     ``votes[(a, b)] = (k, support)`` means ``np.rot90(b, k)`` is upright relative to ``a``; with image turns
     ``u`` (``np.rot90(image, u)`` is upright in its component) that is ``u[b] = u[a] + k``.
     """
-    edges = sorted(((support, a, b, k) for (a, b), (k, support) in votes.items() if support > 0),
-                   key=lambda edge: (-edge[0], edge[1], edge[2]))
+    edges = sorted(
+        ((support, a, b, k) for (a, b), (k, support) in votes.items() if support > 0),
+        key=lambda edge: (-edge[0], edge[1], edge[2]),
+    )
     parent: dict[str, str] = {}
 
     def root(name: str) -> str:
@@ -128,12 +132,16 @@ def consistent_turns(votes: dict[Pair, tuple[int, int]], pairs: Sequence[Pair]) 
                     turn[b] = (turn[a] + k) % 4
                     stack.append(b)
     linked = {name: root(name) for name in turn}
-    return {(a, b): (turn[b] - turn[a]) % 4 if a in turn and b in turn and linked[a] == linked[b] else 0
-            for a, b in pairs}
+    return {
+        (a, b): (turn[b] - turn[a]) % 4 if a in turn and b in turn and linked[a] == linked[b] else 0 for a, b in pairs
+    }
 
 
 def estimate_quarter_turns(
-    image_dir: Path, pairs: Sequence[Pair], config: OrientationConfig | None = None, cache_size: int = 256,
+    image_dir: Path,
+    pairs: Sequence[Pair],
+    config: OrientationConfig | None = None,
+    cache_size: int = 256,
     read: Callable[[Path], np.ndarray] = read_gray,
 ) -> dict[Pair, int]:
     """Quarter turns of image 1 relative to image 0 for every pair: :func:`quarter_turns` votes made
@@ -156,4 +164,11 @@ def estimate_quarter_turns(
     return consistent_turns(votes, pairs)
 
 
-__all__ = ["OrientationConfig", "OrientedFeatures", "oriented_sift", "quarter_turns", "consistent_turns", "estimate_quarter_turns"]
+__all__ = [
+    "OrientationConfig",
+    "OrientedFeatures",
+    "oriented_sift",
+    "quarter_turns",
+    "consistent_turns",
+    "estimate_quarter_turns",
+]

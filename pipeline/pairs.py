@@ -19,16 +19,17 @@ CLI::
         [--query-prefix q/] [--num-matched 20]
     python -m pipeline.pairs --output pairs.txt --method covisibility|poses --model sfm/ [--num-matched 20]
 """
+
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
-from matchers.errors import UserError, run_cli
-from pipeline import io
+from core import io
+from core.errors import UserError, run_cli
 from pipeline.images import list_images
 
 Pair = tuple[str, str]
@@ -81,7 +82,10 @@ def read_global_descriptors(path: str | Path, names: Sequence[str] | None = None
 
 
 def top_k_pairs(
-    similarity: np.ndarray, query_names: Sequence[str], db_names: Sequence[str], num_matched: int,
+    similarity: np.ndarray,
+    query_names: Sequence[str],
+    db_names: Sequence[str],
+    num_matched: int,
     exclude_self: bool = True,
 ) -> list[Pair]:
     """The ``num_matched`` most similar db images per query (rows of ``similarity``)."""
@@ -215,8 +219,10 @@ def main(
     elif method in ("covisibility", "poses"):
         if model is None:
             raise UserError(f"--method {method} needs --model DIR (a COLMAP model)")
-        pairs = covisibility(model, num_matched) if method == "covisibility" else from_poses(
-            model, num_matched, rotation_threshold
+        pairs = (
+            covisibility(model, num_matched)
+            if method == "covisibility"
+            else from_poses(model, num_matched, rotation_threshold)
         )
     else:
         raise UserError(f"unknown pairs method {method!r}; choose one of {', '.join(METHODS)}")
@@ -228,7 +234,8 @@ def main(
 def main_cli(argv: Sequence[str] | None = None) -> list[Pair]:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.pairs",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--method", choices=METHODS, default="exhaustive")

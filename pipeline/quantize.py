@@ -31,10 +31,11 @@ under the cell of each raw point, so one sub-bin straddling a cell border can yi
 keypoints); matches are always re-assigned within ``max_error`` (hloc skips it when ``max_kps`` is
 None, leaving matches up to a cell away from their keypoint); rounding is half-up, not half-even.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -128,9 +129,7 @@ def _reduce_bins(nodes: np.ndarray, weights: np.ndarray, weighted_xy: np.ndarray
     unique, inverse = np.unique(nodes, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     sums = np.bincount(inverse, weights=weights, minlength=len(unique))
-    xy = np.stack(
-        [np.bincount(inverse, weights=weighted_xy[:, i], minlength=len(unique)) for i in range(2)], axis=1
-    )
+    xy = np.stack([np.bincount(inverse, weights=weighted_xy[:, i], minlength=len(unique)) for i in range(2)], axis=1)
     return unique, sums, xy
 
 
@@ -256,9 +255,7 @@ def one_to_one(ids0: np.ndarray, ids1: np.ndarray, scores: np.ndarray) -> np.nda
     return np.sort(np.concatenate(kept))
 
 
-def to_pair_matches(
-    ids0: np.ndarray, ids1: np.ndarray, scores: np.ndarray, num_keypoints0: int
-) -> PairMatches:
+def to_pair_matches(ids0: np.ndarray, ids1: np.ndarray, scores: np.ndarray, num_keypoints0: int) -> PairMatches:
     """hloc's ``matches0`` / ``matching_scores0`` (padded to N0) from keypoint ids of raw matches.
 
     Raw matches with -1 on either side are dropped; the rest are made one-to-one.

@@ -32,6 +32,7 @@ Mapping (:mod:`pipeline.mapping`) holds the distortion until enough images suppo
 COLMAP's options when images are left out, and refines the geometry in two rounds of bundle adjustment,
 observation filtering (3 px, 2 px), re-triangulation and registration of left-over images.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,19 +41,24 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from tqdm import tqdm
-
-from matchers.errors import UserError, run_cli
+from core import io
+from core.errors import UserError, run_cli
 from matchers.factory import AMP_MODES
-from pipeline import io
-from pipeline.colmap_db import CAMERA_MODES, VerificationConfig, build_database, colmap_logging
+from pipeline.colmap_db import CAMERA_MODES, VerificationConfig, build_database
 from pipeline.image_check import check_h5, check_images
-from pipeline.mapping import (CALIBRATION_MODES, MappingConfig, MappingResult, check_model_written, incomplete_write,
-                              run_mapping)
+from pipeline.mapping import (
+    CALIBRATION_MODES,
+    MappingConfig,
+    MappingResult,
+    check_model_written,
+    incomplete_write,
+    run_mapping,
+)
 from pipeline.refine import KLT_CELL_SIZE, MATCH_REFINE_MODES, default_refine
 
 logger = logging.getLogger(__name__)
@@ -106,7 +112,9 @@ class ReconstructConfig:
     verification: VerificationConfig | None = None
     #: staged: focal first, distortion only once enough images support it (pipeline.mapping); colmap: COLMAP's options
     calibration: str = "staged"
-    refine_iterations: int = 2  # geometry refinement rounds after mapping (bundle adjustment, filtering, re-triangulation)
+    refine_iterations: int = (
+        2  # geometry refinement rounds after mapping (bundle adjustment, filtering, re-triangulation)
+    )
     num_threads: int = -1  # mapper threads; -1 = all cores
     seed: int | None = 0  # COLMAP's random seed (reproducible runs); None = random
     verbose: bool = False  # COLMAP's own log on stderr
@@ -238,8 +246,9 @@ def dense_config(config: ReconstructConfig, matcher: str | None = None):
     if rotation is None:
         # SIFT is rotation invariant; LoFTR is not, and SIFT's orientations tell cheaply which pairs need a turn.
         rotation = "none" if matcher == "sift" else "auto"
-    return DenseMatchConfig(cell_size=cell_size, max_error=max_error, rotation=rotation, resize=view_sizes,
-                            refine=refine), matcher_size
+    return DenseMatchConfig(
+        cell_size=cell_size, max_error=max_error, rotation=rotation, resize=view_sizes, refine=refine
+    ), matcher_size
 
 
 @dataclass(frozen=True)
@@ -253,8 +262,9 @@ class Matched:
     ensemble: Any | None  # pipeline.ensemble.EnsembleStats
 
 
-def match_images(config: ReconstructConfig, images: Path, outputs: Path, pairs: Path, features: Path,
-                 matches: Path) -> Matched:
+def match_images(
+    config: ReconstructConfig, images: Path, outputs: Path, pairs: Path, features: Path, matches: Path
+) -> Matched:
     """Match the pairs with the run's matcher, or with each matcher of an ensemble and merge their files."""
     from matchers.factory import make_matcher
     from pipeline import ensemble, match_dense
@@ -265,12 +275,19 @@ def match_images(config: ReconstructConfig, images: Path, outputs: Path, pairs: 
     for name in parts:  # every matcher is made (weights loaded) before any pair is matched
         configs[name], matcher_size = dense_config(config, name)
         extra = {"backend": config.sift_backend} if name == "sift" else {}
-        matchers[name] = make_matcher(name, weights=config.weights if name != "sift" else None, resize=matcher_size,
-                                      device=config.device, amp=config.amp if name != "sift" else None, **extra)
+        matchers[name] = make_matcher(
+            name,
+            weights=config.weights if name != "sift" else None,
+            resize=matcher_size,
+            device=config.device,
+            amp=config.amp if name != "sift" else None,
+            **extra,
+        )
         descriptions[name] = matchers[name].describe()
     for name in parts:
-        part_features, part_matches = (features, matches) if len(parts) == 1 else (
-            outputs / name / "features.h5", outputs / name / "matches.h5")
+        part_features, part_matches = (
+            (features, matches) if len(parts) == 1 else (outputs / name / "features.h5", outputs / name / "matches.h5")
+        )
         part_features.parent.mkdir(parents=True, exist_ok=True)
         results[name] = match_dense.run(pairs, images, part_features, part_matches, matchers[name], configs[name])
     merged = None
@@ -282,23 +299,40 @@ def match_images(config: ReconstructConfig, images: Path, outputs: Path, pairs: 
             recorded = json.loads(stamp_path.read_text())
         except (OSError, ValueError):
             recorded = {}
-        if (isinstance(recorded, dict) and recorded.get("inputs") == inputs
-                and recorded.get("outputs") == [_file_state(features), _file_state(matches)]):
+        if (
+            isinstance(recorded, dict)
+            and recorded.get("inputs") == inputs
+            and recorded.get("outputs") == [_file_state(features), _file_state(matches)]
+        ):
             merged = ensemble.EnsembleStats(**recorded["stats"])
         else:
-            merged = ensemble.merge([(name, results[name].features, results[name].matches) for name in parts],
-                                    pair_list, features, matches)
-            io.write_text_atomic(stamp_path, json.dumps({"inputs": inputs, "stats": asdict(merged),
-                                                         "outputs": [_file_state(features), _file_state(matches)]}))
+            merged = ensemble.merge(
+                [(name, results[name].features, results[name].matches) for name in parts], pair_list, features, matches
+            )
+            io.write_text_atomic(
+                stamp_path,
+                json.dumps(
+                    {
+                        "inputs": inputs,
+                        "stats": asdict(merged),
+                        "outputs": [_file_state(features), _file_state(matches)],
+                    }
+                ),
+            )
     return Matched(results, descriptions, configs, merged)
 
 
 # ------------------------------------------------------------------------------------------ mapping
 def mapping_options(config: ReconstructConfig) -> MappingConfig:
     """The mapping step's options of a run."""
-    return MappingConfig(min_num_matches=verification_options(config).min_num_inliers, calibration=config.calibration,
-                         refine_iterations=config.refine_iterations, num_threads=config.num_threads,
-                         seed=config.seed, verbose=config.verbose)
+    return MappingConfig(
+        min_num_matches=verification_options(config).min_num_inliers,
+        calibration=config.calibration,
+        refine_iterations=config.refine_iterations,
+        num_threads=config.num_threads,
+        seed=config.seed,
+        verbose=config.verbose,
+    )
 
 
 def write_model(reconstruction, sfm_dir: Path) -> None:
@@ -325,8 +359,24 @@ def write_model(reconstruction, sfm_dir: Path) -> None:
 
 
 #: bytes of the property types of a binary PLY
-_PLY_TYPES = {"char": 1, "uchar": 1, "int8": 1, "uint8": 1, "short": 2, "ushort": 2, "int16": 2, "uint16": 2,
-              "int": 4, "uint": 4, "int32": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
+_PLY_TYPES = {
+    "char": 1,
+    "uchar": 1,
+    "int8": 1,
+    "uint8": 1,
+    "short": 2,
+    "ushort": 2,
+    "int16": 2,
+    "uint16": 2,
+    "int": 4,
+    "uint": 4,
+    "int32": 4,
+    "uint32": 4,
+    "float": 4,
+    "float32": 4,
+    "double": 8,
+    "float64": 8,
+}
 
 
 def export_ply(reconstruction, path: Path) -> None:
@@ -426,9 +476,14 @@ def main(
 
     if config is None:
         config = ReconstructConfig(
-            matcher=matcher, weights=weights, pairs=pairs, num_pairs=num_pairs,
-            resize=tuple(resize) if resize is not None else None, rotation=rotation,
-            camera_mode=camera_mode, device=device,
+            matcher=matcher,
+            weights=weights,
+            pairs=pairs,
+            num_pairs=num_pairs,
+            resize=tuple(resize) if resize is not None else None,
+            rotation=rotation,
+            camera_mode=camera_mode,
+            device=device,
         )
     images, outputs = Path(images), Path(outputs)
     io.check_output_dir(outputs, "--outputs")  # a file or a read-only place fails now, not after matching
@@ -472,8 +527,12 @@ def main(
     options = asdict(config)
     options.pop("verbose")
     inputs_stamp = _stamp(
-        {"features": _file_state(paths["features"]), "matches": _file_state(paths["matches"]),
-         "names": names, "options": options}
+        {
+            "features": _file_state(paths["features"]),
+            "matches": _file_state(paths["matches"]),
+            "names": names,
+            "options": options,
+        }
     )
     previous = _previous_summary(paths["summary"])
     reconstruction = None
@@ -488,18 +547,33 @@ def main(
     else:
         resumed = False
         database_stamp = _stamp(
-            {"features": _file_state(paths["features"]), "matches": _file_state(paths["matches"]), "names": names,
-             "pairs": pair_list, "camera_mode": config.camera_mode, "camera_model": config.camera_model,
-             "verification": asdict(verification_options(config)), "min_match_score": config.min_match_score}
+            {
+                "features": _file_state(paths["features"]),
+                "matches": _file_state(paths["matches"]),
+                "names": names,
+                "pairs": pair_list,
+                "camera_mode": config.camera_mode,
+                "camera_model": config.camera_model,
+                "verification": asdict(verification_options(config)),
+                "min_match_score": config.min_match_score,
+            }
         )
         with timer("database"):
             database_stats = _reusable_database(paths["database"], paths["database_stamp"], database_stamp)
             if database_stats is None:
                 database_reused = False
                 _, stats = build_database(
-                    paths["database"], images, names, pair_list, paths["features"], paths["matches"],
-                    camera_mode=config.camera_mode, camera_model=config.camera_model,
-                    verification=verification_options(config), min_match_score=config.min_match_score, verbose=config.verbose,
+                    paths["database"],
+                    images,
+                    names,
+                    pair_list,
+                    paths["features"],
+                    paths["matches"],
+                    camera_mode=config.camera_mode,
+                    camera_model=config.camera_model,
+                    verification=verification_options(config),
+                    min_match_score=config.min_match_score,
+                    verbose=config.verbose,
                 )
                 database_stats = asdict(stats)
                 # Verification is the slow part: a run interrupted during mapping reuses the database.
@@ -511,10 +585,17 @@ def main(
                 logger.info("reusing the verified database %s", paths["database"])
         with timer("mapping"):
             verified = database_stats.get("num_verified_pairs", 0)
-            mapped = (run_mapping(paths["database"], images, paths["models"], mapping_options(config), len(names))
-                      if verified else MappingResult({}, None))
-            mapping_report = {"attempts": mapped.attempts, "calibration": mapped.calibration,
-                              "refinement": mapped.refinement, "cameras": mapped.cameras()}
+            mapped = (
+                run_mapping(paths["database"], images, paths["models"], mapping_options(config), len(names))
+                if verified
+                else MappingResult({}, None)
+            )
+            mapping_report = {
+                "attempts": mapped.attempts,
+                "calibration": mapped.calibration,
+                "refinement": mapped.refinement,
+                "cameras": mapped.cameras(),
+            }
             models = mapped.models
             models_sizes = sorted((m.num_reg_images() for m in models.values()), reverse=True)
             if mapped.reconstruction is not None:
@@ -537,8 +618,11 @@ def main(
             if not (resumed and (outputs / "reconstruction.html").is_file()):  # the interactive viewer
                 from pipeline.viz import write_html
 
-                write_html(reconstruction, outputs / "reconstruction.html",
-                           title=images.parent.name if images.name == "images" else images.name)
+                write_html(
+                    reconstruction,
+                    outputs / "reconstruction.html",
+                    title=images.parent.name if images.name == "images" else images.name,
+                )
 
     description = matched_all.descriptions[primary[0]]
     summary: dict[str, Any] = {
@@ -665,37 +749,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--images", type=Path, required=True, help="image folder")
     parser.add_argument("--outputs", type=Path, required=True, help="output folder (re-run to resume)")
-    parser.add_argument("--matcher", choices=MATCHERS + ENSEMBLES, default=defaults.matcher,
-                        help="loftr+sift: one set of tracks from SIFT's keypoints and LoFTR's exact tracks")
+    parser.add_argument(
+        "--matcher",
+        choices=MATCHERS + ENSEMBLES,
+        default=defaults.matcher,
+        help="loftr+sift: one set of tracks from SIFT's keypoints and LoFTR's exact tracks",
+    )
     parser.add_argument("--weights", help=WEIGHTS_HELP)
     parser.add_argument("--pairs", choices=PAIR_STRATEGIES, default=defaults.pairs)
     parser.add_argument("--num-pairs", type=int, help="sequential window / retrieval top-k (default 10 / 20)")
     parser.add_argument("--loop-closure", action="store_true", help="sequential pairs: close the loop")
-    parser.add_argument("--resize", type=int, nargs="+",
-                        help="longest side for matching (0 = original); several sizes are matched and merged")
-    parser.add_argument("--rotation", choices=ROTATION_MODES, default=None,
-                        help="in-plane rotation handling (default: auto for loftr, none for sift)")
+    parser.add_argument(
+        "--resize",
+        type=int,
+        nargs="+",
+        help="longest side for matching (0 = original); several sizes are matched and merged",
+    )
+    parser.add_argument(
+        "--rotation",
+        choices=ROTATION_MODES,
+        default=None,
+        help="in-plane rotation handling (default: auto for loftr, none for sift)",
+    )
     parser.add_argument("--camera-mode", choices=CAMERA_MODES, default=defaults.camera_mode)
     parser.add_argument("--camera-model", default=defaults.camera_model, help="COLMAP camera model")
     parser.add_argument("--device", choices=DEVICES, default=defaults.device)
-    parser.add_argument("--amp", choices=AMP_MODES, default=None,
-                        help="LoFTR autocast precision; bf16 is 2-3x faster on CPUs with AMX and on GPUs "
-                             "(keypoints move ~0.05 px); default float32")
-    parser.add_argument("--sift-backend", choices=SIFT_BACKENDS, default=defaults.sift_backend,
-                        help="SIFT implementation for --matcher sift (COLMAP's or OpenCV's)")
-    parser.add_argument("--cell-size", type=int,
-                        help="quantization cell in px (default 4 with --refine klt, else 8; 2 for sift)")
-    parser.add_argument("--max-error", type=float,
-                        help="quantization re-assignment radius in px (default 0.5 with --refine klt, else 2)")
-    parser.add_argument("--refine", choices=MATCH_REFINE_MODES, default=None,
-                        help="sub-pixel refinement of dense matches (default klt for loftr, none for sift)")
+    parser.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default=None,
+        help="LoFTR autocast precision; bf16 is 2-3x faster on CPUs with AMX and on GPUs "
+        "(keypoints move ~0.05 px); default float32",
+    )
+    parser.add_argument(
+        "--sift-backend",
+        choices=SIFT_BACKENDS,
+        default=defaults.sift_backend,
+        help="SIFT implementation for --matcher sift (COLMAP's or OpenCV's)",
+    )
+    parser.add_argument(
+        "--cell-size", type=int, help="quantization cell in px (default 4 with --refine klt, else 8; 2 for sift)"
+    )
+    parser.add_argument(
+        "--max-error",
+        type=float,
+        help="quantization re-assignment radius in px (default 0.5 with --refine klt, else 2)",
+    )
+    parser.add_argument(
+        "--refine",
+        choices=MATCH_REFINE_MODES,
+        default=None,
+        help="sub-pixel refinement of dense matches (default klt for loftr, none for sift)",
+    )
     parser.add_argument("--min-match-score", type=float)
-    parser.add_argument("--min-num-inliers", type=int, default=None,
-                        help=f"verified inliers a pair needs (default 15 for sift, {DENSE_MIN_INLIERS} for loftr)")
-    parser.add_argument("--calibration", choices=CALIBRATION_MODES, default=defaults.calibration,
-                        help="staged: focal first, distortion only with enough images (default); colmap: COLMAP's options")
-    parser.add_argument("--refine-iterations", type=int, default=defaults.refine_iterations,
-                        help="geometry refinement rounds after mapping (bundle adjustment, filtering, re-triangulation)")
+    parser.add_argument(
+        "--min-num-inliers",
+        type=int,
+        default=None,
+        help=f"verified inliers a pair needs (default 15 for sift, {DENSE_MIN_INLIERS} for loftr)",
+    )
+    parser.add_argument(
+        "--calibration",
+        choices=CALIBRATION_MODES,
+        default=defaults.calibration,
+        help="staged: focal first, distortion only with enough images (default); colmap: COLMAP's options",
+    )
+    parser.add_argument(
+        "--refine-iterations",
+        type=int,
+        default=defaults.refine_iterations,
+        help="geometry refinement rounds after mapping (bundle adjustment, filtering, re-triangulation)",
+    )
     parser.add_argument("--num-threads", type=int, default=defaults.num_threads)
     parser.add_argument("--verbose", action="store_true", help="show COLMAP's log")
     return parser
@@ -705,15 +829,27 @@ def main_cli(argv: Sequence[str] | None = None) -> ReconstructResult:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = ReconstructConfig(
-        matcher=args.matcher, weights=args.weights, pairs=args.pairs, num_pairs=args.num_pairs,
-        loop_closure=args.loop_closure, resize=tuple(args.resize) if args.resize else None,
-        rotation=args.rotation, camera_mode=args.camera_mode, camera_model=args.camera_model,
-        device=args.device, sift_backend=args.sift_backend, amp=args.amp, cell_size=args.cell_size,
-        max_error=args.max_error, refine=args.refine,
+        matcher=args.matcher,
+        weights=args.weights,
+        pairs=args.pairs,
+        num_pairs=args.num_pairs,
+        loop_closure=args.loop_closure,
+        resize=tuple(args.resize) if args.resize else None,
+        rotation=args.rotation,
+        camera_mode=args.camera_mode,
+        camera_model=args.camera_model,
+        device=args.device,
+        sift_backend=args.sift_backend,
+        amp=args.amp,
+        cell_size=args.cell_size,
+        max_error=args.max_error,
+        refine=args.refine,
         min_match_score=args.min_match_score,
         verification=None if args.min_num_inliers is None else VerificationConfig(min_num_inliers=args.min_num_inliers),
-        calibration=args.calibration, refine_iterations=args.refine_iterations,
-        num_threads=args.num_threads, verbose=args.verbose,
+        calibration=args.calibration,
+        refine_iterations=args.refine_iterations,
+        num_threads=args.num_threads,
+        verbose=args.verbose,
     )
     result = main(args.images, args.outputs, config=config)
     print(format_summary(result.summary))

@@ -17,17 +17,18 @@ A refinement is accepted only when it is trustworthy, otherwise the matcher's po
 
 Coordinates follow hloc and OpenCV alike: (0, 0) is the centre of the top-left pixel.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Collection, Mapping, Sequence
 
 import cv2
 import numpy as np
 
+from core.image_io import to_uint8
 from matchers.base import Matches, rotate_points_back
-from matchers.image_io import to_uint8
 from pipeline.quantize import ImageKeypoints, QuantizedMatches
 
 REFINE_MODES = ("none", "klt")
@@ -84,18 +85,26 @@ def _common_size(image0: np.ndarray, image1: np.ndarray) -> tuple[np.ndarray, np
     return pad(image0), pad(image1)
 
 
-def _track(source: np.ndarray, target: np.ndarray, points: np.ndarray, start: np.ndarray,
-           config: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
+def _track(
+    source: np.ndarray, target: np.ndarray, points: np.ndarray, start: np.ndarray, config: RefineConfig
+) -> tuple[np.ndarray, np.ndarray]:
     criteria = (cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, config.iterations, 0.01)
     tracked, status, _ = cv2.calcOpticalFlowPyrLK(
-        source, target, points, start.copy(), winSize=(config.window, config.window), maxLevel=0,
-        criteria=criteria, flags=cv2.OPTFLOW_USE_INITIAL_FLOW,
+        source,
+        target,
+        points,
+        start.copy(),
+        winSize=(config.window, config.window),
+        maxLevel=0,
+        criteria=criteria,
+        flags=cv2.OPTFLOW_USE_INITIAL_FLOW,
     )
     return tracked, status.reshape(-1) == 1
 
 
-def refine_matches(image0: np.ndarray, image1: np.ndarray, matches: Matches,
-                   config: RefineConfig | None = None, turn: int = 0) -> tuple[Matches, np.ndarray]:
+def refine_matches(
+    image0: np.ndarray, image1: np.ndarray, matches: Matches, config: RefineConfig | None = None, turn: int = 0
+) -> tuple[Matches, np.ndarray]:
     """Refine ``matches.keypoints1`` by tracking each image-0 point into image 1 from its current match.
 
     ``turn``: image 1 is tracked as ``np.rot90(image1, turn)`` (the quarter turn it was matched at, so
@@ -123,7 +132,8 @@ def refine_matches(image0: np.ndarray, image1: np.ndarray, matches: Matches,
     back, ok_back = _track(gray1, gray0, forward, points0, config)
     forward, back = forward.reshape(-1, 2), back.reshape(-1, 2)
     accepted = (
-        ok_forward & ok_back
+        ok_forward
+        & ok_back
         & np.all(np.isfinite(forward), axis=1)
         & (np.linalg.norm(back - matches.keypoints0, axis=1) <= config.max_round_trip)
         & (np.linalg.norm(forward - keypoints1, axis=1) <= config.max_shift)
@@ -132,8 +142,6 @@ def refine_matches(image0: np.ndarray, image1: np.ndarray, matches: Matches,
         forward = rotate_points_back(forward, turn, turned_size)
     refined = np.where(accepted[:, None], forward, matches.keypoints1).astype(np.float32)
     return Matches(matches.keypoints0, refined, matches.scores), accepted
-
-
 
 
 # ------------------------------------------------------------------------------------ along tracks
@@ -245,11 +253,21 @@ def refine_tracks(
             moved += int(accepted.sum())
 
     keypoints = {
-        name: ImageKeypoints(positions[offsets[i]:offsets[i + 1]].copy(), quantized.keypoints[name].scores)
+        name: ImageKeypoints(positions[offsets[i] : offsets[i + 1]].copy(), quantized.keypoints[name].scores)
         for i, name in enumerate(names)
     }
     stats = TrackRefineStats(int(len(references)), int(len(candidates)), moved)
     return QuantizedMatches(keypoints, quantized.matches), stats
 
 
-__all__ = ["REFINE_MODES", "MATCH_REFINE_MODES", "KLT_CELL_SIZE", "default_refine", "RefineConfig", "refine_matches", "TrackRefineStats", "refine_tracks", "DecodedImages"]
+__all__ = [
+    "REFINE_MODES",
+    "MATCH_REFINE_MODES",
+    "KLT_CELL_SIZE",
+    "default_refine",
+    "RefineConfig",
+    "refine_matches",
+    "TrackRefineStats",
+    "refine_tracks",
+    "DecodedImages",
+]

@@ -29,6 +29,7 @@ CLI::
         [--num-matched K --pairs-output pairs.txt] [--query-prefix P | --query-list FILE] \\
         [--db-prefix P | --db-list FILE] [--rerank N] [--unique]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,19 +40,19 @@ import os
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import cv2
 import h5py
 import numpy as np
 from tqdm import tqdm
 
-from matchers.errors import UserError, run_cli
-from matchers.geometry import fundamental_magsac
-from matchers.image_io import read_gray, read_rgb, to_uint8
-from pipeline import io
+from core import io
+from core.errors import UserError, run_cli
+from core.geometry import fundamental_magsac
+from core.image_io import read_gray, read_rgb, to_uint8
 from pipeline.images import list_images
 
 logger = logging.getLogger(__name__)
@@ -138,8 +139,7 @@ def learn_vocabulary(descriptors: np.ndarray, num_words: int, iterations: int = 
     descriptors = np.ascontiguousarray(descriptors, np.float32)
     if len(descriptors) < num_words:
         raise UserError(
-            f"only {len(descriptors)} local features to learn {num_words} visual words; "
-            "add images or lower --num-words"
+            f"only {len(descriptors)} local features to learn {num_words} visual words; add images or lower --num-words"
         )
     cv2.setRNGSeed(seed)
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, iterations, 1e-4)
@@ -153,9 +153,7 @@ def vlad(descriptors: np.ndarray, centres: np.ndarray) -> np.ndarray:
     num_words, dim = centres.shape
     out = np.zeros((num_words, dim), np.float64)
     if len(descriptors):
-        distance = (
-            (descriptors**2).sum(1, keepdims=True) - 2.0 * descriptors @ centres.T + (centres**2).sum(1)[None]
-        )
+        distance = (descriptors**2).sum(1, keepdims=True) - 2.0 * descriptors @ centres.T + (centres**2).sum(1)[None]
         assignment = np.argmin(distance, axis=1)
         np.add.at(out, assignment, descriptors - centres[assignment])
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)  # intra-normalisation
@@ -364,8 +362,9 @@ def main(
         results = _rootsift_vlad(image_dir, names, todo, config, vocab)
     writer = _Writer(output, settings, keep_existing=same and bool(done), every_seconds=checkpoint_seconds)
     try:
-        for name, value in tqdm(results, total=len(todo), desc=f"global descriptors ({descriptor})",
-                                disable=len(todo) < 2):
+        for name, value in tqdm(
+            results, total=len(todo), desc=f"global descriptors ({descriptor})", disable=len(todo) < 2
+        ):
             writer.add(name, value, stamps[name])
     finally:
         writer.flush()  # also on errors and Ctrl-C: finished images are kept
@@ -393,8 +392,10 @@ def read_name_list(path: str | Path) -> list[str]:
 
 
 def select_names(
-    names: Sequence[str], prefix: str | Sequence[str] | None = None,
-    name_list: str | Path | Sequence[str] | None = None, what: str = "query",
+    names: Sequence[str],
+    prefix: str | Sequence[str] | None = None,
+    name_list: str | Path | Sequence[str] | None = None,
+    what: str = "query",
 ) -> list[str] | None:
     """The ``names`` selected by prefix(es) or by a list (a file or names); None without a selection."""
     if prefix is not None and name_list is not None:
@@ -417,8 +418,10 @@ def select_names(
 
 def select_query_db(
     names: Sequence[str],
-    query_prefix: str | Sequence[str] | None = None, query_list: str | Path | Sequence[str] | None = None,
-    db_prefix: str | Sequence[str] | None = None, db_list: str | Path | Sequence[str] | None = None,
+    query_prefix: str | Sequence[str] | None = None,
+    query_list: str | Path | Sequence[str] | None = None,
+    db_prefix: str | Sequence[str] | None = None,
+    db_list: str | Path | Sequence[str] | None = None,
     db_names: Sequence[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """(queries, db) among ``names`` (and ``db_names``, the names of a separate db file, when given).
@@ -466,8 +469,10 @@ class _LocalCache:
 
 
 def verified_matches(
-    features0: tuple[np.ndarray, np.ndarray], features1: tuple[np.ndarray, np.ndarray],
-    ratio: float = 0.85, threshold: float = 1.5,
+    features0: tuple[np.ndarray, np.ndarray],
+    features1: tuple[np.ndarray, np.ndarray],
+    ratio: float = 0.85,
+    threshold: float = 1.5,
 ) -> int:
     """RootSIFT matches (ratio test) consistent with a MAGSAC++ fundamental matrix."""
     (points0, desc0), (points1, desc1) = features0, features1
@@ -495,8 +500,9 @@ def spatial_rerank(
         for db in ranked:
             key = frozenset((query, db))
             if key not in counts:
-                counts[key] = verified_matches(features(query), features(db), config.rerank_ratio,
-                                               config.rerank_threshold)
+                counts[key] = verified_matches(
+                    features(query), features(db), config.rerank_ratio, config.rerank_threshold
+                )
             scores.append(counts[key])
         order = sorted(range(len(ranked)), key=lambda i: -scores[i])[:num_matched]  # stable sort
         out[query] = [ranked[i] for i in order]
@@ -551,11 +557,15 @@ def pairs_from_retrieval(
     if db_global_features is not None:
         db_index, db_matrix, db_kind = read_global_features(db_global_features)
         if kind and db_kind and kind != db_kind:
-            raise UserError(f"{global_features} holds {kind} descriptors but {db_global_features} holds "
-                            f"{db_kind}; describe both with the same --descriptor")
+            raise UserError(
+                f"{global_features} holds {kind} descriptors but {db_global_features} holds "
+                f"{db_kind}; describe both with the same --descriptor"
+            )
         if matrix.shape[1] != db_matrix.shape[1]:
-            raise UserError(f"{global_features} has {matrix.shape[1]}-D descriptors but {db_global_features} "
-                            f"{db_matrix.shape[1]}-D; describe both with the same settings")
+            raise UserError(
+                f"{global_features} has {matrix.shape[1]}-D descriptors but {db_global_features} "
+                f"{db_matrix.shape[1]}-D; describe both with the same settings"
+            )
     if names is None:
         names = list(index)
     else:
@@ -593,24 +603,30 @@ def pairs_from_images(
 ) -> list[Pair]:
     """Retrieval pairs for reconstruction: each image's top ``top_k`` among the others, each unordered
     pair once. Global descriptors go to (and are resumed from) ``outputs/global-features.h5``."""
-    features = main(Path(image_dir), list(names), Path(outputs) / "global-features.h5", descriptor, device,
-                    config, weights)
-    return pairs_from_retrieval(features, None, top_k, unique=True, rerank=rerank, image_dir=image_dir,
-                                config=config, names=list(names))
+    features = main(
+        Path(image_dir), list(names), Path(outputs) / "global-features.h5", descriptor, device, config, weights
+    )
+    return pairs_from_retrieval(
+        features, None, top_k, unique=True, rerank=rerank, image_dir=image_dir, config=config, names=list(names)
+    )
 
 
 def main_cli(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.retrieval",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--images", type=Path, required=True, help="image folder")
     parser.add_argument("--image-list", type=Path, help="describe only these images (one name per line)")
     parser.add_argument("--output", type=Path, default=Path("global-features.h5"))
     parser.add_argument("--descriptor", choices=DESCRIPTORS, default="auto")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--netvlad-weights", type=Path,
-                        help="local VGG16-NetVLAD-Pitts30K .mat (default: $NETVLAD_WEIGHTS, else cached/downloaded)")
+    parser.add_argument(
+        "--netvlad-weights",
+        type=Path,
+        help="local VGG16-NetVLAD-Pitts30K .mat (default: $NETVLAD_WEIGHTS, else cached/downloaded)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="describe every image again")
     parser.add_argument("--num-matched", type=int, help="also write top-K pairs (needs --pairs-output)")
     parser.add_argument("--pairs-output", type=Path)
@@ -630,18 +646,39 @@ def main_cli(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if (args.num_matched is None) != (args.pairs_output is None):
         raise UserError("--num-matched and --pairs-output go together")
-    config = RetrievalConfig(max_size=args.max_size, num_words=args.num_words, dense_step=args.dense_step,
-                             netvlad_max_size=args.netvlad_max_size)
+    config = RetrievalConfig(
+        max_size=args.max_size,
+        num_words=args.num_words,
+        dense_step=args.dense_step,
+        netvlad_max_size=args.netvlad_max_size,
+    )
     names = read_name_list(args.image_list) if args.image_list is not None else list_images(args.images)
     if args.pairs_output is not None:  # check the selection before the (long) description step
         select_query_db(names, args.query_prefix, args.query_list, args.db_prefix, args.db_list)
-    output = main(args.images, names, args.output, args.descriptor, args.device, config, args.netvlad_weights,
-                  overwrite=args.overwrite)
+    output = main(
+        args.images,
+        names,
+        args.output,
+        args.descriptor,
+        args.device,
+        config,
+        args.netvlad_weights,
+        overwrite=args.overwrite,
+    )
     print(f"{len(names)} global descriptors written to {output}")
     if args.pairs_output is not None:
         pairs = pairs_from_retrieval(
-            output, args.pairs_output, args.num_matched, args.query_prefix, args.query_list, args.db_prefix,
-            args.db_list, unique=args.unique, rerank=args.rerank, image_dir=args.images, config=config,
+            output,
+            args.pairs_output,
+            args.num_matched,
+            args.query_prefix,
+            args.query_list,
+            args.db_prefix,
+            args.db_list,
+            unique=args.unique,
+            rerank=args.rerank,
+            image_dir=args.images,
+            config=config,
             names=names,
         )
         print(f"{len(pairs)} retrieval pairs written to {args.pairs_output}")

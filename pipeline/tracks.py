@@ -30,11 +30,12 @@ observation a sub-pixel position relative to one reference view per track:
 The result is a :class:`pipeline.quantize.QuantizedMatches` (keypoints per image, one-to-one matches per
 pair): the raw matches whose two cells ended in one track.
 """
+
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -130,8 +131,16 @@ def _graph(raw: Mapping[Pair, Matches], grids: Mapping[str, CoarseGrid]) -> _Gra
         scores.append(matches.scores)
     if not ends:
         empty = np.zeros((0, 2), np.int64)
-        return _Graph(names, empty[:, 0], empty, empty, np.zeros((0, 2, 2), np.float32), np.zeros(0, np.float32),
-                      np.zeros(0, np.int64), counts)
+        return _Graph(
+            names,
+            empty[:, 0],
+            empty,
+            empty,
+            np.zeros((0, 2, 2), np.float32),
+            np.zeros(0, np.float32),
+            np.zeros(0, np.int64),
+            counts,
+        )
     ends_all = np.concatenate(ends)
     keys, inverse = np.unique(ends_all.reshape(-1, 3), axis=0, return_inverse=True)
     edges = inverse.reshape(-1, 2)
@@ -276,17 +285,20 @@ def build_tracks(
     centres = _cell_centres(graph, grids)
     image_turn = image_turns(turns or {}, names)
     turn_of = np.array([image_turn.get(name, 0) for name in names], np.int64)
-    positions, reference_of, depth = _place_along_trees(graph, edges, graph.points[edge_ids], centres, references,
-                                                        turn_of)
+    positions, reference_of, depth = _place_along_trees(
+        graph, edges, graph.points[edge_ids], centres, references, turn_of
+    )
     estimates = positions.copy()
 
     aligned = np.zeros(num_nodes, bool)
     candidates = 0
     if config.refine == "align" and load is not None:
-        aligned, candidates = _align_to_references(positions, reference_of, label, in_track, graph.node_image, names,
-                                                   turn_of, load, config.align, cache_bytes)
+        aligned, candidates = _align_to_references(
+            positions, reference_of, label, in_track, graph.node_image, names, turn_of, load, config.align, cache_bytes
+        )
     keypoint_of, image_keypoints, merged = _one_keypoint_per_view(
-        label, in_track, graph.node_image, positions, node_score, aligned, references, config.merge_radius)
+        label, in_track, graph.node_image, positions, node_score, aligned, references, config.merge_radius
+    )
     if config.refine == "align" and config.keep_unaligned != "all":
         # Unaligned observations lose their matches (the keypoints stay, unmatched), except, with "direct", those
         # placed by LoFTR's own fine stage against the reference's point (depth 2: children of the reference).
@@ -303,14 +315,20 @@ def build_tracks(
     lengths = lengths[lengths > 0]
     moved = np.linalg.norm(positions - estimates, axis=1)
     stats = TrackStats(
-        raw_matches=int(sum(len(m) for m in raw.values())), in_tracks=int(kept.sum()),
-        conflicts=int((~accepted).sum()), dropped_max_kps=int(accepted.sum()) - len(edge_ids),
-        tracks=int(len(lengths)), observations=int(in_track.sum()),
+        raw_matches=int(sum(len(m) for m in raw.values())),
+        in_tracks=int(kept.sum()),
+        conflicts=int((~accepted).sum()),
+        dropped_max_kps=int(accepted.sum()) - len(edge_ids),
+        tracks=int(len(lengths)),
+        observations=int(in_track.sum()),
         length_histogram={int(k): int(v) for k, v in zip(*np.unique(lengths, return_counts=True))},
-        refined=int(aligned.sum()), candidates=candidates, merged_cells=merged,
+        refined=int(aligned.sum()),
+        candidates=candidates,
+        merged_cells=merged,
         median_shift=float(np.median(moved[moved > 0])) if (moved > 0).any() else 0.0,
         median_cell_offset=float(np.median(np.linalg.norm(positions - centres, axis=1)[in_track]))
-        if in_track.any() else 0.0,
+        if in_track.any()
+        else 0.0,
     )
     return result, stats
 
@@ -339,8 +357,14 @@ def _cell_centres(graph: _Graph, grids: Mapping[str, CoarseGrid]) -> np.ndarray:
     return centres
 
 
-def _place_along_trees(graph: _Graph, edges: np.ndarray, points: np.ndarray, centres: np.ndarray,
-                       references: np.ndarray, turn_of: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _place_along_trees(
+    graph: _Graph,
+    edges: np.ndarray,
+    points: np.ndarray,
+    centres: np.ndarray,
+    references: np.ndarray,
+    turn_of: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions of every node along a breadth-first tree from its track's reference (which stays on its cell
     centre): a child sits at its own matched point plus its parent's offset from the parent's matched point,
     turned by the images' quarter turns. Returns the positions, each node's reference (-1: in no track) and its
@@ -377,10 +401,18 @@ def _place_along_trees(graph: _Graph, edges: np.ndarray, points: np.ndarray, cen
     return positions, reference_of, depth
 
 
-def _align_to_references(positions: np.ndarray, reference_of: np.ndarray, label: np.ndarray, in_track: np.ndarray,
-                         node_image: np.ndarray, names: Sequence[str], turn_of: np.ndarray,
-                         load: Callable[[str], np.ndarray], config: AlignConfig, cache_bytes: int
-                         ) -> tuple[np.ndarray, int]:
+def _align_to_references(
+    positions: np.ndarray,
+    reference_of: np.ndarray,
+    label: np.ndarray,
+    in_track: np.ndarray,
+    node_image: np.ndarray,
+    names: Sequence[str],
+    turn_of: np.ndarray,
+    load: Callable[[str], np.ndarray],
+    config: AlignConfig,
+    cache_bytes: int,
+) -> tuple[np.ndarray, int]:
     """Align every non-reference observation to its track's reference view (:func:`pipeline.align.align_points`),
     grouped by image pair; the local affine maps come from all tracks seen in both images. ``positions`` is
     updated in place. Returns the accepted nodes (bool) and how many were tried."""
@@ -405,27 +437,37 @@ def _align_to_references(positions: np.ndarray, reference_of: np.ndarray, label:
     accepted = np.zeros(len(positions), bool)
     chunks = np.split(np.arange(len(nodes)), np.nonzero(np.diff(key))[0] + 1)
     # Two passes: the second fits the local affine maps on the positions the first one refined.
-    for chunk in tqdm(chunks * config.passes, desc="track refinement", unit="image pair", leave=False,
-                      disable=len(nodes) < 20000):
+    for chunk in tqdm(
+        chunks * config.passes, desc="track refinement", unit="image pair", leave=False, disable=len(nodes) < 20000
+    ):
         source, target = int(source_image[chunk[0]]), int(target_image[chunk[0]])
         group = nodes[chunk]
-        _, in_source, in_target = np.intersect1d(by_image[source][0], by_image[target][0], assume_unique=True,
-                                                 return_indices=True)
+        _, in_source, in_target = np.intersect1d(
+            by_image[source][0], by_image[target][0], assume_unique=True, return_indices=True
+        )
         common_source = positions[by_image[source][1][in_source]].astype(np.float64)
         common_target = positions[by_image[target][1][in_target]].astype(np.float64)
         fallback = offset_maps[int((turn_of[target] - turn_of[source]) % 4)]
         reference_points = positions[reference_of[group]].astype(np.float64)
         affines = local_affines(common_source, common_target, reference_points, fallback, config)
-        refined, ok = align_points(image[source], image[target], reference_points,
-                                   start[group].astype(np.float64), affines, config)
+        refined, ok = align_points(
+            image[source], image[target], reference_points, start[group].astype(np.float64), affines, config
+        )
         positions[group] = np.where(ok[:, None], refined, start[group])
         accepted[group] = ok
     return accepted, int(len(nodes))
 
 
-def _one_keypoint_per_view(label: np.ndarray, in_track: np.ndarray, node_image: np.ndarray, positions: np.ndarray,
-                           node_score: np.ndarray, aligned: np.ndarray, references: np.ndarray, radius: float
-                           ) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]], int]:
+def _one_keypoint_per_view(
+    label: np.ndarray,
+    in_track: np.ndarray,
+    node_image: np.ndarray,
+    positions: np.ndarray,
+    node_score: np.ndarray,
+    aligned: np.ndarray,
+    references: np.ndarray,
+    radius: float,
+) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]], int]:
     """Cells of one image in one track (neighbours, see :func:`_unique_image_union`) become one keypoint.
 
     The keypoint sits where the view's best cell is (the reference, else an aligned one, else the most
@@ -453,21 +495,30 @@ def _one_keypoint_per_view(label: np.ndarray, in_track: np.ndarray, node_image: 
     for image in range(num_images):
         members = np.nonzero(node_image[representative] == image)[0]
         keypoint_in_image[members] = np.arange(len(members))
-        keypoints[image] = (positions[representative[members]].astype(np.float32),
-                            group_score[members].astype(np.float32))
+        keypoints[image] = (
+            positions[representative[members]].astype(np.float32),
+            group_score[members].astype(np.float32),
+        )
     keypoint_of = np.full(len(positions), -1, np.int64)
     keypoint_of[nodes[joins]] = keypoint_in_image[group[joins]]
     return keypoint_of, keypoints, int((~first & joins).sum())
 
 
-def _to_quantized(raw: Mapping[Pair, Matches], graph: _Graph, keypoint_of: np.ndarray,
-                  image_keypoints: dict[int, tuple[np.ndarray, np.ndarray]], edges: np.ndarray, scores: np.ndarray
-                  ) -> QuantizedMatches:
+def _to_quantized(
+    raw: Mapping[Pair, Matches],
+    graph: _Graph,
+    keypoint_of: np.ndarray,
+    image_keypoints: dict[int, tuple[np.ndarray, np.ndarray]],
+    edges: np.ndarray,
+    scores: np.ndarray,
+) -> QuantizedMatches:
     """Keypoints (one per track and view) and per-pair one-to-one matches (the kept edges)."""
     names = graph.names
     local = keypoint_of
-    keypoints = {name: ImageKeypoints(*image_keypoints.get(i, (np.zeros((0, 2), np.float32), np.zeros(0, np.float32))))
-                 for i, name in enumerate(names)}
+    keypoints = {
+        name: ImageKeypoints(*image_keypoints.get(i, (np.zeros((0, 2), np.float32), np.zeros(0, np.float32))))
+        for i, name in enumerate(names)
+    }
     index = {name: i for i, name in enumerate(names)}
     image_a, image_b = graph.node_image[edges[:, 0]], graph.node_image[edges[:, 1]]
     pair_key = np.minimum(image_a, image_b) * len(names) + np.maximum(image_a, image_b)

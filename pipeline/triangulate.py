@@ -15,6 +15,7 @@ CLI::
     python -m pipeline.triangulate --reference MODEL --images DIR --pairs pairs.txt \\
         --features features.h5 --matches matches.h5 --outputs OUT
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from matchers.errors import UserError, run_cli
-from pipeline import io
+from core import io
+from core.errors import UserError, run_cli
 from pipeline.colmap_db import (
     VerificationConfig,
     colmap_logging,
@@ -134,9 +135,7 @@ def main(
             for name, image_id in image_ids.items():
                 if name not in paired:  # images without pairs: no keypoints
                     db.write_keypoints(image_id, np.zeros((0, 2), np.float32))
-            _, num_matches = import_matches(
-                db, image_ids, pair_list, Path(matches), min_match_score, min_num_matches=1
-            )
+            _, num_matches = import_matches(db, image_ids, pair_list, Path(matches), min_match_score, min_num_matches=1)
             if verification == "none":
                 for pair_id, matched in zip(*db.read_all_matches()):
                     id0, id1 = pycolmap.pair_id_to_image_pair(pair_id)
@@ -167,8 +166,13 @@ def main(
     try:
         with colmap_logging(verbose):
             reconstruction = pycolmap.triangulate_points(
-                reference, str(database), str(image_dir), str(model_dir), clear_points=True,
-                options=pycolmap.IncrementalPipelineOptions(), refine_intrinsics=False,
+                reference,
+                str(database),
+                str(image_dir),
+                str(model_dir),
+                clear_points=True,
+                options=pycolmap.IncrementalPipelineOptions(),
+                refine_intrinsics=False,
             )
         reconstruction.write_binary(str(model_dir))
         for path in model_dir.iterdir():  # each model file replaced in one rename
@@ -206,8 +210,16 @@ def main_cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     _, stats = main(
-        args.reference, args.images, args.pairs, args.features, args.matches, args.outputs,
-        args.verification, args.max_error, args.min_match_score, args.verbose,
+        args.reference,
+        args.images,
+        args.pairs,
+        args.features,
+        args.matches,
+        args.outputs,
+        args.verification,
+        args.max_error,
+        args.min_match_score,
+        args.verbose,
     )
     print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in asdict(stats).items()))
     print(f"wrote the triangulated model to {args.outputs}")

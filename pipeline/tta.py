@@ -15,15 +15,17 @@ Every image is *prepared* once per view (size x rotation) — for LoFTR that is 
 the prepared views are reused for every pair of the image; merged duplicates are resolved later by the
 quantization's one-to-one step.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from core.geometry import fundamental_magsac
 from matchers.base import Matcher, Matches, ResizedImage, resize_image, rotate_points_back
-from matchers.geometry import fundamental_magsac
 
 ROTATION_MODES = ("none", "auto", "best", "union")
 
@@ -94,7 +96,9 @@ class PreparedView:
 
     def to_original(self, points: np.ndarray) -> np.ndarray:
         """Map (N, 2) points of the view back to the original image (hloc pixel convention)."""
-        points = rotate_points_back(np.asarray(points, np.float32).reshape(-1, 2), self.view.rotation, self.matcher_size)
+        points = rotate_points_back(
+            np.asarray(points, np.float32).reshape(-1, 2), self.view.rotation, self.matcher_size
+        )
         return self.resized.to_original(points) if self.resized is not None else points
 
 

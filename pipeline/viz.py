@@ -12,6 +12,7 @@
 
 CLI: ``python -m pipeline.viz MODEL_DIR [--output model.png] [--html model.html] [--title T]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from matchers.errors import UserError, run_cli
-from pipeline.io import atomic_path, check_output_file
+from core.errors import UserError, run_cli
+from core.io import atomic_path, check_output_file
 
 MAX_POINTS = 30000  # plotted points (random subset beyond that)
 HTML_MAX_POINTS = 50000  # points in the HTML viewer (random subset beyond that)
@@ -113,8 +114,15 @@ def plot_reconstruction(reconstruction, path: str | Path, title: str | None = No
         top_centers = (centers - origin) @ basis[:2].T
         directions = rotations[:, :, 2] @ basis[:2].T  # viewing direction (camera +z) in the plane
         axtop.quiver(
-            top_centers[:, 0], top_centers[:, 1], directions[:, 0], directions[:, 1],
-            color="tab:red", angles="xy", scale_units="xy", scale=1.0 / (2 * size), width=0.003,
+            top_centers[:, 0],
+            top_centers[:, 1],
+            directions[:, 0],
+            directions[:, 1],
+            color="tab:red",
+            angles="xy",
+            scale_units="xy",
+            scale=1.0 / (2 * size),
+            width=0.003,
         )
         axtop.scatter(top_centers[:, 0], top_centers[:, 1], color="tab:red", s=8)
     axtop.set_aspect("equal", adjustable="datalim")
@@ -177,24 +185,50 @@ def build_figure(reconstruction, title: str | None = None, order: list[int] | No
     for k, image_id in enumerate(order):
         image = reconstruction.images[image_id]
         name = html.escape(image.name)
-        label = (f"<b>{name}</b><br>registered #{k + 1} of {len(order)}<br>"
-                 f"{image.num_points3D} of {image.num_points2D()} keypoints in 3D points")
+        label = (
+            f"<b>{name}</b><br>registered #{k + 1} of {len(order)}<br>"
+            f"{image.num_points3D} of {image.num_points2D()} keypoints in 3D points"
+        )
         labels.append(label)
         corners = _frustum_corners(image.camera, size) @ rotations[k].T + centers[k]
         c0, c1, c2, c3 = corners
         path = np.stack([c0, c1, c2, c3, c0, centers[k], c1, centers[k], c2, centers[k], c3])
-        traces.append(go.Scatter3d(
-            x=path[:, 0], y=path[:, 1], z=path[:, 2], mode="lines", line={"color": colours[k], "width": 3},
-            name=image.name, meta="camera", hovertext=label, hoverinfo="text", showlegend=False,
-        ))
+        traces.append(
+            go.Scatter3d(
+                x=path[:, 0],
+                y=path[:, 1],
+                z=path[:, 2],
+                mode="lines",
+                line={"color": colours[k], "width": 3},
+                name=image.name,
+                meta="camera",
+                hovertext=label,
+                hoverinfo="text",
+                showlegend=False,
+            )
+        )
     if order:
-        traces.append(go.Scatter3d(
-            x=centers[:, 0], y=centers[:, 1], z=centers[:, 2], mode="markers", meta="camera-centres",
-            marker={"size": 3, "color": list(range(1, len(order) + 1)), "colorscale": COLORSCALE,
-                    "cmin": 1, "cmax": max(2, len(order)),
-                    "colorbar": {"title": {"text": "registration<br>order"}, "thickness": 14, "len": 0.6}},
-            hovertext=labels, hoverinfo="text", name="cameras", showlegend=False,
-        ))
+        traces.append(
+            go.Scatter3d(
+                x=centers[:, 0],
+                y=centers[:, 1],
+                z=centers[:, 2],
+                mode="markers",
+                meta="camera-centres",
+                marker={
+                    "size": 3,
+                    "color": list(range(1, len(order) + 1)),
+                    "colorscale": COLORSCALE,
+                    "cmin": 1,
+                    "cmax": max(2, len(order)),
+                    "colorbar": {"title": {"text": "registration<br>order"}, "thickness": 14, "len": 0.6},
+                },
+                hovertext=labels,
+                hoverinfo="text",
+                name="cameras",
+                showlegend=False,
+            )
+        )
     if len(xyz):
         selected = [points[i] for i in keep]
         names = {int(i): reconstruction.images[i].name for i in reconstruction.reg_image_ids()}
@@ -202,24 +236,43 @@ def build_figure(reconstruction, title: str | None = None, order: list[int] | No
         for point_id, point in selected:
             seen = sorted({names.get(int(e.image_id), str(e.image_id)) for e in point.track.elements})
             shown = ", ".join(html.escape(n) for n in seen[:4]) + (f" +{len(seen) - 4} more" if len(seen) > 4 else "")
-            hover.append(f"point {point_id}<br>track length {point.track.length()}<br>"
-                         f"reprojection error {point.error:.2f} px<br>seen in {shown}")
+            hover.append(
+                f"point {point_id}<br>track length {point.track.length()}<br>"
+                f"reprojection error {point.error:.2f} px<br>seen in {shown}"
+            )
         rgb = np.array([p.color for _, p in selected], dtype=np.int64).reshape(-1, 3)
-        traces.append(go.Scatter3d(
-            x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode="markers", meta="points", name="points",
-            marker={"size": 1.6, "color": [f"rgb({r},{g},{b})" for r, g, b in rgb], "line": {"width": 0}},
-            hovertext=hover, hoverinfo="text", showlegend=False,
-        ))
+        traces.append(
+            go.Scatter3d(
+                x=xyz[:, 0],
+                y=xyz[:, 1],
+                z=xyz[:, 2],
+                mode="markers",
+                meta="points",
+                name="points",
+                marker={"size": 1.6, "color": [f"rgb({r},{g},{b})" for r, g, b in rgb], "line": {"width": 0}},
+                hovertext=hover,
+                hoverinfo="text",
+                showlegend=False,
+            )
+        )
 
-    summary = (f"{len(order)} registered images, {reconstruction.num_points3D()} points"
-               + (f" ({len(xyz)} shown)" if len(xyz) < reconstruction.num_points3D() else ""))
+    summary = f"{len(order)} registered images, {reconstruction.num_points3D()} points" + (
+        f" ({len(xyz)} shown)" if len(xyz) < reconstruction.num_points3D() else ""
+    )
     figure = go.Figure(traces)
     hidden = {"visible": False}
     figure.update_layout(
         title={"text": f"{html.escape(title)}: {summary}" if title else summary, "x": 0.5},
-        margin={"l": 0, "r": 0, "t": 40, "b": 0}, paper_bgcolor="white", hoverlabel={"align": "left"},
-        scene={"aspectmode": "data", "xaxis": hidden, "yaxis": hidden, "zaxis": hidden,
-               "camera": _view(centers, rotations, xyz)},
+        margin={"l": 0, "r": 0, "t": 40, "b": 0},
+        paper_bgcolor="white",
+        hoverlabel={"align": "left"},
+        scene={
+            "aspectmode": "data",
+            "xaxis": hidden,
+            "yaxis": hidden,
+            "zaxis": hidden,
+            "camera": _view(centers, rotations, xyz),
+        },
     )
     return figure
 
@@ -255,22 +308,28 @@ def html_page(reconstruction, title: str | None = None, order: list[int] | None 
     try:
         figure = build_figure(reconstruction, title, order)
     except ImportError:
-        raise UserError("the HTML viewer needs plotly: pip install plotly (or reinstall the project: "
-                        "pip install -e .)") from None
+        raise UserError(
+            "the HTML viewer needs plotly: pip install plotly (or reinstall the project: pip install -e .)"
+        ) from None
     cameras = sum(trace.meta == "camera" for trace in figure.data)
     points = sum(len(trace.x) for trace in figure.data if trace.meta == "points")
     body = figure.to_html(
-        full_html=False, include_plotlyjs=True, include_mathjax=False, div_id="reconstruction",
-        default_width="100%", default_height="100vh", post_script=_DRAWN,
+        full_html=False,
+        include_plotlyjs=True,
+        include_mathjax=False,
+        div_id="reconstruction",
+        default_width="100%",
+        default_height="100vh",
+        post_script=_DRAWN,
         config={"displaylogo": False, "responsive": True, "scrollZoom": True},
     )
     heading = html.escape(title or "reconstruction")
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{heading}</title>\n"
         "<style>html, body { margin: 0; height: 100%; overflow: hidden; }</style>\n</head>\n"
-        f"<body data-cameras=\"{cameras}\" data-points=\"{points}\" "
-        f"data-model=\"{html.escape(json.dumps({'registered': cameras, 'points3D': reconstruction.num_points3D()}))}\">\n"
+        f'<body data-cameras="{cameras}" data-points="{points}" '
+        f'data-model="{html.escape(json.dumps({"registered": cameras, "points3D": reconstruction.num_points3D()}))}">\n'
         f"{body}\n</body>\n</html>\n"
     )
 
@@ -288,7 +347,9 @@ def write_html(reconstruction, path: str | Path, title: str | None = None, order
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def main(model: Path, output: Path | None = None, title: str | None = None, html_output: Path | None = None) -> list[Path]:
+def main(
+    model: Path, output: Path | None = None, title: str | None = None, html_output: Path | None = None
+) -> list[Path]:
     """Plot the COLMAP model in folder ``model`` to the PNG ``output`` and/or the HTML page ``html_output``."""
     import pycolmap
 

@@ -23,6 +23,7 @@ download needed) and a low coarse threshold so that random weights still produce
 
 Prints a table (with the targets of issue 6) and writes everything as JSON (atomically).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,18 +38,19 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
-from matchers.errors import UserError, run_cli
+from core import io
+from core.errors import UserError, run_cli
 from matchers.loftr import LoFTR, LoFTRConfig
 from matchers.loftr.optimize import InferenceOptions, optimize_for_inference
-from pipeline import io
 
 Size = tuple[int, int]  # (W, H)
 KEYPOINT_TOL = 1.0e-3  # px
@@ -75,9 +77,17 @@ class BenchmarkConfig:
     @staticmethod
     def quick(data_root: Path = DEFAULT_DATA) -> "BenchmarkConfig":
         """A smoke-test configuration that runs in well under two minutes."""
-        return BenchmarkConfig(sizes=((320, 240),), runs=3, rss_sizes=((320, 240),), dense_images=4,
-                               dense_resize=160, technique_size=(320, 240), technique_runs=2, compile_size=None,
-                               data_root=data_root)
+        return BenchmarkConfig(
+            sizes=((320, 240),),
+            runs=3,
+            rss_sizes=((320, 240),),
+            dense_images=4,
+            dense_resize=160,
+            technique_size=(320, 240),
+            technique_runs=2,
+            compile_size=None,
+            data_root=data_root,
+        )
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -134,14 +144,19 @@ def _synthetic(seed: int, size: Size) -> np.ndarray:
     width, height = size
     image = cv2.resize(rng.random((height // 16 + 1, width // 16 + 1)).astype(np.float32), (width, height))
     for _ in range(80):
-        cv2.circle(image, (int(rng.integers(0, width)), int(rng.integers(0, height))), int(rng.integers(3, 30)),
-                   float(rng.random()), -1)
+        cv2.circle(
+            image,
+            (int(rng.integers(0, width)), int(rng.integers(0, height))),
+            int(rng.integers(3, 30)),
+            float(rng.random()),
+            -1,
+        )
     return cv2.GaussianBlur(image, (0, 0), 1.0)
 
 
 def pair_images(data_root: Path, size: Size) -> tuple[np.ndarray, np.ndarray, str]:
     """The first ScanNet sample pair (or two temple views, or synthetic images) resized to ``size``."""
-    from matchers.image_io import read_gray
+    from core.image_io import read_gray
 
     scannet = data_root / "scannet_sample"
     if (scannet / "pairs_with_gt.txt").is_file():
@@ -164,9 +179,11 @@ def as_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- checks
-def compare_matches(reference: dict[str, torch.Tensor] | dict[str, np.ndarray],
-                    ours: dict[str, torch.Tensor] | dict[str, np.ndarray]) -> dict[str, Any]:
+def compare_matches(
+    reference: dict[str, torch.Tensor] | dict[str, np.ndarray], ours: dict[str, torch.Tensor] | dict[str, np.ndarray]
+) -> dict[str, Any]:
     """Same match set (keyed by image-0 keypoint) and the largest keypoint difference (px)."""
+
     def keyed(out: Any) -> dict[tuple[int, int], int]:
         kpts0 = np.asarray(out["keypoints0"], dtype=np.float64)
         return {(int(round(x * 4)), int(round(y * 4))): n for n, (x, y) in enumerate(kpts0)}
@@ -182,14 +199,20 @@ def compare_matches(reference: dict[str, torch.Tensor] | dict[str, np.ndarray],
             b = np.asarray(ours[name], dtype=np.float64)[ib]
             diff = max(diff, float(np.abs(a - b).max()))
     same = set(ref_keys) == set(our_keys) and diff <= KEYPOINT_TOL
-    return {"same": same, "matches_kornia": len(ref_keys), "matches_ours": len(our_keys),
-            "only_kornia": len(set(ref_keys) - set(our_keys)), "only_ours": len(set(our_keys) - set(ref_keys)),
-            "max_keypoint_diff_px": diff}
+    return {
+        "same": same,
+        "matches_kornia": len(ref_keys),
+        "matches_ours": len(our_keys),
+        "only_kornia": len(set(ref_keys) - set(our_keys)),
+        "only_ours": len(set(our_keys) - set(ref_keys)),
+        "max_keypoint_diff_px": diff,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- timing
-def interleaved(functions: dict[str, Callable[[], Any]], runs: int, warmup: bool = True,
-                first_outputs: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+def interleaved(
+    functions: dict[str, Callable[[], Any]], runs: int, warmup: bool = True, first_outputs: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """Run the functions in turn (A B A B ...), ``runs`` times each; wall and CPU seconds per run.
 
     ``first_outputs``, if given, receives each function's output of its first timed run.
@@ -207,8 +230,14 @@ def interleaved(functions: dict[str, Callable[[], Any]], runs: int, warmup: bool
             cpu[name].append(time.process_time() - start_cpu)
             if run == 0 and first_outputs is not None:
                 first_outputs[name] = output
-    return {name: {"median_s": statistics.median(times[name]), "runs_s": times[name],
-                   "cpu_median_s": statistics.median(cpu[name])} for name in functions}
+    return {
+        name: {
+            "median_s": statistics.median(times[name]),
+            "runs_s": times[name],
+            "cpu_median_s": statistics.median(cpu[name]),
+        }
+        for name in functions
+    }
 
 
 def single_pair(config: BenchmarkConfig, kornia_model: torch.nn.Module, ours: LoFTR, size: Size) -> dict[str, Any]:
@@ -216,11 +245,21 @@ def single_pair(config: BenchmarkConfig, kornia_model: torch.nn.Module, ours: Lo
     t0, t1 = as_tensor(image0), as_tensor(image1)
     outputs: dict[str, Any] = {}
     # no warm-up run: the first run of each model pays one-off costs alike; the median drops it
-    timing = interleaved({"kornia": lambda: run_kornia(kornia_model, t0, t1),
-                          "ours": lambda: run_ours(ours, t0, t1)}, config.runs, warmup=False, first_outputs=outputs)
+    timing = interleaved(
+        {"kornia": lambda: run_kornia(kornia_model, t0, t1), "ours": lambda: run_ours(ours, t0, t1)},
+        config.runs,
+        warmup=False,
+        first_outputs=outputs,
+    )
     check = compare_matches(outputs["kornia"], outputs["ours"])
-    return {"size": list(size), "images": source, "check": check, "kornia": timing["kornia"], "ours": timing["ours"],
-            "ratio": timing["ours"]["median_s"] / timing["kornia"]["median_s"]}
+    return {
+        "size": list(size),
+        "images": source,
+        "check": check,
+        "kornia": timing["kornia"],
+        "ours": timing["ours"],
+        "ratio": timing["ours"]["median_s"] / timing["kornia"]["median_s"],
+    }
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -242,7 +281,7 @@ def available_memory_mb() -> float | None:
 def expected_kornia_mb(size: Size) -> float:
     """Rough peak of kornia's coarse matching: four float32 L x S matrices (sim, two softmaxes, product)."""
     cells = (size[0] // 8) * (size[1] // 8)
-    return 4 * 4 * cells * cells / 2 ** 20 + 1500
+    return 4 * 4 * cells * cells / 2**20 + 1500
 
 
 def peak_rss_all(config: BenchmarkConfig, sizes: Sequence[Size], log: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -253,21 +292,39 @@ def peak_rss_all(config: BenchmarkConfig, sizes: Sequence[Size], log: Callable[[
         available = available_memory_mb()
         need = expected_kornia_mb(size)
         if available is not None and available < need * 1.05:
-            item["kornia"] = {"ok": False, "error": f"skipped: kornia needs about {need:.0f} MB at this size, "
-                                                    f"{available:.0f} MB available"}
+            item["kornia"] = {
+                "ok": False,
+                "error": f"skipped: kornia needs about {need:.0f} MB at this size, {available:.0f} MB available",
+            }
         else:
             item["kornia"] = peak_rss_child("kornia", size, config)
-        log(f"peak RSS {size[0]}x{size[1]}: ours {item['ours'].get('peak_rss_mb', float('nan')):.0f} MB, "
-            f"kornia {item['kornia'].get('peak_rss_mb', float('nan')):.0f} MB")
+        log(
+            f"peak RSS {size[0]}x{size[1]}: ours {item['ours'].get('peak_rss_mb', float('nan')):.0f} MB, "
+            f"kornia {item['kornia'].get('peak_rss_mb', float('nan')):.0f} MB"
+        )
         results.append(item)
     return results
 
 
 def peak_rss_child(impl: str, size: Size, config: BenchmarkConfig) -> dict[str, Any]:
     """Run one cold pair of ``impl`` at ``size`` in a fresh interpreter; its peak RSS and time."""
-    args = [sys.executable, "-m", "recipes.benchmark", "--rss-child", impl, "--size", f"{size[0]}x{size[1]}",
-            "--threads", str(config.threads), "--seed", str(config.seed), "--threshold", str(config.threshold),
-            "--data-root", str(config.data_root)]
+    args = [
+        sys.executable,
+        "-m",
+        "recipes.benchmark",
+        "--rss-child",
+        impl,
+        "--size",
+        f"{size[0]}x{size[1]}",
+        "--threads",
+        str(config.threads),
+        "--seed",
+        str(config.seed),
+        "--threshold",
+        str(config.threshold),
+        "--data-root",
+        str(config.data_root),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     seconds = time.perf_counter() - start
@@ -287,9 +344,19 @@ def _rss_child_main(impl: str, size: Size, threads: int, seed: int, threshold: f
     start = time.perf_counter()
     out = run_kornia(model, t0, t1) if impl == "kornia" else run_ours(model, t0, t1)
     seconds = time.perf_counter() - start
-    print(json.dumps({"impl": impl, "size": list(size), "peak_rss_mb": _peak_rss_mb(), "rss_before_match_mb": before,
-                      "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "match_seconds": seconds, "matches": int(out["keypoints0"].shape[0])}))
+    print(
+        json.dumps(
+            {
+                "impl": impl,
+                "size": list(size),
+                "peak_rss_mb": _peak_rss_mb(),
+                "rss_before_match_mb": before,
+                "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "match_seconds": seconds,
+                "matches": int(out["keypoints0"].shape[0]),
+            }
+        )
+    )
 
 
 def _peak_rss_mb() -> float:
@@ -306,8 +373,8 @@ def _peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------------- dense
 def dense_job(config: BenchmarkConfig, kornia_model: torch.nn.Module, workdir: Path) -> dict[str, Any]:
     """10 images, exhaustive pairs: match_dense with this project's matcher vs kornia called per pair."""
+    from core.image_io import read_gray
     from matchers.base import resize_image
-    from matchers.image_io import read_gray
     from matchers.loftr import LoFTRMatcher
     from pipeline.match_dense import DenseMatchConfig, RawMatchStore, describe_matching, run
 
@@ -322,7 +389,7 @@ def dense_job(config: BenchmarkConfig, kornia_model: torch.nn.Module, workdir: P
             names.append(f"synthetic{k:02d}.png")
             image = np.roll(_synthetic(1, (640, 480)), (3 * k, 5 * k), axis=(0, 1))
             cv2.imwrite(str(image_dir / names[-1]), (image / image.max() * 255).astype(np.uint8))
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     pairs_path = workdir / "pairs.txt"
     io.write_pairs(pairs_path, pairs)
 
@@ -363,16 +430,28 @@ def dense_job(config: BenchmarkConfig, kornia_model: torch.nn.Module, workdir: P
     for pair in pairs:
         raw = store.load(pair, False)
         if raw is None:
-            raise RuntimeError(f"raw matches of {pair} not found in {store.root}: pipeline.match_dense changed its store")
-        checks.append(compare_matches(kornia_results[pair], {"keypoints0": to_resized(raw.keypoints0, pair[0]),
-                                                             "keypoints1": to_resized(raw.keypoints1, pair[1])}))
+            raise RuntimeError(
+                f"raw matches of {pair} not found in {store.root}: pipeline.match_dense changed its store"
+            )
+        checks.append(
+            compare_matches(
+                kornia_results[pair],
+                {"keypoints0": to_resized(raw.keypoints0, pair[0]), "keypoints1": to_resized(raw.keypoints1, pair[1])},
+            )
+        )
     seconds_ours = (seconds_a + seconds_b) / 2
     size = resize_image(read_gray(image_dir / names[0]), config.dense_resize, multiple=8).image.shape
     return {
-        "images": len(names), "pairs": len(pairs), "size": [int(size[1]), int(size[0])],
-        "source": str(image_dir), "ours_seconds": seconds_ours, "ours_runs_s": [seconds_a, seconds_b],
-        "ours_matching_seconds": result.seconds_matching, "ours_prepare_calls": result.prepare_calls,
-        "kornia_seconds": seconds_kornia, "kornia_backbone_passes": 2 * len(pairs),
+        "images": len(names),
+        "pairs": len(pairs),
+        "size": [int(size[1]), int(size[0])],
+        "source": str(image_dir),
+        "ours_seconds": seconds_ours,
+        "ours_runs_s": [seconds_a, seconds_b],
+        "ours_matching_seconds": result.seconds_matching,
+        "ours_prepare_calls": result.prepare_calls,
+        "kornia_seconds": seconds_kornia,
+        "kornia_backbone_passes": 2 * len(pairs),
         "speedup": seconds_kornia / seconds_ours,
         "pairs_same": sum(c["same"] for c in checks),
         "max_keypoint_diff_px": max(c["max_keypoint_diff_px"] for c in checks),
@@ -398,24 +477,32 @@ def techniques(config: BenchmarkConfig, ours_plain: LoFTR) -> dict[str, Any]:
         backbone = interleaved({name: (lambda m=m: m.backbone(t0)) for name, m in variants.items()}, runs)
         results["backbone_one_image"] = backbone
         best = variants["channels_last+bn_folded"]
-        results["fine_map"] = interleaved({
-            "whole_map (encode)": lambda: best.match_encoded(best.encode(t0), best.encode(t1)),
-            "matched_windows_only (encode_lazy)": lambda: best.match_encoded(best.encode_lazy(t0),
-                                                                            best.encode_lazy(t1)),
-        }, runs)
+        results["fine_map"] = interleaved(
+            {
+                "whole_map (encode)": lambda: best.match_encoded(best.encode(t0), best.encode(t1)),
+                "matched_windows_only (encode_lazy)": lambda: best.match_encoded(
+                    best.encode_lazy(t0), best.encode_lazy(t1)
+                ),
+            },
+            runs,
+        )
         e0, e1 = best.encode(t0), best.encode(t1)
         unfused = optimize_for_inference(ours_plain, InferenceOptions(fuse_transformer=False))
-        results["coarse_transformer"] = interleaved({
-            "plain": lambda: unfused.transform_coarse(e0, e1),
-            "fused (optimize_for_inference)": lambda: best.transform_coarse(e0, e1),
-        }, runs)
+        results["coarse_transformer"] = interleaved(
+            {
+                "plain": lambda: unfused.transform_coarse(e0, e1),
+                "fused (optimize_for_inference)": lambda: best.transform_coarse(e0, e1),
+            },
+            runs,
+        )
         tokens0, tokens1, _, _ = best.transform_coarse(e0, e1)
         cm = best.coarse_matching
         shape0, shape1 = e0.coarse_shape, e1.coarse_shape
 
         def plain() -> Any:
-            return select_matches(cm.confidence(tokens0, tokens1), shape0, shape1, config.threshold,
-                                  cm.config.border_rm)
+            return select_matches(
+                cm.confidence(tokens0, tokens1), shape0, shape1, config.threshold, cm.config.border_rm
+            )
 
         def blocked(budget: int | None) -> Callable[[], Any]:
             def run() -> Any:
@@ -424,21 +511,30 @@ def techniques(config: BenchmarkConfig, ours_plain: LoFTR) -> dict[str, Any]:
                     return cm(tokens0, tokens1, shape0, shape1, threshold=config.threshold)
                 finally:
                     cm.max_matrix_bytes = None
+
             return run
 
-        results["coarse_matching"] = interleaved({
-            "confidence matrix + select (plain)": plain,
-            "blocked, similarity stored": blocked(1 << 40),
-            "blocked, similarity recomputed (chunked MNN)": blocked(0),
-        }, runs)
+        results["coarse_matching"] = interleaved(
+            {
+                "confidence matrix + select (plain)": plain,
+                "blocked, similarity stored": blocked(1 << 40),
+                "blocked, similarity recomputed (chunked MNN)": blocked(0),
+            },
+            runs,
+        )
         a, b = plain(), blocked(0)()
-        results["coarse_matching"]["same_matches"] = bool(torch.equal(a.i_ids, b.i_ids) and torch.equal(a.j_ids, b.j_ids))
+        results["coarse_matching"]["same_matches"] = bool(
+            torch.equal(a.i_ids, b.i_ids) and torch.equal(a.j_ids, b.j_ids)
+        )
         # batching pairs of equal size through the transformer + matching
         pairs = [(e0, e1)] * 4
-        results["batching_4_pairs"] = interleaved({
-            "one by one": lambda: [best.match_encoded(x, y) for x, y in pairs],
-            "one batch (match_batch)": lambda: best.match_batch(pairs),
-        }, runs)
+        results["batching_4_pairs"] = interleaved(
+            {
+                "one by one": lambda: [best.match_encoded(x, y) for x, y in pairs],
+                "one batch (match_batch)": lambda: best.match_batch(pairs),
+            },
+            runs,
+        )
         # bf16 autocast (opt-in, --amp bf16): AMX / AVX-512-BF16 CPUs and GPUs; not the same matches, so the
         # targets are measured in float32 (random weights make its match differences look larger than they are)
         default = optimize_for_inference(ours_plain)
@@ -446,9 +542,11 @@ def techniques(config: BenchmarkConfig, ours_plain: LoFTR) -> dict[str, Any]:
         def bf16() -> Any:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return run_ours(default, t0, t1)
+
         outputs: dict[str, Any] = {}
-        results["autocast_bf16"] = interleaved({"float32": lambda: run_ours(default, t0, t1), "bf16": bf16}, runs,
-                                               first_outputs=outputs)
+        results["autocast_bf16"] = interleaved(
+            {"float32": lambda: run_ours(default, t0, t1), "bf16": bf16}, runs, first_outputs=outputs
+        )
         results["autocast_bf16"]["check"] = compare_matches(outputs["float32"], outputs["bf16"])
     if config.compile_size is not None:
         results["torch_compile"] = compile_trial_child(config)
@@ -458,12 +556,28 @@ def techniques(config: BenchmarkConfig, ours_plain: LoFTR) -> dict[str, Any]:
 def compile_trial_child(config: BenchmarkConfig, timeout: float = 420.0) -> dict[str, Any]:
     """:func:`compile_trial` in a subprocess, so a slow or failing compiler cannot stall the benchmark."""
     size = config.compile_size
-    args = [sys.executable, "-m", "recipes.benchmark", "--compile-child", "--size", f"{size[0]}x{size[1]}",
-            "--threads", str(config.threads), "--seed", str(config.seed), "--threshold", str(config.threshold),
-            "--data-root", str(config.data_root), "--runs", str(config.technique_runs)]
+    args = [
+        sys.executable,
+        "-m",
+        "recipes.benchmark",
+        "--compile-child",
+        "--size",
+        f"{size[0]}x{size[1]}",
+        "--threads",
+        str(config.threads),
+        "--seed",
+        str(config.seed),
+        "--threshold",
+        str(config.threshold),
+        "--data-root",
+        str(config.data_root),
+        "--runs",
+        str(config.technique_runs),
+    ]
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
-                              cwd=Path(__file__).resolve().parents[1])
+        proc = subprocess.run(
+            args, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1]
+        )
     except subprocess.TimeoutExpired:
         return {"size": list(size), "error": f"compilation + runs did not finish in {timeout:.0f} s"}
     if proc.returncode != 0:
@@ -481,15 +595,22 @@ def compile_trial(config: BenchmarkConfig, model: LoFTR) -> dict[str, Any]:
         with torch.inference_mode():
             e0, e1 = model.encode(t0), model.encode(t1)
             tokens = [e.coarse.flatten(2).transpose(1, 2).contiguous() for e in (e0, e1)]
-            parts = {"backbone": (model.backbone, (t0,)),
-                     "coarse_transformer": (model.loftr_coarse, (tokens[0], tokens[1], None, None))}
+            parts = {
+                "backbone": (model.backbone, (t0,)),
+                "coarse_transformer": (model.loftr_coarse, (tokens[0], tokens[1], None, None)),
+            }
             for name, (module, inputs) in parts.items():
                 compiled = torch.compile(module, dynamic=False)
                 start = time.perf_counter()
                 compiled(*inputs)
                 first = time.perf_counter() - start
-                timing = interleaved({"eager": lambda: module(*inputs), "compiled": lambda: compiled(*inputs)},
-                                     config.technique_runs)
+                timing = interleaved(
+                    {
+                        "eager": lambda: module(*inputs),
+                        "compiled": lambda: compiled(*inputs),
+                    },
+                    config.technique_runs,
+                )
                 diff = max((a - b).abs().max().item() for a, b in zip(module(*inputs), compiled(*inputs)))
                 out[name] = {"first_call_s": first, **timing, "max_abs_diff": diff}
     except Exception as error:  # a missing compiler is a result too
@@ -529,8 +650,13 @@ def onnx_rows(config: BenchmarkConfig, workdir: Path, log: Callable[[str], None]
     from matchers.loftr.weights import save_checkpoint
 
     image0, image1, source = pair_images(config.data_root, ONNX_SIZE)
-    result: dict[str, Any] = {"size": list(ONNX_SIZE), "images": source, "onnxruntime": onnxruntime.__version__,
-                              "threads": config.threads, "rows": []}
+    result: dict[str, Any] = {
+        "size": list(ONNX_SIZE),
+        "images": source,
+        "onnxruntime": onnxruntime.__version__,
+        "threads": config.threads,
+        "rows": [],
+    }
     for name in ONNX_MODELS:
         model = _onnx_torch_model(name, config)
         onnx_path, ckpt_path = workdir / f"{name}.onnx", workdir / f"{name}.ckpt"
@@ -541,30 +667,62 @@ def onnx_rows(config: BenchmarkConfig, workdir: Path, log: Callable[[str], None]
         torch_matcher = LoFTRMatcher(model, resize=None, device="cpu")
         onnx_matcher = OnnxLoFTRMatcher(onnx_path, resize=None, device="cpu", threads=config.threads)
         outputs: dict[str, Any] = {}
-        timing = interleaved({"torch": lambda: torch_matcher.match(image0, image1),
-                              "onnxruntime": lambda: onnx_matcher.match(image0, image1)},
-                             config.runs, warmup=False, first_outputs=outputs)
+        timing = interleaved(
+            {
+                "torch": lambda: torch_matcher.match(image0, image1),
+                "onnxruntime": lambda: onnx_matcher.match(image0, image1),
+            },
+            config.runs,
+            warmup=False,
+            first_outputs=outputs,
+        )
         check = compare_matches(_matches_dict(outputs["torch"]), _matches_dict(outputs["onnxruntime"]))
-        row = {"model": name, "threshold": model.config.matching.thr, "export_s": export_s,
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "checkpoint_mb": ckpt_path.stat().st_size / 2 ** 20, "onnx_mb": onnx_path.stat().st_size / 2 ** 20,
-               "torch": timing["torch"], "onnxruntime": timing["onnxruntime"],
-               "ratio": timing["onnxruntime"]["median_s"] / timing["torch"]["median_s"], "check": check}
+        row = {
+            "model": name,
+            "threshold": model.config.matching.thr,
+            "export_s": export_s,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "checkpoint_mb": ckpt_path.stat().st_size / 2**20,
+            "onnx_mb": onnx_path.stat().st_size / 2**20,
+            "torch": timing["torch"],
+            "onnxruntime": timing["onnxruntime"],
+            "ratio": timing["onnxruntime"]["median_s"] / timing["torch"]["median_s"],
+            "check": check,
+        }
         del torch_matcher, onnx_matcher
-        row["peak_rss"] = {backend: onnx_rss_child(backend, name, onnx_path, config)
-                           for backend in ("torch", "onnxruntime")}
-        log(f"  {name}: torch {row['torch']['median_s']:.3f} s, onnxruntime {row['onnxruntime']['median_s']:.3f} s, "
+        row["peak_rss"] = {
+            backend: onnx_rss_child(backend, name, onnx_path, config) for backend in ("torch", "onnxruntime")
+        }
+        log(
+            f"  {name}: torch {row['torch']['median_s']:.3f} s, onnxruntime {row['onnxruntime']['median_s']:.3f} s, "
             f"ratio {row['ratio']:.2f}, same matches: {check['same']} ({check['matches_kornia']}, max dkp "
-            f"{check['max_keypoint_diff_px']:.1e} px)")
+            f"{check['max_keypoint_diff_px']:.1e} px)"
+        )
         result["rows"].append(row)
     return result
 
 
 def onnx_rss_child(backend: str, name: str, onnx_path: Path, config: BenchmarkConfig) -> dict[str, Any]:
     """One cold 640x480 pair of ``backend`` for model ``name`` in a fresh interpreter: its peak RSS and time."""
-    args = [sys.executable, "-m", "recipes.benchmark", "--onnx-child", backend, "--onnx-model", name,
-            "--onnx-file", str(onnx_path), "--threads", str(config.threads), "--seed", str(config.seed),
-            "--threshold", str(config.threshold), "--data-root", str(config.data_root)]
+    args = [
+        sys.executable,
+        "-m",
+        "recipes.benchmark",
+        "--onnx-child",
+        backend,
+        "--onnx-model",
+        name,
+        "--onnx-file",
+        str(onnx_path),
+        "--threads",
+        str(config.threads),
+        "--seed",
+        str(config.seed),
+        "--threshold",
+        str(config.threshold),
+        "--data-root",
+        str(config.data_root),
+    ]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if proc.returncode != 0:
         return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
@@ -586,8 +744,18 @@ def _onnx_child_main(backend: str, name: str, onnx_path: Path, config: Benchmark
     start = time.perf_counter()
     matches = matcher.match(image0, image1)
     seconds = time.perf_counter() - start
-    print(json.dumps({"backend": backend, "model": name, "peak_rss_mb": _peak_rss_mb(), "rss_before_match_mb": before,
-                      "match_seconds": seconds, "matches": len(matches)}))
+    print(
+        json.dumps(
+            {
+                "backend": backend,
+                "model": name,
+                "peak_rss_mb": _peak_rss_mb(),
+                "rss_before_match_mb": before,
+                "match_seconds": seconds,
+                "matches": len(matches),
+            }
+        )
+    )
 
 
 def machine() -> dict[str, Any]:
@@ -601,49 +769,75 @@ def machine() -> dict[str, Any]:
         pass
     import kornia
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": list(os.getloadavg()), "torch": torch.__version__,
-            "kornia": kornia.__version__, "python": platform.python_version(),
-            "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "kornia": kornia.__version__,
+        "python": platform.python_version(),
+        "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
 
 
 def format_table(report: dict[str, Any]) -> str:
     """The human-readable summary, targets included."""
     lines = []
     m = report["machine"]
-    lines.append(f"LoFTR benchmark: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, kornia {m['kornia']}, "
-                 f"{report['config']['threads']} threads, load average at start {m['load_average'][0]:.1f}")
+    lines.append(
+        f"LoFTR benchmark: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, kornia {m['kornia']}, "
+        f"{report['config']['threads']} threads, load average at start {m['load_average'][0]:.1f}"
+    )
     lines.append("Runs of ours and kornia are interleaved (A B A B ...) because the CPU is shared; compare ratios.")
     lines.append("")
-    lines.append(f"{'single cold pair':<22}{'kornia s':>10}{'ours s':>9}{'ratio':>8}{'matches':>9}"
-                 f"{'same':>6}{'max dkp px':>12}")
+    lines.append(
+        f"{'single cold pair':<22}{'kornia s':>10}{'ours s':>9}{'ratio':>8}{'matches':>9}{'same':>6}{'max dkp px':>12}"
+    )
     for item in report["single_pair"]:
         c = item["check"]
-        lines.append(f"{item['size'][0]}x{item['size'][1]:<18}{item['kornia']['median_s']:>10.2f}"
-                     f"{item['ours']['median_s']:>9.2f}{item['ratio']:>8.2f}{c['matches_kornia']:>9}"
-                     f"{'yes' if c['same'] else 'NO':>6}{c['max_keypoint_diff_px']:>12.1e}")
+        lines.append(
+            f"{item['size'][0]}x{item['size'][1]:<18}{item['kornia']['median_s']:>10.2f}"
+            f"{item['ours']['median_s']:>9.2f}{item['ratio']:>8.2f}{c['matches_kornia']:>9}"
+            f"{'yes' if c['same'] else 'NO':>6}{c['max_keypoint_diff_px']:>12.1e}"
+        )
     lines.append("")
-    lines.append(f"{'peak RSS (own process)':<24}{'kornia MB':>10}{'ours MB':>9}{'ratio':>8}{'kornia s':>10}{'ours s':>8}")
+    lines.append(
+        f"{'peak RSS (own process)':<24}{'kornia MB':>10}{'ours MB':>9}{'ratio':>8}{'kornia s':>10}{'ours s':>8}"
+    )
     for item in report["peak_rss"]:
         k, o = item["kornia"], item["ours"]
         if k.get("ok") and o.get("ok"):
-            lines.append(f"{item['size'][0]}x{item['size'][1]:<20}{k['peak_rss_mb']:>10.0f}{o['peak_rss_mb']:>9.0f}"
-                         f"{o['peak_rss_mb'] / k['peak_rss_mb']:>8.2f}{k['match_seconds']:>10.1f}{o['match_seconds']:>8.1f}")
+            lines.append(
+                f"{item['size'][0]}x{item['size'][1]:<20}{k['peak_rss_mb']:>10.0f}{o['peak_rss_mb']:>9.0f}"
+                f"{o['peak_rss_mb'] / k['peak_rss_mb']:>8.2f}{k['match_seconds']:>10.1f}{o['match_seconds']:>8.1f}"
+            )
         else:
-            lines.append(f"{item['size'][0]}x{item['size'][1]:<20} kornia: {k.get('error', 'ok')}; ours: {o.get('error', 'ok')}")
+            lines.append(
+                f"{item['size'][0]}x{item['size'][1]:<20} kornia: {k.get('error', 'ok')}; ours: {o.get('error', 'ok')}"
+            )
     d = report.get("dense")
     if d:
         lines.append("")
-        lines.append(f"dense job: {d['images']} images, {d['pairs']} pairs at {d['size'][0]}x{d['size'][1]}: "
-                     f"kornia per pair {d['kornia_seconds']:.1f} s ({d['kornia_backbone_passes']} backbone passes), "
-                     f"match_dense {d['ours_seconds']:.1f} s ({d['ours_prepare_calls']} backbone passes, "
-                     f"quantization + HDF5 included) -> {d['speedup']:.1f}x; "
-                     f"{d['pairs_same']}/{d['pairs']} pairs same matches (max dkp {d['max_keypoint_diff_px']:.1e} px)")
+        lines.append(
+            f"dense job: {d['images']} images, {d['pairs']} pairs at {d['size'][0]}x{d['size'][1]}: "
+            f"kornia per pair {d['kornia_seconds']:.1f} s ({d['kornia_backbone_passes']} backbone passes), "
+            f"match_dense {d['ours_seconds']:.1f} s ({d['ours_prepare_calls']} backbone passes, "
+            f"quantization + HDF5 included) -> {d['speedup']:.1f}x; "
+            f"{d['pairs_same']}/{d['pairs']} pairs same matches (max dkp {d['max_keypoint_diff_px']:.1e} px)"
+        )
     t = report.get("techniques")
     if t:
         lines.append("")
         lines.append(f"techniques at {t['size'][0]}x{t['size'][1]} (median s, interleaved):")
-        for section in ("backbone_one_image", "fine_map", "coarse_transformer", "coarse_matching", "batching_4_pairs",
-                        "autocast_bf16", "torch_compile"):
+        for section in (
+            "backbone_one_image",
+            "fine_map",
+            "coarse_transformer",
+            "coarse_matching",
+            "batching_4_pairs",
+            "autocast_bf16",
+            "torch_compile",
+        ):
             if section not in t:
                 continue
             entries = t[section]
@@ -651,40 +845,57 @@ def format_table(report: dict[str, Any]) -> str:
                 for part in ("backbone", "coarse_transformer"):
                     if part in entries:
                         e = entries[part]
-                        lines.append(f"  torch.compile {part}: eager {e['eager']['median_s']:.3f}; compiled "
-                                     f"{e['compiled']['median_s']:.3f} (first call incl. compile "
-                                     f"{e['first_call_s']:.1f} s; max diff {e['max_abs_diff']:.1e})")
+                        lines.append(
+                            f"  torch.compile {part}: eager {e['eager']['median_s']:.3f}; compiled "
+                            f"{e['compiled']['median_s']:.3f} (first call incl. compile "
+                            f"{e['first_call_s']:.1f} s; max diff {e['max_abs_diff']:.1e})"
+                        )
                 continue
             if "error" in entries:
                 lines.append(f"  {section}: {entries['error']}")
                 continue
-            parts = [f"{name} {value['median_s']:.3f}" for name, value in entries.items()
-                     if isinstance(value, dict) and "median_s" in value]
+            parts = [
+                f"{name} {value['median_s']:.3f}"
+                for name, value in entries.items()
+                if isinstance(value, dict) and "median_s" in value
+            ]
             if isinstance(entries.get("check"), dict):
                 check = entries["check"]
-                parts.append(f"{check['matches_kornia'] - check['only_kornia']}/{check['matches_kornia']} matches "
-                             f"kept (random weights)")
+                parts.append(
+                    f"{check['matches_kornia'] - check['only_kornia']}/{check['matches_kornia']} matches "
+                    f"kept (random weights)"
+                )
             extra = f" (first call incl. compile {entries['first_call_s']:.1f} s)" if "first_call_s" in entries else ""
             lines.append(f"  {section}: " + "; ".join(parts) + extra)
     o = report.get("onnx")
     if o:
         lines.append("")
-        lines.append(f"ONNX: torch vs onnxruntime {o['onnxruntime']}, cold {o['size'][0]}x{o['size'][1]} pair "
-                     f"({o['threads']} threads, interleaved, median s; peak RSS of one pair in a fresh process)")
-        lines.append(f"{'model':<20}{'torch s':>9}{'ort s':>8}{'ratio':>7}{'matches':>9}{'same':>6}{'max dkp px':>12}"
-                     f"{'params':>11}{'ckpt MB':>9}{'onnx MB':>9}{'export s':>10}{'RSS torch':>11}{'RSS ort':>9}")
+        lines.append(
+            f"ONNX: torch vs onnxruntime {o['onnxruntime']}, cold {o['size'][0]}x{o['size'][1]} pair "
+            f"({o['threads']} threads, interleaved, median s; peak RSS of one pair in a fresh process)"
+        )
+        lines.append(
+            f"{'model':<20}{'torch s':>9}{'ort s':>8}{'ratio':>7}{'matches':>9}{'same':>6}{'max dkp px':>12}"
+            f"{'params':>11}{'ckpt MB':>9}{'onnx MB':>9}{'export s':>10}{'RSS torch':>11}{'RSS ort':>9}"
+        )
         for row in o["rows"]:
             c, rss = row["check"], row["peak_rss"]
-            rss_text = [f"{rss[b]['peak_rss_mb']:.0f}" if rss[b].get("ok") else "fail" for b in ("torch", "onnxruntime")]
-            lines.append(f"{row['model']:<20}{row['torch']['median_s']:>9.3f}{row['onnxruntime']['median_s']:>8.3f}"
-                         f"{row['ratio']:>7.2f}{c['matches_kornia']:>9}{'yes' if c['same'] else 'NO':>6}"
-                         f"{c['max_keypoint_diff_px']:>12.1e}{row['parameters']:>11,}{row['checkpoint_mb']:>9.1f}"
-                         f"{row['onnx_mb']:>9.1f}{row['export_s']:>10.1f}{rss_text[0]:>11}{rss_text[1]:>9}")
+            rss_text = [
+                f"{rss[b]['peak_rss_mb']:.0f}" if rss[b].get("ok") else "fail" for b in ("torch", "onnxruntime")
+            ]
+            lines.append(
+                f"{row['model']:<20}{row['torch']['median_s']:>9.3f}{row['onnxruntime']['median_s']:>8.3f}"
+                f"{row['ratio']:>7.2f}{c['matches_kornia']:>9}{'yes' if c['same'] else 'NO':>6}"
+                f"{c['max_keypoint_diff_px']:>12.1e}{row['parameters']:>11,}{row['checkpoint_mb']:>9.1f}"
+                f"{row['onnx_mb']:>9.1f}{row['export_s']:>10.1f}{rss_text[0]:>11}{rss_text[1]:>9}"
+            )
     lines.append("")
     lines.append("targets (issue 6):")
     for target in report["targets"]:
-        lines.append(f"  [{'PASS' if target['pass'] else 'FAIL' if target['pass'] is False else 'n/a '}] "
-                     f"{target['name']}: {target['value']}")
+        lines.append(
+            f"  [{'PASS' if target['pass'] else 'FAIL' if target['pass'] is False else 'n/a '}] "
+            f"{target['name']}: {target['value']}"
+        )
     return "\n".join(lines)
 
 
@@ -693,33 +904,54 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     by_size = {tuple(item["size"]): item for item in report["single_pair"]}
     item = by_size.get((640, 480))
     if item:
-        targets.append({"name": "cold 640x480 pair <= 0.5 x kornia, same matches",
-                        "value": f"{item['ratio']:.2f} x, same={item['check']['same']}",
-                        "pass": item["ratio"] <= 0.5 and item["check"]["same"]})
+        targets.append(
+            {
+                "name": "cold 640x480 pair <= 0.5 x kornia, same matches",
+                "value": f"{item['ratio']:.2f} x, same={item['check']['same']}",
+                "pass": item["ratio"] <= 0.5 and item["check"]["same"],
+            }
+        )
     d = report.get("dense")
     if d:
-        targets.append({"name": "10-image exhaustive dense job >= 5 x faster than kornia per pair",
-                        "value": f"{d['speedup']:.1f} x at {d['size'][0]}x{d['size'][1]}, "
-                                 f"{d['pairs_same']}/{d['pairs']} pairs same",
-                        "pass": d["speedup"] >= 5 and d["pairs_same"] == d["pairs"]})
+        targets.append(
+            {
+                "name": "10-image exhaustive dense job >= 5 x faster than kornia per pair",
+                "value": f"{d['speedup']:.1f} x at {d['size'][0]}x{d['size'][1]}, "
+                f"{d['pairs_same']}/{d['pairs']} pairs same",
+                "pass": d["speedup"] >= 5 and d["pairs_same"] == d["pairs"],
+            }
+        )
     for item in report["peak_rss"]:
         if tuple(item["size"]) == (1600, 1200):
             k, o = item["kornia"], item["ours"]
             ok = k.get("ok") and o.get("ok")
-            targets.append({"name": "1600x1200 pair peak RSS <= 0.5 x kornia",
-                            "value": f"{o['peak_rss_mb']:.0f} MB vs {k['peak_rss_mb']:.0f} MB" if ok else "not measured",
-                            "pass": (o["peak_rss_mb"] <= 0.5 * k["peak_rss_mb"]) if ok else None})
+            targets.append(
+                {
+                    "name": "1600x1200 pair peak RSS <= 0.5 x kornia",
+                    "value": f"{o['peak_rss_mb']:.0f} MB vs {k['peak_rss_mb']:.0f} MB" if ok else "not measured",
+                    "pass": (o["peak_rss_mb"] <= 0.5 * k["peak_rss_mb"]) if ok else None,
+                }
+            )
     for row in (report.get("onnx") or {}).get("rows", []):
         if row["model"] == "loftr-compact":
-            targets.append({"name": "onnxruntime per pair <= torch's for loftr-compact (issue 17), same matches",
-                            "value": f"{row['ratio']:.2f} x, same={row['check']['same']}",
-                            "pass": row["ratio"] <= 1.0 and row["check"]["same"]})
+            targets.append(
+                {
+                    "name": "onnxruntime per pair <= torch's for loftr-compact (issue 17), same matches",
+                    "value": f"{row['ratio']:.2f} x, same={row['check']['same']}",
+                    "pass": row["ratio"] <= 1.0 and row["check"]["same"],
+                }
+            )
     return targets
 
 
-def main(config: BenchmarkConfig | None = None, json_path: Path | None = None, large: bool = True,
-         sections: Sequence[str] = ("single", "rss", "dense", "techniques"), log: Callable[[str], None] = print,
-         rss_in_background: bool = False) -> dict[str, Any]:
+def main(
+    config: BenchmarkConfig | None = None,
+    json_path: Path | None = None,
+    large: bool = True,
+    sections: Sequence[str] = ("single", "rss", "dense", "techniques"),
+    log: Callable[[str], None] = print,
+    rss_in_background: bool = False,
+) -> dict[str, Any]:
     """Run the benchmark; returns the report (also written to ``json_path`` if given)."""
     config = config if config is not None else BenchmarkConfig()
     try:
@@ -728,9 +960,12 @@ def main(config: BenchmarkConfig | None = None, json_path: Path | None = None, l
         raise UserError("kornia is not installed; `pip install kornia` to benchmark against it") from None
     torch.set_num_threads(config.threads)
     rss_sizes = tuple(s for s in config.rss_sizes if large or s[0] * s[1] < 1600 * 1200)
-    report: dict[str, Any] = {"machine": machine(),
-                              "config": {**asdict(config), "data_root": str(config.data_root)},
-                              "single_pair": [], "peak_rss": []}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "config": {**asdict(config), "data_root": str(config.data_root)},
+        "single_pair": [],
+        "peak_rss": [],
+    }
     kornia_model = build_kornia(config.seed, config.threshold)
     state, _ = random_state_dict(config.seed, config.threshold)
     plain = LoFTR(LoFTRConfig.preset("outdoor_ds").replace(matching={"thr": config.threshold}))
@@ -744,22 +979,27 @@ def main(config: BenchmarkConfig | None = None, json_path: Path | None = None, l
         log(f"peak RSS at {', '.join(f'{w}x{h}' for w, h in rss_sizes)}: subprocesses in the background ...")
         rss_result: dict[str, Any] = {}
         rss_thread = threading.Thread(
-            target=lambda: rss_result.update(items=peak_rss_all(config, rss_sizes, log)), daemon=True)
+            target=lambda: rss_result.update(items=peak_rss_all(config, rss_sizes, log)), daemon=True
+        )
         rss_thread.start()
     if "single" in sections:
         for size in config.sizes:
             log(f"single pair {size[0]}x{size[1]} ...")
             item = single_pair(config, kornia_model, ours, size)
-            log(f"  kornia {item['kornia']['median_s']:.2f} s, ours {item['ours']['median_s']:.2f} s, "
-                f"ratio {item['ratio']:.2f}, same matches: {item['check']['same']} ({item['check']['matches_kornia']})")
+            log(
+                f"  kornia {item['kornia']['median_s']:.2f} s, ours {item['ours']['median_s']:.2f} s, "
+                f"ratio {item['ratio']:.2f}, same matches: {item['check']['same']} ({item['check']['matches_kornia']})"
+            )
             report["single_pair"].append(item)
     if "dense" in sections:
         log("dense job ...")
         with tempfile.TemporaryDirectory(prefix="loftr_bench_") as tmp:
             report["dense"] = dense_job(config, kornia_model, Path(tmp))
         d = report["dense"]
-        log(f"  kornia {d['kornia_seconds']:.1f} s, ours {d['ours_seconds']:.1f} s, {d['speedup']:.1f}x, "
-            f"{d['pairs_same']}/{d['pairs']} pairs same")
+        log(
+            f"  kornia {d['kornia_seconds']:.1f} s, ours {d['ours_seconds']:.1f} s, {d['speedup']:.1f}x, "
+            f"{d['pairs_same']}/{d['pairs']} pairs same"
+        )
     if "techniques" in sections:
         log("techniques ...")
         report["techniques"] = techniques(config, plain)
@@ -798,19 +1038,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m recipes.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, < 2 minutes")
     parser.add_argument("--json", type=Path, default=None, help="write the report here (atomically)")
-    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA, help="folder with scannet_sample/, temple_ring/")
+    parser.add_argument(
+        "--data-root", type=Path, default=DEFAULT_DATA, help="folder with scannet_sample/, temple_ring/"
+    )
     parser.add_argument("--no-large", action="store_true", help="skip the 1600x1200 peak-RSS pair (minutes for kornia)")
-    parser.add_argument("--sections", nargs="+", default=["single", "rss", "dense", "techniques"],
-                        choices=["single", "rss", "dense", "techniques", "onnx"])
-    parser.add_argument("--onnx", action="store_true",
-                        help="also compare torch with onnxruntime (section 'onnx'; alone: --sections onnx)")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["single", "rss", "dense", "techniques"],
+        choices=["single", "rss", "dense", "techniques", "onnx"],
+    )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also compare torch with onnxruntime (section 'onnx'; alone: --sections onnx)",
+    )
     parser.add_argument("--runs", type=int, default=None, help="timed runs per model and size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--threshold", type=float, default=0.0)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile trial")
-    parser.add_argument("--rss-in-background", action="store_true",
-                        help="measure peak RSS while the timings run (faster, but the timings are taken under load)")
+    parser.add_argument(
+        "--rss-in-background",
+        action="store_true",
+        help="measure peak RSS while the timings run (faster, but the timings are taken under load)",
+    )
     # internal: one peak-RSS measurement / the torch.compile trial in this (fresh) process
     parser.add_argument("--rss-child", choices=["ours", "kornia"], help=argparse.SUPPRESS)
     parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
@@ -827,8 +1079,9 @@ def main_cli(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         _rss_child_main(args.rss_child, args.size, args.threads, args.seed, args.threshold, args.data_root)
         return None
     if args.onnx_child:
-        child = replace(BenchmarkConfig(data_root=args.data_root), threads=args.threads, seed=args.seed,
-                        threshold=args.threshold)
+        child = replace(
+            BenchmarkConfig(data_root=args.data_root), threads=args.threads, seed=args.seed, threshold=args.threshold
+        )
         _onnx_child_main(args.onnx_child, args.onnx_model, args.onnx_file, child)
         return None
     if args.runs is not None and args.runs < 1:
@@ -839,13 +1092,13 @@ def main_cli(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         print(json.dumps(compile_trial(config, build_ours(args.seed, args.threshold)), default=str))
         return None
     config = BenchmarkConfig.quick(args.data_root) if args.quick else BenchmarkConfig(data_root=args.data_root)
-    config = replace(config, threads=args.threads, seed=args.seed, threshold=args.threshold,
-                     runs=args.runs or config.runs)
+    config = replace(
+        config, threads=args.threads, seed=args.seed, threshold=args.threshold, runs=args.runs or config.runs
+    )
     if args.no_compile:
         config = replace(config, compile_size=None)
     sections = list(args.sections) + (["onnx"] if args.onnx and "onnx" not in args.sections else [])
-    return main(config, args.json, large=not args.no_large, sections=sections,
-                rss_in_background=args.rss_in_background)
+    return main(config, args.json, large=not args.no_large, sections=sections, rss_in_background=args.rss_in_background)
 
 
 if __name__ == "__main__":

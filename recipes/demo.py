@@ -8,6 +8,7 @@ the demo's own, announced on the terminal — ``python -m pipeline.reconstruct``
 
     python -m recipes.demo --outputs outputs/demo [--matcher auto|loftr|sift] [--weights W] [--views 12]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from matchers.errors import UserError, run_cli
-from matchers.files import check_output_dir
+from core.errors import UserError, run_cli
+from core.files import check_output_dir
 from matchers.factory import OFFLINE_WEIGHTS, WEIGHTS_HELP, unavailable_reason
 
 MATCHER_CHOICES = ("auto", "loftr", "sift")
@@ -53,12 +54,20 @@ def choose_matcher(requested: str, weights: str | None, device: str) -> tuple[st
             except UserError:
                 pass
             else:
-                return "loftr", COMPACT_WEIGHTS, (
-                    f"official LoFTR weights unavailable offline ({unavailable_reason(error)});\n"
-                    f"  this demo uses the project's {COMPACT_WEIGHTS} weights (see matchers/loftr/weights/MODEL_CARD.md)"
+                return (
+                    "loftr",
+                    COMPACT_WEIGHTS,
+                    (
+                        f"official LoFTR weights unavailable offline ({unavailable_reason(error)});\n"
+                        f"  this demo uses the project's {COMPACT_WEIGHTS} weights (see matchers/loftr/weights/MODEL_CARD.md)"
+                    ),
                 )
-        return "sift", None, (
-            f"LoFTR weights unavailable offline ({str(error).split(';')[0]});\n  this demo uses the weight-free SIFT matcher"
+        return (
+            "sift",
+            None,
+            (
+                f"LoFTR weights unavailable offline ({str(error).split(';')[0]});\n  this demo uses the weight-free SIFT matcher"
+            ),
         )
     name = matcher.describe().get("weights") or weights
     return "loftr", weights, f"matcher: LoFTR with weights {name}"
@@ -101,33 +110,48 @@ def main(
         outputs / "sfm_run",
         config=reconstruct.ReconstructConfig(
             # LoFTR runs as the main job does by default: in the loftr+sift ensemble
-            matcher="loftr+sift" if chosen == "loftr" else chosen, weights=chosen_weights, pairs="exhaustive",
-            resize=(max(width, height),) if chosen == "loftr" else None, device=device,
+            matcher="loftr+sift" if chosen == "loftr" else chosen,
+            weights=chosen_weights,
+            pairs="exhaustive",
+            resize=(max(width, height),) if chosen == "loftr" else None,
+            device=device,
         ),
     )
     accuracy = evaluate(result.reconstruction, scene.cameras())
     seconds = time.perf_counter() - start
     summary = result.summary
-    from pipeline.io import write_text_atomic
+    from core.io import write_text_atomic
 
     write_text_atomic(outputs / "accuracy.json", json.dumps(accuracy.to_dict(), indent=2))
     print(reconstruct.format_summary(summary))
     print(f"accuracy against the known cameras: {accuracy.describe()}")
     print(f"matcher used: {summary['matcher']}, weights: {summary.get('weights') or 'none (weight-free)'}")
-    print(f"demo finished in {seconds:.1f} s; model plot: {outputs / 'sfm_run' / 'reconstruction.png'}; "
-          f"interactive viewer (opens offline in a browser): {outputs / 'sfm_run' / 'reconstruction.html'}")
+    print(
+        f"demo finished in {seconds:.1f} s; model plot: {outputs / 'sfm_run' / 'reconstruction.png'}; "
+        f"interactive viewer (opens offline in a browser): {outputs / 'sfm_run' / 'reconstruction.html'}"
+    )
     return DemoResult(
-        summary["matcher"], summary.get("weights"), summary["registered"], summary["total"], summary,
-        accuracy.to_dict(), seconds,
+        summary["matcher"],
+        summary.get("weights"),
+        summary["registered"],
+        summary["total"],
+        summary,
+        accuracy.to_dict(),
+        seconds,
     )
 
 
 def main_cli(argv: list[str] | None = None) -> DemoResult:
-    parser = argparse.ArgumentParser(prog="python -m recipes.demo",
-                                     description="Reconstruct a rendered synthetic scene and report accuracy.")
+    parser = argparse.ArgumentParser(
+        prog="python -m recipes.demo", description="Reconstruct a rendered synthetic scene and report accuracy."
+    )
     parser.add_argument("--outputs", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--matcher", choices=MATCHER_CHOICES, default="auto",
-                        help="auto: LoFTR with official weights when available, else loftr-compact (announced)")
+    parser.add_argument(
+        "--matcher",
+        choices=MATCHER_CHOICES,
+        default="auto",
+        help="auto: LoFTR with official weights when available, else loftr-compact (announced)",
+    )
     parser.add_argument("--weights", help=WEIGHTS_HELP)
     parser.add_argument("--views", type=int, default=12)
     parser.add_argument("--width", type=int, default=320)

@@ -14,31 +14,38 @@ Relative-pose protocol (SuperGlue / LoFTR on ScanNet-1500): keypoints normalised
 RANSAC (threshold 0.5 px / mean focal, confidence 0.99999), ``recoverPose`` on every candidate, the pair's error is
 max(rotation error, translation-direction error) in degrees (inf when estimation fails); AUC at 5 / 10 / 20 deg.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
+from core.errors import UserError, run_cli
+from core.image_io import read_gray
 from matchers.base import Matcher
-from matchers.errors import UserError, run_cli
-from matchers.image_io import read_gray
-from matchers.loftr.training.data import HomographyConfig, PhotometricConfig, homography_pair
+from recipes.training.data import HomographyConfig, PhotometricConfig, homography_pair
 
 HOMOGRAPHY_THRESHOLDS = (3.0, 5.0, 10.0)
 POSE_THRESHOLDS = (5.0, 10.0, 20.0)
 #: held-out evaluation homographies: milder than training (HPatches-like viewpoint changes), light photometric
-EVAL_HOMOGRAPHY = HomographyConfig(height=480, width=640, zoom=(1.0, 1.3), max_rotation_deg=15.0, scale=(0.8, 1.25),
-                                   perspective=0.1, translation=0.1,
-                                   photometric=PhotometricConfig(brightness=0.1, contrast=0.2, gamma=0.2, noise=0.01,
-                                                                 blur_probability=0.0))
+EVAL_HOMOGRAPHY = HomographyConfig(
+    height=480,
+    width=640,
+    zoom=(1.0, 1.3),
+    max_rotation_deg=15.0,
+    scale=(0.8, 1.25),
+    perspective=0.1,
+    translation=0.1,
+    photometric=PhotometricConfig(brightness=0.1, contrast=0.2, gamma=0.2, noise=0.01, blur_probability=0.0),
+)
 
 
 def error_auc(errors: Sequence[float], thresholds: Sequence[float]) -> list[float]:
@@ -65,10 +72,11 @@ class HomographyPair:
     H: np.ndarray  # image 0 -> image 1
 
 
-def make_homography_pairs(folder: str | Path, pairs_per_image: int = 2, seed: int = 12345,
-                          config: HomographyConfig = EVAL_HOMOGRAPHY) -> list[HomographyPair]:
+def make_homography_pairs(
+    folder: str | Path, pairs_per_image: int = 2, seed: int = 12345, config: HomographyConfig = EVAL_HOMOGRAPHY
+) -> list[HomographyPair]:
     """Deterministic held-out homography pairs of every photo in ``folder`` (image 0 a crop, image 1 its warp)."""
-    from matchers.loftr.training.data import limit_size, list_images
+    from recipes.training.data import limit_size, list_images
 
     paths = list_images(folder)
     names = [p.relative_to(folder).as_posix() for p in paths]
@@ -92,8 +100,13 @@ def corner_error(H_est: np.ndarray | None, H_gt: np.ndarray, width: int, height:
     return float(np.linalg.norm(est - gt, axis=1).mean())
 
 
-def evaluate_homographies(matcher: Matcher, pairs: Sequence[HomographyPair], precision_px: float = 8.0,
-                          ransac_px: float = 3.0, progress: bool = True) -> dict[str, float]:
+def evaluate_homographies(
+    matcher: Matcher,
+    pairs: Sequence[HomographyPair],
+    precision_px: float = 8.0,
+    ransac_px: float = 3.0,
+    progress: bool = True,
+) -> dict[str, float]:
     """Homography AUC@3/5/10 px, matches per pair, precision and per-pair details."""
     errors, counts, precisions = [], [], []
     for pair in tqdm(pairs, desc="homography pairs", disable=not progress):
@@ -106,16 +119,22 @@ def evaluate_homographies(matcher: Matcher, pairs: Sequence[HomographyPair], pre
             precisions.append(0.0)
         H_est = None
         if len(m) >= 4:
-            H_est, _ = cv2.findHomography(m.keypoints0, m.keypoints1, cv2.RANSAC, ransac_px, maxIters=10000,
-                                          confidence=0.9999)
+            H_est, _ = cv2.findHomography(
+                m.keypoints0, m.keypoints1, cv2.RANSAC, ransac_px, maxIters=10000, confidence=0.9999
+            )
         h, w = pair.image0.shape
         errors.append(corner_error(H_est, pair.H, w, h))
     aucs = error_auc(errors, HOMOGRAPHY_THRESHOLDS)
     result = {f"auc@{int(t)}px": 100 * a for t, a in zip(HOMOGRAPHY_THRESHOLDS, aucs)}
-    result.update({"pairs": len(pairs), "matches_per_pair": float(np.mean(counts)) if counts else 0.0,
-                   "min_matches": float(np.min(counts)) if counts else 0.0,
-                   "precision": float(np.mean(precisions)) if precisions else 0.0,
-                   "median_corner_error_px": float(np.median(errors)) if errors else math.inf})
+    result.update(
+        {
+            "pairs": len(pairs),
+            "matches_per_pair": float(np.mean(counts)) if counts else 0.0,
+            "min_matches": float(np.min(counts)) if counts else 0.0,
+            "precision": float(np.mean(precisions)) if precisions else 0.0,
+            "median_corner_error_px": float(np.median(errors)) if errors else math.inf,
+        }
+    )
     return result
 
 
@@ -130,16 +149,23 @@ def rotation_error_deg(R_gt: np.ndarray, R: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
 
-def estimate_pose(kpts0: np.ndarray, kpts1: np.ndarray, K0: np.ndarray, K1: np.ndarray, threshold_px: float = 0.5,
-                  confidence: float = 0.99999) -> tuple[np.ndarray, np.ndarray] | None:
+def estimate_pose(
+    kpts0: np.ndarray,
+    kpts1: np.ndarray,
+    K0: np.ndarray,
+    K1: np.ndarray,
+    threshold_px: float = 0.5,
+    confidence: float = 0.99999,
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(R, t) of camera 1 relative to camera 0 from matches (SuperGlue's estimate_pose), or None."""
     if len(kpts0) < 5:
         return None
     f_mean = np.mean([K0[0, 0], K1[1, 1], K0[0, 0], K1[1, 1]])
     norm0 = (kpts0 - K0[[0, 1], [2, 2]][None]) / K0[[0, 1], [0, 1]][None]
     norm1 = (kpts1 - K1[[0, 1], [2, 2]][None]) / K1[[0, 1], [0, 1]][None]
-    E, mask = cv2.findEssentialMat(norm0, norm1, np.eye(3), threshold=threshold_px / f_mean, prob=confidence,
-                                   method=cv2.RANSAC)
+    E, mask = cv2.findEssentialMat(
+        norm0, norm1, np.eye(3), threshold=threshold_px / f_mean, prob=confidence, method=cv2.RANSAC
+    )
     if E is None:
         return None
     best, best_count = None, 0
@@ -150,11 +176,12 @@ def estimate_pose(kpts0: np.ndarray, kpts1: np.ndarray, K0: np.ndarray, K1: np.n
     return best
 
 
-def evaluate_relative_poses(matcher: Matcher, pairs_file: str | Path, images: str | Path | None = None,
-                            progress: bool = True) -> dict[str, float]:
+def evaluate_relative_poses(
+    matcher: Matcher, pairs_file: str | Path, images: str | Path | None = None, progress: bool = True
+) -> dict[str, float]:
     """Relative-pose AUC@5/10/20 deg over a ``pairs_with_gt.txt`` (images in ``images``, default ``../images``)."""
+    from core.io import resolve_image
     from datasets.imc import read_scannet_pairs
-    from pipeline.io import resolve_image
 
     pairs_file = Path(pairs_file)
     root = Path(images) if images is not None else pairs_file.parent / "images"
@@ -175,8 +202,13 @@ def evaluate_relative_poses(matcher: Matcher, pairs_file: str | Path, images: st
         errors.append(max(err_t, rotation_error_deg(T[:3, :3], R)))
     aucs = error_auc(errors, POSE_THRESHOLDS)
     result = {f"auc@{int(t)}deg": 100 * a for t, a in zip(POSE_THRESHOLDS, aucs)}
-    result.update({"pairs": len(pairs), "matches_per_pair": float(np.mean(counts)) if counts else 0.0,
-                   "median_pose_error_deg": float(np.median(errors)) if errors else math.inf})
+    result.update(
+        {
+            "pairs": len(pairs),
+            "matches_per_pair": float(np.mean(counts)) if counts else 0.0,
+            "median_pose_error_deg": float(np.median(errors)) if errors else math.inf,
+        }
+    )
     return result
 
 
@@ -189,10 +221,21 @@ class EvalResult:
     extra: dict = field(default_factory=dict)
 
 
-def main(matcher: str = "loftr", weights: str | None = None, homography: str | Path | None = None,
-         pairs_with_gt: str | Path | None = None, images: str | Path | None = None, resize: int | None = None,
-         device: str = "auto", size: tuple[int, int] = (480, 640), pairs_per_image: int = 2, seed: int = 12345,
-         precision_px: float = 8.0, output: str | Path | None = None, progress: bool = True) -> EvalResult:
+def main(
+    matcher: str = "loftr",
+    weights: str | None = None,
+    homography: str | Path | None = None,
+    pairs_with_gt: str | Path | None = None,
+    images: str | Path | None = None,
+    resize: int | None = None,
+    device: str = "auto",
+    size: tuple[int, int] = (480, 640),
+    pairs_per_image: int = 2,
+    seed: int = 12345,
+    precision_px: float = 8.0,
+    output: str | Path | None = None,
+    progress: bool = True,
+) -> EvalResult:
     """Run the requested evaluations with ``matchers.factory.make_matcher(matcher, weights, resize, device)``."""
     from matchers.factory import make_matcher
 
@@ -212,7 +255,7 @@ def main(matcher: str = "loftr", weights: str | None = None, homography: str | P
     if pairs_with_gt is not None:
         result.pose = evaluate_relative_poses(m, pairs_with_gt, images, progress=progress)
     if output is not None:
-        from pipeline.io import write_text_atomic
+        from core.io import write_text_atomic
 
         write_text_atomic(Path(output), json.dumps(result.__dict__, indent=2, default=str))
     return result
@@ -237,13 +280,27 @@ def main_cli(argv: Sequence[str] | None = None) -> EvalResult:
         w, h = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise UserError(f"bad --size {args.size!r}; use WxH, e.g. 640x480") from None
-    result = main(args.matcher, args.weights, args.homography, args.pairs_with_gt, args.images, args.resize,
-                  args.device, (h, w), args.pairs_per_image, args.seed, args.precision_px, args.output)
+    result = main(
+        args.matcher,
+        args.weights,
+        args.homography,
+        args.pairs_with_gt,
+        args.images,
+        args.resize,
+        args.device,
+        (h, w),
+        args.pairs_per_image,
+        args.seed,
+        args.precision_px,
+        args.output,
+    )
     print(f"matcher: {result.matcher}")
     for title, values in (("homography", result.homography), ("relative pose", result.pose)):
         if values:
-            print(f"{title}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in values.items()))
+            print(
+                f"{title}: "
+                + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+            )
     return result
 
 

@@ -21,8 +21,9 @@ images are one-line errors naming the file.
 
 ``--score`` evaluates the written submission against training-layout ground truth (``calibration.csv``
 per scene, ``scaling_factors.csv``; folder ``DIR/train`` unless ``--gt``), looking each pair up by its
-``batch_id`` (the scene) and image ids, with the 2022 mAA of :mod:`recipes.imc_metrics`.
+``batch_id`` (the scene) and image ids, with the 2022 mAA of :mod:`datasets.imc_metrics`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,18 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
+from core.errors import UserError, run_cli
+from core.files import check_output_dir, check_output_file
+from core.image_io import read_gray
 from datasets.imc import (
     PairRow,
     image_path_2022,
@@ -48,12 +53,18 @@ from datasets.imc import (
     read_test_2022,
     write_submission_2022,
 )
+from datasets.imc_metrics import IMC2022_THRESHOLDS, fundamental_pose_errors, mean_average_accuracy, relative_pose
 from matchers.base import Matcher, Matches
-from matchers.errors import UserError, run_cli
-from matchers.files import check_output_dir, check_output_file
-from matchers.image_io import read_gray
-from pipeline.tta import ROTATION_MODES, PreparedView, TTAConfig, View, first_views, match_pair, prepare_view, second_views
-from recipes.imc_metrics import IMC2022_THRESHOLDS, fundamental_pose_errors, mean_average_accuracy, relative_pose
+from pipeline.tta import (
+    ROTATION_MODES,
+    PreparedView,
+    TTAConfig,
+    View,
+    first_views,
+    match_pair,
+    prepare_view,
+    second_views,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +93,9 @@ class FundamentalOptions:
 
     def __post_init__(self) -> None:
         if self.method not in FUNDAMENTAL_METHODS:
-            raise UserError(f"unknown fundamental-matrix method {self.method!r}; choose one of {', '.join(FUNDAMENTAL_METHODS)}")
+            raise UserError(
+                f"unknown fundamental-matrix method {self.method!r}; choose one of {', '.join(FUNDAMENTAL_METHODS)}"
+            )
         if self.threshold <= 0 or not 0 < self.confidence < 1 or self.max_iters < 1:
             raise UserError("RANSAC threshold must be > 0, confidence in (0, 1) and max iterations >= 1")
         if self.min_matches < 8:
@@ -154,7 +167,12 @@ def estimate_fundamental(matches: Matches, options: FundamentalOptions | None = 
     points1 = np.ascontiguousarray(matches.keypoints1, dtype=np.float64)
     try:
         F, mask = cv2.findFundamentalMat(
-            points0, points1, FUNDAMENTAL_METHODS[options.method], options.threshold, options.confidence, options.max_iters
+            points0,
+            points1,
+            FUNDAMENTAL_METHODS[options.method],
+            options.threshold,
+            options.confidence,
+            options.max_iters,
         )
     except cv2.error as error:  # degenerate configurations (all points equal, collinear...)
         logger.debug("findFundamentalMat failed: %s", error)
@@ -177,13 +195,20 @@ class ResultCache:
                 try:
                     record = json.loads(line)
                     F = np.asarray(record["F"], dtype=np.float64).reshape(3, 3)
-                    self.results[str(record["sample_id"])] = PairResult(F, int(record["matches"]), int(record["inliers"]))
+                    self.results[str(record["sample_id"])] = PairResult(
+                        F, int(record["matches"]), int(record["inliers"])
+                    )
                 except (ValueError, KeyError, TypeError):
                     continue
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def add(self, sample_id: str, result: PairResult) -> None:
-        record = {"sample_id": sample_id, "F": result.F.reshape(-1).tolist(), "matches": result.num_matches, "inliers": result.num_inliers}
+        record = {
+            "sample_id": sample_id,
+            "F": result.F.reshape(-1).tolist(),
+            "matches": result.num_matches,
+            "inliers": result.num_inliers,
+        }
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
@@ -269,7 +294,9 @@ def main(
     if matcher is None:
         from matchers.factory import make_matcher
 
-        matcher = make_matcher(config.matcher, weights=config.weights, resize=config.matcher_resize(), device=config.device)
+        matcher = make_matcher(
+            config.matcher, weights=config.weights, resize=config.matcher_resize(), device=config.device
+        )
     tta = config.tta_config()
     cache_root = Path(cache_dir) if cache_dir is not None else output.with_name(output.name + ".cache")
     cache = ResultCache(cache_root / config_digest(matcher, config) / "results.jsonl")
@@ -286,7 +313,9 @@ def main(
     zeros = np.zeros((3, 3))
 
     def current() -> list[tuple[str, np.ndarray]]:
-        return [(row.sample_id, cache.results[row.sample_id].F if row.sample_id in cache.results else zeros) for row in rows]
+        return [
+            (row.sample_id, cache.results[row.sample_id].F if row.sample_id in cache.results else zeros) for row in rows
+        ]
 
     write_submission_2022(output, current())  # a valid CSV exists from the start
     last_write = time.monotonic()
@@ -313,7 +342,9 @@ def main(
     num_zero = sum(not np.any(F) for _, F in fundamentals)
     result = RunResult(output, len(rows), matched, reused, skipped, num_zero, time.monotonic() - start)
     if score:
-        result = RunResult(**{**result.__dict__, "score": score_submission(output, data / "test.csv", gt_dir or data / "train")})
+        result = RunResult(
+            **{**result.__dict__, "score": score_submission(output, data / "test.csv", gt_dir or data / "train")}
+        )
     return result
 
 
@@ -340,7 +371,9 @@ def load_ground_truth(gt_dir: Path, rows: Sequence[PairRow]) -> tuple[dict[str, 
             calibrations[scene] = read_calibration_2022(gt_dir / scene / "calibration.csv")
         for image_id in (row.image_1_id, row.image_2_id):
             if image_id not in calibrations[scene]:
-                raise UserError(f"{gt_dir / scene / 'calibration.csv'}: no row for image_id {image_id!r} (pair {row.sample_id})")
+                raise UserError(
+                    f"{gt_dir / scene / 'calibration.csv'}: no row for image_id {image_id!r} (pair {row.sample_id})"
+                )
     return calibrations, scales
 
 
@@ -381,8 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=Path("submission.csv"))
     parser.add_argument("--matcher", choices=MATCHERS, default="loftr")
     parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    parser.add_argument("--resize", type=int, nargs="+", default=None,
-                        help="longest side(s) for matching; several are matched and merged (e.g. 840 1280); 0 = original")
+    parser.add_argument(
+        "--resize",
+        type=int,
+        nargs="+",
+        default=None,
+        help="longest side(s) for matching; several are matched and merged (e.g. 840 1280); 0 = original",
+    )
     parser.add_argument("--rotation", choices=PAIR_ROTATION_MODES, default="none")
     parser.add_argument("--both-directions", action="store_true", help="also match image 2 -> image 1 and merge")
     parser.add_argument("--device", choices=DEVICES, default="auto")
@@ -391,7 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ransac-confidence", type=float, default=defaults.confidence)
     parser.add_argument("--ransac-max-iters", type=int, default=defaults.max_iters)
     parser.add_argument("--min-matches", type=int, default=defaults.min_matches)
-    parser.add_argument("--time-budget", type=float, default=None, help="seconds; stop cleanly and still write a valid CSV")
+    parser.add_argument(
+        "--time-budget", type=float, default=None, help="seconds; stop cleanly and still write a valid CSV"
+    )
     parser.add_argument("--cache", type=Path, default=None, help="resume cache folder (default <output>.cache)")
     parser.add_argument("--score", action="store_true", help="score the submission with training-layout ground truth")
     parser.add_argument("--gt", type=Path, default=None, help="ground-truth folder (default DATA/train)")
@@ -412,8 +452,15 @@ def main_cli(argv: Sequence[str] | None = None) -> RunResult:
             args.ransac_method, args.ransac_threshold, args.ransac_confidence, args.ransac_max_iters, args.min_matches
         ),
     )
-    result = main(args.data, args.output, config, time_budget=args.time_budget, cache_dir=args.cache,
-                  score=args.score, gt_dir=args.gt)
+    result = main(
+        args.data,
+        args.output,
+        config,
+        time_budget=args.time_budget,
+        cache_dir=args.cache,
+        score=args.score,
+        gt_dir=args.gt,
+    )
     print(
         f"wrote {result.submission}: {result.num_pairs} pairs ({result.num_matched} matched, {result.num_reused} "
         f"reused, {result.num_skipped} not reached) in {result.seconds:.1f} s; {result.num_zero} rows are zeros"

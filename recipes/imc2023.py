@@ -20,9 +20,10 @@ run resumes; the CSV is rewritten after every scene, so it is always complete an
 ``--time-budget`` skips scenes that would not fit (their images get nan).
 
 ``--score`` evaluates the written CSV against ``DIR/train/train_labels.csv`` with the IMC 2023 mAA
-(:mod:`recipes.imc_metrics`: all image pairs of a scene, per-scene thresholds published by the
+(:mod:`datasets.imc_metrics`: all image pairs of a scene, per-scene thresholds published by the
 organisers; scenes outside the competition use the object-scale 'haiper' lists).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,18 +32,26 @@ import importlib.util
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from datasets.imc import Pose, SceneImages, list_scenes_2023, read_labels_2023, read_submission_2023, write_submission_2023
-from matchers.errors import UserError, run_cli
+from core.errors import UserError, run_cli
+from core.io import check_output_dir, check_output_file, write_text_atomic
+from datasets.imc import (
+    Pose,
+    SceneImages,
+    list_scenes_2023,
+    read_labels_2023,
+    read_submission_2023,
+    write_submission_2023,
+)
+from datasets.imc_metrics import average_over_datasets, scene_maa_2023, thresholds_2023
 from pipeline.reconstruct import ENSEMBLES, ReconstructConfig, ensemble_parts
-from pipeline.io import check_output_dir, check_output_file, write_text_atomic
-from recipes.imc_metrics import average_over_datasets, scene_maa_2023, thresholds_2023
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +89,8 @@ class IMC2023Config:
             return "retrieval"
         logger.warning(
             "scene of %d images > --exhaustive-max %d but pipeline.retrieval is not available: matching all pairs",
-            num_images, self.exhaustive_max,
+            num_images,
+            self.exhaustive_max,
         )
         return "exhaustive"
 
@@ -155,7 +165,10 @@ def poses_from_reconstruction(reconstruction: Any) -> dict[str, Pose]:
     for image_id in reconstruction.reg_image_ids():
         image = reconstruction.images[image_id]
         rigid = image.cam_from_world()
-        poses[image.name] = (np.asarray(rigid.rotation.matrix(), dtype=np.float64), np.asarray(rigid.translation, dtype=np.float64))
+        poses[image.name] = (
+            np.asarray(rigid.rotation.matrix(), dtype=np.float64),
+            np.asarray(rigid.translation, dtype=np.float64),
+        )
     return poses
 
 
@@ -181,7 +194,9 @@ def reconstruct_scene(scene: SceneImages, config: IMC2023Config, outputs: Path) 
     return poses, f"{len(poses)}/{len(scene.names)} registered ({strategy} pairs)"
 
 
-def submission_rows(scenes: Sequence[SceneImages], poses: dict[tuple[str, str], dict[str, Pose]]) -> list[tuple[str, str, str, Pose | None]]:
+def submission_rows(
+    scenes: Sequence[SceneImages], poses: dict[tuple[str, str], dict[str, Pose]]
+) -> list[tuple[str, str, str, Pose | None]]:
     rows = []
     for scene in scenes:
         scene_poses = poses.get((scene.dataset, scene.scene), {})
@@ -231,8 +246,15 @@ def main(
         stamp = scene_stamp(scene, config)
         cached = load_cached_poses(scene_dir / "poses.json", stamp)
         if cached is not None:
-            poses[key] = {name: (np.asarray(p["R"]).reshape(3, 3), np.asarray(p["t"]).reshape(3)) for name, p in cached["poses"].items()}
-            results.append(SceneResult(*key, len(scene.names), len(poses[key]), cached["status"], 0.0, True, cached.get("message", "")))
+            poses[key] = {
+                name: (np.asarray(p["R"]).reshape(3, 3), np.asarray(p["t"]).reshape(3))
+                for name, p in cached["poses"].items()
+            }
+            results.append(
+                SceneResult(
+                    *key, len(scene.names), len(poses[key]), cached["status"], 0.0, True, cached.get("message", "")
+                )
+            )
             continue
         elapsed = time.monotonic() - start
         if time_budget is not None:
@@ -257,7 +279,9 @@ def main(
             "stamp": stamp,
             "status": status,
             "message": message,
-            "poses": {name: {"R": R.reshape(-1).tolist(), "t": t.reshape(-1).tolist()} for name, (R, t) in poses[key].items()},
+            "poses": {
+                name: {"R": R.reshape(-1).tolist(), "t": t.reshape(-1).tolist()} for name, (R, t) in poses[key].items()
+            },
         }
         write_text_atomic(scene_dir / "poses.json", json.dumps(record))
         results.append(SceneResult(*key, len(scene.names), len(poses[key]), status, seconds, False, message))
@@ -300,21 +324,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = IMC2023Config()
     parser = argparse.ArgumentParser(prog="python -m recipes.imc2023", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="competition folder (sample_submission.csv + test/, or train/)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="competition folder (sample_submission.csv + test/, or train/)"
+    )
     parser.add_argument("--output", type=Path, default=Path("submission.csv"))
-    parser.add_argument("--split", choices=("auto", "train", "test"), default="auto",
-                        help="auto: test when sample_submission.csv exists (train with --score)")
+    parser.add_argument(
+        "--split",
+        choices=("auto", "train", "test"),
+        default="auto",
+        help="auto: test when sample_submission.csv exists (train with --score)",
+    )
     parser.add_argument("--matcher", choices=MATCHERS + ENSEMBLES, default=defaults.matcher)
     parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    parser.add_argument("--resize", type=int, nargs="+", default=None, help="longest side(s) for matching; 0 = original")
+    parser.add_argument(
+        "--resize", type=int, nargs="+", default=None, help="longest side(s) for matching; 0 = original"
+    )
     parser.add_argument("--rotation", choices=ROTATION_MODES, default=defaults.rotation)
     parser.add_argument("--camera-mode", choices=("auto", "single", "per-image"), default=defaults.camera_mode)
     parser.add_argument("--device", choices=DEVICES, default=defaults.device)
-    parser.add_argument("--exhaustive-max", type=int, default=defaults.exhaustive_max,
-                        help="scenes with at most this many images match all pairs; larger ones use retrieval")
+    parser.add_argument(
+        "--exhaustive-max",
+        type=int,
+        default=defaults.exhaustive_max,
+        help="scenes with at most this many images match all pairs; larger ones use retrieval",
+    )
     parser.add_argument("--num-pairs", type=int, default=defaults.num_pairs, help="retrieval pairs per image")
-    parser.add_argument("--num-threads", type=int, default=defaults.num_threads,
-                        help="mapper threads (-1 = all cores; 1 = reproducible: multi-threaded bundle adjustment is not)")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=defaults.num_threads,
+        help="mapper threads (-1 = all cores; 1 = reproducible: multi-threaded bundle adjustment is not)",
+    )
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; scenes that would not fit get nan")
     parser.add_argument("--work", type=Path, default=None, help="per-scene outputs and cache (default <output>.work)")
     parser.add_argument("--score", action="store_true", help="score against train/train_labels.csv (IMC 2023 mAA)")
@@ -335,12 +375,23 @@ def main_cli(argv: Sequence[str] | None = None) -> RunResult:
         num_pairs=args.num_pairs,
         num_threads=args.num_threads,
     )
-    result = main(args.data, args.output, config, split=args.split, work_dir=args.work,
-                  time_budget=args.time_budget, score=args.score)
+    result = main(
+        args.data,
+        args.output,
+        config,
+        split=args.split,
+        work_dir=args.work,
+        time_budget=args.time_budget,
+        score=args.score,
+    )
     for scene in result.scenes:
         note = " (cached)" if scene.reused else f" in {scene.seconds:.1f} s"
-        print(f"  {scene.dataset}/{scene.scene}: {scene.status}, {scene.registered}/{scene.num_images} registered{note}")
-    print(f"wrote {result.submission} ({sum(s.num_images for s in result.scenes)} images, {result.split} split) in {result.seconds:.1f} s")
+        print(
+            f"  {scene.dataset}/{scene.scene}: {scene.status}, {scene.registered}/{scene.num_images} registered{note}"
+        )
+    print(
+        f"wrote {result.submission} ({sum(s.num_images for s in result.scenes)} images, {result.split} split) in {result.seconds:.1f} s"
+    )
     if result.score is not None:
         for (dataset, scene), value in sorted(result.score.per_scene.items()):
             print(f"  {dataset}/{scene}: mAA {value:.4f}")

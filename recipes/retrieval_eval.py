@@ -9,17 +9,18 @@ CLI::
     python -m recipes.retrieval_eval --images ../shared/data/temple_ring/images \
         --gt ../shared/data/temple_ring/templeR_par.txt [--descriptor rootsift-vlad] [--k 5]
 """
+
 from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
-from matchers.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 from pipeline import pairs as pairs_step
 from pipeline import retrieval
 
@@ -59,12 +60,18 @@ def precision_at_k(
 
 
 def main(
-    images: Path, gt: Path, descriptor: str = "rootsift-vlad", k: int = 5, max_angle: float = 30.0,
-    output: Path | None = None, config: "retrieval.RetrievalConfig | None" = None, device: str = "auto",
+    images: Path,
+    gt: Path,
+    descriptor: str = "rootsift-vlad",
+    k: int = 5,
+    max_angle: float = 30.0,
+    output: Path | None = None,
+    config: "retrieval.RetrievalConfig | None" = None,
+    device: str = "auto",
     weights: Path | None = None,
 ) -> RetrievalEval:
     """Describe the GT images, retrieve and print precision@k (``output``: keep the global features)."""
-    from datasets.middlebury import read_par_file
+    from core.par_files import read_par_file
 
     cameras = read_par_file(gt)
     rotations = {name: camera.R for name, camera in cameras.items()}
@@ -86,7 +93,8 @@ def main(
 def main_cli(argv: Sequence[str] | None = None) -> RetrievalEval:
     parser = argparse.ArgumentParser(
         prog="python -m recipes.retrieval_eval",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--gt", type=Path, required=True, help="Middlebury *_par.txt cameras")
@@ -103,8 +111,9 @@ def main_cli(argv: Sequence[str] | None = None) -> RetrievalEval:
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
     config = retrieval.RetrievalConfig(max_size=args.max_size, num_words=args.num_words, dense_step=args.dense_step)
-    return main(args.images, args.gt, args.descriptor, args.k, args.max_angle, args.output, config,
-                weights=args.netvlad_weights)
+    return main(
+        args.images, args.gt, args.descriptor, args.k, args.max_angle, args.output, config, weights=args.netvlad_weights
+    )
 
 
 if __name__ == "__main__":

@@ -16,20 +16,31 @@ Running the same command again resumes from ``--out`` exactly (model, optimiser,
 ``--export PATH`` additionally writes a small weights-only checkpoint (what ``--weights`` accepts; ``--export-half``
 stores it in float16). ``--steps 0 --export PATH`` just exports an existing ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from matchers.errors import UserError, run_cli
+from core.errors import UserError, run_cli
 from matchers.loftr.config import PRESET_NAMES, LoFTRConfig
-from matchers.loftr.training.data import (HomographyConfig, HomographyPairs, MegaDepthPairs, MixedPairs, PairSource,
-                                          ScanNetPairs, SyntheticConfig, SyntheticPairs, load_photos, skimage_photos)
-from matchers.loftr.training.trainer import TrainConfig, TrainResult, export_weights, train
+from recipes.training.data import (
+    HomographyConfig,
+    HomographyPairs,
+    MegaDepthPairs,
+    MixedPairs,
+    PairSource,
+    ScanNetPairs,
+    SyntheticConfig,
+    SyntheticPairs,
+    load_photos,
+    skimage_photos,
+)
+from recipes.training.trainer import TrainConfig, TrainResult, export_weights, train
 
 KINDS = ("homography", "synthetic", "objects", "megadepth", "scannet")
 
@@ -38,8 +49,10 @@ def parse_spec(spec: str) -> tuple[str, str, float]:
     """``kind:value[@weight]`` -> (kind, value, weight)."""
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in KINDS or not rest:
-        raise UserError(f"bad --data {spec!r}; use one of homography:DIR, homography:skimage, synthetic:N, objects:N, "
-                        f"megadepth:ROOT, scannet:ROOT (optionally @WEIGHT)")
+        raise UserError(
+            f"bad --data {spec!r}; use one of homography:DIR, homography:skimage, synthetic:N, objects:N, "
+            f"megadepth:ROOT, scannet:ROOT (optionally @WEIGHT)"
+        )
     weight = 1.0
     value, at, w = rest.rpartition("@")
     if at and w:
@@ -54,9 +67,14 @@ def parse_spec(spec: str) -> tuple[str, str, float]:
     return kind, rest, weight
 
 
-def build_source(spec: str, size: tuple[int, int], seed: int, trust_index: bool = False,
-                 augment: bool = True, max_rotation: float = HomographyConfig.max_rotation_deg
-                 ) -> tuple[PairSource, float]:
+def build_source(
+    spec: str,
+    size: tuple[int, int],
+    seed: int,
+    trust_index: bool = False,
+    augment: bool = True,
+    max_rotation: float = HomographyConfig.max_rotation_deg,
+) -> tuple[PairSource, float]:
     """One data source of a ``--data`` spec at image size (H, W); ``max_rotation``: homographies' in-plane range."""
     kind, value, weight = parse_spec(spec)
     h, w = size
@@ -71,26 +89,49 @@ def build_source(spec: str, size: tuple[int, int], seed: int, trust_index: bool 
             raise UserError(f"bad --data {spec!r}: {kind}:N needs an integer number of worlds") from None
         if n < 1:
             raise UserError(f"bad --data {spec!r}: {kind}:N needs N >= 1 worlds")
-        config = (SyntheticConfig.object_centric(h, w, n) if kind == "objects"
-                  else SyntheticConfig(height=h, width=w, num_worlds=n))
+        config = (
+            SyntheticConfig.object_centric(h, w, n)
+            if kind == "objects"
+            else SyntheticConfig(height=h, width=w, num_worlds=n)
+        )
         return SyntheticPairs(config, seed=seed, augment=augment), weight
     if kind == "megadepth":
         return MegaDepthPairs(value, long_side=max(size), seed=seed, allow_pickle=trust_index, augment=augment), weight
     return ScanNetPairs(value, seed=seed, augment=augment), weight
 
 
-def build_mixture(specs: Sequence[str], size: tuple[int, int], seed: int, trust_index: bool = False,
-                  augment: bool = True, max_rotation: float = HomographyConfig.max_rotation_deg) -> MixedPairs:
+def build_mixture(
+    specs: Sequence[str],
+    size: tuple[int, int],
+    seed: int,
+    trust_index: bool = False,
+    augment: bool = True,
+    max_rotation: float = HomographyConfig.max_rotation_deg,
+) -> MixedPairs:
     built = [build_source(s, size, seed, trust_index, augment, max_rotation) for s in specs]
     return MixedPairs([b[0] for b in built], [b[1] for b in built], seed=seed)
 
 
-def main(preset: str, data: Sequence[str], out: str | Path, minutes: float | None = None, steps: int | None = None,
-         init: str | Path | None = None, val: Sequence[str] = (), val_pairs: int = 8,
-         size: tuple[int, int] = (240, 320), config: TrainConfig = TrainConfig(), device: str = "auto",
-         restart: bool = False, trust_index: bool = False, export: str | Path | None = None,
-         export_half: bool = False, progress: bool = True, export_threshold: float | None = None,
-         max_rotation: float = HomographyConfig.max_rotation_deg) -> TrainResult:
+def main(
+    preset: str,
+    data: Sequence[str],
+    out: str | Path,
+    minutes: float | None = None,
+    steps: int | None = None,
+    init: str | Path | None = None,
+    val: Sequence[str] = (),
+    val_pairs: int = 8,
+    size: tuple[int, int] = (240, 320),
+    config: TrainConfig = TrainConfig(),
+    device: str = "auto",
+    restart: bool = False,
+    trust_index: bool = False,
+    export: str | Path | None = None,
+    export_half: bool = False,
+    progress: bool = True,
+    export_threshold: float | None = None,
+    max_rotation: float = HomographyConfig.max_rotation_deg,
+) -> TrainResult:
     """Build the data, train (resuming ``out`` if it exists) and optionally export the weights."""
     if preset not in PRESET_NAMES:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
@@ -108,8 +149,20 @@ def main(preset: str, data: Sequence[str], out: str | Path, minutes: float | Non
     # validation pairs: a separate seed (different crops, homographies, views), no augmentation
     val_source = build_mixture(val or data[:1], size, config.seed + 7777, trust_index, augment=False)
     val_samples = [val_source.sample(k) for k in range(val_pairs)]
-    result = train(LoFTRConfig.preset(preset), source, out, config, minutes=minutes, steps=steps, init=init,
-                   val_samples=val_samples, device=device, data_specs=list(data), restart=restart, progress=progress)
+    result = train(
+        LoFTRConfig.preset(preset),
+        source,
+        out,
+        config,
+        minutes=minutes,
+        steps=steps,
+        init=init,
+        val_samples=val_samples,
+        device=device,
+        data_specs=list(data),
+        restart=restart,
+        progress=progress,
+    )
     if export is not None:
         export_weights(result.checkpoint, export, half=export_half, threshold=export_threshold)
     return result
@@ -119,8 +172,13 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
     parser = argparse.ArgumentParser(prog="python -m recipes.train_loftr", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="compact", choices=PRESET_NAMES)
     parser.add_argument("--data", action="append", default=[], metavar="KIND:VALUE[@W]", required=True)
-    parser.add_argument("--val", action="append", default=[], metavar="KIND:VALUE",
-                        help="validation source (default: the first --data source with another seed)")
+    parser.add_argument(
+        "--val",
+        action="append",
+        default=[],
+        metavar="KIND:VALUE",
+        help="validation source (default: the first --data source with another seed)",
+    )
     parser.add_argument("--val-pairs", type=int, default=8)
     parser.add_argument("--out", required=True, help="training checkpoint (resumed when it exists)")
     parser.add_argument("--minutes", type=float, default=None, help="wall-time budget of this run")
@@ -128,8 +186,12 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
     parser.add_argument("--init", default=None, help="checkpoint to fine-tune from (official, kornia or ours)")
     parser.add_argument("--size", default="320x240", help="training image size WxH (multiples of 8)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--max-rotation", type=float, default=HomographyConfig.max_rotation_deg,
-                        help="in-plane rotation range of homography pairs, degrees (180: any rotation)")
+    parser.add_argument(
+        "--max-rotation",
+        type=float,
+        default=HomographyConfig.max_rotation_deg,
+        help="in-plane rotation range of homography pairs, degrees (180: any rotation)",
+    )
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--warmup", type=int, default=TrainConfig.warmup_steps)
     parser.add_argument("--schedule", default="cosine", choices=("cosine", "step", "constant"))
@@ -143,12 +205,19 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--restart", action="store_true", help="ignore an existing --out and start over")
-    parser.add_argument("--trust-index", action="store_true",
-                        help="allow unpickling the official MegaDepth index files (only for files you trust)")
+    parser.add_argument(
+        "--trust-index",
+        action="store_true",
+        help="allow unpickling the official MegaDepth index files (only for files you trust)",
+    )
     parser.add_argument("--export", default=None, help="also write a weights-only checkpoint here")
     parser.add_argument("--export-half", action="store_true", help="store the exported weights as float16")
-    parser.add_argument("--export-threshold", type=float, default=None,
-                        help="coarse matching threshold stored in the exported weights (default: the preset's)")
+    parser.add_argument(
+        "--export-threshold",
+        type=float,
+        default=None,
+        help="coarse matching threshold stored in the exported weights (default: the preset's)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -157,16 +226,41 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
         raise UserError(f"bad --size {args.size!r}; use WxH, e.g. 320x240") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    from matchers.loftr.training.losses import LossConfig
+    from recipes.training.losses import LossConfig
 
-    config = TrainConfig(lr=args.lr, warmup_steps=args.warmup, schedule=args.schedule, max_steps=args.max_steps,
-                         grad_clip=args.grad_clip, batch_size=args.batch_size, max_fine_matches=args.max_fine,
-                         seed=args.seed, checkpoint_minutes=args.checkpoint_minutes,
-                         validate_every=args.validate_every, loss=LossConfig(dense=args.dense_coarse))
-    result = main(args.preset, args.data, args.out, args.minutes, args.steps, args.init, args.val, args.val_pairs,
-                  (h, w), config, args.device, args.restart, args.trust_index, args.export, args.export_half,
-                  progress=not args.no_progress and not os.environ.get("CI"), export_threshold=args.export_threshold,
-                  max_rotation=args.max_rotation)
+    config = TrainConfig(
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        schedule=args.schedule,
+        max_steps=args.max_steps,
+        grad_clip=args.grad_clip,
+        batch_size=args.batch_size,
+        max_fine_matches=args.max_fine,
+        seed=args.seed,
+        checkpoint_minutes=args.checkpoint_minutes,
+        validate_every=args.validate_every,
+        loss=LossConfig(dense=args.dense_coarse),
+    )
+    result = main(
+        args.preset,
+        args.data,
+        args.out,
+        args.minutes,
+        args.steps,
+        args.init,
+        args.val,
+        args.val_pairs,
+        (h, w),
+        config,
+        args.device,
+        args.restart,
+        args.trust_index,
+        args.export,
+        args.export_half,
+        progress=not args.no_progress and not os.environ.get("CI"),
+        export_threshold=args.export_threshold,
+        max_rotation=args.max_rotation,
+    )
     print(f"trained steps {result.start_step} -> {result.end_step}; checkpoint {result.checkpoint}; log {result.log}")
     if result.last_validation:
         print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in result.last_validation.items()))

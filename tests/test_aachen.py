@@ -1,4 +1,5 @@
 """Mini-Aachen from temple_ring and the Aachen pipeline (SIFT both estimators, LoFTR random weights)."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,12 @@ import numpy as np
 import pycolmap
 import pytest
 
+from core.cameras import parse_query_list
+from core.errors import UserError
+from core.poses import camera_center, read_poses
 from datasets import mini_aachen
 from localization import aachen
-from localization.cameras import parse_query_list
 from localization.evaluate import AACHEN_THRESHOLDS, evaluate
-from localization.poses import camera_center, read_poses
-from matchers.errors import UserError
 
 SUBSET = (18, 30)  # 12 consecutive views ~8 degrees apart; queries 20, 24, 28 (db on both sides), 9 db
 SIZE = 320
@@ -30,11 +31,11 @@ def mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_converter_layout_scale_and_model(mini: Path, temple_ring: Path) -> None:
-    from datasets.middlebury import read_par_file
+    from core.par_files import read_par_file
 
     description = json.loads((mini / "mini_aachen.json").read_text())
     par = read_par_file(temple_ring / "templeR_par.txt")
-    names = list(par)[SUBSET[0]:SUBSET[1]]
+    names = list(par)[SUBSET[0] : SUBSET[1]]
     assert description["queries"] == [f"query/day/temple/{n}" for n in names[2::4]]
     assert len(description["db"]) == 9 and all(d.startswith("db/") for d in description["db"])
     for name in description["queries"] + description["db"]:
@@ -48,8 +49,9 @@ def test_converter_layout_scale_and_model(mini: Path, temple_ring: Path) -> None
     # query intrinsics: K of the 640x480 original scaled by 1/2 (COLMAP pixels: fx/2, cx_colmap/2)
     cameras = parse_query_list(mini / "queries/day_time_queries_with_intrinsics.txt")
     K = par[names[0]].K
-    np.testing.assert_allclose(cameras[description["queries"][0]].params,
-                               [K[0, 0] / 2, K[1, 1] / 2, (K[0, 2] + 0.5) / 2, (K[1, 2] + 0.5) / 2])
+    np.testing.assert_allclose(
+        cameras[description["queries"][0]].params, [K[0, 0] / 2, K[1, 1] / 2, (K[0, 2] + 0.5) / 2, (K[1, 2] + 0.5) / 2]
+    )
     assert (cameras[description["queries"][0]].width, cameras[description["queries"][0]].height) == (320, 240)
     # the SIFT reference model: db images only, GT poses, points that reproject well
     model = pycolmap.Reconstruction(str(mini / "3D-models/aachen_v_1_1"))
@@ -63,16 +65,29 @@ def test_converter_layout_scale_and_model(mini: Path, temple_ring: Path) -> None
 @pytest.mark.parametrize("estimator", ["pycolmap", "magsac"])
 def test_mini_aachen_sift_pipeline(mini: Path, tmp_path_factory: pytest.TempPathFactory, estimator: str) -> None:
     outputs = tmp_path_factory.getbasetemp() / "aachen_sift"  # shared: the second estimator reuses matching
-    out = aachen.main_cli(["--dataset", str(mini), "--outputs", str(outputs), "--matcher", "sift",
-                           "--pairs-query", "exhaustive", "--estimator", estimator])
+    out = aachen.main_cli(
+        [
+            "--dataset",
+            str(mini),
+            "--outputs",
+            str(outputs),
+            "--matcher",
+            "sift",
+            "--pairs-query",
+            "exhaustive",
+            "--estimator",
+            estimator,
+        ]
+    )
     gt = read_poses(mini / "ground_truth.txt")
     evaluation = evaluate(gt, read_poses(out.submission), AACHEN_THRESHOLDS)
     assert evaluation.recall[0] >= 90.0, evaluation.table()  # (0.25 m, 2 deg) in scene metres
     submitted = read_poses(out.submission)
     assert sorted(submitted) == sorted(n.split("/")[-1] for n in gt)
     for name, pose in out.result.poses.items():  # submission lines round-trip to the estimates
-        np.testing.assert_allclose(np.asarray(submitted[name.split("/")[-1]].matrix()), np.asarray(pose.matrix()),
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(submitted[name.split("/")[-1]].matrix()), np.asarray(pose.matrix()), atol=1e-12
+        )
     log = json.loads(out.log.read_text())
     assert log["config"]["pose"]["estimator"] == estimator and log["summary"]["localized"] == 3
     assert log["reference_points3D"] > 100
@@ -80,8 +95,9 @@ def test_mini_aachen_sift_pipeline(mini: Path, tmp_path_factory: pytest.TempPath
     sift = pycolmap.Reconstruction(str(mini / "3D-models/aachen_v_1_1"))
     for image in reference.images.values():
         other = sift.find_image_with_name(image.name)
-        np.testing.assert_allclose(np.asarray(image.cam_from_world().matrix()),
-                                   np.asarray(other.cam_from_world().matrix()), atol=1e-9)
+        np.testing.assert_allclose(
+            np.asarray(image.cam_from_world().matrix()), np.asarray(other.cam_from_world().matrix()), atol=1e-9
+        )
 
 
 def test_given_pairs_file_and_errors(mini: Path, tmp_path: Path) -> None:
@@ -114,8 +130,16 @@ def test_loftr_random_weights_end_to_end(temple_ring: Path, tmp_path: Path) -> N
     weights = save_checkpoint(LoFTR(LoFTRConfig.preset("outdoor_ds")), tmp_path / "random.ckpt")
     matcher = make_matcher("loftr", weights=str(weights), resize=96, device="cpu", match_threshold=0.0)
     out = aachen.main(dataset, tmp_path / "out", matcher, pairs_query="exhaustive")
-    for path in (out.db_pairs, out.features, out.db_matches, out.query_features, out.query_matches, out.poses,
-                 out.submission, out.log):
+    for path in (
+        out.db_pairs,
+        out.features,
+        out.db_matches,
+        out.query_features,
+        out.query_matches,
+        out.poses,
+        out.submission,
+        out.log,
+    ):
         assert path.is_file(), path
     log = json.loads(out.log.read_text())
     assert log["matching"]["matcher"] == "loftr" and log["summary"]["queries"] == 2
@@ -124,8 +148,22 @@ def test_loftr_random_weights_end_to_end(temple_ring: Path, tmp_path: Path) -> N
         assert entry["status"] == "localized" or (entry["status"] == "failed" and entry["reason"])
     assert len(read_poses(out.submission)) == out.result.count("localized")
     # the CLI with the default threshold: random weights -> few or no matches, still a clean run
-    cli = aachen.main_cli(["--dataset", str(dataset), "--outputs", str(tmp_path / "cli"), "--weights", str(weights),
-                           "--resize", "96", "--device", "cpu", "--pairs-query", "exhaustive"])
+    cli = aachen.main_cli(
+        [
+            "--dataset",
+            str(dataset),
+            "--outputs",
+            str(tmp_path / "cli"),
+            "--weights",
+            str(weights),
+            "--resize",
+            "96",
+            "--device",
+            "cpu",
+            "--pairs-query",
+            "exhaustive",
+        ]
+    )
     assert cli.submission.is_file() and json.loads(cli.log.read_text())["summary"]["queries"] == 2
 
 
@@ -146,8 +184,10 @@ def test_covisibility_pairs_against_brute_force(mini: Path) -> None:
     for k in (1, 3):
         expected = set()
         for i in observed:  # the k images sharing most points (ties: lower image id first)
-            ranked = sorted((j for j in observed if j != i and observed[i] & observed[j]),
-                            key=lambda j: (-len(observed[i] & observed[j]), j))[:k]
+            ranked = sorted(
+                (j for j in observed if j != i and observed[i] & observed[j]),
+                key=lambda j: (-len(observed[i] & observed[j]), j),
+            )[:k]
             for j in ranked:
                 a, b = model.images[i].name, model.images[j].name
                 expected.add((min(a, b), max(a, b)))

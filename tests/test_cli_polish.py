@@ -1,5 +1,6 @@
 """Small things a new user sees (issue 16, item 4): program names in usage lines, the --weights help,
 one pixel limit everywhere, the offline warning's length, and what a broken checkpoint message advises."""
+
 from __future__ import annotations
 
 import importlib
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from matchers.errors import UserError
+from core.errors import UserError
 from tests.conftest import PROJECT_ROOT
 
 PACKAGES = ("matchers", "pipeline", "localization", "recipes", "datasets")
@@ -40,8 +41,9 @@ def test_usage_names_the_module_as_users_run_it(module, capsys):
     assert capsys.readouterr().out.startswith(f"usage: python -m {module} ")
 
 
-@pytest.mark.parametrize("module", ["matchers.match", "recipes.imc2022", "recipes.imc2023", "recipes.demo",
-                                    "localization.aachen"])
+@pytest.mark.parametrize(
+    "module", ["matchers.match", "recipes.imc2022", "recipes.imc2023", "recipes.demo", "localization.aachen"]
+)
 def test_weights_help_says_what_happens_offline(module, capsys):
     with pytest.raises(SystemExit):
         importlib.import_module(module).main_cli(["--help"])
@@ -52,6 +54,7 @@ def test_weights_help_says_what_happens_offline(module, capsys):
 # ---------------------------------------------------------------------------------------- pixel limit
 def png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG whose header claims ``width`` x ``height`` (no pixel data: enough for the size checks)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -61,10 +64,10 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 def test_one_pixel_limit_for_matching_and_reconstruction(tmp_path):
-    from matchers.image_io import MAX_IMAGE_PIXELS, read_rgb
+    from core.image_io import MAX_IMAGE_PIXELS, read_rgb
     from pipeline.image_check import inspect_image
 
-    side = int(MAX_IMAGE_PIXELS ** 0.5) + 100  # just above the limit
+    side = int(MAX_IMAGE_PIXELS**0.5) + 100  # just above the limit
     big = png_header_only(tmp_path / "big.png", side, side)
     expected = f"{side * side / 1e6:.0f} megapixels, more than the {MAX_IMAGE_PIXELS / 1e6:.0f} that are decoded safely"
     with pytest.raises(UserError) as raised:
@@ -108,8 +111,10 @@ def test_corrupt_checkpoint_advice_depends_on_who_made_the_file(tmp_path, monkey
 def test_unavailable_reason_is_short():
     from matchers.factory import unavailable_reason
 
-    error = UserError("LoFTR weights outdoor (loftr_outdoor.ckpt) are not available: download failed, no internet? "
-                      "(<urlopen error [Errno -2] Name or service not known>); download https://example/x and pass "
-                      "--weights /path/to/loftr_outdoor.ckpt, or set LOFTR_WEIGHTS to that file or its folder")
+    error = UserError(
+        "LoFTR weights outdoor (loftr_outdoor.ckpt) are not available: download failed, no internet? "
+        "(<urlopen error [Errno -2] Name or service not known>); download https://example/x and pass "
+        "--weights /path/to/loftr_outdoor.ckpt, or set LOFTR_WEIGHTS to that file or its folder"
+    )
     reason = unavailable_reason(error)
     assert reason.startswith("download failed, no internet?") and len(reason) <= 64

@@ -1,5 +1,6 @@
 """The database step: EXIF focal priors, camera modes, COLMAP's keypoint origin, match import and
 pycolmap verification on correspondences with known geometry."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,8 @@ import pytest
 from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
-from matchers.errors import UserError
-from pipeline import io
+from core import io
+from core.errors import UserError
 from pipeline.colmap_db import (
     CameraPrior,
     VerificationConfig,
@@ -105,26 +106,38 @@ def test_build_database_imports_and_verifies(tmp_path: Path) -> None:
     n = len(x0)
     # c has random keypoints: its pairs are pure noise (25 random matches, like a non-overlapping pair)
     xc = rng.uniform(0, [640, 480], (n, 2)).astype(np.float32)
-    io.write_features(tmp_path / "features.h5", {
-        "a.jpg": (x0, np.ones(n), (640, 480)),
-        "b.jpg": (x1, np.ones(n), (640, 480)),
-        "c.jpg": (xc, np.ones(n), (640, 480)),
-    })
+    io.write_features(
+        tmp_path / "features.h5",
+        {
+            "a.jpg": (x0, np.ones(n), (640, 480)),
+            "b.jpg": (x1, np.ones(n), (640, 480)),
+            "c.jpg": (xc, np.ones(n), (640, 480)),
+        },
+    )
     matches_ab = np.arange(n, dtype=np.int32)
     wrong = rng.choice(n, 40, replace=False)
     matches_ab[wrong] = rng.permutation(wrong)  # 40 outliers (a few may map to themselves)
     few = np.full(n, -1, np.int32)
     few[:10] = np.arange(10)  # fewer than min_num_inliers: not even imported
-    io.write_matches(tmp_path / "matches.h5", {
-        ("a.jpg", "b.jpg"): (matches_ab, np.ones(n)),
-        ("c.jpg", "a.jpg"): (np.where(np.arange(n) < 25, rng.permutation(n), -1).astype(np.int32), np.ones(n)),
-        ("b.jpg", "c.jpg"): (few, np.ones(n)),
-    })
+    io.write_matches(
+        tmp_path / "matches.h5",
+        {
+            ("a.jpg", "b.jpg"): (matches_ab, np.ones(n)),
+            ("c.jpg", "a.jpg"): (np.where(np.arange(n) < 25, rng.permutation(n), -1).astype(np.int32), np.ones(n)),
+            ("b.jpg", "c.jpg"): (few, np.ones(n)),
+        },
+    )
     pairs = [("a.jpg", "b.jpg"), ("c.jpg", "a.jpg"), ("b.jpg", "c.jpg")]
     database = tmp_path / "database.db"
     image_ids, stats = build_database(
-        database, image_dir, names, pairs, tmp_path / "features.h5", tmp_path / "matches.h5",
-        camera_mode="auto", verification=VerificationConfig(num_threads=1),
+        database,
+        image_dir,
+        names,
+        pairs,
+        tmp_path / "features.h5",
+        tmp_path / "matches.h5",
+        camera_mode="auto",
+        verification=VerificationConfig(num_threads=1),
     )
     assert stats.num_images == 3 and stats.num_cameras == 1 and stats.num_keypoints == 3 * n
     assert stats.num_pairs == 3 and stats.num_matched_pairs == 2 and stats.num_matches == n + 25
@@ -153,5 +166,11 @@ def test_missing_features_is_a_user_error(tmp_path: Path) -> None:
     io.write_features(tmp_path / "features.h5", {"a.jpg": (np.zeros((3, 2)), np.ones(3), (64, 48))})
     io.write_matches(tmp_path / "matches.h5", {})
     with pytest.raises(UserError, match="no keypoints for image 'b.jpg'"):
-        build_database(tmp_path / "db.db", image_dir, ["a.jpg", "b.jpg"], [("a.jpg", "b.jpg")],
-                       tmp_path / "features.h5", tmp_path / "matches.h5")
+        build_database(
+            tmp_path / "db.db",
+            image_dir,
+            ["a.jpg", "b.jpg"],
+            [("a.jpg", "b.jpg")],
+            tmp_path / "features.h5",
+            tmp_path / "matches.h5",
+        )

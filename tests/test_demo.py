@@ -1,4 +1,5 @@
 """`make demo` (python -m recipes.demo): offline, announces its matcher, reconstructs the synthetic scene."""
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,20 @@ def test_demo_runs_offline(tmp_path: Path) -> None:
     (tmp_path / "empty_weights_dir").mkdir()
     start = time.perf_counter()
     run = subprocess.run(
-        [sys.executable, "-m", "recipes.demo", "--outputs", str(tmp_path / "demo"), "--weights",
-         str(tmp_path / "empty_weights_dir" / "loftr_outdoor.ckpt")],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "recipes.demo",
+            "--outputs",
+            str(tmp_path / "demo"),
+            "--weights",
+            str(tmp_path / "empty_weights_dir" / "loftr_outdoor.ckpt"),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     seconds = time.perf_counter() - start
     assert run.returncode == 0, run.stderr[-3000:]

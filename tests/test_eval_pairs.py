@@ -1,4 +1,5 @@
 """recipes.eval_pairs: AUC arithmetic, corner error, pose estimation on exact correspondences, both CLIs."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,8 +10,16 @@ import cv2
 import numpy as np
 import pytest
 
-from recipes.eval_pairs import (HomographyPair, corner_error, error_auc, estimate_pose, evaluate_homographies,
-                                main_cli, make_homography_pairs, rotation_error_deg)
+from recipes.eval_pairs import (
+    HomographyPair,
+    corner_error,
+    error_auc,
+    estimate_pose,
+    evaluate_homographies,
+    main_cli,
+    make_homography_pairs,
+    rotation_error_deg,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +78,7 @@ class _OracleMatcher:
         from matchers.base import Matches
 
         pair = self.by_id[id(image0)]
-        ys, xs = np.mgrid[8:image0.shape[0] - 8:16, 8:image0.shape[1] - 8:16]
+        ys, xs = np.mgrid[8 : image0.shape[0] - 8 : 16, 8 : image0.shape[1] - 8 : 16]
         k0 = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32)
         k1 = cv2.perspectiveTransform(k0[None].astype(np.float64), pair.H)[0].astype(np.float32)
         k1[::10] += 40.0  # 10 % outliers
@@ -98,8 +107,20 @@ def test_cli_homography_with_sift(tmp_path: Path, capsys) -> None:
     photos.mkdir()
     cv2.imwrite(str(photos / "noise.png"), np.clip((image - 127) * 3 + 127, 0, 255).astype(np.uint8))
     out = tmp_path / "r.json"
-    result = main_cli(["--matcher", "sift", "--homography", str(photos), "--size", "320x240",
-                       "--pairs-per-image", "1", "--output", str(out)])
+    result = main_cli(
+        [
+            "--matcher",
+            "sift",
+            "--homography",
+            str(photos),
+            "--size",
+            "320x240",
+            "--pairs-per-image",
+            "1",
+            "--output",
+            str(out),
+        ]
+    )
     assert result.homography["pairs"] == 1
     assert result.homography["matches_per_pair"] > 20
     assert result.homography["auc@10px"] > 50  # SIFT solves a mild homography of a textured image
@@ -111,23 +132,36 @@ def test_cli_relative_pose_on_scannet_sample(scannet_sample, tmp_path: Path) -> 
     lines = (scannet_sample / "pairs_with_gt.txt").read_text().splitlines()[:2]
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("\n".join(lines) + "\n")
-    result = main_cli(["--matcher", "sift", "--pairs-with-gt", str(pairs), "--images",
-                       str(scannet_sample / "images"), "--resize", "640"])
+    result = main_cli(
+        [
+            "--matcher",
+            "sift",
+            "--pairs-with-gt",
+            str(pairs),
+            "--images",
+            str(scannet_sample / "images"),
+            "--resize",
+            "640",
+        ]
+    )
     assert result.pose["pairs"] == 2
     assert 0 <= result.pose["auc@5deg"] <= result.pose["auc@10deg"] <= result.pose["auc@20deg"] <= 100
     assert result.pose["matches_per_pair"] > 10
 
 
 def test_cli_errors(tmp_path: Path) -> None:
-    from matchers.errors import UserError
+    from core.errors import UserError
 
-    proc = subprocess.run([sys.executable, "-m", "recipes.eval_pairs"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipes.eval_pairs"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error:") and "nothing to evaluate" in proc.stderr and "Traceback" not in proc.stderr
-    for args, needle in ((["--homography", str(tmp_path / "none")], "does not exist"),
-                         (["--pairs-with-gt", str(tmp_path / "p.txt")], "not found"),
-                         (["--matcher", "sift", "--weights", "x", "--homography", str(tmp_path)], "no weights"),
-                         (["--matcher", "sift", "--homography", str(tmp_path), "--size", "640"], "bad --size")):
+    for args, needle in (
+        (["--homography", str(tmp_path / "none")], "does not exist"),
+        (["--pairs-with-gt", str(tmp_path / "p.txt")], "not found"),
+        (["--matcher", "sift", "--weights", "x", "--homography", str(tmp_path)], "no weights"),
+        (["--matcher", "sift", "--homography", str(tmp_path), "--size", "640"], "bad --size"),
+    ):
         with pytest.raises(UserError, match=needle):
             main_cli(args)

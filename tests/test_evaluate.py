@@ -1,4 +1,5 @@
 """localization.evaluate: pose errors, recall at thresholds, scale factor, name matching, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ import numpy as np
 import pycolmap
 import pytest
 
-from matchers.errors import UserError
+from core.errors import UserError
+from core.poses import camera_center, rigid_from_matrix, write_poses
 from localization import evaluate as ev
-from localization.poses import camera_center, rigid_from_matrix, write_poses
 
 
 def rot_z(degrees: float) -> np.ndarray:
@@ -59,8 +60,10 @@ def test_recall_thresholds_medians_and_missing() -> None:
 
 
 def test_submission_names_match_gt_by_file_name() -> None:
-    truth = {"query/day/a/IMG_1.jpg": pose_at(np.eye(3), np.zeros(3)),
-             "query/night/b/IMG_2.jpg": pose_at(np.eye(3), np.ones(3))}
+    truth = {
+        "query/day/a/IMG_1.jpg": pose_at(np.eye(3), np.zeros(3)),
+        "query/night/b/IMG_2.jpg": pose_at(np.eye(3), np.ones(3)),
+    }
     results = {"IMG_1.jpg": truth["query/day/a/IMG_1.jpg"], "query/night/b/IMG_2.jpg": truth["query/night/b/IMG_2.jpg"]}
     evaluation = ev.evaluate(truth, results)
     assert evaluation.recall == [100.0] * 3
@@ -80,8 +83,18 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     truth = {"q0.jpg": pose_at(np.eye(3), np.zeros(3)), "q1.jpg": pose_at(rot_z(50), np.ones(3))}
     write_poses(tmp_path / "gt.txt", truth)
     write_poses(tmp_path / "res.txt", {"q0.jpg": perturbed(truth["q0.jpg"], 1.0, np.array([0.2, 0, 0]))})
-    evaluation = ev.main_cli(["--gt", str(tmp_path / "gt.txt"), "--results", str(tmp_path / "res.txt"),
-                              "--thresholds", "aachen", "--output", str(tmp_path / "eval.json")])
+    evaluation = ev.main_cli(
+        [
+            "--gt",
+            str(tmp_path / "gt.txt"),
+            "--results",
+            str(tmp_path / "res.txt"),
+            "--thresholds",
+            "aachen",
+            "--output",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     assert "1/2 localized" in capsys.readouterr().out
     assert evaluation.recall == pytest.approx([50.0, 50.0, 50.0])
     saved = json.loads((tmp_path / "eval.json").read_text())

@@ -1,4 +1,5 @@
 """Model accuracy against GT: gauge invariance, known rotation perturbations, Sim3 centre errors."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from datasets.middlebury import GTCamera, cameras_from_reconstruction, gt_reconstruction, write_par_file
+from core.par_files import GTCamera, write_par_file
+from datasets.middlebury import cameras_from_reconstruction, gt_reconstruction
 from pipeline.evaluate_model import SimplePose, evaluate, relative_rotation_errors
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -88,16 +90,36 @@ def test_reconstruction_round_trip_and_cli(tmp_path: Path) -> None:
     model.write_binary(str(tmp_path))
     write_par_file(tmp_path / "gt_par.txt", gt.values())
     run = subprocess.run(
-        [sys.executable, "-m", "pipeline.evaluate_model", "--model", str(tmp_path),
-         "--gt", str(tmp_path / "gt_par.txt"), "--output", str(tmp_path / "acc.json")],
-        cwd=PROJECT_ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.evaluate_model",
+            "--model",
+            str(tmp_path),
+            "--gt",
+            str(tmp_path / "gt_par.txt"),
+            "--output",
+            str(tmp_path / "acc.json"),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("registered 8/8")
     assert (tmp_path / "acc.json").is_file()
     run = subprocess.run(
-        [sys.executable, "-m", "pipeline.evaluate_model", "--model", str(tmp_path / "none"),
-         "--gt", str(tmp_path / "gt_par.txt")],
-        cwd=PROJECT_ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.evaluate_model",
+            "--model",
+            str(tmp_path / "none"),
+            "--gt",
+            str(tmp_path / "gt_par.txt"),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 2 and run.stderr.startswith("error: ") and len(run.stderr.strip().splitlines()) == 1

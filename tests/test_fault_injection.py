@@ -10,7 +10,7 @@ run, and a full disk at each writer is one ``error:`` line (exit 2) with no corr
   runs to completion and its outputs must equal the uninterrupted run's: the same files (so no temporary file is
   left), the same features.h5 / matches.h5 datasets, the same registered images, poses (1e-6) and points.
 * **Full disk at each writer** (in-process, :func:`pipeline.reconstruct.main_cli` through
-  :func:`matchers.errors.run_cli`): the lowest write of one writer fails with ENOSPC the way the real one does —
+  :func:`core.errors.run_cli`): the lowest write of one writer fails with ENOSPC the way the real one does —
   Python-level writes (raw ``.npz``, stamps, pairs, summary.json, the PNG, the HTML) write half their bytes and
   then fail in ``write()``, without a file name; h5py fails in ``create_dataset``; SQLite (pycolmap) raises
   ``RuntimeError: ... database or disk is full``; COLMAP's C++ writers (the model, ``points.ply``) truncate the
@@ -21,7 +21,7 @@ run, and a full disk at each writer is one ``error:`` line (exit 2) with no corr
   skipped with the reason where that is not allowed), sized to fill up at h5py, SQLite, COLMAP's model writer
   and a Python writer.
 
-Two deviations are fixed in :func:`matchers.files.atomic_path` (outside pipeline/): a ``write()`` that fails on a
+Two deviations are fixed in :func:`core.files.atomic_path` (outside pipeline/): a ``write()`` that fails on a
 full disk names no file, and the temporary file of a writer killed before its rename stays forever. Until that
 patch is in, the tests that meet them run every other assertion and then xfail, listing what they saw
 (:class:`KnownBugs`); once it is in, they are ordinary failures.
@@ -29,6 +29,7 @@ patch is in, the tests that meet them run every other assertion and then xfail, 
 The scene: 5 rendered views, 160x120, over a 40 degree arc (SIFT registers all five in ~2 s); mapping with
 ``--num-threads 1`` is exactly reproducible, so an interrupted run must give the same model.
 """
+
 from __future__ import annotations
 
 import errno
@@ -50,11 +51,21 @@ from tests.conftest import PROJECT_ROOT
 
 SCENE = dict(width=160, height=120, num_views=5, num_boxes=3, arc_degrees=40.0)
 SIFT = ("--matcher", "sift", "--num-threads", "1")
-LOFTR = ("--matcher", "loftr+sift", "--weights", "loftr-compact", "--resize", "160", "--device", "cpu",
-         "--num-threads", "1")
+LOFTR = (
+    "--matcher",
+    "loftr+sift",
+    "--weights",
+    "loftr-compact",
+    "--resize",
+    "160",
+    "--device",
+    "cpu",
+    "--num-threads",
+    "1",
+)
 
 #: runs pipeline.reconstruct as ``python -m`` would, after wrapping one function to SIGKILL the process
-BOOTSTRAP = r'''
+BOOTSTRAP = r"""
 import functools, importlib, os, pathlib, runpy, signal, sys
 
 def install(spec):
@@ -111,17 +122,17 @@ if os.environ.get("FAULT_KILL"):
     install(os.environ["FAULT_KILL"])
 sys.argv[0] = "pipeline.reconstruct"
 runpy.run_module("pipeline.reconstruct", run_name="__main__", alter_sys=True)
-'''
+"""
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _atomic_path_is_patched() -> bool:
-    """Whether :func:`matchers.files.atomic_path` names the file when ``write()`` fails without a name (a full
+    """Whether :func:`core.files.atomic_path` names the file when ``write()`` fails without a name (a full
     disk) and removes the temporary files that killed writers left behind. Until it does (the proposed patch of
     matchers/files.py), those two deviations make the tests that meet them xfail instead of fail."""
     import tempfile
 
-    from matchers.files import atomic_path
+    from core.files import atomic_path
 
     with tempfile.TemporaryDirectory() as folder:
         target, stale = Path(folder) / "probe.txt", Path(folder) / ".probe.txt.abcdefgh.tmp"
@@ -140,7 +151,7 @@ ATOMIC_PATCHED = _atomic_path_is_patched()
 
 
 class KnownBugs:
-    """Deviations the matchers.files patch fixes: a failure once it is applied, an xfail (with what was seen)
+    """Deviations the core.files patch fixes: a failure once it is applied, an xfail (with what was seen)
     until then; every other assertion of the test still runs."""
 
     def __init__(self) -> None:
@@ -155,8 +166,9 @@ class KnownBugs:
 
     def finish(self) -> None:
         if self.seen:
-            pytest.xfail(f"{len(self.seen)} known deviation(s) until matchers/files.py is patched: "
-                         + "; ".join(self.seen[:3]))
+            pytest.xfail(
+                f"{len(self.seen)} known deviation(s) until matchers/files.py is patched: " + "; ".join(self.seen[:3])
+            )
 
 
 @pytest.fixture
@@ -179,7 +191,11 @@ def cli(images: Path, out: Path, *flags: str, fault: str | None = None, timeout:
         env["FAULT_KILL"] = fault
     return subprocess.run(
         [sys.executable, "-c", BOOTSTRAP, "--images", str(images), "--outputs", str(out), *flags],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -199,8 +215,12 @@ def temp_files(root: Path) -> list[str]:
     leftovers = []
     for path in root.rglob("*"):
         name = path.name
-        if (name.endswith((".tmp", ".old", "-journal", "-wal", "-shm")) or name.startswith(".write-test-")
-                or name.endswith(".colmap") or name.endswith(".pairs.txt")):
+        if (
+            name.endswith((".tmp", ".old", "-journal", "-wal", "-shm"))
+            or name.startswith(".write-test-")
+            or name.endswith(".colmap")
+            or name.endswith(".pairs.txt")
+        ):
             leftovers.append(str(path.relative_to(root)))
     return sorted(leftovers)
 
@@ -244,7 +264,7 @@ def assert_same_outputs(out: Path, reference: Path, known: KnownBugs) -> dict:
     stale = [name for name in leftovers if _atomic_temp(Path(name).name)]
     known.check(not stale, f"temporary files of killed writers left behind: {stale}")
     assert [name for name in leftovers if name not in stale] == []
-    assert listing(out) - set(stale) == listing(reference), (listing(out) ^ listing(reference))
+    assert listing(out) - set(stale) == listing(reference), listing(out) ^ listing(reference)
     for h5 in sorted(reference.rglob("*.h5")):
         got, expected = h5_datasets(out / h5.relative_to(reference)), h5_datasets(h5)
         assert sorted(got) == sorted(expected), h5
@@ -275,8 +295,7 @@ KILLS = [
 
 
 @pytest.mark.parametrize("stage,fault,resumed", KILLS, ids=[k[0] for k in KILLS])
-def test_sigkill_at_each_stage_resumes_to_the_same_outputs(images, reference, tmp_path, stage, fault, resumed,
-                                                          known):
+def test_sigkill_at_each_stage_resumes_to_the_same_outputs(images, reference, tmp_path, stage, fault, resumed, known):
     out = tmp_path / "out"
     killed = cli(images, out, *SIFT, fault=fault)
     assert killed.returncode == -signal.SIGKILL, (stage, killed.returncode, killed.stderr[-3000:])
@@ -322,7 +341,7 @@ class _FullFile:
         if len(data) <= self._budget:
             self._budget -= len(data)
             return self._handle.write(data)
-        self._handle.write(data[:self._budget])
+        self._handle.write(data[: self._budget])
         self._handle.flush()
         self._budget = 0
         raise _enospc()
@@ -390,8 +409,12 @@ def full_disk(monkeypatch):
     def fake_open(file, mode="r", *args, **kwargs):
         handle = real_open(file, mode, *args, **kwargs)
         target = active("python")
-        if target and any(flag in mode for flag in "wax+") and isinstance(file, (str, bytes, os.PathLike)) \
-                and _is_temp_of(file, target):
+        if (
+            target
+            and any(flag in mode for flag in "wax+")
+            and isinstance(file, (str, bytes, os.PathLike))
+            and _is_temp_of(file, target)
+        ):
             state["skip"] -= 1
             if state["skip"] < 0:
                 return _FullFile(handle, 64)
@@ -408,7 +431,8 @@ def full_disk(monkeypatch):
             raise RuntimeError(
                 f"Can't decrement id ref count (file write failed: time = Mon Nov 30 11:55:22 2026\n, filename = "
                 f"'{self.file.filename}', file descriptor = 4, errno = 28, error message = '{ENOSPC_TEXT}', "
-                f"buf = 0x56376bf71740, total write size = 128, bytes this sub-write = 128, offset = 16384)")
+                f"buf = 0x56376bf71740, total write size = 128, bytes this sub-write = 128, offset = 16384)"
+            )
         return real_create_dataset(self, name, *args, **kwargs)
 
     monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
@@ -430,7 +454,7 @@ def full_disk(monkeypatch):
             if active("silent") == target:
                 files = [Path(path)] if Path(path).is_file() else sorted(Path(path).iterdir())
                 victim = max(files, key=lambda p: p.stat().st_size)
-                victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])  # and no error, as COLMAP
+                victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # and no error, as COLMAP
             return result
 
         monkeypatch.setattr(pycolmap.Reconstruction, method, write)
@@ -446,7 +470,7 @@ def full_disk(monkeypatch):
 
 def run_main(images: Path, out: Path, capsys) -> tuple[int, str]:
     """pipeline.reconstruct's CLI in this process: (exit status, stderr)."""
-    from matchers.errors import run_cli
+    from core.errors import run_cli
     from pipeline import reconstruct
 
     capsys.readouterr()
@@ -497,8 +521,10 @@ def test_full_disk_at_each_writer_of_a_fresh_run(images, reference, tmp_path, fu
         line = assert_one_error_line(code, stderr, "no space left on device", "free some space")
         targets = writer_targets(out, writer)
         named = WRITERS[writer][0] if writer != "raw .npz" else "matches.h5.raw/"
-        known.check(line.startswith(f"error: {out}") and named in line.split(": no space")[0],
-                    f"{writer}: the error line names no file: {line!r}")
+        known.check(
+            line.startswith(f"error: {out}") and named in line.split(": no space")[0],
+            f"{writer}: the error line names no file: {line!r}",
+        )
         assert temp_files(out) == [], (writer, temp_files(out))
         if writer == "raw .npz":
             assert len(targets) == 2, targets  # the pairs matched before the disk filled are kept
@@ -518,8 +544,9 @@ def test_full_disk_keeps_the_previous_complete_files(images, reference, tmp_path
     quantization on is redone): when the disk fills at a writer, its previous file stays as it was."""
     out = tmp_path / "out"
     shutil.copytree(reference, out)
-    stale = [("view_001.png", "view_000.png")] + [tuple(line.split()) for line in
-                                                  (reference / "pairs.txt").read_text().splitlines()][1:]
+    stale = [("view_001.png", "view_000.png")] + [
+        tuple(line.split()) for line in (reference / "pairs.txt").read_text().splitlines()
+    ][1:]
     for writer in WRITERS:
         if writer == "raw .npz":
             for path in sorted(out.rglob("*.npz"))[:3]:
@@ -559,7 +586,11 @@ def test_loftr_ensemble_killed_from_outside_during_matching_then_in_the_merge(im
     with open(tmp_path / "stderr.txt", "w") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-c", BOOTSTRAP, "--images", str(images), "--outputs", str(out), *LOFTR],
-            cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
         try:
             deadline = time.monotonic() + 240
             while not list((out / "loftr" / "matches.h5.raw").glob("*/*.npz")):
@@ -593,7 +624,7 @@ def test_loftr_ensemble_killed_from_outside_during_matching_then_in_the_merge(im
 #: features.h5, matches.h5, SQLite (database.db), reconstruction.html, the model (sfm/); the last run has room.
 REAL_DISK_STEPS = (0, 48, 96, 150, 500, 60, 1 << 16)
 
-REAL_DISK_SCRIPT = r'''
+REAL_DISK_SCRIPT = r"""
 set -u
 results=$1; images=$2; shift 2
 mnt=$results/mnt; out=$mnt/out
@@ -611,15 +642,19 @@ for extra in "$@"; do
   echo $? > "$results/$step.rc"
   cp -a "$out" "$results/$step.out"
 done
-'''
+"""
 
 
 def _namespace_tmpfs_works(tmp: Path) -> str | None:
     """None when ``unshare -rm`` can mount a tmpfs here; else why not."""
     if shutil.which("unshare") is None:
         return "unshare (util-linux) is not installed"
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=16k tmpfs {tmp} && umount {tmp}"],
-                           capture_output=True, text=True, timeout=30)
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=16k tmpfs {tmp} && umount {tmp}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return None if probe.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {probe.stderr.strip()}"
 
 
@@ -655,9 +690,24 @@ def test_a_real_full_disk_at_each_stage(images, reference, tmp_path, known):
     results.mkdir()
     env = {**os.environ, "PYTHON": sys.executable, "BOOTSTRAP": BOOTSTRAP, "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("FAULT_KILL", None)
-    run = subprocess.run(["unshare", "-rm", "bash", "-c", REAL_DISK_SCRIPT, "script", str(results), str(images),
-                          *map(str, REAL_DISK_STEPS)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        [
+            "unshare",
+            "-rm",
+            "bash",
+            "-c",
+            REAL_DISK_SCRIPT,
+            "script",
+            str(results),
+            str(images),
+            *map(str, REAL_DISK_STEPS),
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     failed_at = []
     out = results / "mnt" / "out"  # the path the runs saw (the tmpfs is gone now)
@@ -665,7 +715,7 @@ def test_a_real_full_disk_at_each_stage(images, reference, tmp_path, known):
         code, stderr = int((results / f"{step}.rc").read_text()), (results / f"{step}.err").read_text()
         line = assert_one_error_line(code, stderr, "no space left on device", "free some space")
         if known.check(line.startswith(f"error: {out}/"), f"the error line names no file: {line!r}"):
-            failed_at.append(line.split(": ")[1][len(str(out)) + 1:])
+            failed_at.append(line.split(": ")[1][len(str(out)) + 1 :])
         assert_no_corrupt_file(results / f"{step}.out", reference)
     assert int((results / f"{len(REAL_DISK_STEPS)}.rc").read_text()) == 0
     assert_same_outputs(results / f"{len(REAL_DISK_STEPS)}.out", reference, known)

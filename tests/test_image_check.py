@@ -1,4 +1,5 @@
 """Bad and unusual input folders: what is kept, what is skipped and why, and clear errors."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from matchers.errors import UserError
-from matchers.image_io import read_gray
+from core.errors import UserError
+from core.image_io import read_gray
 from pipeline.image_check import check_h5, check_images, main_cli
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +63,29 @@ def messy_folder(tmp_path: Path) -> Path:
 def test_classification(messy_folder: Path) -> None:
     result = check_images(messy_folder, huge_pixels=50_000)
     assert result.names == sorted(
-        ["PLAIN.png", "alpha.png", "big.png", "deep16.png", "gray.png", "link.png", "photo.jpg", "plain.png",
-         "rotated.jpg", "sub-nested.png"]
+        [
+            "PLAIN.png",
+            "alpha.png",
+            "big.png",
+            "deep16.png",
+            "gray.png",
+            "link.png",
+            "photo.jpg",
+            "plain.png",
+            "rotated.jpg",
+            "sub-nested.png",
+        ]
     )
     skipped = result.skipped
-    assert set(skipped) == {"notes.txt", "empty.jpg", "truncated.jpg", "garbage.png", "zcopy.png",
-                            "with space.png", "sub/nested.png"}
+    assert set(skipped) == {
+        "notes.txt",
+        "empty.jpg",
+        "truncated.jpg",
+        "garbage.png",
+        "zcopy.png",
+        "with space.png",
+        "sub/nested.png",
+    }
     assert "not an image" in skipped["notes.txt"]
     assert "0 bytes" in skipped["empty.jpg"]
     assert "cannot be decoded" in skipped["truncated.jpg"] and "truncated" in skipped["truncated.jpg"]
@@ -152,7 +170,9 @@ def test_cli(messy_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) 
     empty.mkdir()
     run = subprocess.run(
         [sys.executable, "-m", "pipeline.image_check", "--images", str(empty)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()

@@ -1,4 +1,5 @@
 """IMC 2022 recipe: converter, Kaggle CSV schema, resume, time budget, errors, local score."""
+
 from __future__ import annotations
 
 import csv
@@ -8,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.errors import UserError
 from datasets.imc import (
     convert_scannet_2022,
     read_calibration_2022,
@@ -15,10 +17,9 @@ from datasets.imc import (
     read_test_2022,
     write_submission_2022,
 )
+from datasets.imc_metrics import fundamental_from_pose
 from matchers.base import Matches
-from matchers.errors import UserError
 from recipes import imc2022
-from recipes.imc_metrics import fundamental_from_pose
 
 NUM_PAIRS = 3
 
@@ -41,7 +42,7 @@ def test_converter_layout_and_ground_truth(imc2022_dir: Path, scannet_sample: Pa
     table = pd.read_csv(imc2022_dir / "test.csv")
     assert list(table.columns) == ["sample_id", "batch_id", "image_1_id", "image_2_id"]
     source_pairs = read_scannet_pairs(scannet_sample / "pairs_with_gt.txt")
-    for row, (name0, name1, K0, _K1, T01) in zip(read_test_2022(imc2022_dir / "test.csv"), source_pairs):
+    for row, (_name0, _name1, K0, _K1, T01) in zip(read_test_2022(imc2022_dir / "test.csv"), source_pairs):
         assert "-" not in row.image_1_id + row.image_2_id  # pair keys are 'id1-id2'
         for image_id in (row.image_1_id, row.image_2_id):
             with open(imc2022_dir / "test_images" / row.batch_id / f"{image_id}.png", "rb") as handle:
@@ -96,7 +97,9 @@ def test_recipe_sift_resume_and_schema(imc2022_dir: Path, tmp_path: Path) -> Non
     first = imc2022.main(imc2022_dir, output, config, score=True, progress=False)
     assert (first.num_pairs, first.num_matched, first.num_reused) == (NUM_PAIRS, NUM_PAIRS, 0)
     table = parse_submission(output, imc2022_dir)
-    assert 0.0 <= first.score.maa <= 1.0 and set(first.score.per_scene) == set(pd.read_csv(imc2022_dir / "test.csv").batch_id)
+    assert 0.0 <= first.score.maa <= 1.0 and set(first.score.per_scene) == set(
+        pd.read_csv(imc2022_dir / "test.csv").batch_id
+    )
     second = imc2022.main(imc2022_dir, output, config, progress=False)
     assert (second.num_matched, second.num_reused) == (0, NUM_PAIRS)
     assert pd.read_csv(output).equals(table)
@@ -119,7 +122,9 @@ def test_estimate_fundamental_on_exact_correspondences() -> None:
     X = np.column_stack([rng.uniform(-1, 1, 200), rng.uniform(-1, 1, 200), rng.uniform(3, 6, 200)])
     x0 = (K @ X.T).T
     x1 = (K @ (X @ R.T + t).T).T
-    matches = Matches((x0[:, :2] / x0[:, 2:]).astype(np.float32), (x1[:, :2] / x1[:, 2:]).astype(np.float32), np.ones(200, np.float32))
+    matches = Matches(
+        (x0[:, :2] / x0[:, 2:]).astype(np.float32), (x1[:, :2] / x1[:, 2:]).astype(np.float32), np.ones(200, np.float32)
+    )
     result = imc2022.estimate_fundamental(matches)
     F_gt = fundamental_from_pose(K, K, R, t)
     F = result.F / np.linalg.norm(result.F) * np.sign(np.sum(result.F * F_gt))
@@ -162,8 +167,24 @@ def test_multi_resolution_and_rotation_options() -> None:
 
 def test_cli(imc2022_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "cli.csv"
-    imc2022.main_cli(["--data", str(imc2022_dir), "--output", str(output), "--matcher", "sift",
-                      "--resize", "240", "320", "--rotation", "best", "--ransac-threshold", "0.5", "--score"])
+    imc2022.main_cli(
+        [
+            "--data",
+            str(imc2022_dir),
+            "--output",
+            str(output),
+            "--matcher",
+            "sift",
+            "--resize",
+            "240",
+            "320",
+            "--rotation",
+            "best",
+            "--ransac-threshold",
+            "0.5",
+            "--score",
+        ]
+    )
     printed = capsys.readouterr().out
     assert f"wrote {output}: {NUM_PAIRS} pairs ({NUM_PAIRS} matched" in printed and "mAA (IMC 2022" in printed
     parse_submission(output, imc2022_dir)

@@ -1,4 +1,5 @@
 """IMC 2023/2024 recipe: converter, Kaggle CSV schema, scene listing, local score, end to end with SIFT."""
+
 from __future__ import annotations
 
 import math
@@ -9,14 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.errors import UserError
+from core.par_files import read_par_file
 from datasets.imc import (
     convert_temple_2023,
     list_scenes_2023,
     read_labels_2023,
     write_submission_2023,
 )
-from datasets.middlebury import read_par_file
-from matchers.errors import UserError
 from recipes import imc2023
 
 SUBMISSION_COLUMNS = ["image_path", "dataset", "scene", "rotation_matrix", "translation_vector"]
@@ -51,7 +52,9 @@ def test_list_scenes_train_and_test_splits(temple_small: Path, tmp_path: Path) -
     assert split == "train" and len(scenes) == 1
     scene = scenes[0]
     assert scene.image_dir == temple_small / "train" / "middlebury" / "temple_ring" / "images"
-    assert scene.names[0] == "templeR0013.png" and scene.image_paths[0] == "middlebury/temple_ring/images/templeR0013.png"
+    assert (
+        scene.names[0] == "templeR0013.png" and scene.image_paths[0] == "middlebury/temple_ring/images/templeR0013.png"
+    )
     # a Kaggle-style test folder: sample_submission.csv + test/<dataset>/<scene>/images
     test_dir = tmp_path / "kaggle"
     images = test_dir / "test" / "d" / "s" / "images"
@@ -133,8 +136,8 @@ def test_pair_strategy() -> None:
 
 
 def test_converter_adds_scenes_and_cli(temple_ring: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from core.par_files import write_par_file
     from datasets import imc
-    from datasets.middlebury import write_par_file
 
     # a second Middlebury-style scene in the synthetic layout (cameras.txt): two temple views renamed
     source = tmp_path / "other"
@@ -144,10 +147,36 @@ def test_converter_adds_scenes_and_cli(temple_ring: Path, tmp_path: Path, capsys
         (source / "images" / f"v{index}.png").write_bytes((temple_ring / "images" / camera.name).read_bytes())
     write_par_file(source / "cameras.txt", [replace(c, name=f"v{i}.png") for i, c in enumerate(cameras)])
     output = tmp_path / "multi"
-    imc.main_cli(["temple2023", "--source", str(temple_ring), "--output", str(output), "--start", "12",
-                  "--limit", "3", "--max-size", "64"])
-    imc.main_cli(["middlebury2023", "--source", str(source), "--output", str(output), "--dataset", "synthetic",
-                  "--scene", "pair", "--max-size", "64"])
+    imc.main_cli(
+        [
+            "temple2023",
+            "--source",
+            str(temple_ring),
+            "--output",
+            str(output),
+            "--start",
+            "12",
+            "--limit",
+            "3",
+            "--max-size",
+            "64",
+        ]
+    )
+    imc.main_cli(
+        [
+            "middlebury2023",
+            "--source",
+            str(source),
+            "--output",
+            str(output),
+            "--dataset",
+            "synthetic",
+            "--scene",
+            "pair",
+            "--max-size",
+            "64",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "wrote 3 images of middlebury/temple_ring" in printed and "wrote 2 images of synthetic/pair" in printed
     labels = read_labels_2023(output / "train" / "train_labels.csv")
@@ -164,8 +193,9 @@ def test_converter_adds_scenes_and_cli(temple_ring: Path, tmp_path: Path, capsys
 
 def test_cli_prints_the_score(temple_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "cli.csv"
-    result = imc2023.main_cli(["--data", str(temple_small), "--output", str(output), "--matcher", "sift", "--score",
-                                "--num-threads", "1"])
+    result = imc2023.main_cli(
+        ["--data", str(temple_small), "--output", str(output), "--matcher", "sift", "--score", "--num-threads", "1"]
+    )
     printed = capsys.readouterr().out
     assert "middlebury/temple_ring: reconstructed, 8/8 registered" in printed
     assert f"mAA (IMC 2023, mean over 1 datasets): {result.score.maa:.4f}" in printed

@@ -1,4 +1,5 @@
 """IMC mAA on hand-built poses whose answers are computed by hand in each test."""
+
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from recipes.imc_metrics import (
+from datasets.imc_metrics import (
     DEFAULT_2023_THRESHOLDS,
     IMC2022_THRESHOLDS,
     IMC2023_THRESHOLDS,
@@ -48,7 +49,9 @@ def test_published_threshold_lists() -> None:
     # 2022: 1..10 degrees and 0.2 * 25^(k/9) metres; 2023 'haiper': 0.05 * 10^(k/9) metres
     assert IMC2022_THRESHOLDS.rotation_deg == tuple(float(k) for k in range(1, 11))
     assert IMC2022_THRESHOLDS.translation == pytest.approx([0.2 * 25 ** (k / 9) for k in range(10)])
-    assert IMC2023_THRESHOLDS[("haiper", "bike")].translation == pytest.approx([0.05 * 10 ** (k / 9) for k in range(10)])
+    assert IMC2023_THRESHOLDS[("haiper", "bike")].translation == pytest.approx(
+        [0.05 * 10 ** (k / 9) for k in range(10)]
+    )
     assert IMC2023_THRESHOLDS[("heritage", "wall")].rotation_deg[0] == pytest.approx(0.2)
     assert thresholds_2023("middlebury", "temple_ring") == DEFAULT_2023_THRESHOLDS
     with pytest.raises(ValueError):

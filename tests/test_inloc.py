@@ -1,4 +1,5 @@
 """InLoc: XYZcut interpolation, alignment files, query camera, mini-InLoc end to end (SIFT and LoFTR)."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.errors import UserError
+from core.poses import read_poses
 from datasets import mini_inloc
 from localization import inloc
 from localization.evaluate import INLOC_THRESHOLDS, evaluate
-from localization.poses import read_poses
-from matchers.errors import UserError
 
 
 # ------------------------------------------------------------------------------------ interpolation
@@ -79,16 +80,24 @@ def test_query_camera() -> None:
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("mini_inloc")
-    config = mini_inloc.MiniInLocConfig(num_scans=6, cutouts_per_scan=2, num_queries=3, width=240, height=180,
-                                        query_width=240, query_height=180, yaw_step_degrees=25.0)
+    config = mini_inloc.MiniInLocConfig(
+        num_scans=6,
+        cutouts_per_scan=2,
+        num_queries=3,
+        width=240,
+        height=180,
+        query_width=240,
+        query_height=180,
+        yaw_step_degrees=25.0,
+    )
     mini_inloc.main(root, config)
     return root
 
 
 def test_scan_points_are_true_world_points(mini: Path, tmp_path: Path) -> None:
     """3D from XYZcut + alignment reprojects onto the keypoint in the cutout's true camera."""
-    from localization.poses import camera_center
-    from pipeline.io import write_features
+    from core.io import write_features
+    from core.poses import camera_center
 
     description = json.loads((mini / "mini_inloc.json").read_text())
     K = np.array(description["cutout_intrinsics_K"])
@@ -112,8 +121,20 @@ def test_scan_points_are_true_world_points(mini: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("estimator", ["pycolmap", "magsac"])
 def test_mini_inloc_end_to_end_with_sift(mini: Path, tmp_path: Path, estimator: str) -> None:
-    out = inloc.main_cli(["--dataset", str(mini), "--outputs", str(tmp_path), "--matcher", "sift",
-                          "--pairs-query", "exhaustive", "--estimator", estimator])
+    out = inloc.main_cli(
+        [
+            "--dataset",
+            str(mini),
+            "--outputs",
+            str(tmp_path),
+            "--matcher",
+            "sift",
+            "--pairs-query",
+            "exhaustive",
+            "--estimator",
+            estimator,
+        ]
+    )
     lines = out.submission.read_text().splitlines()
     assert len(lines) == 3
     for line in lines:
@@ -125,8 +146,9 @@ def test_mini_inloc_end_to_end_with_sift(mini: Path, tmp_path: Path, estimator: 
     assert evaluation.recall[0] == 100.0, evaluation.table()
     submitted = read_poses(out.submission)  # the submission round-trips to the estimated poses
     for name, pose in out.result.poses.items():
-        np.testing.assert_allclose(np.asarray(submitted[name.split("/")[-1]].matrix()), np.asarray(pose.matrix()),
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(submitted[name.split("/")[-1]].matrix()), np.asarray(pose.matrix()), atol=1e-12
+        )
     log = json.loads(out.log.read_text())
     assert log["summary"]["localized"] == 3
     assert log["config"]["pose"]["max_error"] == pytest.approx(48 * 240 / 4032)  # hloc's 48 px at 4032 px
@@ -165,13 +187,31 @@ def test_loftr_random_weights_end_to_end(tmp_path: Path) -> None:
     from matchers.loftr import LoFTR, LoFTRConfig, save_checkpoint
 
     dataset = tmp_path / "data"
-    mini_inloc.main(dataset, mini_inloc.MiniInLocConfig(num_scans=2, cutouts_per_scan=1, num_queries=2, width=96,
-                                                         height=72, query_width=96, query_height=72))
+    mini_inloc.main(
+        dataset,
+        mini_inloc.MiniInLocConfig(
+            num_scans=2, cutouts_per_scan=1, num_queries=2, width=96, height=72, query_width=96, query_height=72
+        ),
+    )
     torch.manual_seed(0)
     weights = save_checkpoint(LoFTR(LoFTRConfig.preset("outdoor_ds")), tmp_path / "random.ckpt")
     # default threshold through the CLI: random weights give (almost) no confident match -> clean failures
-    out = inloc.main_cli(["--dataset", str(dataset), "--outputs", str(tmp_path / "cli"), "--weights", str(weights),
-                          "--resize", "96", "--device", "cpu", "--pairs-query", "exhaustive"])
+    out = inloc.main_cli(
+        [
+            "--dataset",
+            str(dataset),
+            "--outputs",
+            str(tmp_path / "cli"),
+            "--weights",
+            str(weights),
+            "--resize",
+            "96",
+            "--device",
+            "cpu",
+            "--pairs-query",
+            "exhaustive",
+        ]
+    )
     assert out.submission.is_file() and out.poses.is_file()
     log = json.loads(out.log.read_text())
     assert log["matching"]["matcher"] == "loftr" and log["summary"]["queries"] == 2

@@ -1,12 +1,13 @@
 """hloc file helpers: names stay inside the image root, pairs parsing, HDF5 round trip, truncated files."""
+
 from __future__ import annotations
 
 import h5py
 import numpy as np
 import pytest
 
-from matchers.errors import UserError
-from pipeline import io
+from core import io
+from core.errors import UserError
 
 
 def test_resolve_image_refuses_names_leaving_the_root_but_follows_user_symlinks(tmp_path):

@@ -1,4 +1,5 @@
 """Localization core: query lists, undistortion, pose files, estimators (pycolmap / MAGSAC++), localize."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,14 @@ import numpy as np
 import pycolmap
 import pytest
 
-from matchers.errors import UserError
-from localization import absolute_pose, localize as loc
+from core.cameras import make_camera, parse_query_list, undistort_points, write_query_list
+from core.errors import UserError
+from core.io import write_features, write_matches, write_pairs
+from core.poses import qt_from_rigid, read_poses, rigid_from_matrix, write_poses, write_submission
+from localization import absolute_pose
+from localization import localize as loc
 from localization.absolute_pose import PoseEstimationConfig, estimate_absolute_pose, magsac_params
-from localization.cameras import make_camera, parse_query_list, undistort_points, write_query_list
 from localization.evaluate import pose_errors
-from localization.poses import qt_from_rigid, read_poses, rigid_from_matrix, write_poses, write_submission
-from pipeline.io import write_features, write_matches, write_pairs
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -30,8 +32,9 @@ def project(camera: pycolmap.Camera, pose: pycolmap.Rigid3d, points: np.ndarray)
     return np.asarray(camera.img_from_cam(cam), dtype=np.float64)
 
 
-def planted_problem(seed: int, camera: pycolmap.Camera, n_in: int = 100, n_near: int = 100, n_out: int = 400,
-                    noise: float = 1.0):
+def planted_problem(
+    seed: int, camera: pycolmap.Camera, n_in: int = 100, n_near: int = 100, n_out: int = 400, noise: float = 1.0
+):
     """2D-3D correspondences: ``n_in`` inliers (Gaussian noise), ``n_near`` outliers displaced 4-15 px
     (the hard ones for a 12 px threshold), ``n_out`` gross outliers. Returns (p2d, p3d, pose, is_inlier)."""
     rng = np.random.default_rng(seed)
@@ -121,8 +124,10 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> Scene:
 # ------------------------------------------------------------------------------------------ cameras
 def test_query_list_round_trip_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "q.txt"
-    path.write_text("query/day/a.jpg SIMPLE_RADIAL 1600 1200 1469.2 800 600 -0.0353\n\n"
-                    "query/night/b.jpg PINHOLE 640 480 500 510 320 240\n")
+    path.write_text(
+        "query/day/a.jpg SIMPLE_RADIAL 1600 1200 1469.2 800 600 -0.0353\n\n"
+        "query/night/b.jpg PINHOLE 640 480 500 510 320 240\n"
+    )
     cameras = parse_query_list(path)
     assert list(cameras) == ["query/day/a.jpg", "query/night/b.jpg"]
     a = cameras["query/day/a.jpg"]
@@ -132,8 +137,13 @@ def test_query_list_round_trip_and_errors(tmp_path: Path) -> None:
     again = parse_query_list(tmp_path / "q2.txt")
     for name in cameras:
         np.testing.assert_array_equal(again[name].params, cameras[name].params)
-    for bad in ("x.jpg SIMPLE_RADIAL 10 10 1 2 3\n", "x.jpg FOO 10 10 1 2 3\n", "x.jpg PINHOLE ten 10 1 1 1 1\n",
-                "../x.jpg PINHOLE 10 10 1 1 1 1\n", "x.jpg PINHOLE\n"):
+    for bad in (
+        "x.jpg SIMPLE_RADIAL 10 10 1 2 3\n",
+        "x.jpg FOO 10 10 1 2 3\n",
+        "x.jpg PINHOLE ten 10 1 1 1 1\n",
+        "../x.jpg PINHOLE 10 10 1 1 1 1\n",
+        "x.jpg PINHOLE\n",
+    ):
         path.write_text(bad)
         with pytest.raises(UserError, match="q.txt:1"):
             parse_query_list(path)
@@ -200,7 +210,7 @@ def test_estimators_recover_pose_with_distortion_and_outliers(estimator: str) ->
     position, rotation = pose_errors(estimate.cam_from_world, truth)
     assert position < 0.02 and rotation < 0.2
     assert estimate.inlier_mask[is_inlier].mean() > 0.97  # planted inliers found
-    assert estimate.inlier_mask[100 + 100:].sum() <= 2  # gross outliers rejected
+    assert estimate.inlier_mask[100 + 100 :].sum() <= 2  # gross outliers rejected
 
 
 def test_magsac_path_runs_opencv_usac_magsac(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,8 +232,16 @@ def test_magsac_path_runs_opencv_usac_magsac(monkeypatch: pytest.MonkeyPatch) ->
     assert len(calls) == 1 and isinstance(calls[0], cv2.UsacParams)
     assert calls[0].score == cv2.SCORE_METHOD_MAGSAC and calls[0].loMethod == cv2.LOCAL_OPTIM_SIGMA
     K = np.ascontiguousarray(camera.calibration_matrix())
-    _, _, _, preset = cv2.solvePnPRansac(p3d, p2d, K, np.zeros(4), iterationsCount=config.max_iterations,
-                                         reprojectionError=12.0, confidence=config.confidence, flags=cv2.USAC_MAGSAC)
+    _, _, _, preset = cv2.solvePnPRansac(
+        p3d,
+        p2d,
+        K,
+        np.zeros(4),
+        iterationsCount=config.max_iterations,
+        reprojectionError=12.0,
+        confidence=config.confidence,
+        flags=cv2.USAC_MAGSAC,
+    )
     assert set(np.flatnonzero(ours.inlier_mask)) == set(preset.ravel())
     msac = magsac_params(config)
     msac.score, msac.loMethod = cv2.SCORE_METHOD_MSAC, cv2.LOCAL_OPTIM_INNER_AND_ITER_LO
@@ -312,16 +330,21 @@ def test_covisibility_clusters(scene: Scene, tmp_path: Path) -> None:
     assert loc.covisibility_clusters(scene.db, source) == [scene.db]  # all share points
 
     class Split:  # two db images that share no 3D point
-        def has_image(self, name): return True
-        def db_pose(self, name): return None
+        def has_image(self, name):
+            return True
+
+        def db_pose(self, name):
+            return None
+
         def keypoint_points(self, name):
             ids = np.arange(10) + (0 if name in ("a", "c") else 100)
             return ids, np.zeros((10, 3))
 
     assert loc.covisibility_clusters(["a", "b", "c"], Split()) == [["a", "c"], ["b"]]
     config = loc.LocalizationConfig(covisibility_clustering=True)
-    result = loc.main(scene.model_dir, scene.query_list, scene.pairs, scene.features, scene.matches,
-                      tmp_path / "p.txt", config)
+    result = loc.main(
+        scene.model_dir, scene.query_list, scene.pairs, scene.features, scene.matches, tmp_path / "p.txt", config
+    )
     assert all(log["status"] == "localized" and len(log["clusters"]) == 1 for log in result.logs.values())
 
 
@@ -329,11 +352,12 @@ def test_failed_queries_are_logged_and_run_continues(scene: Scene, tmp_path: Pat
     """No pairs, no features, pairs missing from matches.h5 and no 3D: failed (or fallback with
     --fallback nearest, which takes the db image with most matches); the good query still localizes."""
     cameras = parse_query_list(scene.query_list)
-    cameras.update({"query/none.jpg": CAMERA, "query/nokp.jpg": CAMERA, "query/nomatch.jpg": CAMERA,
-                    "query/unknown.jpg": CAMERA})
+    cameras.update(
+        {"query/none.jpg": CAMERA, "query/nokp.jpg": CAMERA, "query/nomatch.jpg": CAMERA, "query/unknown.jpg": CAMERA}
+    )
     # query/nomatch.jpg has keypoints and pairs, but all its matches are -1
     features = tmp_path / "f.h5"
-    from pipeline.io import read_features, read_matches
+    from core.io import read_features, read_matches
 
     all_features = read_features(scene.features)
     all_features["query/nomatch.jpg"] = all_features[scene.queries[0]]
@@ -367,8 +391,7 @@ def test_failed_queries_are_logged_and_run_continues(scene: Scene, tmp_path: Pat
     assert all(logs[q]["status"] == "localized" for q in scene.queries)
     assert set(result.poses) == set(scene.queries)
 
-    fallback = loc.localize(source, cameras, pairs, features, matches_path,
-                            loc.LocalizationConfig(fallback="nearest"))
+    fallback = loc.localize(source, cameras, pairs, features, matches_path, loc.LocalizationConfig(fallback="nearest"))
     assert fallback.logs["query/nomatch.jpg"]["status"] == "fallback"
     assert fallback.logs["query/nokp.jpg"]["fallback_db"] == scene.db[0]
     assert fallback.logs["query/none.jpg"]["status"] == "failed"  # no db image to fall back to
@@ -378,7 +401,8 @@ def test_failed_queries_are_logged_and_run_continues(scene: Scene, tmp_path: Pat
 
 def test_fallback_picks_db_image_with_most_matches() -> None:
     class Posed:
-        def db_pose(self, name): return pycolmap.Rigid3d()
+        def db_pose(self, name):
+            return pycolmap.Rigid3d()
 
     log = {"matches_per_db": {"a": 3, "b": 10, "c": 10}}
     assert loc._nearest_db(log, ["a", "b", "c"], Posed()) == "b"
@@ -387,16 +411,46 @@ def test_fallback_picks_db_image_with_most_matches() -> None:
 
 def test_cli(scene: Scene, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     results = tmp_path / "out" / "poses.txt"
-    loc.main_cli(["--reference-sfm", str(scene.model_dir), "--queries", str(scene.query_list), "--pairs",
-                  str(scene.pairs), "--features", str(scene.features), "--matches", str(scene.matches),
-                  "--results", str(results), "--estimator", "magsac", "--max-error", "8"])
+    loc.main_cli(
+        [
+            "--reference-sfm",
+            str(scene.model_dir),
+            "--queries",
+            str(scene.query_list),
+            "--pairs",
+            str(scene.pairs),
+            "--features",
+            str(scene.features),
+            "--matches",
+            str(scene.matches),
+            "--results",
+            str(results),
+            "--estimator",
+            "magsac",
+            "--max-error",
+            "8",
+        ]
+    )
     assert "localized 2 / 2" in capsys.readouterr().out
     log = json.loads((tmp_path / "out" / "poses_log.json").read_text())
     assert log["config"]["pose"]["max_error"] == 8.0 and log["config"]["pose"]["estimator"] == "magsac"
     with pytest.raises(UserError, match="not a COLMAP model"):
-        loc.main_cli(["--reference-sfm", str(tmp_path), "--queries", str(scene.query_list), "--pairs",
-                      str(scene.pairs), "--features", str(scene.features), "--matches", str(scene.matches),
-                      "--results", str(results)])
+        loc.main_cli(
+            [
+                "--reference-sfm",
+                str(tmp_path),
+                "--queries",
+                str(scene.query_list),
+                "--pairs",
+                str(scene.pairs),
+                "--features",
+                str(scene.features),
+                "--matches",
+                str(scene.matches),
+                "--results",
+                str(results),
+            ]
+        )
 
 
 def test_matches_without_3d_points_fail_with_reason(scene: Scene) -> None:
@@ -405,8 +459,13 @@ def test_matches_without_3d_points_fail_with_reason(scene: Scene) -> None:
             ids, xyz = super().keypoint_points(name)
             return np.full_like(ids, -1), np.full_like(xyz, np.nan)
 
-    result = loc.localize(No3D(scene.model_dir), parse_query_list(scene.query_list), loc.parse_retrieval(scene.pairs),
-                          scene.features, scene.matches)
+    result = loc.localize(
+        No3D(scene.model_dir),
+        parse_query_list(scene.query_list),
+        loc.parse_retrieval(scene.pairs),
+        scene.features,
+        scene.matches,
+    )
     for log in result.logs.values():
         assert log["status"] == "failed" and log["num_matches"] > 0
         assert log["reason"] == "none of the matched db keypoints has a 3D point"

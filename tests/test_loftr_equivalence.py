@@ -6,6 +6,7 @@ matches on these images (random weights give few mutual nearest neighbours for s
 neighbour off the border is a match and no match can flip on a threshold. Images are generated (random shapes
 on smooth noise, and a homography-warped copy), so the tests never skip.
 """
+
 from __future__ import annotations
 
 import copy
@@ -76,7 +77,8 @@ def make_pair(temp_bug_fix: bool = False, attention: str = "linear") -> tuple[to
     reference.load_state_dict(perturb(reference.state_dict(), seed=1))
     reference.eval()
     config = LoFTRConfig.preset("indoor_ds_new" if temp_bug_fix else "outdoor_ds").replace(
-        matching={"thr": 0.0}, coarse={"attention": attention})
+        matching={"thr": 0.0}, coarse={"attention": attention}
+    )
     ours = LoFTR(config).eval()
     ours.load_state_dict(reference.state_dict())  # strict: every key and shape must agree
     return reference, ours
@@ -84,6 +86,7 @@ def make_pair(temp_bug_fix: bool = False, attention: str = "linear") -> tuple[to
 
 def assert_same_matches(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> dict[str, float]:
     """Same match set (keyed by batch index and image-0 grid point), keypoints and confidences within tolerance."""
+
     def keyed(out: dict[str, torch.Tensor]) -> dict[tuple[int, int, int], int]:
         kpts0 = out["keypoints0"].round().long().tolist()
         return {(int(b), x, y): n for n, (b, (x, y)) in enumerate(zip(out["batch_indexes"].tolist(), kpts0))}
@@ -92,7 +95,8 @@ def assert_same_matches(ref: dict[str, torch.Tensor], ours: dict[str, torch.Tens
     assert len(ref_keys) == len(ref["keypoints0"]), "kornia returned duplicate image-0 keypoints"
     assert set(ref_keys) == set(our_keys), (
         f"match sets differ: {len(set(ref_keys) - set(our_keys))} only in kornia, "
-        f"{len(set(our_keys) - set(ref_keys))} only in ours")
+        f"{len(set(our_keys) - set(ref_keys))} only in ours"
+    )
     order_ref = torch.tensor([ref_keys[k] for k in sorted(ref_keys)], dtype=torch.long)
     order_ours = torch.tensor([our_keys[k] for k in sorted(ref_keys)], dtype=torch.long)
     kp0 = (ref["keypoints0"][order_ref] - ours["keypoints0"][order_ours]).abs().max().item()
@@ -108,8 +112,9 @@ def default_pair() -> tuple[torch.nn.Module, LoFTR]:
     return make_pair()
 
 
-def run_both(reference: torch.nn.Module, ours: LoFTR, image0: np.ndarray, image1: np.ndarray
-             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def run_both(
+    reference: torch.nn.Module, ours: LoFTR, image0: np.ndarray, image1: np.ndarray
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     t0, t1 = as_tensor(image0), as_tensor(image1)
     with torch.inference_mode():
         ref = reference({"image0": t0, "image1": t1})

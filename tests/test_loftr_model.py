@@ -1,4 +1,5 @@
 """matchers.loftr model API: per-image encoding, padded batches, both directions, the Matcher adapter, autocast."""
+
 from __future__ import annotations
 
 import math
@@ -7,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from test_loftr_equivalence import as_tensor, textured_image, warped
 
 from matchers.base import resize_image
 from matchers.loftr import LoFTR, LoFTRConfig, LoFTRMatcher, collate
 from matchers.loftr.position_encoding import frequencies, position_encoding
-from test_loftr_equivalence import as_tensor, textured_image, warped
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,9 @@ def test_encode_batched_equals_per_image(model: LoFTR) -> None:
     with torch.inference_mode():
         both = model.encode(torch.cat([a, b]))
         ea, eb = model.encode(a), model.encode(b)
-    assert torch.allclose(both.coarse[:1], ea.coarse, atol=1e-4) and torch.allclose(both.coarse[1:], eb.coarse, atol=1e-4)
+    assert torch.allclose(both.coarse[:1], ea.coarse, atol=1e-4) and torch.allclose(
+        both.coarse[1:], eb.coarse, atol=1e-4
+    )
     assert torch.allclose(both.fine[:1], ea.fine, atol=1e-4) and torch.allclose(both.fine[1:], eb.fine, atol=1e-4)
     assert ea.coarse.shape[2:] == (12, 16) and ea.fine.shape[2:] == (48, 64)
 
@@ -144,20 +147,33 @@ def test_both_directions_is_the_deduplicated_union(model: LoFTR) -> None:
         forward = model.match(t0, t1)
         backward = model.match(t1, t0)
         merged = model.match(t0, t1, both_directions=True)
-    fwd = {(i, j): c for i, j, c in zip(forward["coarse_index0"].tolist(), forward["coarse_index1"].tolist(),
-                                          forward["confidence"].tolist())}
-    bwd = {(j, i): c for i, j, c in zip(backward["coarse_index0"].tolist(), backward["coarse_index1"].tolist(),
-                                          backward["confidence"].tolist())}
-    got = {(i, j): c for i, j, c in zip(merged["coarse_index0"].tolist(), merged["coarse_index1"].tolist(),
-                                          merged["confidence"].tolist())}
+    fwd = {
+        (i, j): c
+        for i, j, c in zip(
+            forward["coarse_index0"].tolist(), forward["coarse_index1"].tolist(), forward["confidence"].tolist()
+        )
+    }
+    bwd = {
+        (j, i): c
+        for i, j, c in zip(
+            backward["coarse_index0"].tolist(), backward["coarse_index1"].tolist(), backward["confidence"].tolist()
+        )
+    }
+    got = {
+        (i, j): c
+        for i, j, c in zip(
+            merged["coarse_index0"].tolist(), merged["coarse_index1"].tolist(), merged["confidence"].tolist()
+        )
+    }
     assert len(got) == len(merged["confidence"])  # no duplicates
     assert set(got) == set(fwd) | set(bwd)
     assert len(bwd) > 0 and set(bwd) - set(fwd)  # the reverse direction adds matches
     for key, conf in got.items():
         assert conf == pytest.approx(max(fwd.get(key, 0.0), bwd.get(key, 0.0)))
     # reverse-only matches: image 1's keypoint is on its 8-pixel grid
-    reverse_only = torch.tensor([key not in fwd for key in zip(merged["coarse_index0"].tolist(),
-                                                                merged["coarse_index1"].tolist())])
+    reverse_only = torch.tensor(
+        [key not in fwd for key in zip(merged["coarse_index0"].tolist(), merged["coarse_index1"].tolist())]
+    )
     k1 = merged["keypoints1"][reverse_only]
     assert torch.equal(k1, (k1 / 8).round() * 8)
 
@@ -239,16 +255,27 @@ def test_dual_softmax_matches_plain_formula_with_masks_and_chunks(monkeypatch: p
     torch.testing.assert_close(g_fused, g_plain)
 
 
-def reference_selection(conf: np.ndarray, shape0: tuple[int, int], shape1: tuple[int, int], thr: float,
-                        border: int, valid0: tuple[int, int], valid1: tuple[int, int]) -> set[tuple[int, int]]:
+def reference_selection(
+    conf: np.ndarray,
+    shape0: tuple[int, int],
+    shape1: tuple[int, int],
+    thr: float,
+    border: int,
+    valid0: tuple[int, int],
+    valid1: tuple[int, int],
+) -> set[tuple[int, int]]:
     """The official rule written out: conf > thr, both cells >= border inside the valid area, row and column max."""
     (h0, w0), (h1, w1) = shape0, shape1
     found = set()
     for i in range(h0 * w0):
         for j in range(h1 * w1):
             y0, x0, y1, x1 = i // w0, i % w0, j // w1, j % w1
-            inside = (border <= y0 < valid0[0] - border and border <= x0 < valid0[1] - border
-                      and border <= y1 < valid1[0] - border and border <= x1 < valid1[1] - border)
+            inside = (
+                border <= y0 < valid0[0] - border
+                and border <= x0 < valid0[1] - border
+                and border <= y1 < valid1[0] - border
+                and border <= x1 < valid1[1] - border
+            )
             if conf[i, j] > thr and inside and conf[i, j] == conf[i].max() and conf[i, j] == conf[:, j].max():
                 found.add((i, j))
     return found
@@ -266,8 +293,15 @@ def test_match_selection_follows_the_official_rule() -> None:
         mask0[:, : valid0[0], : valid0[1]] = True
         mask1[:, : valid1[0], : valid1[1]] = True
         padded = valid0 != shape0
-        got = select_matches(torch.from_numpy(conf).float(), shape0, shape1, 0.05, 1,
-                             mask0 if padded else None, mask1 if padded else None)
+        got = select_matches(
+            torch.from_numpy(conf).float(),
+            shape0,
+            shape1,
+            0.05,
+            1,
+            mask0 if padded else None,
+            mask1 if padded else None,
+        )
         expected = reference_selection(conf[0].astype(np.float32), shape0, shape1, 0.05, 1, valid0, valid1)
         assert len(expected) >= 5
         assert set(zip(got.i_ids.tolist(), got.j_ids.tolist())) == expected

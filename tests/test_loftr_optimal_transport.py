@@ -1,4 +1,5 @@
 """Optimal-transport coarse matching: log-space Sinkhorn with a dustbin, checked against a plain reference."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +35,9 @@ def test_matches_plain_reference(iters: int) -> None:
     bin_score = 0.7
     ours = log_optimal_transport(torch.from_numpy(scores), torch.tensor(bin_score, dtype=torch.float64), iters)
     for b in range(2):
-        np.testing.assert_allclose(ours[b].exp().numpy(), reference_sinkhorn(scores[b], bin_score, iters),
-                                   rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            ours[b].exp().numpy(), reference_sinkhorn(scores[b], bin_score, iters), rtol=1e-10, atol=1e-12
+        )
 
 
 def test_marginals_converge_to_prescribed() -> None:

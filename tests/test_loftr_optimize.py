@@ -3,6 +3,7 @@
 Expectations are independent of the code under test: an unfused Conv2d + BatchNorm2d, the plain dual-softmax
 formula written out here, crops of the whole fine map, and the unoptimised model itself.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_loftr_equivalence import as_tensor, perturb, textured_image, warped
 from torch import nn
 
-from matchers.loftr import LoFTR, LoFTRConfig, LoFTRMatcher
-from matchers.loftr import coarse_matching
+from matchers.loftr import LoFTR, LoFTRConfig, LoFTRMatcher, coarse_matching
 from matchers.loftr.coarse_matching import select_dual_softmax
 from matchers.loftr.fine_preprocess import gather_windows
-from matchers.loftr.optimize import (FusedLocalFeatureTransformer, InferenceOptions, fold_batchnorm, fold_conv_bn,
-                                     optimize_for_inference)
-from test_loftr_equivalence import as_tensor, perturb, textured_image, warped
+from matchers.loftr.optimize import (
+    FusedLocalFeatureTransformer,
+    InferenceOptions,
+    fold_batchnorm,
+    fold_conv_bn,
+    optimize_for_inference,
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +79,9 @@ def test_fold_batchnorm_backbone_and_original_untouched(model: LoFTR, pair: tupl
     assert any(isinstance(m, nn.BatchNorm2d) for m in optimize_for_inference(model).backbone.modules())  # opt-in
     optimized = optimize_for_inference(model, InferenceOptions(fold_bn=True))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in optimized.backbone.modules())
-    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules()) == 17  # stem, 6 blocks x 2, 2 shortcuts, 2 FPN heads
+    assert (
+        sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules()) == 17
+    )  # stem, 6 blocks x 2, 2 shortcuts, 2 FPN heads
     assert set(model.state_dict()) == keys_before  # the public model keeps its keys and BatchNorms
     with torch.inference_mode():
         for ours, reference in zip(optimized.backbone(pair[0]), model.backbone(pair[0])):
@@ -91,8 +98,11 @@ def test_optimized_model_gives_the_same_matches(model: LoFTR, pair: tuple[torch.
         assert_same_matches(reference, optimized.match(*pair))
         assert_same_matches(reference, optimized.match_encoded(optimized.encode(pair[0]), optimized.encode(pair[1])))
     # each option alone
-    for options in (InferenceOptions(True, False, False), InferenceOptions(False, True, False),
-                    InferenceOptions(False, False, True)):
+    for options in (
+        InferenceOptions(True, False, False),
+        InferenceOptions(False, True, False),
+        InferenceOptions(False, False, True),
+    ):
         with torch.inference_mode():
             assert_same_matches(reference, optimize_for_inference(model, options).match(*pair))
 
@@ -117,9 +127,17 @@ def test_fused_transformer_with_masks_and_unequal_lengths(model: LoFTR) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- coarse matching
-def plain_selection(feat0: torch.Tensor, feat1: torch.Tensor, temperature: float, shape0: tuple[int, int],
-                    shape1: tuple[int, int], threshold: float, border: int, mask0: torch.Tensor | None,
-                    mask1: torch.Tensor | None) -> set[tuple[int, int, int]]:
+def plain_selection(
+    feat0: torch.Tensor,
+    feat1: torch.Tensor,
+    temperature: float,
+    shape0: tuple[int, int],
+    shape1: tuple[int, int],
+    threshold: float,
+    border: int,
+    mask0: torch.Tensor | None,
+    mask1: torch.Tensor | None,
+) -> set[tuple[int, int, int]]:
     """The official rule written out: dual-softmax, threshold, border, mutual row/column maximum."""
     sim = torch.einsum("nlc,nsc->nls", feat0 / 16, feat1 / 16) / temperature
     valid = torch.ones_like(sim, dtype=torch.bool)
@@ -141,8 +159,12 @@ def plain_selection(feat0: torch.Tensor, feat1: torch.Tensor, temperature: float
             if value <= threshold or value < conf[b, :, j].max():
                 continue
             yi, xi, yj, xj = i // shape0[1], i % shape0[1], j // shape1[1], j % shape1[1]
-            if border <= yi < h0 - border and border <= xi < w0 - border and \
-                    border <= yj < h1 - border and border <= xj < w1 - border:
+            if (
+                border <= yi < h0 - border
+                and border <= xi < w0 - border
+                and border <= yj < h1 - border
+                and border <= xj < w1 - border
+            ):
                 result.add((b, i, j))
     return result
 
@@ -164,8 +186,7 @@ def test_blocked_selection_equals_plain_rule(budget: int | None, monkeypatch: py
     for masks in ((None, None), (mask0, mask1)):
         for threshold in (0.0, 0.05):
             expected = plain_selection(feat0, feat1, 0.1, shape0, shape1, threshold, 2, *masks)
-            got = select_dual_softmax(feat0, feat1, 0.1, shape0, shape1, threshold, 2, *masks,
-                                      max_matrix_bytes=budget)
+            got = select_dual_softmax(feat0, feat1, 0.1, shape0, shape1, threshold, 2, *masks, max_matrix_bytes=budget)
             assert len(expected) >= 8  # enough matches for the comparison to mean something
             assert set(zip(got.b_ids.tolist(), got.i_ids.tolist(), got.j_ids.tolist())) == expected
 
@@ -198,15 +219,17 @@ def test_fine_windows_equal_crops_of_the_whole_map(model: LoFTR, size: tuple[int
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_lazy_fine_both_decisions(model: LoFTR, pair: tuple[torch.Tensor, torch.Tensor],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lazy_fine_both_decisions(
+    model: LoFTR, pair: tuple[torch.Tensor, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """match() computes only the windows (few matches) or the whole map (many); both equal the eager path."""
     with torch.inference_mode():
         reference = model.match_encoded(model.encode(pair[0]), model.encode(pair[1]))
         calls = []
         original = type(model.backbone).fine_windows
-        monkeypatch.setattr(type(model.backbone), "fine_windows",
-                            lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+        monkeypatch.setattr(
+            type(model.backbone), "fine_windows", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+        )
         for ratio, windows_used in ((1e9, True), (0.0, False)):
             calls.clear()
             monkeypatch.setattr(model, "lazy_fine_ratio", ratio)
@@ -246,8 +269,17 @@ def test_benchmark_tiny_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
     pytest.importorskip("kornia.feature")
     from recipes.benchmark import BenchmarkConfig, main
 
-    config = BenchmarkConfig(sizes=((128, 96),), runs=1, rss_sizes=((128, 96),), dense_images=3, dense_resize=128,
-                             technique_size=(128, 96), technique_runs=1, compile_size=None, threads=1)
+    config = BenchmarkConfig(
+        sizes=((128, 96),),
+        runs=1,
+        rss_sizes=((128, 96),),
+        dense_images=3,
+        dense_resize=128,
+        technique_size=(128, 96),
+        technique_runs=1,
+        compile_size=None,
+        threads=1,
+    )
     out = tmp_path / "bench.json"
     report = main(config, out, large=False)
     table = capsys.readouterr().out
@@ -262,7 +294,7 @@ def test_benchmark_tiny_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_benchmark_cli_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
-    from matchers.errors import run_cli
+    from core.errors import run_cli
     from recipes.benchmark import main_cli
 
     with pytest.raises(SystemExit) as error:
@@ -271,8 +303,9 @@ def test_benchmark_cli_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> 
     assert "--runs" in capsys.readouterr().err
 
 
-def test_pre_attended_images_skip_the_first_layer_with_the_same_matches(model: LoFTR,
-                                                                         pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+def test_pre_attended_images_skip_the_first_layer_with_the_same_matches(
+    model: LoFTR, pair: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     optimized = optimize_for_inference(model)
     with torch.inference_mode():
         reference = model.match_encoded(model.encode(pair[0]), model.encode(pair[1]))

@@ -1,4 +1,5 @@
 """LoFTR checkpoints: official / kornia layouts round-trip, clear errors for bad files, offline behaviour."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from matchers.errors import UserError
-from matchers.loftr import LoFTR, LoFTRConfig, load_pretrained, save_checkpoint
-from matchers.loftr import get_weights
+from core.errors import UserError
+from matchers.loftr import LoFTR, LoFTRConfig, get_weights, load_pretrained, save_checkpoint
 from matchers.loftr import weights as weights_module
 
 REAL_DOWNLOAD = weights_module._download  # kept before the autouse fixture disables the network
@@ -142,8 +142,9 @@ def test_offline_download_message(isolated_cache: Path) -> None:
         load_pretrained("outdoor_ot", "cpu")  # OT weights are only on the official Google Drive
 
 
-def test_download_into_torch_hub_cache(model: LoFTR, tmp_path: Path, isolated_cache: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_into_torch_hub_cache(
+    model: LoFTR, tmp_path: Path, isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = save_checkpoint(model, tmp_path / "served.ckpt", include_config=False)
     calls = []
 
@@ -203,7 +204,11 @@ def test_cli_converts_and_reports_errors(model: LoFTR, tmp_path: Path, capsys: p
     assert_same_weights(model.state_dict(), raw)
     # a user error through the real entry point: one line on stderr, exit code 2, no traceback
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
-    run = subprocess.run([sys.executable, "-m", "matchers.loftr.get_weights", str(tmp_path / "bad.ckpt")],
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    run = subprocess.run(
+        [sys.executable, "-m", "matchers.loftr.get_weights", str(tmp_path / "bad.ckpt")],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert run.returncode == 2, run.stderr
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "bad.ckpt" in run.stderr

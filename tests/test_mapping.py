@@ -1,4 +1,5 @@
 """Mapping with staged self-calibration and geometry refinement (pipeline.mapping)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,8 +59,12 @@ def test_bundle_adjustment_lowers_the_reprojection_error_of_a_perturbed_model(si
     assert perturbed > 2 * before
     calibration: list[str] = []
     # Filters far above the errors: only the adjustment can lower them.
-    rounds = refine_geometry(sift_run["outputs"] / "database.db", model,
-                             MappingConfig(refine_iterations=1, filter_errors=(100.0,)), calibration)
+    rounds = refine_geometry(
+        sift_run["outputs"] / "database.db",
+        model,
+        MappingConfig(refine_iterations=1, filter_errors=(100.0,)),
+        calibration,
+    )
     assert rounds[0]["mean_reprojection_error"] == pytest.approx(perturbed, rel=1e-3)
     assert rounds[-1]["mean_reprojection_error"] < 1.2 * before < perturbed
     assert rounds[-1]["registered"] == rounds[0]["registered"]
@@ -77,9 +82,23 @@ def test_a_scene_whose_pairs_all_fail_is_one_error_line_with_the_pairs_in_the_su
     rng = np.random.default_rng(0)
     for index in range(4):  # unrelated random textures: nothing to verify
         cv2.imwrite(str(images / f"{index}.png"), (rng.random((120, 160)) * 255).astype(np.uint8))
-    run = subprocess.run([sys.executable, "-m", "pipeline.reconstruct", "--images", str(images), "--outputs",
-                          str(tmp_path / "out"), "--matcher", "sift"], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.reconstruct",
+            "--images",
+            str(images),
+            "--outputs",
+            str(tmp_path / "out"),
+            "--matcher",
+            "sift",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "no model could be reconstructed" in errors[0]
@@ -92,8 +111,8 @@ def test_a_scene_whose_pairs_all_fail_is_one_error_line_with_the_pairs_in_the_su
 def _telephoto_database(root: Path, seed: int = 1, views: int = 24, points: int = 2000, cell: float = 8.0) -> Path:
     """A database as dense matching makes it on a telephoto ring (focal 5x the width): the true projections of
     points on an object, each snapped to its 8 px coarse cell, matched between views up to 3 apart."""
+    from core import io
     from datasets.synthetic import ring_cameras
-    from pipeline import io
     from pipeline.colmap_db import build_database
 
     config = SceneConfig.preset("object_tele", num_views=views)
@@ -111,7 +130,8 @@ def _telephoto_database(root: Path, seed: int = 1, views: int = 24, points: int 
         pixels = (world @ R.T + t) @ K[index].T
         pixels = pixels[:, :2] / pixels[:, 2:]
         visible = (np.einsum("ij,ij->i", normals, rays) > 0.2) & np.all(
-            (pixels > 0) & (pixels < [config.width - 1, config.height - 1]), axis=1)
+            (pixels > 0) & (pixels < [config.width - 1, config.height - 1]), axis=1
+        )
         ids = np.nonzero(visible)[0]
         name = f"view_{index:03d}.png"
         (root / "images" / name).write_bytes(b"")  # the database reads sizes from features.h5
@@ -129,8 +149,15 @@ def _telephoto_database(root: Path, seed: int = 1, views: int = 24, points: int 
             pairs.append((a, b))
     io.write_features(root / "features.h5", features)
     io.write_matches(root / "matches.h5", matches)
-    build_database(root / "database.db", root / "images", names, pairs, root / "features.h5", root / "matches.h5",
-                   camera_mode="single")
+    build_database(
+        root / "database.db",
+        root / "images",
+        names,
+        pairs,
+        root / "features.h5",
+        root / "matches.h5",
+        camera_mode="single",
+    )
     return root / "database.db"
 
 
@@ -138,8 +165,9 @@ def test_staged_calibration_registers_the_telephoto_ring_on_which_colmaps_distor
     from pipeline.mapping import run_mapping
 
     database = _telephoto_database(tmp_path)
-    colmap = run_mapping(database, tmp_path / "images", tmp_path / "colmap", MappingConfig(calibration="colmap",
-                                                                                           refine_iterations=0), 24)
+    colmap = run_mapping(
+        database, tmp_path / "images", tmp_path / "colmap", MappingConfig(calibration="colmap", refine_iterations=0), 24
+    )
     # COLMAP's options: the shared camera's distortion runs past COLMAP's bogus bound (|k| > 1) and mapping stops.
     assert colmap.reconstruction.num_reg_images() < 20
     assert camera_problem(colmap.reconstruction.cameras[1], 1.0) is not None

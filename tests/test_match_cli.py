@@ -1,4 +1,5 @@
 """`python -m matchers.match`: the PNG, the printed figures and the offline failure."""
+
 from __future__ import annotations
 
 import os
@@ -13,16 +14,26 @@ from tests.conftest import PROJECT_ROOT
 
 def run_match(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "matchers.match", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-        env={**os.environ, **(env or {})}, timeout=300,
+        [sys.executable, "-m", "matchers.match", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
     )
 
 
 def test_sift_on_a_scannet_pair_writes_a_png(scannet_sample, tmp_path):
     first = (scannet_sample / "pairs_with_gt.txt").read_text().splitlines()[12].split()
     out = tmp_path / "viz.png"
-    run = run_match(str(scannet_sample / "images" / first[0]), str(scannet_sample / "images" / first[1]),
-                    "--matcher", "sift", "--out", str(out))
+    run = run_match(
+        str(scannet_sample / "images" / first[0]),
+        str(scannet_sample / "images" / first[1]),
+        "--matcher",
+        "sift",
+        "--out",
+        str(out),
+    )
     assert run.returncode == 0, run.stderr
     assert "matches in" in run.stdout and "MAGSAC++" in run.stdout
     picture = np.asarray(Image.open(out))
@@ -32,11 +43,16 @@ def test_sift_on_a_scannet_pair_writes_a_png(scannet_sample, tmp_path):
 def test_loftr_offline_prints_one_actionable_line_and_exits_2(temple_ring, tmp_path):
     image = str(temple_ring / "images" / "templeR0001.png")
     # An unreachable proxy makes the download fail the same way with or without internet.
-    env = {"TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
-           "LOFTR_WEIGHTS": ""}
+    env = {
+        "TORCH_HOME": str(tmp_path / "hub"),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "LOFTR_WEIGHTS": "",
+    }
     # weights asked for by name: no silent substitute
-    run = run_match(image, image, "--matcher", "loftr", "--weights", "outdoor", "--out", str(tmp_path / "x.png"),
-                    env=env)
+    run = run_match(
+        image, image, "--matcher", "loftr", "--weights", "outdoor", "--out", str(tmp_path / "x.png"), env=env
+    )
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--weights" in lines[0] and "LOFTR_WEIGHTS" in lines[0]
@@ -44,8 +60,12 @@ def test_loftr_offline_prints_one_actionable_line_and_exits_2(temple_ring, tmp_p
 
 def test_loftr_default_weights_offline_fall_back_to_the_shipped_compact_model(temple_ring, tmp_path):
     names = [str(temple_ring / "images" / f"templeR000{k}.png") for k in (1, 2)]
-    env = {"TORCH_HOME": str(tmp_path / "hub"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
-           "LOFTR_WEIGHTS": ""}
+    env = {
+        "TORCH_HOME": str(tmp_path / "hub"),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "LOFTR_WEIGHTS": "",
+    }
     run = run_match(*names, "--matcher", "loftr", "--resize", "320", "--out", str(tmp_path / "x.png"), env=env)
     assert run.returncode == 0, run.stderr
     warning = run.stderr.strip().splitlines()

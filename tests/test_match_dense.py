@@ -1,4 +1,5 @@
 """Dense matching step: cache of prepared images, resume after a crash, hloc files, bad input, real SIFT."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +12,10 @@ import h5py
 import numpy as np
 import pytest
 
+from core import io
+from core.errors import UserError
+from core.image_io import read_gray
 from matchers.base import Matcher, Matches
-from matchers.errors import UserError
-from matchers.image_io import read_gray
-from pipeline import io
 from pipeline.match_dense import DenseMatchConfig, main, main_cli, plan_order, planned_loads, raw_root, run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,9 @@ class ShiftMatcher(Matcher):
         points1 = scene - offset1 + np.random.default_rng(seed).uniform(-0.3, 0.3, grid.shape)
         inside = np.all((points1 >= 0) & (points1 <= [w1 - 1, h1 - 1]), axis=1)
         scores = 0.3 + 0.7 * np.abs(np.sin(scene[:, 0] * 0.37 + scene[:, 1] * 1.3))
-        return Matches(grid[inside].astype(np.float32), points1[inside].astype(np.float32), scores[inside].astype(np.float32))
+        return Matches(
+            grid[inside].astype(np.float32), points1[inside].astype(np.float32), scores[inside].astype(np.float32)
+        )
 
     def describe(self) -> dict:
         return {"matcher": self.name, "option": self.option}
@@ -173,13 +176,27 @@ def test_small_cache_on_exhaustive_pairs_is_planned_and_gives_the_same_result(tm
     all_pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     pairs = write_pairs(tmp_path / "pairs.txt", all_pairs)
     small = ShiftMatcher(offsets)
-    result = run(pairs, images, tmp_path / "a" / "f.h5", tmp_path / "a" / "m.h5", small, DenseMatchConfig(cache_size=4, num_workers=0))
+    result = run(
+        pairs,
+        images,
+        tmp_path / "a" / "f.h5",
+        tmp_path / "a" / "m.h5",
+        small,
+        DenseMatchConfig(cache_size=4, num_workers=0),
+    )
     order = [all_pairs[i] for i in plan_order(all_pairs, 4)]
     assert small.prepare_calls == len(planned_loads(order, 4)) == result.cache_misses
     # Row-by-row order would miss ~ once per pair (45); the plan does much better.
     assert small.prepare_calls <= 25
     large = ShiftMatcher(offsets)
-    run(pairs, images, tmp_path / "b" / "f.h5", tmp_path / "b" / "m.h5", large, DenseMatchConfig(cache_size=64, num_workers=2))
+    run(
+        pairs,
+        images,
+        tmp_path / "b" / "f.h5",
+        tmp_path / "b" / "m.h5",
+        large,
+        DenseMatchConfig(cache_size=64, num_workers=2),
+    )
     assert large.prepare_calls == 10
     assert_same_files(tmp_path / "a" / "f.h5", tmp_path / "b" / "f.h5")
     assert_same_files(tmp_path / "a" / "m.h5", tmp_path / "b" / "m.h5")
@@ -279,8 +296,15 @@ def test_reference_images_keep_their_keypoints_and_go_second(tmp_path):
     query = names[4]
     pairs = write_pairs(tmp_path / "loc.txt", [(query, names[2]), (names[3], query)])
     matcher = ShiftMatcher(offsets)
-    features, matches = main(pairs, images, tmp_path / "q_f.h5", tmp_path / "q_m.h5", matcher,
-                             DenseMatchConfig(max_kps=None), reference_features=reference)
+    features, matches = main(
+        pairs,
+        images,
+        tmp_path / "q_f.h5",
+        tmp_path / "q_m.h5",
+        matcher,
+        DenseMatchConfig(max_kps=None),
+        reference_features=reference,
+    )
     output = io.read_features(features)
     for db in names[2:4]:
         np.testing.assert_array_equal(output[db][0], reference_keypoints[db][0])
@@ -331,10 +355,24 @@ def test_bad_input_gives_clear_errors(tmp_path):
 def test_cli_with_sift_on_real_images_matches_the_ground_truth_geometry(temple_ring, tmp_path):
     names = [f"templeR{i:04d}.png" for i in (1, 2, 3, 4)]
     pairs = write_pairs(tmp_path / "pairs.txt", sequential(names, 2))
-    result = main_cli([
-        "--images", str(temple_ring / "images"), "--pairs", str(pairs), "--features", str(tmp_path / "f.h5"),
-        "--matches", str(tmp_path / "m.h5"), "--matcher", "sift", "--cell-size", "4", "--max-error", "1",
-    ])
+    result = main_cli(
+        [
+            "--images",
+            str(temple_ring / "images"),
+            "--pairs",
+            str(pairs),
+            "--features",
+            str(tmp_path / "f.h5"),
+            "--matches",
+            str(tmp_path / "m.h5"),
+            "--matcher",
+            "sift",
+            "--cell-size",
+            "4",
+            "--max-error",
+            "1",
+        ]
+    )
     assert result.prepare_calls == 4 and result.num_pairs == 5
     cameras = {}
     for line in (temple_ring / "templeR_par.txt").read_text().splitlines()[1:]:
@@ -361,9 +399,25 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     images.mkdir()
     pairs = write_pairs(tmp_path / "pairs.txt", [("a.png", "b.png")])
     process = subprocess.run(
-        [sys.executable, "-m", "pipeline.match_dense", "--images", str(images), "--pairs", str(pairs),
-         "--features", str(tmp_path / "f.h5"), "--matches", str(tmp_path / "m.h5"), "--matcher", "sift"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.match_dense",
+            "--images",
+            str(images),
+            "--pairs",
+            str(pairs),
+            "--features",
+            str(tmp_path / "f.h5"),
+            "--matches",
+            str(tmp_path / "m.h5"),
+            "--matcher",
+            "sift",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert process.returncode == 2
     assert "error:" in process.stderr and "pairs.txt:1" in process.stderr and "Traceback" not in process.stderr
@@ -378,8 +432,9 @@ def test_loftr_with_random_weights_end_to_end(temple_ring, tmp_path, threshold, 
     matcher = LoFTRMatcher(LoFTR().eval(), resize=96, device="cpu", match_threshold=threshold)
     names = [f"templeR{i:04d}.png" for i in (1, 2, 3)]
     pairs = write_pairs(tmp_path / "pairs.txt", [(names[0], names[1]), (names[1], names[2]), (names[0], names[2])])
-    result = run(pairs, temple_ring / "images", tmp_path / "f.h5", tmp_path / "m.h5", matcher,
-                 DenseMatchConfig(**options))
+    result = run(
+        pairs, temple_ring / "images", tmp_path / "f.h5", tmp_path / "m.h5", matcher, DenseMatchConfig(**options)
+    )
     views = 4 if options.get("rotation") else 1
     assert result.prepare_calls == 1 + 2 * views  # image 0 only ever first; 1 and 2 also second
     with h5py.File(tmp_path / "f.h5", "r") as f, h5py.File(tmp_path / "m.h5", "r") as m:
@@ -406,7 +461,7 @@ def test_loftr_pairs_are_batched_with_the_same_results(temple_ring, tmp_path):
     batched_call = matcher._inference.match_batch
     matcher._inference.match_batch = lambda pairs, **kw: calls.append(len(pairs)) or batched_call(pairs, **kw)
     names = [f"templeR{i:04d}.png" for i in range(1, 6)]
-    pairs = write_pairs(tmp_path / "pairs.txt", [(a, b) for i, a in enumerate(names) for b in names[i + 1:]])
+    pairs = write_pairs(tmp_path / "pairs.txt", [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]])
     outputs = {}
     for batch in (1, 4):
         out = tmp_path / f"b{batch}"
@@ -435,10 +490,15 @@ def test_loftr_batch_of_mixed_sizes_equals_pairs_one_by_one():
     rng = np.random.default_rng(0)
     texture = cv2.GaussianBlur(rng.random((200, 260)).astype(np.float32), (0, 0), 1.5)
     texture = (texture - texture.min()) / (texture.max() - texture.min())
-    crops = [texture[y:y + 96, x:x + 128] for x, y in ((0, 0), (10, 6), (20, 12), (30, 18))] + [texture[:120, :104]]
+    crops = [texture[y : y + 96, x : x + 128] for x, y in ((0, 0), (10, 6), (20, 12), (30, 18))] + [texture[:120, :104]]
     prepared = [matcher.prepare(np.ascontiguousarray(c)) for c in crops]
-    pairs = [(prepared[0], prepared[1]), (prepared[1], prepared[2]), (prepared[0], prepared[4]),
-             (prepared[2], prepared[3]), (prepared[0], prepared[3])]
+    pairs = [
+        (prepared[0], prepared[1]),
+        (prepared[1], prepared[2]),
+        (prepared[0], prepared[4]),
+        (prepared[2], prepared[3]),
+        (prepared[0], prepared[3]),
+    ]
     batched = matcher.match_prepared_batch(pairs)
     single = [matcher.match_prepared(a, b) for a, b in pairs]
     assert len(batched) == len(single) == 5

@@ -1,4 +1,5 @@
 """NetVLAD: architecture shapes on random weights, the .mat loader on a small synthetic export, errors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from matchers.errors import UserError
+from core.errors import UserError
 from pipeline import netvlad
 
 SMALL = netvlad.NetVLADConfig(widths=(4, 4, 8, 8, 6), num_clusters=3, whiten_dim=5)
@@ -77,7 +78,7 @@ def test_mat_loader_matches_independent_forward(tmp_path: Path) -> None:
     x /= np.linalg.norm(x, axis=0, keepdims=True)
     logits = raw["assign"].T.astype(np.float64) @ x  # (K, N)
     soft = np.exp(logits - logits.max(0)) / np.exp(logits - logits.max(0)).sum(0)
-    vlad = np.stack([(soft[k] * (x - raw["centres"][:, k:k + 1])).sum(1) for k in range(SMALL.num_clusters)], 1)
+    vlad = np.stack([(soft[k] * (x - raw["centres"][:, k : k + 1])).sum(1) for k in range(SMALL.num_clusters)], 1)
     vlad /= np.linalg.norm(vlad, axis=0, keepdims=True)
     vlad = vlad.reshape(-1)  # D-major
     vlad /= np.linalg.norm(vlad)

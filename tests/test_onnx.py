@@ -4,6 +4,7 @@ The exported graph must reproduce the torch model: the same match set (coarse ce
 1e-3 px, on random-weight images of several sizes (always) and on real temple_ring / scannet_sample pairs with the
 shipped loftr-compact weights at two image sizes from one exported file (skipped when ../shared/data is absent).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,17 +16,25 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from conftest import PROJECT_ROOT, data_path
+from test_loftr_equivalence import perturb, textured_image, warped
+
+from core.errors import UserError
+from core.image_io import read_gray
 from matchers import make_matcher
 from matchers.base import Matches
-from matchers.errors import UserError
-from matchers.image_io import read_gray
 from matchers.loftr import LoFTR, LoFTRConfig, LoFTRMatcher
-from matchers.loftr.export_onnx import (CONFIG_KEY, DIGEST_KEY, FORMAT_KEY, INPUT_NAMES, OUTPUT_NAMES, export,
-                                        main_cli, state_dict_digest)
+from matchers.loftr.export_onnx import (
+    CONFIG_KEY,
+    DIGEST_KEY,
+    FORMAT_KEY,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    export,
+    main_cli,
+    state_dict_digest,
+)
 from matchers.loftr.onnx_backend import OnnxLoFTRMatcher
-from test_loftr_equivalence import perturb, textured_image, warped
 
 KEYPOINT_TOL = 1e-3  # px
 
@@ -42,7 +51,9 @@ def tiny_config(**coarse: object) -> LoFTRConfig:
     return LoFTRConfig.preset("compact").replace(
         backbone={"initial_dim": 16, "block_dims": (16, 24, 32)},
         coarse={"d_model": 32, "d_ffn": 32, "nhead": 2, "layer_names": ("self", "cross"), **coarse},
-        fine={"d_model": 16, "d_ffn": 16, "nhead": 2}, matching={"thr": 0.0})
+        fine={"d_model": 16, "d_ffn": 16, "nhead": 2},
+        matching={"thr": 0.0},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +81,19 @@ def keyed(matches: Matches) -> dict[tuple[float, ...], int]:
 def assert_same_matches(reference: Matches, other: Matches) -> float:
     """Same coarse cell pairs, keypoints within 1e-3 px, same confidences; returns the largest keypoint difference."""
     ka, kb = keyed(reference), keyed(other)
-    assert len(ka) == len(reference) and set(ka) == set(kb), \
+    assert len(ka) == len(reference) and set(ka) == set(kb), (
         f"match sets differ: {len(set(ka) - set(kb))} only in torch, {len(set(kb) - set(ka))} only in onnxruntime"
+    )
     ia = np.array([ka[k] for k in sorted(ka)], dtype=np.int64)
     ib = np.array([kb[k] for k in sorted(ka)], dtype=np.int64)
     worst = 0.0
     if len(ia):
-        worst = float(max(np.abs(reference.keypoints0[ia] - other.keypoints0[ib]).max(),
-                          np.abs(reference.keypoints1[ia] - other.keypoints1[ib]).max()))
+        worst = float(
+            max(
+                np.abs(reference.keypoints0[ia] - other.keypoints0[ib]).max(),
+                np.abs(reference.keypoints1[ia] - other.keypoints1[ib]).max(),
+            )
+        )
         np.testing.assert_allclose(reference.scores[ia], other.scores[ib], rtol=1e-3, atol=1e-5)
     assert worst <= KEYPOINT_TOL, f"keypoints differ by {worst} px"
     return worst
@@ -111,8 +127,9 @@ def test_state_dict_digest_depends_on_weights_only() -> None:
 
 # ------------------------------------------------------------------------------------------------ random weights
 @pytest.mark.parametrize("size0, size1", [((160, 120), (160, 120)), ((224, 160), (192, 144)), ((123, 77), (100, 90))])
-def test_random_weights_match_torch(outdoor: tuple[LoFTR, Path], size0: tuple[int, int],
-                                    size1: tuple[int, int]) -> None:
+def test_random_weights_match_torch(
+    outdoor: tuple[LoFTR, Path], size0: tuple[int, int], size1: tuple[int, int]
+) -> None:
     """Any sizes (also not multiples of 8, and different for the two images) from one exported file."""
     model, path = outdoor
     image0 = textured_image(size0[1], size0[0], seed=sum(size0))
@@ -133,7 +150,9 @@ def test_threshold_both_directions_and_no_matches(outdoor: tuple[LoFTR, Path]) -
     image1 = warped(image0, (160, 120))
     for options in ({"match_threshold": 0.05}, {"both_directions": True}):
         reference = LoFTRMatcher(model, resize=None, device="cpu", **options).match(image0, image1)
-        assert_same_matches(reference, OnnxLoFTRMatcher(path, resize=None, device="cpu", **options).match(image0, image1))
+        assert_same_matches(
+            reference, OnnxLoFTRMatcher(path, resize=None, device="cpu", **options).match(image0, image1)
+        )
     none = OnnxLoFTRMatcher(path, resize=None, device="cpu", match_threshold=2.0).match(image0, image1)
     assert len(none) == 0 and none.has_coarse
 
@@ -170,8 +189,13 @@ def test_sinkhorn_prefilter_confidence_equals_torch() -> None:
     model = random_model(config)
     generator = torch.Generator().manual_seed(0)
     feat0 = 3 * torch.randn(1, 40, 32, generator=generator)
-    feat1 = torch.cat([feat0[:, :30] + 0.1 * torch.randn(1, 30, 32, generator=generator),
-                       3 * torch.randn(1, 15, 32, generator=generator)], dim=1)
+    feat1 = torch.cat(
+        [
+            feat0[:, :30] + 0.1 * torch.randn(1, 30, 32, generator=generator),
+            3 * torch.randn(1, 15, 32, generator=generator),
+        ],
+        dim=1,
+    )
     with torch.no_grad():
         expected = model.coarse_matching.confidence(feat0, feat1)[0]
         graph = OnnxLoFTR(model)._confidence(feat0, feat1)
@@ -201,7 +225,7 @@ def test_make_matcher_builds_the_onnx_backend(outdoor: tuple[LoFTR, Path], monke
 
 # ------------------------------------------------------------------------------------------------ real pairs
 def _pairs(root: Path, names: list[str], count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(read_gray(root / a), read_gray(root / b)) for a, b in zip(names[:count], names[1:count + 1])]
+    return [(read_gray(root / a), read_gray(root / b)) for a, b in zip(names[:count], names[1 : count + 1])]
 
 
 def _check_real(compact: Path, pairs: list[tuple[np.ndarray, np.ndarray]], sizes: tuple[int, ...]) -> None:
@@ -227,8 +251,11 @@ def test_compact_temple_ring_pairs_match_torch(compact: Path) -> None:
 def test_compact_scannet_pairs_match_torch(compact: Path) -> None:
     root = data_path("scannet_sample")
     lines = (root / "pairs_with_gt.txt").read_text().split("\n")
-    pairs = [(read_gray(root / "images" / line.split()[0]), read_gray(root / "images" / line.split()[1]))
-             for line in lines if line.strip()][:5]
+    pairs = [
+        (read_gray(root / "images" / line.split()[0]), read_gray(root / "images" / line.split()[1]))
+        for line in lines
+        if line.strip()
+    ][:5]
     _check_real(compact, pairs, (640, 320))
 
 
@@ -241,8 +268,9 @@ def test_bad_files_are_one_user_error_line(tmp_path: Path, compact: Path) -> Non
     foreign = tmp_path / "foreign.onnx"
     node = onnx.helper.make_node("Identity", ["x"], ["y"])
     tensor = onnx.helper.make_tensor_value_info
-    graph = onnx.helper.make_graph([node], "g", [tensor("x", onnx.TensorProto.FLOAT, [1])],
-                                   [tensor("y", onnx.TensorProto.FLOAT, [1])])
+    graph = onnx.helper.make_graph(
+        [node], "g", [tensor("x", onnx.TensorProto.FLOAT, [1])], [tensor("y", onnx.TensorProto.FLOAT, [1])]
+    )
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(foreign))
     cases = [
         (garbage, {}, "corrupt or not an ONNX model"),
@@ -270,12 +298,35 @@ def test_clis_exit_2_with_one_line(tmp_path: Path) -> None:
 
     cv2.imwrite(str(image), (textured_image(64, 64, seed=1) * 255).astype(np.uint8))
     commands = [
-        [sys.executable, "-m", "matchers.match", str(image), str(image), "--weights", str(garbage), "--out",
-         str(tmp_path / "viz.png")],
-        [sys.executable, "-m", "matchers.loftr.export_onnx", "--weights", str(tmp_path / "none.ckpt"), "--output",
-         str(tmp_path / "x.onnx")],
-        [sys.executable, "-m", "matchers.loftr.export_onnx", "--weights", "loftr-compact", "--output",
-         str(tmp_path / "x.bin")],
+        [
+            sys.executable,
+            "-m",
+            "matchers.match",
+            str(image),
+            str(image),
+            "--weights",
+            str(garbage),
+            "--out",
+            str(tmp_path / "viz.png"),
+        ],
+        [
+            sys.executable,
+            "-m",
+            "matchers.loftr.export_onnx",
+            "--weights",
+            str(tmp_path / "none.ckpt"),
+            "--output",
+            str(tmp_path / "x.onnx"),
+        ],
+        [
+            sys.executable,
+            "-m",
+            "matchers.loftr.export_onnx",
+            "--weights",
+            "loftr-compact",
+            "--output",
+            str(tmp_path / "x.bin"),
+        ],
     ]
     for command in commands:
         done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)

@@ -1,13 +1,19 @@
 """Quarter turns between images from SIFT orientations, made consistent over the pair graph."""
+
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
 
-from matchers.image_io import read_gray
-from pipeline.orientation import (OrientationConfig, consistent_turns, estimate_quarter_turns, oriented_sift,
-                                  quarter_turns)
+from core.image_io import read_gray
+from pipeline.orientation import (
+    OrientationConfig,
+    consistent_turns,
+    estimate_quarter_turns,
+    oriented_sift,
+    quarter_turns,
+)
 
 
 def scene(height: int = 240, width: int = 320, seed: int = 0) -> np.ndarray:
@@ -31,8 +37,9 @@ def warped(image: np.ndarray, seed: int) -> np.ndarray:
     height, width = image.shape
     corners = np.float32([[0, 0], [width, 0], [width, height], [0, height]])
     moved = corners + rng.uniform(-12, 12, corners.shape).astype(np.float32)
-    return cv2.warpPerspective(image, cv2.getPerspectiveTransform(corners, moved), (width, height),
-                               borderMode=cv2.BORDER_REFLECT)
+    return cv2.warpPerspective(
+        image, cv2.getPerspectiveTransform(corners, moved), (width, height), borderMode=cv2.BORDER_REFLECT
+    )
 
 
 @pytest.mark.parametrize("applied", [0, 1, 2, 3])

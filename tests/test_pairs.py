@@ -1,4 +1,5 @@
 """Pairs strategies against hand-computed expectations, and the CLI."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,8 +10,9 @@ import numpy as np
 import pycolmap
 import pytest
 
-from matchers.errors import UserError
-from pipeline import io, pairs
+from core import io
+from core.errors import UserError
+from pipeline import pairs
 from tests.conftest import PROJECT_ROOT
 
 
@@ -77,7 +79,8 @@ def test_from_poses_nearest_within_angle():
 
 
 def test_from_poses_on_temple_ring_ground_truth(temple_ring):
-    from datasets.middlebury import gt_reconstruction, read_par_file
+    from core.par_files import read_par_file
+    from datasets.middlebury import gt_reconstruction
 
     cameras = read_par_file(temple_ring / "templeR_par.txt")
     result = pairs.from_poses(gt_reconstruction(cameras, (640, 480)), num_matched=2, rotation_threshold=30)
@@ -96,14 +99,27 @@ def test_cli_writes_hloc_pairs_and_rejects_bad_input(tmp_path):
     output = tmp_path / "pairs.txt"
     run = subprocess.run(
         [sys.executable, "-m", "pipeline.pairs", "--images", str(images), "--output", str(output)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr
     assert io.read_pairs(output) == [("a.png", "b.jpg"), ("a.png", "sub/c.png"), ("b.jpg", "sub/c.png")]
     bad = subprocess.run(
-        [sys.executable, "-m", "pipeline.pairs", "--method", "covisibility", "--model", str(tmp_path),
-         "--output", str(output)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.pairs",
+            "--method",
+            "covisibility",
+            "--model",
+            str(tmp_path),
+            "--output",
+            str(output),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
 

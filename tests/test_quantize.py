@@ -1,4 +1,5 @@
 """Quantization of raw matches into shared keypoints, on hand-made matches with known answers."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,11 @@ from pipeline.quantize import (
 
 
 def make(k0, k1, scores) -> Matches:
-    return Matches(np.asarray(k0, np.float32).reshape(-1, 2), np.asarray(k1, np.float32).reshape(-1, 2),
-                   np.asarray(scores, np.float32))
+    return Matches(
+        np.asarray(k0, np.float32).reshape(-1, 2),
+        np.asarray(k1, np.float32).reshape(-1, 2),
+        np.asarray(scores, np.float32),
+    )
 
 
 # Three images of 5 scene points, related by translations; sub-bin nodes (edge coordinates) are
@@ -161,7 +165,7 @@ def test_matches_farther_than_max_error_from_the_cell_keypoint_are_dropped():
 def test_every_kept_match_has_a_raw_match_within_max_error():
     rng = np.random.default_rng(3)
     names = ["A", "B", "C", "D"]
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     raw = {p: make(rng.uniform(0, 60, (150, 2)), rng.uniform(0, 60, (150, 2)), rng.uniform(0.1, 1, 150)) for p in pairs}
     config = QuantizeConfig(cell_size=4, max_error=1.5, max_kps=40)
     result = aggregate_matches(pairs, raw, config)
@@ -217,8 +221,11 @@ def test_pair_matches_are_padded_to_n0_and_empty_pairs_are_all_unmatched():
 
 
 def test_reference_keypoints_are_kept_and_matches_snap_within_max_error():
-    reference = {"R": ImageKeypoints(np.array([[10.0, 10.0], [30.0, 10.0], [50.0, 10.0]], np.float32),
-                                     np.array([1.0, 1.0, 1.0], np.float32))}
+    reference = {
+        "R": ImageKeypoints(
+            np.array([[10.0, 10.0], [30.0, 10.0], [50.0, 10.0]], np.float32), np.array([1.0, 1.0, 1.0], np.float32)
+        )
+    }
     q = [[100.0, 100.0], [120.0, 100.0], [140.0, 100.0]]
     r = [[11.9, 10.0], [30.0, 12.1], [50.5, 10.5]]  # 1.9 px (kept), 2.1 px (dropped), 0.7 px (kept)
     raw = {("Q", "R"): make(q, r, [0.9, 0.8, 0.7])}

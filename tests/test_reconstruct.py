@@ -1,5 +1,6 @@
 """End-to-end reconstruction: temple_ring subset and a synthetic scene against ground truth, output
 formats (read as hloc and COLMAP read them), resuming, and bad input through the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,12 @@ import numpy as np
 import pycolmap
 import pytest
 
-from datasets.middlebury import read_par_file
+from core.errors import UserError
+from core.io import names_to_pair, read_pairs
+from core.par_files import read_par_file
 from datasets.synthetic import SceneConfig, render_scene, write_scene
-from matchers.errors import UserError
 from pipeline import reconstruct
 from pipeline.evaluate_model import evaluate
-from pipeline.io import names_to_pair, read_pairs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # 12 views in a row on the ring (the file numbering jumps around the ring elsewhere)
@@ -43,7 +44,10 @@ def temple_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     start = time.perf_counter()
     result = reconstruct.main(images, outputs, matcher="sift", pairs="exhaustive")
     return {
-        "result": result, "images": images, "outputs": outputs, "seconds": time.perf_counter() - start,
+        "result": result,
+        "images": images,
+        "outputs": outputs,
+        "seconds": time.perf_counter() - start,
         "gt": read_par_file(temple / "templeR_par.txt"),
     }
 
@@ -168,7 +172,10 @@ def test_config_validation() -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.reconstruct", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "pipeline.reconstruct", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
 
@@ -188,15 +195,18 @@ def test_cli_bad_input(tmp_path: Path) -> None:
 
     scene = render_scene(SceneConfig(width=96, height=72, num_views=3, num_boxes=2))
     images = write_scene(scene, tmp_path / "scene") / "images"
-    line = _one_error_line(_cli("--images", str(images), "--outputs", str(tmp_path / "o3"), "--matcher", "sift",
-                                "--resize", "-5"))
+    line = _one_error_line(
+        _cli("--images", str(images), "--outputs", str(tmp_path / "o3"), "--matcher", "sift", "--resize", "-5")
+    )
     assert "resize" in line
-    line = _one_error_line(_cli("--images", str(images), "--outputs", str(tmp_path / "o5"), "--matcher", "sift",
-                                "--amp", "bf16"))
+    line = _one_error_line(
+        _cli("--images", str(images), "--outputs", str(tmp_path / "o5"), "--matcher", "sift", "--amp", "bf16")
+    )
     assert "--amp" in line and "loftr" in line
     # LoFTR whose weights cannot be had: the loader's message, no silent switch to another matcher
-    line = _one_error_line(_cli("--images", str(images), "--outputs", str(tmp_path / "o4"),
-                                "--weights", str(tmp_path / "missing.ckpt")))
+    line = _one_error_line(
+        _cli("--images", str(images), "--outputs", str(tmp_path / "o4"), "--weights", str(tmp_path / "missing.ckpt"))
+    )
     assert "missing.ckpt" in line
     assert not (tmp_path / "o4" / "features.h5").exists()
 
@@ -213,8 +223,22 @@ def test_cli_runs_loftr_end_to_end(tmp_path: Path) -> None:
     scene = render_scene(SceneConfig(width=96, height=72, num_views=3, num_boxes=2))
     images = write_scene(scene, tmp_path / "scene") / "images"
     out = tmp_path / "out"
-    run = _cli("--images", str(images), "--outputs", str(out), "--weights", str(weights), "--device", "cpu",
-               "--resize", "96", "--amp", "bf16", "--matcher", "loftr")  # bf16 autocast runs on the CPU too
+    run = _cli(
+        "--images",
+        str(images),
+        "--outputs",
+        str(out),
+        "--weights",
+        str(weights),
+        "--device",
+        "cpu",
+        "--resize",
+        "96",
+        "--amp",
+        "bf16",
+        "--matcher",
+        "loftr",
+    )  # bf16 autocast runs on the CPU too
     if run.returncode == 0:  # random weights can, rarely, still give a model
         summary = json.loads((out / "summary.json").read_text())
     else:
@@ -236,15 +260,20 @@ def test_cli_defaults_ensemble_with_exact_tracks_are_recorded_and_can_be_switche
     images = write_scene(scene, tmp_path / "scene") / "images"
     expected = {
         (): ("loftr+sift", {"rotation": "auto", "refine": "tracks", "pairs_turned": 0}),
-        ("--matcher", "loftr", "--refine", "klt"): ("loftr", {"rotation": "auto", "refine": "klt", "cell_size": 4,
-                                                              "max_error": 0.5, "pairs_turned": 0}),
+        ("--matcher", "loftr", "--refine", "klt"): (
+            "loftr",
+            {"rotation": "auto", "refine": "klt", "cell_size": 4, "max_error": 0.5, "pairs_turned": 0},
+        ),
         ("--matcher", "loftr", "--rotation", "none", "--refine", "none"): (
-            "loftr", {"rotation": "none", "refine": "none", "cell_size": 8, "max_error": 2.0, "pairs_turned": 0}),
+            "loftr",
+            {"rotation": "none", "refine": "none", "cell_size": 8, "max_error": 2.0, "pairs_turned": 0},
+        ),
     }
     for index, (flags, (matcher, figures)) in enumerate(expected.items()):
         out = tmp_path / f"out{index}"
-        run = _cli("--images", str(images), "--outputs", str(out), "--weights", "loftr-compact", "--device", "cpu",
-                   *flags)
+        run = _cli(
+            "--images", str(images), "--outputs", str(out), "--weights", "loftr-compact", "--device", "cpu", *flags
+        )
         summary = json.loads((out / "summary.json").read_text())
         assert summary["matcher"] == matcher, run.stderr[-2000:]
         assert {key: summary["matching"][key] for key in figures} == figures, run.stderr[-2000:]

@@ -1,12 +1,13 @@
 """Lucas-Kanade refinement of matches: sub-pixel accuracy on a known shift, turned images, safe rejection."""
+
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import pytest
 
+from core.image_io import to_uint8
 from matchers.base import Matches, rotate_points_back
-from matchers.image_io import to_uint8
 from pipeline.refine import RefineConfig, refine_matches
 
 
@@ -54,8 +55,11 @@ def test_turned_second_image_is_refined_in_its_matching_orientation(turn):
     matches, truth = grid_matches(noise=0.8)
     height, width = image1.shape
     # Points of the upright image 1, expressed in the turned image 1 that is stored.
-    turned = Matches(matches.keypoints0, rotate_points_back(matches.keypoints1, turn, (upright1.shape[1], upright1.shape[0])),
-                     matches.scores)
+    turned = Matches(
+        matches.keypoints0,
+        rotate_points_back(matches.keypoints1, turn, (upright1.shape[1], upright1.shape[0])),
+        matches.scores,
+    )
     truth_turned = rotate_points_back(truth.astype(np.float32), turn, (upright1.shape[1], upright1.shape[0]))
     refined, accepted = refine_matches(image0, image1, turned, turn=turn)
     assert accepted.mean() > 0.9
@@ -116,10 +120,12 @@ def test_tracks_are_aligned_to_their_strongest_keypoint_through_chains():
     truth = {name: grid + shift for name, shift in shifts.items()}
     keypoints = {
         "a.png": ImageKeypoints(grid.astype(np.float32), np.full(len(grid), 5.0, np.float32)),  # the references
-        "b.png": ImageKeypoints((truth["b.png"] + rng.uniform(-0.4, 0.4, grid.shape)).astype(np.float32),
-                                np.ones(len(grid), np.float32)),
-        "c.png": ImageKeypoints((truth["c.png"] + rng.uniform(-0.4, 0.4, grid.shape)).astype(np.float32),
-                                np.ones(len(grid), np.float32)),
+        "b.png": ImageKeypoints(
+            (truth["b.png"] + rng.uniform(-0.4, 0.4, grid.shape)).astype(np.float32), np.ones(len(grid), np.float32)
+        ),
+        "c.png": ImageKeypoints(
+            (truth["c.png"] + rng.uniform(-0.4, 0.4, grid.shape)).astype(np.float32), np.ones(len(grid), np.float32)
+        ),
     }
     identity = np.arange(len(grid), dtype=np.int32)
     ones = np.ones(len(grid), np.float32)

@@ -1,4 +1,5 @@
 """Retrieval: RootSIFT-VLAD global descriptors, top-k pairs, query selection, precision@k against GT."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from matchers.errors import UserError
-from pipeline import io
+from core import io
+from core.errors import UserError
 from pipeline import pairs as pairs_step
 from pipeline import retrieval
 from recipes import retrieval_eval
@@ -78,7 +79,11 @@ def test_mixed_scenes_never_cross(tmp_path: Path, sacre_coeur: Path, temple_ring
 
 def test_temple_ring_precision_at_5(tmp_path: Path, temple_ring: Path) -> None:
     result = retrieval_eval.main(
-        temple_ring / "images", temple_ring / "templeR_par.txt", "rootsift-vlad", k=5, output=tmp_path / "g.h5",
+        temple_ring / "images",
+        temple_ring / "templeR_par.txt",
+        "rootsift-vlad",
+        k=5,
+        output=tmp_path / "g.h5",
         config=FAST,
     )
     assert result.num_queries == 47
@@ -102,7 +107,9 @@ def test_query_db_selection(tmp_path: Path) -> None:
     assert retrieval.select_query_db(names, "q/") == (queries, db)  # db: every non-query image
     assert retrieval.select_query_db(names, "q/", db_prefix="db/") == (queries, db)
     assert retrieval.select_query_db(names, ["q/1", "db/a"], db_list=["db/b.jpg"]) == (
-        ["db/a.jpg", "q/1.jpg"], ["db/b.jpg"])
+        ["db/a.jpg", "q/1.jpg"],
+        ["db/b.jpg"],
+    )
     assert retrieval.select_query_db(names, None, ["db/b.jpg"]) == (["db/b.jpg"], ["db/a.jpg", "q/1.jpg", "q/2.jpg"])
     assert retrieval.select_query_db(names) == (names, names)
     assert retrieval.select_query_db(names, db_prefix="db/") == (names, ["db/a.jpg", "db/b.jpg"])
@@ -138,8 +145,7 @@ def test_pairs_from_retrieval_topk_selection_and_files(tmp_path: Path) -> None:
     features = _write_descriptors(tmp_path / "g.h5", vectors)
     pairs = retrieval.pairs_from_retrieval(features, tmp_path / "p.txt", 2, query_prefix="q/")
     # q/x (10 deg): a (10 deg away), then b (12); q/y (85 deg): c (5), then b (63).
-    assert pairs == [("q/x.jpg", "db/a.jpg"), ("q/x.jpg", "db/b.jpg"), ("q/y.jpg", "db/c.jpg"),
-                     ("q/y.jpg", "db/b.jpg")]
+    assert pairs == [("q/x.jpg", "db/a.jpg"), ("q/x.jpg", "db/b.jpg"), ("q/y.jpg", "db/c.jpg"), ("q/y.jpg", "db/b.jpg")]
     assert io.read_pairs(tmp_path / "p.txt") == pairs
     # Every image against every other: self excluded, each unordered pair once with unique.
     everything = retrieval.pairs_from_retrieval(features, None, 1)
@@ -152,7 +158,9 @@ def test_pairs_from_retrieval_topk_selection_and_files(tmp_path: Path) -> None:
     # A separate db file (hloc's db_descriptors); mixing descriptor kinds is refused.
     db_file = _write_descriptors(tmp_path / "db.h5", {"db/z.jpg": vectors["db/c.jpg"]}, kind="rootsift-vlad")
     assert retrieval.pairs_from_retrieval(features, None, 3, query_prefix="q/", db_global_features=db_file) == [
-        ("q/x.jpg", "db/z.jpg"), ("q/y.jpg", "db/z.jpg")]
+        ("q/x.jpg", "db/z.jpg"),
+        ("q/y.jpg", "db/z.jpg"),
+    ]
     other = _write_descriptors(tmp_path / "other.h5", {"q/x.jpg": vectors["q/x.jpg"]}, kind="netvlad")
     with pytest.raises(UserError, match="same --descriptor"):
         retrieval.pairs_from_retrieval(other, None, 1, db_global_features=db_file)
@@ -175,8 +183,9 @@ def test_spatial_rerank_puts_the_true_neighbour_first(temple_ring: Path, sacre_c
     assert reranked == {"templeR0010.png": ["templeR0011.png", "templeR0030.png"]}
 
 
-def test_resume_describes_only_new_or_changed_images(tmp_path: Path, temple_ring: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_describes_only_new_or_changed_images(
+    tmp_path: Path, temple_ring: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "images"
     folder.mkdir()
     sources = sorted((temple_ring / "images").glob("*.png"))[:6]
@@ -208,8 +217,13 @@ def test_resume_describes_only_new_or_changed_images(tmp_path: Path, temple_ring
         np.testing.assert_array_equal(second[name], value)
 
     calls.clear()  # other settings: everything again, new vocabulary, the old one removed
-    retrieval.main(folder, None, output, "rootsift-vlad", config=retrieval.RetrievalConfig(
-        max_size=160, num_features=300, num_words=4))
+    retrieval.main(
+        folder,
+        None,
+        output,
+        "rootsift-vlad",
+        config=retrieval.RetrievalConfig(max_size=160, num_features=300, num_words=4),
+    )
     assert len(calls) == 6
     assert pairs_step.read_global_descriptors(output)[1].shape == (6, 4 * 128)
     assert len(list(output.parent.glob("global-features.vocab-*.npy"))) == 1
@@ -217,16 +231,23 @@ def test_resume_describes_only_new_or_changed_images(tmp_path: Path, temple_ring
     calls.clear()
     (vocabulary,) = output.parent.glob("global-features.vocab-*.npy")
     before = vocabulary.stat().st_mtime_ns
-    retrieval.main(folder, None, output, "rootsift-vlad", config=retrieval.RetrievalConfig(
-        max_size=160, num_features=300, num_words=4), overwrite=True)
+    retrieval.main(
+        folder,
+        None,
+        output,
+        "rootsift-vlad",
+        config=retrieval.RetrievalConfig(max_size=160, num_features=300, num_words=4),
+        overwrite=True,
+    )
     assert len(calls) == 6  # every image described again
     assert vocabulary.stat().st_mtime_ns != before  # and the vocabulary learned again
     with pytest.raises(TypeError, match="output="):
         retrieval.main(folder, output)  # type: ignore[arg-type]
 
 
-def test_interrupted_run_keeps_finished_images(tmp_path: Path, temple_ring: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_keeps_finished_images(
+    tmp_path: Path, temple_ring: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "images"
     folder.mkdir()
     sources = sorted((temple_ring / "images").glob("*.png"))[:4]
@@ -249,8 +270,9 @@ def test_interrupted_run_keeps_finished_images(tmp_path: Path, temple_ring: Path
     assert not list(tmp_path.glob(".global-features.h5.*"))  # no temporary files left behind
 
 
-def test_auto_descriptor_uses_netvlad_only_when_weights_are_on_disk(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_descriptor_uses_netvlad_only_when_weights_are_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipeline import netvlad
 
     monkeypatch.delenv("NETVLAD_WEIGHTS", raising=False)
@@ -275,9 +297,25 @@ def test_cli_query_prefix_and_rerank(tmp_path: Path, sacre_coeur: Path, temple_r
     folder, sacre, temple = _mixed_folder(tmp_path, sacre_coeur, temple_ring)
     output, pairs_file = tmp_path / "out" / "global-features.h5", tmp_path / "out" / "pairs.txt"
     command = [
-        sys.executable, "-m", "pipeline.retrieval", "--images", str(folder), "--output", str(output),
-        "--num-matched", "2", "--pairs-output", str(pairs_file), "--query-prefix", "temple_templeR000",
-        "--rerank", "4", "--max-size", "320", "--descriptor", "rootsift-vlad",
+        sys.executable,
+        "-m",
+        "pipeline.retrieval",
+        "--images",
+        str(folder),
+        "--output",
+        str(output),
+        "--num-matched",
+        "2",
+        "--pairs-output",
+        str(pairs_file),
+        "--query-prefix",
+        "temple_templeR000",
+        "--rerank",
+        "4",
+        "--max-size",
+        "320",
+        "--descriptor",
+        "rootsift-vlad",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=120)
@@ -292,16 +330,20 @@ def test_cli_query_prefix_and_rerank(tmp_path: Path, sacre_coeur: Path, temple_r
         assert query in queries and db not in queries  # queries only against the db, never themselves
         assert db in temple  # spatially verified neighbours come from the same scene
 
-    bad = subprocess.run(command + ["--query-prefix", "nothing"], cwd=PROJECT_ROOT, capture_output=True,
-                         text=True, env=env, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: no image name starts with the query prefix")
+    bad = subprocess.run(
+        command + ["--query-prefix", "nothing"], cwd=PROJECT_ROOT, capture_output=True, text=True, env=env, timeout=120
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
+        "error: no image name starts with the query prefix"
+    )
     assert "Traceback" not in bad.stderr
 
 
 def test_pairs_from_images_for_reconstruct(tmp_path: Path, temple_ring: Path) -> None:
     names = sorted(p.name for p in (temple_ring / "images").glob("*.png"))[:12]
-    pairs = retrieval.pairs_from_images(temple_ring / "images", names, 3, tmp_path, device="cpu",
-                                        descriptor="rootsift-vlad", config=FAST)
+    pairs = retrieval.pairs_from_images(
+        temple_ring / "images", names, 3, tmp_path, device="cpu", descriptor="rootsift-vlad", config=FAST
+    )
     assert (tmp_path / "global-features.h5").is_file()
     assert all(a != b and a in names and b in names for a, b in pairs)
     assert len({frozenset(p) for p in pairs}) == len(pairs)  # each unordered pair once

@@ -1,5 +1,6 @@
 """The shipped ``loftr-compact`` weights really match: homographies of the three Sacre Coeur photos held out of its
 training (``matchers/loftr/weights/MODEL_CARD.md``), checked against the true homography."""
+
 from __future__ import annotations
 
 import shutil
@@ -16,7 +17,7 @@ def test_loftr_compact_on_held_out_homographies(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from matchers.factory import make_matcher
     from recipes.eval_pairs import EVAL_HOMOGRAPHY, evaluate_homographies, make_homography_pairs
-    from matchers.loftr.training.data import HomographyConfig
+    from recipes.training.data import HomographyConfig
 
     for name in HELD_OUT:
         shutil.copy(DATA / f"{name}.jpg", tmp_path / f"{name}.jpg")

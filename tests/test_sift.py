@@ -1,12 +1,13 @@
 """SIFT matcher: geometry against the temple_ring ground truth, coordinates under resizing."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from core.errors import UserError
+from core.image_io import read_gray
 from matchers import make_matcher
-from matchers.errors import UserError
-from matchers.image_io import read_gray
 from matchers.sift import SIFTMatcher, SIFTOptions
 
 
@@ -26,13 +27,15 @@ def epipolar_distance(F: np.ndarray, points0: np.ndarray, points1: np.ndarray) -
 
 
 def test_sift_matches_agree_with_ground_truth_epipolar_geometry(temple_ring):
-    from datasets.middlebury import read_par_file
+    from core.par_files import read_par_file
 
     cameras = read_par_file(temple_ring / "templeR_par.txt")
     name0, name1 = "templeR0010.png", "templeR0012.png"
     matches = SIFTMatcher().match(read_gray(temple_ring / "images" / name0), read_gray(temple_ring / "images" / name1))
     assert len(matches) > 100
-    errors = epipolar_distance(fundamental_from_gt(cameras[name0], cameras[name1]), matches.keypoints0, matches.keypoints1)
+    errors = epipolar_distance(
+        fundamental_from_gt(cameras[name0], cameras[name1]), matches.keypoints0, matches.keypoints1
+    )
     assert np.median(errors) < 0.5
     assert np.mean(errors < 2.0) > 0.85
 

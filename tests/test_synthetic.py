@@ -1,6 +1,7 @@
 """The synthetic renderer: exact depth and poses (checked by hand-computed geometry), determinism,
 speed, files, and enough texture for SIFT to match views correctly; the object-centric layout and its
 presets (exact focal, GT consistency, dark background, framing, weak but usable texture, CLI)."""
+
 from __future__ import annotations
 
 import time
@@ -11,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from datasets.middlebury import read_par_file
+from core.errors import UserError
+from core.par_files import read_par_file
 from datasets.synthetic import (
     Box,
     Scene,
@@ -29,7 +31,6 @@ from datasets.synthetic import (
     warp,
     write_scene,
 )
-from matchers.errors import UserError
 
 SMALL = SceneConfig(width=160, height=120, num_views=4, seed=3, num_boxes=3)
 
@@ -118,8 +119,14 @@ def test_warp_is_photo_consistent() -> None:
     def median_difference(pose: np.ndarray, shift: tuple[float, float] = (0.0, 0.0)) -> float:
         pixels, _ = project(world, scene.K[1], pose)
         p = np.nan_to_num(pixels + np.array(shift), nan=-10.0).astype(np.float32)
-        target = cv2.remap(blurred[1], p[:, 0:1].copy(), p[:, 1:2].copy(), cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))[:, 0]
+        target = cv2.remap(
+            blurred[1],
+            p[:, 0:1].copy(),
+            p[:, 1:2].copy(),
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=(0, 0, 0),
+        )[:, 0]
         return float(np.median(np.abs(source - target).max(axis=1)))
 
     right = median_difference(scene.poses[1])
@@ -209,7 +216,12 @@ def test_presets_cameras_and_focal() -> None:
 def test_default_scene_is_unchanged_by_the_new_fields() -> None:
     config = SceneConfig()
     assert (config.layout, config.focal_factor, config.background, config.noise, config.height_step) == (
-        "boxes", None, None, 0.0, 0.0)
+        "boxes",
+        None,
+        None,
+        0.0,
+        0.0,
+    )
     K, _ = ring_cameras(config)
     assert K[0, 0, 0] == intrinsics(320, 240, 60.0)[0, 0]
     assert len(make_world(config).boxes) == config.num_boxes
@@ -290,8 +302,9 @@ def test_object_texture_is_weak_but_sift_finds_it() -> None:
     matcher = SIFTMatcher()
     grey, depths = [], []
     for i in (0, 1):
-        image, depth = render_view(world, K[i], poses[i], config.width, config.height, config.supersample,
-                                   (config.background,) * 3)
+        image, depth = render_view(
+            world, K[i], poses[i], config.width, config.height, config.supersample, (config.background,) * 3
+        )
         grey.append(image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255.0)
         depths.append(depth)
     features = matcher.prepare(grey[0])
@@ -308,11 +321,12 @@ def test_object_texture_is_weak_but_sift_finds_it() -> None:
 
 
 def test_cli_preset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from core.errors import run_cli
     from datasets.synthetic import main_cli
-    from matchers.errors import run_cli
 
-    main_cli(["--output", str(tmp_path / "s"), "--preset", "object_wide", "--views", "2", "--width", "64",
-              "--height", "48"])
+    main_cli(
+        ["--output", str(tmp_path / "s"), "--preset", "object_wide", "--views", "2", "--width", "64", "--height", "48"]
+    )
     scene = read_scene(tmp_path / "s")
     assert scene.config == SceneConfig.preset("object_wide", num_views=2, width=64, height=48)
     assert len(scene) == 2 and scene.K[0, 0, 0] == pytest.approx(1.1 * 64, abs=1e-12)

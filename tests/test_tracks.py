@@ -1,5 +1,6 @@
 """Exact tracks on coarse cells (pipeline.tracks): union across pairs whichever side was refined, conflicts
 dropped by confidence, and multi-view refinement against a reference view on a rendered scene."""
+
 from __future__ import annotations
 
 import itertools
@@ -43,12 +44,12 @@ def test_two_pairs_sharing_an_image_make_one_track_of_three_whichever_side_was_r
     # B takes part in both pairs, so it is the reference and sits on its cell centre; each neighbour is placed
     # at its own matched point moved by B's offset from B's matched point in that pair.
     np.testing.assert_allclose(track_of(result, "B")[0], cells["B"])
-    for other, pair, side in (("A", ("A", "B"), refined_sides[0]), ("C", ("B", "C"), refined_sides[1])):
+    for other, pair in (("A", ("A", "B")), ("C", ("B", "C"))):
         matched = raw[pair]
-        mine, theirs = (matched.keypoints0, matched.keypoints1) if pair[0] == other else (matched.keypoints1,
-                                                                                          matched.keypoints0)
-        np.testing.assert_allclose(track_of(result, other)[0], mine[0] + (np.array(cells["B"]) - theirs[0]),
-                                   atol=1e-5)
+        mine, theirs = (
+            (matched.keypoints0, matched.keypoints1) if pair[0] == other else (matched.keypoints1, matched.keypoints0)
+        )
+        np.testing.assert_allclose(track_of(result, other)[0], mine[0] + (np.array(cells["B"]) - theirs[0]), atol=1e-5)
 
 
 def test_a_match_joining_two_distant_cells_of_one_image_is_dropped_by_confidence():
@@ -112,8 +113,12 @@ def test_refinement_against_the_reference_recovers_points_perturbed_by_two_pixel
         angle = rng.uniform(0, 2 * np.pi, inside.sum())
         guess = target[inside] + 2.0 * np.stack([np.cos(angle), np.sin(angle)], 1)
         raw[(names[0], names[other])] = Matches(
-            grid_points[inside].astype(np.float32), guess.astype(np.float32), np.full(inside.sum(), 0.9, np.float32),
-            grid_points[inside].astype(np.float32), GRID.centres(GRID.cells(target[inside])))
+            grid_points[inside].astype(np.float32),
+            guess.astype(np.float32),
+            np.full(inside.sum(), 0.9, np.float32),
+            grid_points[inside].astype(np.float32),
+            GRID.centres(GRID.cells(target[inside])),
+        )
     images = {name: scene.images[i].mean(axis=2).astype(np.float32) / 255 for i, name in enumerate(names)}
     result, stats = build_tracks(raw, {n: GRID for n in names}, load=images.__getitem__, config=TrackConfig())
     assert stats.candidates > 300 and stats.refined >= 0.4 * stats.candidates
@@ -132,7 +137,9 @@ def test_refinement_against_the_reference_recovers_points_perturbed_by_two_pixel
     assert accepted.mean() >= 0.4
     refined_errors = errors[accepted]
     assert np.median(refined_errors) < 0.15 and np.mean(refined_errors < 0.3) > 0.8, (
-        np.median(refined_errors), np.mean(refined_errors < 0.3))
+        np.median(refined_errors),
+        np.mean(refined_errors < 0.3),
+    )
 
 
 @pytest.mark.parametrize("resize", [None, 160])
@@ -144,8 +151,9 @@ def test_loftr_coarse_cells_lie_on_the_matchers_grid(resize):
     from matchers.loftr.matcher import LoFTRMatcher
 
     torch.manual_seed(0)
-    matcher = LoFTRMatcher(LoFTR(LoFTRConfig.preset("outdoor_ds")).eval(), resize=resize, device="cpu",
-                           match_threshold=0.0)
+    matcher = LoFTRMatcher(
+        LoFTR(LoFTRConfig.preset("outdoor_ds")).eval(), resize=resize, device="cpu", match_threshold=0.0
+    )
     rng = np.random.default_rng(0)
     image0 = rng.random((125, 171)).astype(np.float32)
     image1 = rng.random((131, 167)).astype(np.float32)

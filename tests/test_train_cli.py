@@ -1,4 +1,5 @@
 """python -m recipes.train_loftr: tiny runs, exact resume, CSV log, checkpoints that load, CLI errors."""
+
 from __future__ import annotations
 
 import csv
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from matchers.loftr.training.trainer import TrainConfig, lr_factor
 from recipes.train_loftr import main, main_cli, parse_spec
+from recipes.training.trainer import TrainConfig, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (64, 96)  # (H, W): 8 x 12 coarse cells keeps a step well under a second
@@ -34,8 +35,9 @@ def photos(tmp_path_factory) -> Path:
 
 
 def _config(**changes) -> TrainConfig:
-    base = dict(lr=1e-3, warmup_steps=2, max_steps=1000, validate_every=2, checkpoint_minutes=100.0,
-                max_fine_matches=32, seed=3)
+    base = dict(
+        lr=1e-3, warmup_steps=2, max_steps=1000, validate_every=2, checkpoint_minutes=100.0, max_fine_matches=32, seed=3
+    )
     base.update(changes)
     return TrainConfig(**base)
 
@@ -48,13 +50,40 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_resumed_run_reproduces_the_next_loss(photos: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     data = [f"homography:{photos}", "synthetic:1"]
-    straight = main("compact", data, tmp_path / "a.ckpt", steps=3, size=SIZE, config=_config(), device="cpu",
-                    val_pairs=2, progress=False)
+    straight = main(
+        "compact",
+        data,
+        tmp_path / "a.ckpt",
+        steps=3,
+        size=SIZE,
+        config=_config(),
+        device="cpu",
+        val_pairs=2,
+        progress=False,
+    )
     assert straight.end_step == 3
-    main("compact", data, tmp_path / "b.ckpt", steps=2, size=SIZE, config=_config(), device="cpu", val_pairs=2,
-         progress=False)
-    resumed = main("compact", data, tmp_path / "b.ckpt", steps=1, size=SIZE, config=_config(), device="cpu",
-                   val_pairs=2, progress=False)
+    main(
+        "compact",
+        data,
+        tmp_path / "b.ckpt",
+        steps=2,
+        size=SIZE,
+        config=_config(),
+        device="cpu",
+        val_pairs=2,
+        progress=False,
+    )
+    resumed = main(
+        "compact",
+        data,
+        tmp_path / "b.ckpt",
+        steps=1,
+        size=SIZE,
+        config=_config(),
+        device="cpu",
+        val_pairs=2,
+        progress=False,
+    )
     assert (resumed.start_step, resumed.end_step) == (2, 3)
     a, b = _rows(tmp_path / "a.csv"), _rows(tmp_path / "b.csv")
     assert [r["step"] for r in b] == ["1", "2", "3"]
@@ -69,9 +98,17 @@ def test_resumed_run_reproduces_the_next_loss(photos: Path, tmp_path: Path) -> N
 
 def test_losses_decrease_on_a_small_problem(photos: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    result = main("compact", [f"homography:{photos}"], tmp_path / "c.ckpt", steps=40, size=SIZE,
-                  config=_config(validate_every=0, lr=2e-3, warmup_steps=5), device="cpu", val_pairs=1,
-                  progress=False)
+    main(
+        "compact",
+        [f"homography:{photos}"],
+        tmp_path / "c.ckpt",
+        steps=40,
+        size=SIZE,
+        config=_config(validate_every=0, lr=2e-3, warmup_steps=5),
+        device="cpu",
+        val_pairs=1,
+        progress=False,
+    )
     losses = [float(r["loss_c"]) for r in _rows(tmp_path / "c.csv")]
     assert len(losses) == 40
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
@@ -83,8 +120,18 @@ def test_checkpoint_loads_as_weights_and_exports(photos: Path, tmp_path: Path) -
 
     torch.set_num_threads(1)
     out = tmp_path / "d.ckpt"
-    main("compact", [f"homography:{photos}"], out, steps=1, size=SIZE, config=_config(), device="cpu",
-         val_pairs=1, export=tmp_path / "d_weights.ckpt", progress=False)
+    main(
+        "compact",
+        [f"homography:{photos}"],
+        out,
+        steps=1,
+        size=SIZE,
+        config=_config(),
+        device="cpu",
+        val_pairs=1,
+        export=tmp_path / "d_weights.ckpt",
+        progress=False,
+    )
     model = load_pretrained(out, "cpu")
     assert model.config.backbone.block_dims == (64, 96, 128)
     exported = tmp_path / "d_weights.ckpt"
@@ -95,34 +142,72 @@ def test_checkpoint_loads_as_weights_and_exports(photos: Path, tmp_path: Path) -
     assert matches.keypoints0.shape[1] == 2
     assert load_pretrained(exported, "cpu").config.matching.thr == 0.2  # the preset's threshold
     # the threshold the shipped file stores is set on export, not by hand
-    from matchers.loftr.training.trainer import export_weights
+    from recipes.training.trainer import export_weights
 
     export_weights(out, tmp_path / "thr.ckpt", half=True, threshold=0.1)
     assert load_pretrained(tmp_path / "thr.ckpt", "cpu").config.matching.thr == 0.1
     # a weights-only file cannot be resumed as a training state
-    from matchers.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="weights only"):
-        main("compact", [f"homography:{photos}"], exported, steps=1, size=SIZE, config=_config(), device="cpu",
-             val_pairs=1, progress=False)
+        main(
+            "compact",
+            [f"homography:{photos}"],
+            exported,
+            steps=1,
+            size=SIZE,
+            config=_config(),
+            device="cpu",
+            val_pairs=1,
+            progress=False,
+        )
 
 
 def test_init_fine_tunes_from_a_checkpoint(photos: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     first = tmp_path / "e.ckpt"
-    main("compact", [f"homography:{photos}"], first, steps=1, size=SIZE, config=_config(), device="cpu",
-         val_pairs=1, progress=False)
+    main(
+        "compact",
+        [f"homography:{photos}"],
+        first,
+        steps=1,
+        size=SIZE,
+        config=_config(),
+        device="cpu",
+        val_pairs=1,
+        progress=False,
+    )
     second = tmp_path / "f.ckpt"
-    main("compact", [f"homography:{photos}"], second, steps=0, init=first, size=SIZE, config=_config(),
-         device="cpu", val_pairs=1, progress=False)
+    main(
+        "compact",
+        [f"homography:{photos}"],
+        second,
+        steps=0,
+        init=first,
+        size=SIZE,
+        config=_config(),
+        device="cpu",
+        val_pairs=1,
+        progress=False,
+    )
     a = torch.load(first, weights_only=True)["state_dict"]
     b = torch.load(second, weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    from matchers.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="does not fit"):
-        main("outdoor_ds", [f"homography:{photos}"], tmp_path / "g.ckpt", steps=0, init=first, size=SIZE,
-             config=_config(), device="cpu", val_pairs=1, progress=False)
+        main(
+            "outdoor_ds",
+            [f"homography:{photos}"],
+            tmp_path / "g.ckpt",
+            steps=0,
+            init=first,
+            size=SIZE,
+            config=_config(),
+            device="cpu",
+            val_pairs=1,
+            progress=False,
+        )
 
 
 def test_schedule_warmup_and_cosine() -> None:
@@ -143,26 +228,62 @@ def test_parse_spec() -> None:
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
-    from matchers.errors import UserError
+    from core.errors import UserError
 
-    proc = subprocess.run([sys.executable, "-m", "recipes.train_loftr", "--data", "bogus:1", "--out",
-                           str(tmp_path / "x.ckpt"), "--steps", "1", "--device", "cpu"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipes.train_loftr",
+            "--data",
+            "bogus:1",
+            "--out",
+            str(tmp_path / "x.ckpt"),
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error:") and "bad --data" in proc.stderr and "Traceback" not in proc.stderr
-    for args, needle in ((["--data", f"homography:{tmp_path / 'missing'}"], "does not exist"),
-                         (["--data", "synthetic:x"], "integer"),
-                         (["--data", "synthetic:2", "--size", "100x64"], "multiples of 8"),
-                         (["--data", f"megadepth:{tmp_path}"], "no MegaDepth index")):
+    for args, needle in (
+        (["--data", f"homography:{tmp_path / 'missing'}"], "does not exist"),
+        (["--data", "synthetic:x"], "integer"),
+        (["--data", "synthetic:2", "--size", "100x64"], "multiples of 8"),
+        (["--data", f"megadepth:{tmp_path}"], "no MegaDepth index"),
+    ):
         with pytest.raises(UserError, match=needle):
             main_cli([*args, "--out", str(tmp_path / "x.ckpt"), "--steps", "1", "--device", "cpu"])
 
 
 def test_cli_runs_and_prints(photos: Path, tmp_path: Path, capsys) -> None:
     torch.set_num_threads(1)
-    result = main_cli(["--data", f"homography:{photos}", "--out", str(tmp_path / "h.ckpt"), "--steps", "2",
-                       "--size", "96x64", "--validate-every", "2", "--val-pairs", "1", "--device", "cpu",
-                       "--no-progress", "--max-fine", "16"])
+    result = main_cli(
+        [
+            "--data",
+            f"homography:{photos}",
+            "--out",
+            str(tmp_path / "h.ckpt"),
+            "--steps",
+            "2",
+            "--size",
+            "96x64",
+            "--validate-every",
+            "2",
+            "--val-pairs",
+            "1",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--max-fine",
+            "16",
+        ]
+    )
     assert result.end_step == 2
     out = capsys.readouterr().out
     assert "trained steps 0 -> 2" in out and "validation:" in out
@@ -173,10 +294,34 @@ def test_sigterm_saves_the_last_step_and_resumes(photos: Path, tmp_path: Path) -
     import time
 
     out = tmp_path / "s.ckpt"
-    proc = subprocess.Popen([sys.executable, "-m", "recipes.train_loftr", "--data", f"homography:{photos}",
-                             "--out", str(out), "--steps", "500", "--size", "96x64", "--validate-every", "0",
-                             "--device", "cpu", "--threads", "1", "--no-progress", "--max-fine", "16"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "recipes.train_loftr",
+            "--data",
+            f"homography:{photos}",
+            "--out",
+            str(out),
+            "--steps",
+            "500",
+            "--size",
+            "96x64",
+            "--validate-every",
+            "0",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--max-fine",
+            "16",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = out.with_suffix(".csv")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not log.exists() or len(_rows(log)) < 2):
@@ -193,7 +338,7 @@ def test_sigterm_saves_the_last_step_and_resumes(photos: Path, tmp_path: Path) -
 def test_max_rotation_reaches_the_homography_pairs(photos: Path) -> None:
     import math
 
-    from matchers.errors import UserError
+    from core.errors import UserError
     from recipes.train_loftr import build_source
 
     def angles(max_rotation: float) -> list[float]:
@@ -207,5 +352,14 @@ def test_max_rotation_reaches_the_homography_pairs(photos: Path) -> None:
     assert max(angles(30.0)) < 45.0  # the default range (+-30 deg, plus a little from the perspective part)
     assert max(angles(180.0)) > 90.0  # the full range reaches upside-down pairs
     with pytest.raises(UserError, match="max-rotation"):
-        main("compact", [f"homography:{photos}"], Path("/tmp/never.ckpt"), steps=1, size=SIZE, config=_config(),
-             device="cpu", progress=False, max_rotation=200.0)
+        main(
+            "compact",
+            [f"homography:{photos}"],
+            Path("/tmp/never.ckpt"),
+            steps=1,
+            size=SIZE,
+            config=_config(),
+            device="cpu",
+            progress=False,
+            max_rotation=200.0,
+        )

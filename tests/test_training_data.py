@@ -1,5 +1,6 @@
 """Training data sources: determinism, homography pairs consistent with their H, and the MegaDepth / ScanNet
 loaders on tiny fake layouts built from a rendered scene (so their GT can be checked against the true geometry)."""
+
 from __future__ import annotations
 
 import cv2
@@ -8,10 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from matchers.errors import UserError
-from matchers.loftr.training.data import (HomographyConfig, HomographyPairs, MegaDepthPairs, MixedPairs, ScanNetPairs,
-                                          SyntheticConfig, SyntheticPairs, collate, photometric)
-from matchers.loftr.training.supervision import supervise_batch
+from core.errors import UserError
+from recipes.training.data import (
+    HomographyConfig,
+    HomographyPairs,
+    MegaDepthPairs,
+    MixedPairs,
+    ScanNetPairs,
+    SyntheticConfig,
+    SyntheticPairs,
+    collate,
+    photometric,
+)
+from recipes.training.supervision import supervise_batch
 
 
 def _photo(seed: int = 0) -> np.ndarray:
@@ -30,8 +40,14 @@ def test_homography_pairs_are_deterministic_and_consistent() -> None:
     im0, im1 = a["image0"][0].numpy(), a["image1"][0].numpy()
     ys, xs = np.mgrid[0:96, 0:128].astype(np.float64)
     p = np.stack([xs, ys, np.ones_like(xs)], -1) @ H.T
-    back = cv2.remap(im1, (p[..., 0] / p[..., 2]).astype(np.float32), (p[..., 1] / p[..., 2]).astype(np.float32),
-                     cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=-1)
+    back = cv2.remap(
+        im1,
+        (p[..., 0] / p[..., 2]).astype(np.float32),
+        (p[..., 1] / p[..., 2]).astype(np.float32),
+        cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=-1,
+    )
     inside = (back >= 0) & (np.abs(p[..., 0] / p[..., 2] - 63) < 60) & (np.abs(p[..., 1] / p[..., 2] - 47) < 44)
     assert inside.mean() > 0.3
     assert np.abs(back[inside] - im0[inside]).mean() < 0.02
@@ -123,9 +139,14 @@ def test_megadepth_loader_on_a_fake_index(scene, tmp_path) -> None:
     K_colmap[:, :2, 2] += 0.5  # COLMAP's pixel-corner origin
     pair_infos = np.empty(1, dtype=object)
     pair_infos[0] = (np.array([0, 1]), 0.6, np.zeros(0))
-    np.savez(root / "index/0001.npz", image_paths=np.array(image_paths, dtype=object),
-             depth_paths=np.array(depth_paths, dtype=object), intrinsics=K_colmap, poses=scene.poses,
-             pair_infos=pair_infos)
+    np.savez(
+        root / "index/0001.npz",
+        image_paths=np.array(image_paths, dtype=object),
+        depth_paths=np.array(depth_paths, dtype=object),
+        intrinsics=K_colmap,
+        poses=scene.poses,
+        pair_infos=pair_infos,
+    )
     with pytest.raises(UserError, match="trust-index"):
         MegaDepthPairs(root)
     source = MegaDepthPairs(root, long_side=160, allow_pickle=True, augment=False)
@@ -146,9 +167,14 @@ def test_megadepth_rejects_paths_outside_the_root(scene, tmp_path) -> None:
     (root / "index").mkdir(parents=True)
     pair_infos = np.empty(1, dtype=object)
     pair_infos[0] = (np.array([0, 1]), 0.6, np.zeros(0))
-    np.savez(root / "index/s.npz", image_paths=np.array(["../../etc/passwd", "b"], dtype=object),
-             depth_paths=np.array(["a", "b"], dtype=object), intrinsics=scene.K, poses=scene.poses,
-             pair_infos=pair_infos)
+    np.savez(
+        root / "index/s.npz",
+        image_paths=np.array(["../../etc/passwd", "b"], dtype=object),
+        depth_paths=np.array(["a", "b"], dtype=object),
+        intrinsics=scene.K,
+        poses=scene.poses,
+        pair_infos=pair_infos,
+    )
     with pytest.raises(UserError, match="outside"):
         MegaDepthPairs(root, allow_pickle=True).sample(0)
 

@@ -1,4 +1,5 @@
 """LoFTR training losses: log-space dual-softmax, focal terms, optimal-transport variant, fine L2 / std."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,14 @@ import math
 import torch
 
 from matchers.loftr.coarse_matching import dual_softmax, log_optimal_transport
-from matchers.loftr.training.losses import (LossConfig, coarse_loss, dual_softmax_log_confidence, fine_loss,
-                                            focal_negative, focal_positive)
+from recipes.training.losses import (
+    LossConfig,
+    coarse_loss,
+    dual_softmax_log_confidence,
+    fine_loss,
+    focal_negative,
+    focal_positive,
+)
 
 
 def test_log_confidence_equals_log_of_the_models_dual_softmax() -> None:
@@ -56,7 +63,7 @@ def test_focal_terms_match_the_formula() -> None:
     pos = focal_positive(p.log(), 0.25, 2.0)
     neg = focal_negative(p.log(), 0.25, 2.0)
     assert torch.allclose(pos, -0.25 * (1 - p) ** 2 * p.log())
-    assert torch.allclose(neg, -0.75 * p ** 2 * (1 - p).log())
+    assert torch.allclose(neg, -0.75 * p**2 * (1 - p).log())
     # a tiny confidence: log(1 - p) stays accurate (not log(1) = 0 in float32)
     tiny = torch.tensor([-30.0])
     assert float(focal_negative(tiny, 0.25, 0.0)) > 0

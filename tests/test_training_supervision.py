@@ -1,17 +1,28 @@
 """Ground truth for LoFTR training: homography and depth warps against hand computations and a rendered scene."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from matchers.loftr.training.supervision import (coarse_shape, depth_warp, homography_warp, invert_pose, supervise,
-                                                 supervise_batch, supervise_samples)
+from recipes.training.supervision import (
+    coarse_shape,
+    depth_warp,
+    homography_warp,
+    invert_pose,
+    supervise,
+    supervise_batch,
+    supervise_samples,
+)
 
 
 def _batch(H: np.ndarray, size0: tuple[int, int], size1: tuple[int, int]) -> dict[str, torch.Tensor]:
-    return {"image0": torch.zeros(1, 1, *size0), "image1": torch.zeros(1, 1, *size1),
-            "H_0to1": torch.tensor(H, dtype=torch.float64)[None]}
+    return {
+        "image0": torch.zeros(1, 1, *size0),
+        "image1": torch.zeros(1, 1, *size1),
+        "H_0to1": torch.tensor(H, dtype=torch.float64)[None],
+    }
 
 
 def test_rotation_homography_gives_hand_computed_indices() -> None:
@@ -69,8 +80,12 @@ def test_batched_homographies_and_merge() -> None:
     single = [supervise_batch({k: v[None] for k, v in s.items()}) for s in (s1, s2)]
     assert merged.num_matches == single[0].num_matches + single[1].num_matches
     assert merged.conf_gt.shape[0] == 2
-    assert torch.equal(merged.b_ids, torch.cat([torch.zeros(single[0].num_matches, dtype=torch.long),
-                                                 torch.ones(single[1].num_matches, dtype=torch.long)]))
+    assert torch.equal(
+        merged.b_ids,
+        torch.cat(
+            [torch.zeros(single[0].num_matches, dtype=torch.long), torch.ones(single[1].num_matches, dtype=torch.long)]
+        ),
+    )
     # rotation by 90 deg about 56: cell (cx, cy) -> (7 - cy, cx), j = cx * 8 + 7 - cy
     second = merged.b_ids == 1
     i, j = merged.i_ids[second], merged.j_ids[second]
@@ -100,10 +115,15 @@ def scene():
 def _depth_batch(scene, a: int, b: int) -> dict[str, torch.Tensor]:
     T = scene.poses[b] @ np.linalg.inv(scene.poses[a])
     gray = [torch.from_numpy(scene.images[k].mean(axis=2).astype(np.float32) / 255)[None] for k in (a, b)]
-    return {"image0": gray[0][None], "image1": gray[1][None],
-            "depth0": torch.from_numpy(scene.depths[a])[None], "depth1": torch.from_numpy(scene.depths[b])[None],
-            "K0": torch.from_numpy(scene.K[a])[None], "K1": torch.from_numpy(scene.K[b])[None],
-            "T_0to1": torch.from_numpy(T)[None]}
+    return {
+        "image0": gray[0][None],
+        "image1": gray[1][None],
+        "depth0": torch.from_numpy(scene.depths[a])[None],
+        "depth1": torch.from_numpy(scene.depths[b])[None],
+        "K0": torch.from_numpy(scene.K[a])[None],
+        "K1": torch.from_numpy(scene.K[b])[None],
+        "T_0to1": torch.from_numpy(T)[None],
+    }
 
 
 def test_depth_warp_agrees_with_the_scene_geometry(scene) -> None:
@@ -113,7 +133,8 @@ def test_depth_warp_agrees_with_the_scene_geometry(scene) -> None:
     ys, xs = np.mgrid[0:120:8, 0:160:8]
     pts = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float64)
     out, valid = depth_warp(batch["depth0"], batch["depth1"], batch["K0"], batch["K1"], batch["T_0to1"])(
-        torch.from_numpy(pts)[None])
+        torch.from_numpy(pts)[None]
+    )
     out, valid = out[0].numpy(), valid[0].numpy()
     # true correspondences: the 3D point seen at each pixel of view 0, projected into view 1
     world = unproject(scene.depths[0], scene.K[0], scene.poses[0], pts)

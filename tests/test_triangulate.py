@@ -1,4 +1,5 @@
 """Middlebury GT cameras -> reference model -> triangulation with known-pose verification."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,11 +11,13 @@ import numpy as np
 import pycolmap
 import pytest
 
-from datasets.middlebury import gt_reconstruction, load, read_par_file
-from matchers.errors import UserError
-from matchers.image_io import read_gray
+from core import io
+from core.errors import UserError
+from core.image_io import read_gray
+from core.par_files import read_par_file
+from datasets.middlebury import gt_reconstruction, load
 from matchers.sift import SIFTMatcher, match_descriptors
-from pipeline import io, triangulate
+from pipeline import triangulate
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SUBSET = [f"templeR{i:04d}.png" for i in range(13, 19)]  # consecutive on the ring
@@ -84,8 +87,14 @@ def test_triangulation_into_gt_cameras(temple_ring: Path, tmp_path: Path) -> Non
     data = _write_sift_files(temple_ring, tmp_path)
     cameras, reference = load(temple_ring / "templeR_par.txt", temple_ring / "images")
     reconstruction, stats = triangulate.main(
-        reference, temple_ring / "images", tmp_path / "pairs.txt", tmp_path / "features.h5",
-        tmp_path / "matches.h5", tmp_path / "sfm", verification="known", max_error=4.0,
+        reference,
+        temple_ring / "images",
+        tmp_path / "pairs.txt",
+        tmp_path / "features.h5",
+        tmp_path / "matches.h5",
+        tmp_path / "sfm",
+        verification="known",
+        max_error=4.0,
     )
     # poses are unchanged and points reproject well
     for name in SUBSET:
@@ -124,24 +133,54 @@ def test_unknown_image_in_pairs(temple_ring: Path, tmp_path: Path) -> None:
     reference = gt_reconstruction({n: cameras[n] for n in SUBSET[:3]}, (640, 480))
     io.write_pairs(tmp_path / "pairs.txt", [(SUBSET[0], SUBSET[4])])
     with pytest.raises(UserError, match="not in the reference model"):
-        triangulate.main(reference, temple_ring / "images", tmp_path / "pairs.txt", tmp_path / "f.h5",
-                         tmp_path / "m.h5", tmp_path / "out")
+        triangulate.main(
+            reference,
+            temple_ring / "images",
+            tmp_path / "pairs.txt",
+            tmp_path / "f.h5",
+            tmp_path / "m.h5",
+            tmp_path / "out",
+        )
 
 
 def test_cli_end_to_end(temple_ring: Path, tmp_path: Path) -> None:
     _write_sift_files(temple_ring, tmp_path, outliers_per_pair=0)
     gt_dir = tmp_path / "gt"
     run = subprocess.run(
-        [sys.executable, "-m", "datasets.middlebury", "--par", str(temple_ring / "templeR_par.txt"),
-         "--images", str(temple_ring / "images"), "--output", str(gt_dir)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "datasets.middlebury",
+            "--par",
+            str(temple_ring / "templeR_par.txt"),
+            "--images",
+            str(temple_ring / "images"),
+            "--output",
+            str(gt_dir),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr
     assert pycolmap.Reconstruction(str(gt_dir)).num_reg_images() == 47
-    command = [sys.executable, "-m", "pipeline.triangulate", "--reference", str(gt_dir),
-               "--images", str(temple_ring / "images"), "--pairs", str(tmp_path / "pairs.txt"),
-               "--features", str(tmp_path / "features.h5"), "--matches", str(tmp_path / "matches.h5"),
-               "--outputs", str(tmp_path / "tri")]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.triangulate",
+        "--reference",
+        str(gt_dir),
+        "--images",
+        str(temple_ring / "images"),
+        "--pairs",
+        str(tmp_path / "pairs.txt"),
+        "--features",
+        str(tmp_path / "features.h5"),
+        "--matches",
+        str(tmp_path / "matches.h5"),
+        "--outputs",
+        str(tmp_path / "tri"),
+    ]
     run = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "num_points" in run.stdout

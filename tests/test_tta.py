@@ -1,4 +1,5 @@
 """Test-time augmentation: rotations of image 1 mapped back, several sizes merged, MAGSAC++ counting."""
+
 from __future__ import annotations
 
 import cv2
@@ -66,7 +67,10 @@ def test_rotated_second_image_is_matched_and_mapped_back(mode):
     image1 = np.ascontiguousarray(np.rot90(image0, 1))  # the second camera was turned by 90 degrees
     matcher, config = UprightMatcher(), TTAConfig(rotation=mode)
     result = match_pair(
-        matcher, prepare_all(matcher, image0, first_views(config)), prepare_all(matcher, image1, second_views(config)), config
+        matcher,
+        prepare_all(matcher, image0, first_views(config)),
+        prepare_all(matcher, image1, second_views(config)),
+        config,
     )
     grid_shifted = matcher.grid + np.stack([matcher.parallax, 0 * matcher.parallax], 1)
     if mode == "best":
@@ -141,20 +145,25 @@ def test_count_verified_counts_the_inliers_of_a_two_view_geometry():
 
     k0, k1 = project(points), project(points @ R.T + t)
     outliers0, outliers1 = rng.uniform(0, 320, (40, 2)), rng.uniform(0, 240, (40, 2))
-    matches = Matches(np.r_[k0, outliers0].astype(np.float32), np.r_[k1, outliers1].astype(np.float32), np.ones(120, np.float32))
+    matches = Matches(
+        np.r_[k0, outliers0].astype(np.float32), np.r_[k1, outliers1].astype(np.float32), np.ones(120, np.float32)
+    )
     assert 78 <= count_verified(matches, 1.0) <= 86
     assert count_verified(matches.subset(np.arange(7)), 1.0) == 0  # too few for a fundamental matrix
 
 
 def test_sift_on_a_real_image_and_its_turned_copy(temple_ring):
-    from matchers.image_io import read_gray
+    from core.image_io import read_gray
     from matchers.sift import SIFTMatcher
 
     image0 = cv2.resize(read_gray(temple_ring / "images" / "templeR0010.png"), (320, 240), interpolation=cv2.INTER_AREA)
     image1 = np.ascontiguousarray(np.rot90(image0, 1))
     matcher, config = SIFTMatcher(), TTAConfig(rotation="best")
     result = match_pair(
-        matcher, prepare_all(matcher, image0, first_views(config)), prepare_all(matcher, image1, second_views(config)), config
+        matcher,
+        prepare_all(matcher, image0, first_views(config)),
+        prepare_all(matcher, image1, second_views(config)),
+        config,
     )
     assert len(result.matches) > 50
     error = np.linalg.norm(result.matches.keypoints1 - to_rot90_coordinates(result.matches.keypoints0, 320), axis=1)
@@ -168,8 +177,15 @@ def test_auto_rotation_matches_once_at_the_given_turn():
     assert config.single_pass  # one match per pair: batchable like "none"
     assert second_views(config, turn=3) == (View(None, 3),)
     assert second_views(config, turn=-1) == (View(None, 3),)
-    result = match_pair(matcher, prepare_all(matcher, image0, first_views(config)),
-                        prepare_all(matcher, image1, second_views(config, turn=3)), config, turn=3)
+    result = match_pair(
+        matcher,
+        prepare_all(matcher, image0, first_views(config)),
+        prepare_all(matcher, image1, second_views(config, turn=3)),
+        config,
+        turn=3,
+    )
     assert result.rotation == 3 and result.verified == {}
     grid_shifted = matcher.grid + np.stack([matcher.parallax, 0 * matcher.parallax], 1)
-    np.testing.assert_allclose(result.matches.keypoints1, to_rot90_coordinates(grid_shifted, image0.shape[1]), atol=1e-4)
+    np.testing.assert_allclose(
+        result.matches.keypoints1, to_rot90_coordinates(grid_shifted, image0.shape[1]), atol=1e-4
+    )

@@ -1,5 +1,6 @@
 """The interactive model viewer (pipeline.viz.write_html / ``python -m pipeline.viz MODEL --html OUT``),
 checked as a file and in a real headless Chromium (skipped with the reason when no Chromium is installed)."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,9 @@ def synthetic_reconstruction(num_cameras: int = 5, num_points: int = 200, seed: 
         R = np.stack([right, np.cross(forward, right), forward])
         t = -R @ center
         projected = (K @ (points @ R.T + t).T).T
-        image = pycolmap.Image(name=f"view_{i:02d}.png", keypoints=projected[:, :2] / projected[:, 2:],
-                               camera_id=1, image_id=i + 1)
+        image = pycolmap.Image(
+            name=f"view_{i:02d}.png", keypoints=projected[:, :2] / projected[:, 2:], camera_id=1, image_id=i + 1
+        )
         model.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(R), t))
         for j in range(num_points):
             tracks[j].add_element(i + 1, j)
@@ -89,15 +91,30 @@ def test_cli_writes_html_and_png_of_a_model_folder(model, tmp_path):
     (tmp_path / "sfm").mkdir()
     model.write(str(tmp_path / "sfm"))
     run = subprocess.run(
-        [sys.executable, "-m", "pipeline.viz", str(tmp_path / "sfm"), "--html", str(tmp_path / "m.html"),
-         "--output", str(tmp_path / "m.png")], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.viz",
+            str(tmp_path / "sfm"),
+            "--html",
+            str(tmp_path / "m.html"),
+            "--output",
+            str(tmp_path / "m.png"),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stderr
     assert 'data-cameras="5"' in (tmp_path / "m.html").read_text()
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
-    assert "usage: python -m pipeline.viz" in subprocess.run(
-        [sys.executable, "-m", "pipeline.viz", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True
-    ).stdout
+    assert (
+        "usage: python -m pipeline.viz"
+        in subprocess.run(
+            [sys.executable, "-m", "pipeline.viz", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True
+        ).stdout
+    )
 
 
 @pytest.mark.parametrize("case", ["no model", "html is a folder", "nothing to write"])
@@ -110,8 +127,9 @@ def test_cli_errors_are_one_line(model, tmp_path, case):
         "html is a folder": [str(tmp_path / "sfm"), "--html", str(tmp_path / "folder.html")],
         "nothing to write": [str(tmp_path / "sfm")],
     }[case]
-    run = subprocess.run([sys.executable, "-m", "pipeline.viz", *args], cwd=PROJECT_ROOT, capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline.viz", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+    )
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr
     assert not (tmp_path / "m.html").exists()
@@ -143,11 +161,26 @@ ERROR_HOOK = """<script>
 
 def run_chromium(page: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--use-angle=swiftshader",
-         "--enable-unsafe-swiftshader", "--hide-scrollbars", "--no-first-run", "--disable-extensions",
-         "--host-resolver-rules=MAP * ~NOTFOUND",  # offline: the page must not need the network
-         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", *extra, page.as_uri()],
-        capture_output=True, text=True, timeout=180,
+        [
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--use-angle=swiftshader",
+            "--enable-unsafe-swiftshader",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--disable-extensions",
+            "--host-resolver-rules=MAP * ~NOTFOUND",  # offline: the page must not need the network
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=15000",
+            *extra,
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
         env={**os.environ, "HOME": str(page.parent)},  # chromium's profile files go to the test's folder
     )
 

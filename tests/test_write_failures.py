@@ -6,6 +6,7 @@ with that capability dropped (``setpriv``, else ``capsh``); without either the r
 with the reason. Every case fails before any matching, except ``match_dense --features DIR``: see
 :func:`test_match_dense_features_naming_a_folder`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,9 +22,9 @@ import cv2
 import numpy as np
 import pytest
 
-from matchers.errors import UserError, os_error_message
-from matchers.files import atomic_path, check_output_dir, check_output_file, current_umask
-from pipeline import io
+from core import io
+from core.errors import UserError, os_error_message
+from core.files import atomic_path, check_output_dir, check_output_file, current_umask
 from tests.conftest import PROJECT_ROOT
 
 DROP = "-dac_override,-dac_read_search"
@@ -60,15 +61,21 @@ def _unprivileged_prefix() -> tuple[str, ...] | None:
 def unprivileged() -> tuple[str, ...]:
     prefix = _unprivileged_prefix()
     if prefix is None:
-        pytest.skip("running as root and neither setpriv nor capsh can drop CAP_DAC_OVERRIDE here, "
-                    "so a read-only folder would not stop writes")
+        pytest.skip(
+            "running as root and neither setpriv nor capsh can drop CAP_DAC_OVERRIDE here, "
+            "so a read-only folder would not stop writes"
+        )
     return prefix
 
 
 def run_cli(module: str, *args: str | Path, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*prefix, sys.executable, "-m", module, *map(str, args)], cwd=PROJECT_ROOT, capture_output=True,
-        text=True, timeout=300, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        [*prefix, sys.executable, "-m", module, *map(str, args)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
 
 
@@ -101,7 +108,7 @@ def images(tmp_path: Path) -> Path:
     texture = cv2.GaussianBlur(rng.random((200, 300)).astype(np.float32), (0, 0), 1.5)
     texture = (255 * (texture - texture.min()) / np.ptp(texture)).astype(np.uint8)
     for i in range(4):
-        cv2.imwrite(str(folder / f"img{i}.png"), texture[6 * i:6 * i + 120, 8 * i:8 * i + 160])
+        cv2.imwrite(str(folder / f"img{i}.png"), texture[6 * i : 6 * i + 120, 8 * i : 8 * i + 160])
     return folder
 
 
@@ -125,8 +132,9 @@ def a_file(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("where", ["in", "under"])
 def test_reconstruct_outputs_in_or_under_a_read_only_folder(images, read_only, tmp_path, where):
     outputs = read_only / "out" if where == "in" else read_only / "deeper" / "out"
-    run = run_cli("pipeline.reconstruct", "--images", images, "--outputs", outputs, "--matcher", "sift",
-                  prefix=unprivileged())
+    run = run_cli(
+        "pipeline.reconstruct", "--images", images, "--outputs", outputs, "--matcher", "sift", prefix=unprivileged()
+    )
     line = assert_one_line_error(run, outputs, read_only, "--outputs")
     assert "not writable" in line and "permission denied" in line
     assert files_under(read_only) == set() and no_temp_files(tmp_path)
@@ -151,8 +159,19 @@ def test_match_dense_features_naming_a_folder(images, tmp_path):
     folder = tmp_path / "features_folder"
     folder.mkdir()
     matches = tmp_path / "matches.h5"
-    run = run_cli("pipeline.match_dense", "--images", images, "--pairs", pairs, "--features", folder,
-                  "--matches", matches, "--matcher", "sift")
+    run = run_cli(
+        "pipeline.match_dense",
+        "--images",
+        images,
+        "--pairs",
+        pairs,
+        "--features",
+        folder,
+        "--matches",
+        matches,
+        "--matcher",
+        "sift",
+    )
     checked_first = "check_match_outputs" in (PROJECT_ROOT / "pipeline" / "match_dense.py").read_text()
     line = assert_one_line_error(run, folder, progress=not checked_first)
     assert files_under(folder) == set() and not matches.exists() and no_temp_files(tmp_path), line
@@ -176,8 +195,9 @@ def imc2023_data(images: Path, tmp_path: Path) -> Path:
 
 def test_imc2023_output_in_a_read_only_folder(imc2023_data, read_only, tmp_path):
     output = read_only / "submission.csv"
-    run = run_cli("recipes.imc2023", "--data", imc2023_data, "--output", output, "--matcher", "sift",
-                  prefix=unprivileged())
+    run = run_cli(
+        "recipes.imc2023", "--data", imc2023_data, "--output", output, "--matcher", "sift", prefix=unprivileged()
+    )
     assert_one_line_error(run, output, "--output", "not writable")
     assert files_under(read_only) == set() and no_temp_files(tmp_path)
 
@@ -193,8 +213,7 @@ def test_imc2023_output_naming_a_folder(imc2023_data, tmp_path):
 def test_imc2022_output_in_a_read_only_folder_or_naming_a_folder(read_only, tmp_path):
     data = tmp_path / "imc2022"  # the output is checked first: the data need not be complete
     data.mkdir()
-    run = run_cli("recipes.imc2022", "--data", data, "--output", read_only / "submission.csv",
-                  prefix=unprivileged())
+    run = run_cli("recipes.imc2022", "--data", data, "--output", read_only / "submission.csv", prefix=unprivileged())
     assert_one_line_error(run, read_only / "submission.csv", "not writable")
     run = run_cli("recipes.imc2022", "--data", data, "--output", tmp_path)
     assert_one_line_error(run, tmp_path, "--output needs a file")
@@ -203,8 +222,16 @@ def test_imc2022_output_in_a_read_only_folder_or_naming_a_folder(read_only, tmp_
 
 def test_match_out_in_a_read_only_folder(images, read_only, tmp_path):
     out = read_only / "viz.png"
-    run = run_cli("matchers.match", images / "img0.png", images / "img1.png", "--matcher", "sift", "--out", out,
-                  prefix=unprivileged())
+    run = run_cli(
+        "matchers.match",
+        images / "img0.png",
+        images / "img1.png",
+        "--matcher",
+        "sift",
+        "--out",
+        out,
+        prefix=unprivileged(),
+    )
     assert_one_line_error(run, out, "--out", "not writable")
     assert "matches in" not in run.stdout  # failed before matching
     assert files_under(read_only) == set() and no_temp_files(tmp_path)
@@ -219,14 +246,20 @@ def test_aachen_outputs_a_file(a_file, tmp_path):
 # -------------------------------------------------------------------------- OS errors while writing
 @pytest.mark.parametrize(
     "code,fix",
-    [(errno.EACCES, "folder you can write to"), (errno.EISDIR, "a folder is where a file is expected"),
-     (errno.ENOTDIR, "a file is where a folder is expected"), (errno.EEXIST, "something is in the way"),
-     (errno.ENOSPC, "free some space"), (errno.EROFS, "read-only"), (errno.EDQUOT, "quota")],
+    [
+        (errno.EACCES, "folder you can write to"),
+        (errno.EISDIR, "a folder is where a file is expected"),
+        (errno.ENOTDIR, "a file is where a folder is expected"),
+        (errno.EEXIST, "something is in the way"),
+        (errno.ENOSPC, "free some space"),
+        (errno.EROFS, "read-only"),
+        (errno.EDQUOT, "quota"),
+    ],
 )
 def test_write_errors_become_one_line_with_the_path_and_a_fix(tmp_path, code, fix):
     script = (
         "import errno, sys\n"
-        "from matchers.errors import run_cli\n"
+        "from core.errors import run_cli\n"
         "def main():\n"
         f"    raise OSError({code}, 'x', {str(tmp_path / 'out.h5')!r})\n"
         "run_cli(main)\n"
@@ -237,8 +270,10 @@ def test_write_errors_become_one_line_with_the_path_and_a_fix(tmp_path, code, fi
 
 def test_other_os_errors_are_not_swallowed():
     assert os_error_message(ConnectionResetError(errno.ECONNRESET, "reset")) is None
-    h5py_style = OSError("Unable to create file (unable to open file: name = '/x/f.h5', errno = 28, "
-                         "error message = 'No space left on device', flags = 13)")
+    h5py_style = OSError(
+        "Unable to create file (unable to open file: name = '/x/f.h5', errno = 28, "
+        "error message = 'No space left on device', flags = 13)"
+    )
     assert os_error_message(h5py_style).startswith("/x/f.h5: no space left on device; free some space")
 
 
@@ -293,8 +328,8 @@ def test_output_check_needs_room(tmp_path):
 # ------------------------------------------------------------------------------------------ umask
 @pytest.mark.parametrize("mask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_get_the_umask_permissions(tmp_path, mask, mode):
-    from matchers.viz import plot_matches
     from matchers.base import Matches
+    from matchers.viz import plot_matches
 
     old = os.umask(mask)
     try:
@@ -314,8 +349,10 @@ def test_written_files_get_the_umask_permissions(tmp_path, mask, mode):
 
 
 def test_umask_in_a_fresh_process_under_022(tmp_path):
-    script = ("import os; os.umask(0o022)\n"
-              "from pipeline.io import write_text_atomic\n"
-              f"write_text_atomic({str(tmp_path / 'summary.json')!r}, '{{}}')\n")
+    script = (
+        "import os; os.umask(0o022)\n"
+        "from core.io import write_text_atomic\n"
+        f"write_text_atomic({str(tmp_path / 'summary.json')!r}, '{{}}')\n"
+    )
     subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, check=True, timeout=60)
     assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644

@@ -11,10 +11,19 @@ load unchanged::
 See :mod:`matchers.loftr.model` for the coordinate convention and the batched API, and
 :mod:`matchers.loftr.weights` for checkpoint names, download and the ``LOFTR_WEIGHTS`` variable.
 """
+
 from .config import LoFTRConfig
 from .matcher import LoFTRMatcher
 from .model import EncodedImage, LoFTR, collate
 from .weights import WEIGHTS_ENV, load_pretrained, save_checkpoint
 
-__all__ = ["LoFTR", "LoFTRConfig", "LoFTRMatcher", "EncodedImage", "collate", "load_pretrained",
-           "save_checkpoint", "WEIGHTS_ENV"]
+__all__ = [
+    "LoFTR",
+    "LoFTRConfig",
+    "LoFTRMatcher",
+    "EncodedImage",
+    "collate",
+    "load_pretrained",
+    "save_checkpoint",
+    "WEIGHTS_ENV",
+]

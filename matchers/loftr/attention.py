@@ -7,10 +7,10 @@ any output, padded queries get a zero message.
 The attention arithmetic runs in float32 even under CUDA autocast: the linear attention sums over thousands of
 tokens, which overflows float16.
 """
+
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import ContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def float32_region(device: torch.device) -> ContextManager[None]:
+def float32_region(device: torch.device) -> AbstractContextManager[None]:
     """Disable autocast around a block so it computes in float32."""
     try:
         enabled = torch.is_autocast_enabled(device.type)
@@ -43,8 +43,14 @@ class LinearAttention(nn.Module):
         super().__init__()
         self.eps = eps
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                q_mask: torch.Tensor | None = None, kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        q_mask: torch.Tensor | None = None,
+        kv_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         out_dtype = queries.dtype
         with float32_region(queries.device):
             q = F.elu(at_least_float32(queries)) + 1
@@ -69,8 +75,14 @@ class LinearAttention(nn.Module):
 class FullAttention(nn.Module):
     """Softmax attention (scaled by 1/sqrt(D)) through ``torch.nn.functional.scaled_dot_product_attention``."""
 
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                q_mask: torch.Tensor | None = None, kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        q_mask: torch.Tensor | None = None,
+        kv_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         q, k, v = (t.transpose(1, 2) for t in (queries, keys, values))  # (N, H, L|S, D)
         attn_mask = None
         if kv_mask is not None:

@@ -2,6 +2,7 @@
 
 Module names and registration order follow the official network so that its state-dict keys load unchanged.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,9 +32,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (
-            None if stride == 1 else nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
-        )
+        self.downsample = None if stride == 1 else nn.Sequential(_conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -113,13 +112,25 @@ class ResNetFPN_8_2(nn.Module):
         """Multiply-adds of one window by :meth:`fine_windows`, and per fine-map cell by :meth:`fine_full`."""
         d1, d2, d3 = self.layer1_outconv.in_channels, self.layer1_outconv.out_channels, self.layer3_outconv.out_channels
         mid_side, fine_side = _mid_patch_side(window), window + 4
-        per_window = ((mid_side + 2) ** 2 * 9 * d3 * d3 + mid_side ** 2 * 9 * d3 * d2
-                      + fine_side ** 2 * d1 * d2 + (window + 2) ** 2 * 9 * d2 * d2 + window ** 2 * 9 * d2 * d1)
+        per_window = (
+            (mid_side + 2) ** 2 * 9 * d3 * d3
+            + mid_side**2 * 9 * d3 * d2
+            + fine_side**2 * d1 * d2
+            + (window + 2) ** 2 * 9 * d2 * d2
+            + window**2 * 9 * d2 * d1
+        )
         per_cell = (9 * d3 * d3 + 9 * d3 * d2) / 4 + d1 * d2 + 9 * d2 * d2 + 9 * d2 * d1
         return float(per_window), float(per_cell)
 
-    def fine_windows(self, inputs: "FineInputs", b_ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                     window: int, chunk: int = 256) -> torch.Tensor:
+    def fine_windows(
+        self,
+        inputs: "FineInputs",
+        b_ids: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        window: int,
+        chunk: int = 256,
+    ) -> torch.Tensor:
         """(M, window^2, C_f) crops of the fine map centred on fine cells (rows, cols) of batch items ``b_ids``.
 
         Equal (up to float rounding) to cropping :meth:`fine_full`'s map with zeros off the map, but only the
@@ -138,8 +149,15 @@ class ResNetFPN_8_2(nn.Module):
             out.append(self._windows_chunk(x1, lat2, b_ids[sl], rows[sl], cols[sl], window))
         return torch.cat(out)
 
-    def _windows_chunk(self, x1: torch.Tensor, lat2: torch.Tensor, b_ids: torch.Tensor, rows: torch.Tensor,
-                       cols: torch.Tensor, window: int) -> torch.Tensor:
+    def _windows_chunk(
+        self,
+        x1: torch.Tensor,
+        lat2: torch.Tensor,
+        b_ids: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        window: int,
+    ) -> torch.Tensor:
         half = window // 2
         h2, w2 = x1.shape[2], x1.shape[3]
         h4, w4 = lat2.shape[2], lat2.shape[3]
@@ -163,8 +181,9 @@ class ResNetFPN_8_2(nn.Module):
         rr0, rr1 = (r0 - mid_r)[:, :, None], (r1 - mid_r)[:, :, None]
         cc0, cc1 = (c0 - mid_c)[:, None, :], (c1 - mid_c)[:, None, :]
         wr_, wc_ = wr[:, :, None, None], wc[:, None, :, None]
-        up = ((1 - wr_) * ((1 - wc_) * mid[m, :, rr0, cc0] + wc_ * mid[m, :, rr0, cc1])
-              + wr_ * ((1 - wc_) * mid[m, :, rr1, cc0] + wc_ * mid[m, :, rr1, cc1]))  # (M, s, s, C)
+        up = (1 - wr_) * ((1 - wc_) * mid[m, :, rr0, cc0] + wc_ * mid[m, :, rr0, cc1]) + wr_ * (
+            (1 - wc_) * mid[m, :, rr1, cc0] + wc_ * mid[m, :, rr1, cc1]
+        )  # (M, s, s, C)
         up = up.permute(0, 3, 1, 2)
         # fine head (1/2)
         skip, inside2 = _patches(x1, b_ids, pos_r[:, :1], pos_c[:, :1], side1)
@@ -190,8 +209,9 @@ def _mid_patch_side(window: int) -> int:
     return (window + 3) // 2 + 2
 
 
-def _align_corners_grid(pos: torch.Tensor, size_in: int, size_out: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _align_corners_grid(
+    pos: torch.Tensor, size_in: int, size_out: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source indices (lower, upper) and upper weight of output positions ``pos`` of an align-corners resize."""
     scale = torch.tensor((size_in - 1) / (size_out - 1) if size_out > 1 else 0.0, dtype=torch.float32)
     src = pos.to(torch.float32) * scale
@@ -200,8 +220,9 @@ def _align_corners_grid(pos: torch.Tensor, size_in: int, size_out: int
     return lower, upper, src - lower
 
 
-def _patches(feat: torch.Tensor, b_ids: torch.Tensor, top: torch.Tensor, left: torch.Tensor, side: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def _patches(
+    feat: torch.Tensor, b_ids: torch.Tensor, top: torch.Tensor, left: torch.Tensor, side: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, C, side, side) crops of ``feat`` at (top, left) (M, 1) with zeros off the map, and the (M, 1, s, s) mask."""
     height, width = feat.shape[2], feat.shape[3]
     offsets = torch.arange(side, device=feat.device)

@@ -13,6 +13,7 @@ nearest neighbour) and lies at least ``border_rm`` cells inside both images' val
 All of this runs in float32 even under autocast, so masked entries never need float16-overflowing constants.
 Masks are boolean, True for real (unpadded) cells.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ def _scaled_similarity(feat0: torch.Tensor, feat1: torch.Tensor) -> torch.Tensor
     return torch.bmm(feat0 / scale, (feat1 / scale).transpose(1, 2))
 
 
-def _apply_masks(sim: torch.Tensor, mask0: torch.Tensor | None, mask1: torch.Tensor | None,
-                 value: float, inplace: bool) -> torch.Tensor:
+def _apply_masks(
+    sim: torch.Tensor, mask0: torch.Tensor | None, mask1: torch.Tensor | None, value: float, inplace: bool
+) -> torch.Tensor:
     """Set rows of padded image-0 cells and columns of padded image-1 cells to ``value``."""
     if mask0 is not None:
         sim = sim.masked_fill_(~mask0[:, :, None], value) if inplace else sim.masked_fill(~mask0[:, :, None], value)
@@ -66,15 +68,16 @@ def _row_col_logsumexp(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     row_lse = sim.new_empty(n, rows)
     col_parts = []
     for start in range(0, rows, chunk):
-        block = sim[:, start:start + chunk]
-        row_lse[:, start:start + chunk] = torch.logsumexp(block, dim=2)
+        block = sim[:, start : start + chunk]
+        row_lse[:, start : start + chunk] = torch.logsumexp(block, dim=2)
         col_parts.append(torch.logsumexp(block, dim=1))
     col_lse = col_parts[0] if len(col_parts) == 1 else torch.logsumexp(torch.stack(col_parts, dim=1), dim=1)
     return row_lse, col_lse
 
 
-def dual_softmax(sim: torch.Tensor, mask0: torch.Tensor | None = None, mask1: torch.Tensor | None = None,
-                 inplace: bool = False) -> torch.Tensor:
+def dual_softmax(
+    sim: torch.Tensor, mask0: torch.Tensor | None = None, mask1: torch.Tensor | None = None, inplace: bool = False
+) -> torch.Tensor:
     """softmax(sim, dim=1) * softmax(sim, dim=2), zero at padded cells. ``sim`` is float32 (N, L, S).
 
     ``inplace`` reuses ``sim``'s memory for the result (inference only).
@@ -90,8 +93,13 @@ def dual_softmax(sim: torch.Tensor, mask0: torch.Tensor | None = None, mask1: to
     return conf
 
 
-def log_optimal_transport(scores: torch.Tensor, bin_score: torch.Tensor, iters: int,
-                          mask0: torch.Tensor | None = None, mask1: torch.Tensor | None = None) -> torch.Tensor:
+def log_optimal_transport(
+    scores: torch.Tensor,
+    bin_score: torch.Tensor,
+    iters: int,
+    mask0: torch.Tensor | None = None,
+    mask1: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Log-space Sinkhorn on ``scores`` (N, L, S) augmented with a dustbin row and column of value ``bin_score``.
 
     Marginals: every real cell of image 0 has mass 1 and image 0's dustbin mass n (image 1's real cells), and
@@ -112,10 +120,13 @@ def log_optimal_transport(scores: torch.Tensor, bin_score: torch.Tensor, iters: 
     n = valid1.sum(1).to(dtype)
     norm = -(m + n).log()  # (N,)
 
-    couplings = torch.cat([
-        torch.cat([scores, bin_score.to(dtype).expand(n_batch, rows, 1)], dim=2),
-        bin_score.to(dtype).expand(n_batch, 1, cols + 1),
-    ], dim=1)
+    couplings = torch.cat(
+        [
+            torch.cat([scores, bin_score.to(dtype).expand(n_batch, rows, 1)], dim=2),
+            bin_score.to(dtype).expand(n_batch, 1, cols + 1),
+        ],
+        dim=1,
+    )
     if mask0 is not None or mask1 is not None:
         couplings = couplings.masked_fill(~(row_valid[:, :, None] & col_valid[:, None, :]), float("-inf"))
 
@@ -136,8 +147,9 @@ def log_optimal_transport(scores: torch.Tensor, bin_score: torch.Tensor, iters: 
     return couplings + u[:, :, None] + v[:, None, :] - norm[:, None, None]
 
 
-def _off_border(shape: tuple[int, int], mask2d: torch.Tensor | None, border: int, batch: int,
-                device: torch.device) -> torch.Tensor:
+def _off_border(
+    shape: tuple[int, int], mask2d: torch.Tensor | None, border: int, batch: int, device: torch.device
+) -> torch.Tensor:
     """(N, h*w) bool: cells at least ``border`` cells inside the valid area of each image.
 
     The valid area is the top-left rectangle given by the mask (the number of valid rows / columns), or the whole
@@ -156,9 +168,15 @@ def _off_border(shape: tuple[int, int], mask2d: torch.Tensor | None, border: int
     return keep.expand(batch, h, w).reshape(batch, h * w)
 
 
-def select_matches(conf: torch.Tensor, shape0: tuple[int, int], shape1: tuple[int, int], threshold: float,
-                   border_rm: int, mask2d0: torch.Tensor | None = None, mask2d1: torch.Tensor | None = None
-                   ) -> CoarseMatches:
+def select_matches(
+    conf: torch.Tensor,
+    shape0: tuple[int, int],
+    shape1: tuple[int, int],
+    threshold: float,
+    border_rm: int,
+    mask2d0: torch.Tensor | None = None,
+    mask2d1: torch.Tensor | None = None,
+) -> CoarseMatches:
     """Threshold + border removal + mutual nearest neighbour on an (N, L, S) confidence matrix.
 
     A zero confidence is never a match (padded cells have confidence 0), even with a threshold <= 0.
@@ -187,10 +205,18 @@ _BLOCK_ELEMENTS = 1 << 20
 _RECOMPUTE_ROWS = 256
 
 
-def select_dual_softmax(feat0: torch.Tensor, feat1: torch.Tensor, temperature: float, shape0: tuple[int, int],
-                        shape1: tuple[int, int], threshold: float, border_rm: int,
-                        mask2d0: torch.Tensor | None = None, mask2d1: torch.Tensor | None = None,
-                        max_matrix_bytes: int | None = None) -> CoarseMatches:
+def select_dual_softmax(
+    feat0: torch.Tensor,
+    feat1: torch.Tensor,
+    temperature: float,
+    shape0: tuple[int, int],
+    shape1: tuple[int, int],
+    threshold: float,
+    border_rm: int,
+    mask2d0: torch.Tensor | None = None,
+    mask2d1: torch.Tensor | None = None,
+    max_matrix_bytes: int | None = None,
+) -> CoarseMatches:
     """Dual-softmax matching + selection without materialising the confidence matrix (inference only).
 
     Equal to ``select_matches(dual_softmax(sim / T), ...)``: the log-confidence ``t = 2 s - lse_row - lse_col`` is
@@ -216,7 +242,7 @@ def select_dual_softmax(feat0: torch.Tensor, feat1: torch.Tensor, temperature: f
 
         def masked(block: torch.Tensor, start: int) -> torch.Tensor:
             if mask0 is not None:
-                block.masked_fill_(~mask0[:, start:start + block.shape[1], None], _MASKED)
+                block.masked_fill_(~mask0[:, start : start + block.shape[1], None], _MASKED)
             if mask1 is not None:
                 block.masked_fill_(~mask1[:, None, :], _MASKED)
             return block
@@ -227,16 +253,16 @@ def select_dual_softmax(feat0: torch.Tensor, feat1: torch.Tensor, temperature: f
             sim = masked(sim, 0)
 
         def block_at(start: int) -> torch.Tensor:
-            if sim is not None:
-                return sim[:, start:start + block_rows]
-            return masked(torch.bmm(f0[:, start:start + block_rows] / scale, f1t).div_(temperature), start)
+            if sim is not None:  # noqa: F821  (freed by `del sim` only after the last call)
+                return sim[:, start : start + block_rows]  # noqa: F821
+            return masked(torch.bmm(f0[:, start : start + block_rows] / scale, f1t).div_(temperature), start)
 
         # pass 1: logsumexp of every row, and of every column per block, then over the blocks
         row_lse = f0.new_empty(batch, rows)
         col_parts = []
         for start in range(0, rows, block_rows):
             block = block_at(start)
-            row_lse[:, start:start + block.shape[1]] = torch.logsumexp(block, dim=2)
+            row_lse[:, start : start + block.shape[1]] = torch.logsumexp(block, dim=2)
             col_parts.append(torch.logsumexp(block, dim=1))
         col_lse = torch.logsumexp(torch.stack(col_parts, dim=1), dim=1)
         del col_parts
@@ -279,8 +305,13 @@ class CoarseMatching(nn.Module):
         elif config.match_type != "dual_softmax":
             raise ValueError(f"unknown match_type {config.match_type!r}")
 
-    def confidence(self, feat0: torch.Tensor, feat1: torch.Tensor,
-                   mask0: torch.Tensor | None = None, mask1: torch.Tensor | None = None) -> torch.Tensor:
+    def confidence(
+        self,
+        feat0: torch.Tensor,
+        feat1: torch.Tensor,
+        mask0: torch.Tensor | None = None,
+        mask1: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(N, L, S) float32 confidence of transformed coarse tokens (N, L, C), (N, S, C); masks (N, L), (N, S)."""
         cfg = self.config
         with float32_region(feat0.device):
@@ -299,17 +330,34 @@ class CoarseMatching(nn.Module):
                 conf = conf.masked_fill(to_bin0[:, :, None] | to_bin1[:, None, :], 0.0)
             return conf
 
-    def forward(self, feat0: torch.Tensor, feat1: torch.Tensor, shape0: tuple[int, int], shape1: tuple[int, int],
-                mask2d0: torch.Tensor | None = None, mask2d1: torch.Tensor | None = None,
-                threshold: float | None = None) -> CoarseMatches:
+    def forward(
+        self,
+        feat0: torch.Tensor,
+        feat1: torch.Tensor,
+        shape0: tuple[int, int],
+        shape1: tuple[int, int],
+        mask2d0: torch.Tensor | None = None,
+        mask2d1: torch.Tensor | None = None,
+        threshold: float | None = None,
+    ) -> CoarseMatches:
         """Select matches between coarse maps of sizes ``shape0`` / ``shape1`` (h, w); masks (N, h, w) bool."""
         thr = self.config.thr if threshold is None else threshold
         budget = MAX_MATRIX_BYTES if self.max_matrix_bytes is None else self.max_matrix_bytes
         too_large = feat0.shape[0] * feat0.shape[1] * feat1.shape[1] * 4 > budget
         if self.config.match_type == "dual_softmax" and too_large and not torch.is_grad_enabled():
             # the in-place single-matrix path below is faster when the matrix fits (measured: ~2x at 1024x768)
-            return select_dual_softmax(feat0, feat1, self.config.dsmax_temperature, shape0, shape1, thr,
-                                       self.config.border_rm, mask2d0, mask2d1, self.max_matrix_bytes)
+            return select_dual_softmax(
+                feat0,
+                feat1,
+                self.config.dsmax_temperature,
+                shape0,
+                shape1,
+                thr,
+                self.config.border_rm,
+                mask2d0,
+                mask2d1,
+                self.max_matrix_bytes,
+            )
         mask0 = None if mask2d0 is None else mask2d0.flatten(1)
         mask1 = None if mask2d1 is None else mask2d1.flatten(1)
         conf = self.confidence(feat0, feat1, mask0, mask1)

@@ -4,6 +4,7 @@ The field names follow the official yacs config (``LOFTR.RESNETFPN``, ``LOFTR.CO
 ``LOFTR.FINE``) in lower case, so a value can be looked up in the paper's code by name. Every dimension is a field,
 so smaller variants (the ``compact`` preset) use the same modules.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,8 +92,12 @@ class LoFTRConfig:
         (64/96/128 backbone, d_model 128 / 64) trained by this project, with the fixed position encoding.
         """
         key = name.lower().replace("-", "_")
-        aliases = {"outdoor": "outdoor_ds", "indoor": "indoor_ds", "indoor_new": "indoor_ds_new",
-                   "loftr_compact": "compact"}
+        aliases = {
+            "outdoor": "outdoor_ds",
+            "indoor": "indoor_ds",
+            "indoor_new": "indoor_ds_new",
+            "loftr_compact": "compact",
+        }
         key = aliases.get(key, key)
         if key in ("outdoor_ds", "indoor_ds"):
             return cls()
@@ -103,8 +108,9 @@ class LoFTRConfig:
         if key == "compact":
             return cls(
                 backbone=BackboneConfig(initial_dim=64, block_dims=(64, 96, 128)),
-                coarse=CoarseConfig(d_model=128, d_ffn=128, nhead=4, layer_names=("self", "cross") * 2,
-                                    temp_bug_fix=True),
+                coarse=CoarseConfig(
+                    d_model=128, d_ffn=128, nhead=4, layer_names=("self", "cross") * 2, temp_bug_fix=True
+                ),
                 fine=FineConfig(d_model=64, d_ffn=64, nhead=4),
             )
         raise ValueError(f"unknown LoFTR preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
@@ -121,7 +127,9 @@ class LoFTRConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (lists for tuples) that ``torch.load(weights_only=True)`` can read back."""
         return {
-            name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, name)).items()}
+            name: {
+                k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, name)).items()
+            }
             for name in ("backbone", "coarse", "matching", "fine")
         }
 
@@ -159,7 +167,9 @@ class LoFTRConfig:
         if self.coarse.d_model % 4:
             problems.append(f"coarse.d_model {self.coarse.d_model} must be divisible by 4 (position encoding)")
         if self.matching.match_type not in ("dual_softmax", "sinkhorn"):
-            problems.append(f"matching.match_type must be 'dual_softmax' or 'sinkhorn', got {self.matching.match_type!r}")
+            problems.append(
+                f"matching.match_type must be 'dual_softmax' or 'sinkhorn', got {self.matching.match_type!r}"
+            )
         if self.fine.window % 2 != 1:
             problems.append(f"fine.window must be odd, got {self.fine.window}")
         if problems:

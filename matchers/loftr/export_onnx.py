@@ -24,6 +24,7 @@ The model's configuration (``LoFTRConfig.to_dict()`` as JSON) and the SHA-256 di
 (:func:`state_dict_digest`) are stored in the ONNX ``metadata_props``; :mod:`matchers.loftr.onnx_backend` reads
 them back and refuses files without them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError, run_cli
-from ..files import atomic_path, check_output_file
+from core.errors import UserError, run_cli
+from core.files import atomic_path, check_output_file
+
 from .config import COARSE_STRIDE, FINE_STRIDE, LoFTRConfig
 from .model import LoFTR
 from .position_encoding import frequencies
@@ -120,8 +121,9 @@ def _layer(layer: EncoderLayer, x: torch.Tensor, source: torch.Tensor, kind: str
     return x + message
 
 
-def _transformer(transformer: LocalFeatureTransformer, kind: str, feat0: torch.Tensor, feat1: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _transformer(
+    transformer: LocalFeatureTransformer, kind: str, feat0: torch.Tensor, feat1: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     for layer, name in zip(transformer.layers, transformer.layer_names):
         if name == "self":
             feat0, feat1 = _layer(layer, feat0, feat0, kind), _layer(layer, feat1, feat1, kind)
@@ -150,8 +152,9 @@ class OnnxLoFTR(nn.Module):
         window = self.config.fine.window
         axis = torch.linspace(-1.0, 1.0, window)
         grid_y, grid_x = torch.meshgrid(axis, axis, indexing="ij")
-        self.register_buffer("fine_grid", torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1),
-                             persistent=False)
+        self.register_buffer(
+            "fine_grid", torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1), persistent=False
+        )
 
     # -------------------------------------------------------------------------------------- per image
     def _position_encoding(self, feat: torch.Tensor) -> torch.Tensor:
@@ -185,8 +188,13 @@ class OnnxLoFTR(nn.Module):
         ones_row, ones_col = torch.ones_like(sim[:, 0]), torch.ones_like(sim[0, :])
         m, n = ones_row.sum(), ones_col.sum()
         norm = -torch.log(m + n)
-        couplings = torch.cat([torch.cat([sim, (ones_row * bin_score)[:, None]], dim=1),
-                               torch.cat([ones_col * bin_score, bin_score.reshape(1)])[None, :]], dim=0)
+        couplings = torch.cat(
+            [
+                torch.cat([sim, (ones_row * bin_score)[:, None]], dim=1),
+                torch.cat([ones_col * bin_score, bin_score.reshape(1)])[None, :],
+            ],
+            dim=0,
+        )
         log_mu = torch.cat([ones_row * norm, (torch.log(n) + norm).reshape(1)])
         log_nu = torch.cat([ones_col * norm, (torch.log(m) + norm).reshape(1)])
         u, v = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
@@ -220,8 +228,7 @@ class OnnxLoFTR(nn.Module):
         index = (rows[:, :, None] * padded_width + cols[:, None, :]).reshape(ids.shape[0] * window * window)
         return torch.index_select(flat, 0, index).reshape(ids.shape[0], window * window, channels)
 
-    def forward(self, image0: torch.Tensor, image1: torch.Tensor, threshold: torch.Tensor
-                ) -> tuple[torch.Tensor, ...]:
+    def forward(self, image0: torch.Tensor, image1: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, ...]:
         coarse0, fine0 = self._encode(image0)
         coarse1, fine1 = self._encode(image1)
         h0, w0 = coarse0.shape[2], coarse0.shape[3]
@@ -247,8 +254,17 @@ class OnnxLoFTR(nn.Module):
             kpts1 = kpts1 + self._refine(fine0, fine1, tokens0, tokens1, i_ids, j_ids, w0, w1)
         return kpts0, kpts1, confidence, i_ids, j_ids
 
-    def _refine(self, fine0: torch.Tensor, fine1: torch.Tensor, tokens0: torch.Tensor, tokens1: torch.Tensor,
-                i_ids: torch.Tensor, j_ids: torch.Tensor, w0: Any, w1: Any) -> torch.Tensor:
+    def _refine(
+        self,
+        fine0: torch.Tensor,
+        fine1: torch.Tensor,
+        tokens0: torch.Tensor,
+        tokens1: torch.Tensor,
+        i_ids: torch.Tensor,
+        j_ids: torch.Tensor,
+        w0: Any,
+        w1: Any,
+    ) -> torch.Tensor:
         """(M, 2) pixel offsets of image 1's keypoints from the fine stage."""
         cfg = self.config.fine
         win0 = self._windows(fine0, i_ids, w0)
@@ -258,8 +274,8 @@ class OnnxLoFTR(nn.Module):
             count = i_ids.shape[0]
             coarse = pre.down_proj(torch.cat([tokens0[0][i_ids], tokens1[0][j_ids]], dim=0))  # (2M, C_f)
             weight = pre.merge_feat.weight
-            coarse_term = F.linear(coarse, weight[:, cfg.d_model:], pre.merge_feat.bias)
-            merged = F.linear(torch.cat([win0, win1], dim=0), weight[:, :cfg.d_model]) + coarse_term[:, None, :]
+            coarse_term = F.linear(coarse, weight[:, cfg.d_model :], pre.merge_feat.bias)
+            merged = F.linear(torch.cat([win0, win1], dim=0), weight[:, : cfg.d_model]) + coarse_term[:, None, :]
             win0, win1 = merged[:count], merged[count:]
         win0, win1 = _transformer(self.model.loftr_fine, cfg.attention, win0, win1)
         ww, channels = cfg.window * cfg.window, cfg.d_model
@@ -270,8 +286,13 @@ class OnnxLoFTR(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ export
-def export(model: LoFTR, output: str | os.PathLike[str], coarse_only: bool = False, opset: int = DEFAULT_OPSET,
-           weights_label: str | None = None) -> Path:
+def export(
+    model: LoFTR,
+    output: str | os.PathLike[str],
+    coarse_only: bool = False,
+    opset: int = DEFAULT_OPSET,
+    weights_label: str | None = None,
+) -> Path:
     """Write ``model`` as an ONNX file (checked with ``onnx.checker``, metadata set); returns the path.
 
     Written atomically: a failed export leaves no file behind.
@@ -292,9 +313,17 @@ def export(model: LoFTR, output: str | os.PathLike[str], coarse_only: bool = Fal
     output = Path(output)
     with atomic_path(output) as temp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic: the sizes stay dynamic
-        torch.onnx.export(graph, (image0, image1, threshold), str(temp), input_names=list(INPUT_NAMES),
-                          output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic_axes, opset_version=opset,
-                          dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            graph,
+            (image0, image1, threshold),
+            str(temp),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
         proto = onnx.load(str(temp))
         metadata = {
             FORMAT_KEY: FORMAT_VALUE,
@@ -307,9 +336,11 @@ def export(model: LoFTR, output: str | os.PathLike[str], coarse_only: bool = Fal
         }
         onnx.helper.set_model_props(proto, metadata)
         proto.producer_name = "loftr-sfm"
-        proto.doc_string = ("LoFTR matcher exported by python -m matchers.loftr.export_onnx; inputs image0, image1 "
-                            "(1,1,H,W) float in [0,1], threshold (scalar); outputs keypoints0/1 (M,2), confidence "
-                            "(M,), coarse_index0/1 (M,)")
+        proto.doc_string = (
+            "LoFTR matcher exported by python -m matchers.loftr.export_onnx; inputs image0, image1 "
+            "(1,1,H,W) float in [0,1], threshold (scalar); outputs keypoints0/1 (M,2), confidence "
+            "(M,), coarse_index0/1 (M,)"
+        )
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(temp))
     return output
@@ -319,16 +350,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m matchers.loftr.export_onnx",
         description="Export LoFTR (any preset) to an ONNX file that make_matcher('loftr', weights='FILE.onnx') and "
-                    "every --weights option run with onnxruntime.")
-    parser.add_argument("--weights", required=True,
-                        help="LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, ...) or a .ckpt path")
+        "every --weights option run with onnxruntime.",
+    )
+    parser.add_argument(
+        "--weights",
+        required=True,
+        help="LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, ...) or a .ckpt path",
+    )
     parser.add_argument("--output", required=True, help="the .onnx file to write")
-    parser.add_argument("--coarse-only", action="store_true",
-                        help="leave out the fine stage: image-1 keypoints stay on the 1/8 grid (faster)")
-    parser.add_argument("--preset", default=None,
-                        help="architecture of a .ckpt path (default: stored in the file, else guessed from it)")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="default coarse match threshold stored in the file (default: the preset's)")
+    parser.add_argument(
+        "--coarse-only",
+        action="store_true",
+        help="leave out the fine stage: image-1 keypoints stay on the 1/8 grid (faster)",
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="architecture of a .ckpt path (default: stored in the file, else guessed from it)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="default coarse match threshold stored in the file (default: the preset's)",
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 17 (default {DEFAULT_OPSET})")
     return parser
 
@@ -338,21 +383,27 @@ def main_cli(argv: list[str] | None = None) -> Path:
     if not args.output.endswith(".onnx"):
         raise UserError(f"--output {args.output} must end with .onnx (that is how --weights recognises ONNX files)")
     if args.weights.lower().endswith(".onnx"):
-        raise UserError(f"--weights {args.weights} is already an ONNX export; pass the weights it came from "
-                        f"(a name or a .ckpt path)")
+        raise UserError(
+            f"--weights {args.weights} is already an ONNX export; pass the weights it came from "
+            f"(a name or a .ckpt path)"
+        )
     check_output_file(args.output, "--output", example="model.onnx")
     try:
         import onnx  # noqa: F401
     except ImportError:
-        raise UserError("the onnx package is not installed; pip install onnx onnxruntime (or pip install -e .)") from None
+        raise UserError(
+            "the onnx package is not installed; pip install onnx onnxruntime (or pip install -e .)"
+        ) from None
     from .weights import load_pretrained
 
     model = load_pretrained(args.weights, "cpu", preset=args.preset, threshold=args.threshold)
     path = export(model, args.output, coarse_only=args.coarse_only, opset=args.opset)
-    size = path.stat().st_size / 2 ** 20
+    size = path.stat().st_size / 2**20
     kind = "coarse-only " if args.coarse_only else ""
-    print(f"wrote {path} ({kind}LoFTR, {preset_of(model.config) or 'custom config'}, {size:.1f} MB, "
-          f"opset {args.opset}, weights sha256 {state_dict_digest(model)[:12]}...)")
+    print(
+        f"wrote {path} ({kind}LoFTR, {preset_of(model.config) or 'custom config'}, {size:.1f} MB, "
+        f"opset {args.opset}, weights sha256 {state_dict_digest(model)[:12]}...)"
+    )
     return path
 
 

@@ -6,6 +6,7 @@ cell, but only the matched windows are gathered instead of unfolding the whole m
 With ``concat_coarse_feat`` the transformed coarse feature of the cell is projected to the fine width
 (``down_proj``) and merged into every window position (``merge_feat`` on [fine, coarse]).
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def gather_windows(fine: torch.Tensor, b_ids: torch.Tensor, cell_ids: torch.Tensor, coarse_width: int,
-                   window: int, stride: int) -> torch.Tensor:
+def gather_windows(
+    fine: torch.Tensor, b_ids: torch.Tensor, cell_ids: torch.Tensor, coarse_width: int, window: int, stride: int
+) -> torch.Tensor:
     """(M, window^2, C) patches of ``fine`` (N, C, Hf, Wf) around the cells ``cell_ids`` (row-major on the coarse
     grid of width ``coarse_width``) of batch items ``b_ids``; row-major within the window, zeros off the map."""
     height, width = fine.shape[2], fine.shape[3]
@@ -46,9 +48,18 @@ class FinePreprocess(nn.Module):
             if p.dim() > 1:
                 nn.init.kaiming_normal_(p, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, fine0: torch.Tensor, fine1: torch.Tensor, coarse0: torch.Tensor, coarse1: torch.Tensor,
-                b_ids: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor, coarse_width0: int,
-                coarse_width1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        fine0: torch.Tensor,
+        fine1: torch.Tensor,
+        coarse0: torch.Tensor,
+        coarse1: torch.Tensor,
+        b_ids: torch.Tensor,
+        i_ids: torch.Tensor,
+        j_ids: torch.Tensor,
+        coarse_width0: int,
+        coarse_width1: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """fine maps (N, C_f, Hf, Wf); transformed coarse tokens (N, L|S, C_c); matches (b, i, j)."""
         ww = self.window * self.window
         if b_ids.numel() == 0:
@@ -58,15 +69,23 @@ class FinePreprocess(nn.Module):
         win1 = gather_windows(fine1, b_ids, j_ids, coarse_width1, self.window, self.stride)
         return self.merge(win0, win1, coarse0, coarse1, b_ids, i_ids, j_ids)
 
-    def merge(self, win0: torch.Tensor, win1: torch.Tensor, coarse0: torch.Tensor, coarse1: torch.Tensor,
-              b_ids: torch.Tensor, i_ids: torch.Tensor, j_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def merge(
+        self,
+        win0: torch.Tensor,
+        win1: torch.Tensor,
+        coarse0: torch.Tensor,
+        coarse1: torch.Tensor,
+        b_ids: torch.Tensor,
+        i_ids: torch.Tensor,
+        j_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Merge the matched cells' coarse features into their (M, window^2, C_f) windows (if configured)."""
         if not self.concat_coarse_feat or b_ids.numel() == 0:
             return win0, win1
         coarse = self.down_proj(torch.cat([coarse0[b_ids, i_ids], coarse1[b_ids, j_ids]], dim=0))  # (2M, C_f)
         # merge_feat([window, coarse]) split into its two halves: the coarse half is computed once per match
         # instead of once per window position.
-        w_fine, w_coarse = self.merge_feat.weight[:, : self.fine_dim], self.merge_feat.weight[:, self.fine_dim:]
+        w_fine, w_coarse = self.merge_feat.weight[:, : self.fine_dim], self.merge_feat.weight[:, self.fine_dim :]
         coarse_term = F.linear(coarse, w_coarse, self.merge_feat.bias)  # (2M, C_f)
         merged = F.linear(torch.cat([win0, win1], dim=0), w_fine) + coarse_term[:, None, :]
-        return merged[: b_ids.shape[0]], merged[b_ids.shape[0]:]
+        return merged[: b_ids.shape[0]], merged[b_ids.shape[0] :]

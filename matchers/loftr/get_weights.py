@@ -5,19 +5,25 @@
 Downloads named weights into the torch hub cache (``$TORCH_HOME/hub/checkpoints``) so later runs work
 offline, verifies that the file loads (strict keys and shapes) and prints a one-line summary.
 """
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import run_cli
+from core.errors import run_cli
+
 from .config import PRESET_NAMES
 from .weights import PRETRAINED, WEIGHTS_ENV, load_pretrained, save_checkpoint
 
 
-def main(weights: str | None = None, output: Path | None = None, layout: Literal["official", "kornia"] = "official",
-         preset: str | None = None) -> dict[str, Any]:
+def main(
+    weights: str | None = None,
+    output: Path | None = None,
+    layout: Literal["official", "kornia"] = "official",
+    preset: str | None = None,
+) -> dict[str, Any]:
     """Load (downloading if needed) and check the weights; write them to ``output`` in ``layout`` if given.
 
     Returns a summary: weights name, match type, position-encoding flag, parameter count and the written file.
@@ -35,12 +41,20 @@ def main(weights: str | None = None, output: Path | None = None, layout: Literal
 
 def main_cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m matchers.loftr.get_weights", description=__doc__.splitlines()[0])
-    parser.add_argument("weights", nargs="?", default=None,
-                        help=f"name ({', '.join(sorted(PRETRAINED))}, or aliases outdoor/indoor) or a .ckpt path; "
-                             f"default ${WEIGHTS_ENV} or outdoor")
+    parser.add_argument(
+        "weights",
+        nargs="?",
+        default=None,
+        help=f"name ({', '.join(sorted(PRETRAINED))}, or aliases outdoor/indoor) or a .ckpt path; "
+        f"default ${WEIGHTS_ENV} or outdoor",
+    )
     parser.add_argument("--output", type=Path, default=None, help="write the checked weights to this file")
-    parser.add_argument("--layout", choices=("official", "kornia"), default="official",
-                        help="keys of the written file: official ('matcher.' prefix) or kornia (plain)")
+    parser.add_argument(
+        "--layout",
+        choices=("official", "kornia"),
+        default="official",
+        help="keys of the written file: official ('matcher.' prefix) or kornia (plain)",
+    )
     parser.add_argument("--preset", choices=PRESET_NAMES, default=None, help="architecture of a path (else guessed)")
     args = parser.parse_args(argv)
     summary = main(args.weights, args.output, args.layout, args.preset)

@@ -5,17 +5,20 @@ runs the backbone once, so the result can be cached and reused for every pair th
 ``match_prepared`` runs the transformer and matching and maps keypoints back to the original image
 (hloc convention: (0, 0) is the centre of the top-left pixel; see :mod:`matchers.loftr.model`).
 """
+
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ContextManager, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from core.errors import UserError
+
 from ..base import CoarseGrid, Matcher, Matches, ResizedImage, resize_image
-from ..errors import UserError
 from .config import COARSE_STRIDE
 from .model import EncodedImage, LoFTR
 from .optimize import InferenceOptions, optimize_for_inference
@@ -37,8 +40,13 @@ def _to_matches(out: dict[str, torch.Tensor], prepared0: "PreparedImage", prepar
     kpts0 = out["keypoints0"].float().cpu().numpy()
     kpts1 = out["keypoints1"].float().cpu().numpy()
     scores = out["confidence"].float().cpu().numpy().astype(np.float32)
-    return Matches(prepared0.resized.to_original(kpts0), prepared1.resized.to_original(kpts1), scores,
-                   _cell_centres(out["coarse_index0"], prepared0), _cell_centres(out["coarse_index1"], prepared1))
+    return Matches(
+        prepared0.resized.to_original(kpts0),
+        prepared1.resized.to_original(kpts1),
+        scores,
+        _cell_centres(out["coarse_index0"], prepared0),
+        _cell_centres(out["coarse_index1"], prepared1),
+    )
 
 
 @dataclass(frozen=True)
@@ -68,12 +76,20 @@ class LoFTRMatcher(Matcher):
     #: single pairs from about 640x480 up (larger matrices gain little from batching and cost memory)
     batch_cells: int = 8 * 1200 * 1200
 
-    def __init__(self, model: LoFTR | str = "outdoor", resize: int | None = 640, device: str | torch.device = "auto",
-                 both_directions: bool = False, match_threshold: float | None = None,
-                 amp: Precision | None = None, optimize: bool | InferenceOptions = True) -> None:
+    def __init__(
+        self,
+        model: LoFTR | str = "outdoor",
+        resize: int | None = 640,
+        device: str | torch.device = "auto",
+        both_directions: bool = False,
+        match_threshold: float | None = None,
+        amp: Precision | None = None,
+        optimize: bool | InferenceOptions = True,
+    ) -> None:
         if resize is not None and resize < COARSE_STRIDE:
-            raise UserError(f"resize must be at least {COARSE_STRIDE} pixels (or None for the original size), "
-                            f"got {resize}")
+            raise UserError(
+                f"resize must be at least {COARSE_STRIDE} pixels (or None for the original size), got {resize}"
+            )
         if amp not in (None, "fp16", "bf16"):
             raise UserError(f"amp must be fp16, bf16 or None, got {amp!r}")
         self.device = resolve_device(device)
@@ -94,7 +110,7 @@ class LoFTRMatcher(Matcher):
             options = self.optimize if isinstance(self.optimize, InferenceOptions) else None
             self._inference = optimize_for_inference(self.model, options)
 
-    def _autocast(self) -> ContextManager[Any]:
+    def _autocast(self) -> AbstractContextManager[Any]:
         if self.amp is None:
             return nullcontext()
         dtype = torch.float16 if self.amp == "fp16" else torch.bfloat16
@@ -122,8 +138,12 @@ class LoFTRMatcher(Matcher):
 
     def match_prepared(self, prepared0: PreparedImage, prepared1: PreparedImage) -> Matches:
         with torch.inference_mode(), self._autocast():
-            out = self._inference.match_encoded(prepared0.encoded, prepared1.encoded, threshold=self.match_threshold,
-                                                both_directions=self.both_directions)
+            out = self._inference.match_encoded(
+                prepared0.encoded,
+                prepared1.encoded,
+                threshold=self.match_threshold,
+                both_directions=self.both_directions,
+            )
         return _to_matches(out, prepared0, prepared1)
 
     def match_prepared_batch(self, pairs: Sequence[tuple[PreparedImage, PreparedImage]]) -> list[Matches]:
@@ -137,24 +157,35 @@ class LoFTRMatcher(Matcher):
         groups: dict[tuple[Any, ...], list[int]] = {}
         for index, (prepared0, prepared1) in enumerate(pairs):
             enc0, enc1 = prepared0.encoded, prepared1.encoded
-            batchable = enc0.mask is None and enc1.mask is None and enc0.fine_inputs is None \
-                and enc1.fine_inputs is None and enc0.batch_size == 1 and enc1.batch_size == 1
-            key = (tuple(enc0.coarse.shape), tuple(enc1.coarse.shape), tuple(enc0.fine.shape),
-                   tuple(enc1.fine.shape)) if batchable else ("single", index)
+            batchable = (
+                enc0.mask is None
+                and enc1.mask is None
+                and enc0.fine_inputs is None
+                and enc1.fine_inputs is None
+                and enc0.batch_size == 1
+                and enc1.batch_size == 1
+            )
+            key = (
+                (tuple(enc0.coarse.shape), tuple(enc1.coarse.shape), tuple(enc0.fine.shape), tuple(enc1.fine.shape))
+                if batchable
+                else ("single", index)
+            )
             groups.setdefault(key, []).append(index)
-        for key, indices in groups.items():
+        for indices in groups.values():
             cells = pairs[indices[0]][0].encoded.coarse_shape
             other = pairs[indices[0]][1].encoded.coarse_shape
             per_call = max(1, self.batch_cells // max(1, cells[0] * cells[1] * other[0] * other[1]))
             for start in range(0, len(indices), per_call):
-                chunk = indices[start:start + per_call]
+                chunk = indices[start : start + per_call]
                 if len(chunk) == 1:
                     results[chunk[0]] = self.match_prepared(*pairs[chunk[0]])
                     continue
                 with torch.inference_mode(), self._autocast():
-                    outs = self._inference.match_batch([(pairs[k][0].encoded, pairs[k][1].encoded) for k in chunk],
-                                                       threshold=self.match_threshold,
-                                                       both_directions=self.both_directions)
+                    outs = self._inference.match_batch(
+                        [(pairs[k][0].encoded, pairs[k][1].encoded) for k in chunk],
+                        threshold=self.match_threshold,
+                        both_directions=self.both_directions,
+                    )
                 for k, out in zip(chunk, outs):
                     results[k] = _to_matches(out, *pairs[k])
         return [r for r in results if r is not None]

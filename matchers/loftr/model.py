@@ -33,10 +33,11 @@ does; a coarse cell takes the mask value of the pixel it sits on. :meth:`match_b
 sizes in one batch: each image is encoded alone (so results equal per-pair matching), then the feature maps are
 zero-padded to a common size and the padded cells are masked out of attention, matching and border removal.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,16 +83,24 @@ class EncodedImage:
         return int(self.coarse.shape[2]), int(self.coarse.shape[3])
 
     def to(self, device: torch.device | str) -> "EncodedImage":
-        return replace(self, coarse=self.coarse.to(device), fine=self.fine.to(device),
-                       mask=None if self.mask is None else self.mask.to(device),
-                       tokens=None if self.tokens is None else self.tokens.to(device))
+        return replace(
+            self,
+            coarse=self.coarse.to(device),
+            fine=self.fine.to(device),
+            mask=None if self.mask is None else self.mask.to(device),
+            tokens=None if self.tokens is None else self.tokens.to(device),
+        )
 
     def __getitem__(self, index: int) -> "EncodedImage":
         """Item ``index`` of the batch, as a batch of one."""
         sl = slice(index, index + 1)
-        return replace(self, coarse=self.coarse[sl], fine=self.fine[sl],
-                       mask=None if self.mask is None else self.mask[sl],
-                       tokens=None if self.tokens is None else self.tokens[sl])
+        return replace(
+            self,
+            coarse=self.coarse[sl],
+            fine=self.fine[sl],
+            mask=None if self.mask is None else self.mask[sl],
+            tokens=None if self.tokens is None else self.tokens[sl],
+        )
 
 
 def collate(encoded: Sequence[EncodedImage]) -> EncodedImage:
@@ -102,12 +111,18 @@ def collate(encoded: Sequence[EncodedImage]) -> EncodedImage:
     """
     if not encoded:
         raise ValueError("collate needs at least one encoded image")
-    if all(e.mask is None and e.coarse.shape == encoded[0].coarse.shape and e.fine.shape == encoded[0].fine.shape
-           for e in encoded):
+    if all(
+        e.mask is None and e.coarse.shape == encoded[0].coarse.shape and e.fine.shape == encoded[0].fine.shape
+        for e in encoded
+    ):
         # equal sizes: a plain stack, no padding and no masks (the unmasked attention path is cheaper)
         tokens = torch.cat([e.tokens for e in encoded]) if all(e.tokens is not None for e in encoded) else None
-        return EncodedImage(torch.cat([e.coarse for e in encoded]), torch.cat([e.fine for e in encoded]),
-                            encoded[0].image_size, tokens=tokens)
+        return EncodedImage(
+            torch.cat([e.coarse for e in encoded]),
+            torch.cat([e.fine for e in encoded]),
+            encoded[0].image_size,
+            tokens=tokens,
+        )
     hc = max(e.coarse.shape[2] for e in encoded)
     wc = max(e.coarse.shape[3] for e in encoded)
     hf = max(e.fine.shape[2] for e in encoded)
@@ -116,8 +131,11 @@ def collate(encoded: Sequence[EncodedImage]) -> EncodedImage:
     for e in encoded:
         coarse.append(F.pad(e.coarse, (0, wc - e.coarse.shape[3], 0, hc - e.coarse.shape[2])))
         fine.append(F.pad(e.fine, (0, wf - e.fine.shape[3], 0, hf - e.fine.shape[2])))
-        own = e.mask if e.mask is not None else torch.ones(
-            e.batch_size, *e.coarse_shape, dtype=torch.bool, device=e.coarse.device)
+        own = (
+            e.mask
+            if e.mask is not None
+            else torch.ones(e.batch_size, *e.coarse_shape, dtype=torch.bool, device=e.coarse.device)
+        )
         masks.append(F.pad(own, (0, wc - own.shape[2], 0, hc - own.shape[1]), value=False))
     size = (max(e.image_size[0] for e in encoded), max(e.image_size[1] for e in encoded))
     return EncodedImage(torch.cat(coarse), torch.cat(fine), size, torch.cat(masks))
@@ -148,20 +166,28 @@ class LoFTR(nn.Module):
         # channels-last convolutions are ~25 % faster on CPU (oneDNN) and suit tensor cores on GPU
         self.backbone = ResNetFPN_8_2(config.backbone).to(memory_format=torch.channels_last)
         self.pos_encoding = PositionEncodingSine(config.coarse.d_model, config.coarse.temp_bug_fix)
-        self.loftr_coarse = LocalFeatureTransformer(config.coarse.d_model, config.coarse.nhead,
-                                                    config.coarse.layer_names, config.coarse.attention)
+        self.loftr_coarse = LocalFeatureTransformer(
+            config.coarse.d_model, config.coarse.nhead, config.coarse.layer_names, config.coarse.attention
+        )
         self.coarse_matching = CoarseMatching(config.matching)
-        self.fine_preprocess = FinePreprocess(config.coarse.d_model, config.fine.d_model, config.fine.window,
-                                              config.fine.concat_coarse_feat, COARSE_STRIDE // FINE_STRIDE)
-        self.loftr_fine = LocalFeatureTransformer(config.fine.d_model, config.fine.nhead, config.fine.layer_names,
-                                                  config.fine.attention)
+        self.fine_preprocess = FinePreprocess(
+            config.coarse.d_model,
+            config.fine.d_model,
+            config.fine.window,
+            config.fine.concat_coarse_feat,
+            COARSE_STRIDE // FINE_STRIDE,
+        )
+        self.loftr_fine = LocalFeatureTransformer(
+            config.fine.d_model, config.fine.nhead, config.fine.layer_names, config.fine.attention
+        )
         self.fine_matching = FineMatching()
 
     # ------------------------------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         """Load kornia's keys or the official ones (the Lightning ``matcher.`` prefix is stripped)."""
-        state_dict = {k[len(OFFICIAL_PREFIX):] if k.startswith(OFFICIAL_PREFIX) else k: v
-                      for k, v in state_dict.items()}
+        state_dict = {
+            k[len(OFFICIAL_PREFIX) :] if k.startswith(OFFICIAL_PREFIX) else k: v for k, v in state_dict.items()
+        }
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------------------------------ per image
@@ -199,8 +225,12 @@ class LoFTR(nn.Module):
         after its first layer; for other models, masked or lazy encodings ``enc`` is returned unchanged.
         """
         transformer = self.loftr_coarse
-        if (enc.mask is not None or enc.fine_inputs is not None or not hasattr(transformer, "first_self_layer")
-                or transformer.layer_names[0] != "self"):
+        if (
+            enc.mask is not None
+            or enc.fine_inputs is not None
+            or not hasattr(transformer, "first_self_layer")
+            or transformer.layer_names[0] != "self"
+        ):
             return enc
         tokens = enc.coarse.flatten(2).transpose(1, 2).contiguous()
         return replace(enc, tokens=transformer.first_self_layer(tokens))
@@ -219,14 +249,16 @@ class LoFTR(nn.Module):
         x1 = enc.fine_inputs.x1
         full = per_cell * x1.shape[0] * x1.shape[2] * x1.shape[3]
         if b_ids.shape[0] * per_window < self.lazy_fine_ratio * full:
-            return self.backbone.fine_windows(enc.fine_inputs, b_ids, cell_ids // width * stride,
-                                              cell_ids % width * stride, window)
+            return self.backbone.fine_windows(
+                enc.fine_inputs, b_ids, cell_ids // width * stride, cell_ids % width * stride, window
+            )
         fine = self.backbone.fine_full(enc.fine_inputs)
         return gather_windows(fine, b_ids, cell_ids, width, window, stride)
 
     # ------------------------------------------------------------------------------------------ pair stages
-    def transform_coarse(self, enc0: EncodedImage, enc1: EncodedImage
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def transform_coarse(
+        self, enc0: EncodedImage, enc1: EncodedImage
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Coarse transformer on both token sets: (N, L, C), (N, S, C) and the flat masks (N, L), (N, S)."""
         if enc0.batch_size != enc1.batch_size:
             raise ValueError(f"batch sizes differ: {enc0.batch_size} and {enc1.batch_size}")
@@ -241,28 +273,46 @@ class LoFTR(nn.Module):
         tokens0, tokens1 = self.loftr_coarse(tokens0, tokens1, mask0, mask1)
         return tokens0, tokens1, mask0, mask1
 
-    def refine(self, enc0: EncodedImage, enc1: EncodedImage, tokens0: torch.Tensor, tokens1: torch.Tensor,
-               matches: CoarseMatches) -> tuple[torch.Tensor, torch.Tensor]:
+    def refine(
+        self,
+        enc0: EncodedImage,
+        enc1: EncodedImage,
+        tokens0: torch.Tensor,
+        tokens1: torch.Tensor,
+        matches: CoarseMatches,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fine offsets (M, 2) in [-1, 1] window units for image 1, and their std (M,)."""
         if enc0.fine_inputs is None and enc1.fine_inputs is None:
-            win0, win1 = self.fine_preprocess(enc0.fine, enc1.fine, tokens0, tokens1, matches.b_ids, matches.i_ids,
-                                              matches.j_ids, enc0.coarse_shape[1], enc1.coarse_shape[1])
+            win0, win1 = self.fine_preprocess(
+                enc0.fine,
+                enc1.fine,
+                tokens0,
+                tokens1,
+                matches.b_ids,
+                matches.i_ids,
+                matches.j_ids,
+                enc0.coarse_shape[1],
+                enc1.coarse_shape[1],
+            )
         elif matches.b_ids.numel() == 0:
-            win0 = win1 = tokens0.new_zeros(0, self.config.fine.window ** 2, self.config.fine.d_model)
+            win0 = win1 = tokens0.new_zeros(0, self.config.fine.window**2, self.config.fine.d_model)
         else:
             win0 = self._windows(enc0, matches.b_ids, matches.i_ids)
             win1 = self._windows(enc1, matches.b_ids, matches.j_ids)
-            win0, win1 = self.fine_preprocess.merge(win0, win1, tokens0, tokens1, matches.b_ids, matches.i_ids,
-                                                    matches.j_ids)
+            win0, win1 = self.fine_preprocess.merge(
+                win0, win1, tokens0, tokens1, matches.b_ids, matches.i_ids, matches.j_ids
+            )
         if win0.shape[0] > 0:
             win0, win1 = self.loftr_fine(win0, win1)
         return self.fine_matching(win0, win1)
 
-    def _match_one_direction(self, enc0: EncodedImage, enc1: EncodedImage,
-                             threshold: float | None) -> dict[str, torch.Tensor]:
+    def _match_one_direction(
+        self, enc0: EncodedImage, enc1: EncodedImage, threshold: float | None
+    ) -> dict[str, torch.Tensor]:
         tokens0, tokens1, _, _ = self.transform_coarse(enc0, enc1)
-        matches = self.coarse_matching(tokens0, tokens1, enc0.coarse_shape, enc1.coarse_shape, enc0.mask,
-                                       enc1.mask, threshold)
+        matches = self.coarse_matching(
+            tokens0, tokens1, enc0.coarse_shape, enc1.coarse_shape, enc0.mask, enc1.mask, threshold
+        )
         offsets, std = self.refine(enc0, enc1, tokens0, tokens1, matches)
         w0, w1 = enc0.coarse_shape[1], enc1.coarse_shape[1]
         i_ids, j_ids = matches.i_ids, matches.j_ids
@@ -280,8 +330,9 @@ class LoFTR(nn.Module):
         }
 
     @torch.no_grad()
-    def match_encoded(self, enc0: EncodedImage, enc1: EncodedImage, threshold: float | None = None,
-                      both_directions: bool = False) -> dict[str, torch.Tensor]:
+    def match_encoded(
+        self, enc0: EncodedImage, enc1: EncodedImage, threshold: float | None = None, both_directions: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Match encoded images (same batch size). Returns a dict of flat tensors over all matches:
 
         ``keypoints0`` (M, 2), ``keypoints1`` (M, 2), ``confidence`` (M,), ``batch_indexes`` (M,), ``std`` (M,)
@@ -297,40 +348,56 @@ class LoFTR(nn.Module):
             return forward
         backward = self._match_one_direction(enc1, enc0, threshold)
         backward = {
-            "keypoints0": backward["keypoints1"], "keypoints1": backward["keypoints0"],
-            "confidence": backward["confidence"], "batch_indexes": backward["batch_indexes"],
-            "std": backward["std"], "coarse_index0": backward["coarse_index1"],
+            "keypoints0": backward["keypoints1"],
+            "keypoints1": backward["keypoints0"],
+            "confidence": backward["confidence"],
+            "batch_indexes": backward["batch_indexes"],
+            "std": backward["std"],
+            "coarse_index0": backward["coarse_index1"],
             "coarse_index1": backward["coarse_index0"],
         }
         return _merge_directions(forward, backward, enc0.coarse_shape, enc1.coarse_shape)
 
     # ------------------------------------------------------------------------------------------ entry points
     @torch.no_grad()
-    def match(self, image0: torch.Tensor, image1: torch.Tensor, threshold: float | None = None,
-              both_directions: bool = False) -> dict[str, torch.Tensor]:
+    def match(
+        self, image0: torch.Tensor, image1: torch.Tensor, threshold: float | None = None, both_directions: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Match two images (1, 1, H, W) of any sizes; see :meth:`match_encoded` for the outputs."""
         return self.match_encoded(self.encode_lazy(image0), self.encode_lazy(image1), threshold, both_directions)
 
-    def forward(self, image0: torch.Tensor, image1: torch.Tensor, mask0: torch.Tensor | None = None,
-                mask1: torch.Tensor | None = None, threshold: float | None = None,
-                both_directions: bool = False) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image0: torch.Tensor,
+        image1: torch.Tensor,
+        mask0: torch.Tensor | None = None,
+        mask1: torch.Tensor | None = None,
+        threshold: float | None = None,
+        both_directions: bool = False,
+    ) -> dict[str, torch.Tensor]:
         """Match a batch of pairs (N, 1, H0, W0) / (N, 1, H1, W1), optionally padded with (N, H, W) masks."""
         image0, image1 = _as_batch(image0), _as_batch(image1)
         if image0.shape == image1.shape and (mask0 is None) == (mask1 is None):
             # one backbone pass for both sides; BatchNorm in eval mode makes this equal to two passes
             both = self.encode(torch.cat([image0, image1]), None if mask0 is None else torch.cat([mask0, mask1]))
             n = image0.shape[0]
-            enc0 = EncodedImage(both.coarse[:n], both.fine[:n], both.image_size,
-                                None if both.mask is None else both.mask[:n])
-            enc1 = EncodedImage(both.coarse[n:], both.fine[n:], both.image_size,
-                                None if both.mask is None else both.mask[n:])
+            enc0 = EncodedImage(
+                both.coarse[:n], both.fine[:n], both.image_size, None if both.mask is None else both.mask[:n]
+            )
+            enc1 = EncodedImage(
+                both.coarse[n:], both.fine[n:], both.image_size, None if both.mask is None else both.mask[n:]
+            )
         else:
             enc0, enc1 = self.encode(image0, mask0), self.encode(image1, mask1)
         return self.match_encoded(enc0, enc1, threshold, both_directions)
 
     @torch.no_grad()
-    def match_batch(self, pairs: Sequence[tuple[torch.Tensor | EncodedImage, torch.Tensor | EncodedImage]],
-                    threshold: float | None = None, both_directions: bool = False) -> list[dict[str, torch.Tensor]]:
+    def match_batch(
+        self,
+        pairs: Sequence[tuple[torch.Tensor | EncodedImage, torch.Tensor | EncodedImage]],
+        threshold: float | None = None,
+        both_directions: bool = False,
+    ) -> list[dict[str, torch.Tensor]]:
         """Match several pairs of possibly different sizes in one padded batch; one output dict per pair.
 
         Items are images (1, 1, H, W) or :class:`EncodedImage` of batch size 1. The results equal
@@ -355,8 +422,12 @@ class LoFTR(nn.Module):
         return results
 
 
-def _merge_directions(forward: dict[str, torch.Tensor], backward: dict[str, torch.Tensor],
-                      shape0: tuple[int, int], shape1: tuple[int, int]) -> dict[str, torch.Tensor]:
+def _merge_directions(
+    forward: dict[str, torch.Tensor],
+    backward: dict[str, torch.Tensor],
+    shape0: tuple[int, int],
+    shape1: tuple[int, int],
+) -> dict[str, torch.Tensor]:
     """Union of both directions' matches; duplicates (same batch item and coarse cell pair) keep the best one."""
     merged = {key: torch.cat([forward[key], backward[key]]) for key in forward}
     cells0 = shape0[0] * shape0[1]

@@ -11,9 +11,10 @@ installed onnxruntime has one (``onnxruntime-gpu``), else the CPU.
 
 Per-image work is not cached (the graph takes both images), so ``prepare`` only resizes; pairs are matched one
 at a time. A file that is not an ONNX model, an ONNX model that is not one of this project's LoFTR exports, or
-an export of another architecture than asked for (``preset=``) is a :class:`~matchers.errors.UserError` with
+an export of another architecture than asked for (``preset=``) is a :class:`~core.errors.UserError` with
 one line naming the file and the fix.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,23 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import UserError
+
 from ..base import CoarseGrid, Matcher, Matches, ResizedImage, resize_image
-from ..errors import UserError
 from .config import COARSE_STRIDE, PRESET_NAMES, LoFTRConfig
-from .export_onnx import (COARSE_ONLY_KEY, CONFIG_KEY, DIGEST_KEY, FORMAT_KEY, FORMAT_VALUE, FORMAT_VERSION,
-                          INPUT_NAMES, OUTPUT_NAMES, PRESET_KEY, VERSION_KEY, WEIGHTS_KEY)
+from .export_onnx import (
+    COARSE_ONLY_KEY,
+    CONFIG_KEY,
+    DIGEST_KEY,
+    FORMAT_KEY,
+    FORMAT_VALUE,
+    FORMAT_VERSION,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    PRESET_KEY,
+    VERSION_KEY,
+    WEIGHTS_KEY,
+)
 
 DEVICES = ("auto", "cpu", "cuda")
 EXPORT_HINT = "export one with python -m matchers.loftr.export_onnx --weights NAME|CKPT --output FILE.onnx"
@@ -49,8 +62,10 @@ def _onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise UserError("LoFTR .onnx weights need onnxruntime, which is not installed; pip install onnxruntime "
-                        "(or onnxruntime-gpu), or reinstall the project (pip install -e .)") from None
+        raise UserError(
+            "LoFTR .onnx weights need onnxruntime, which is not installed; pip install onnxruntime "
+            "(or onnxruntime-gpu), or reinstall the project (pip install -e .)"
+        ) from None
     return onnxruntime
 
 
@@ -65,8 +80,10 @@ def _providers(device: str) -> list[str]:
     if name == "cpu" or (name == "auto" and not has_cuda):
         return ["CPUExecutionProvider"]
     if not has_cuda:
-        raise UserError(f"device {device!r} requested but this onnxruntime ({ort.__version__}) has no CUDA provider "
-                        f"(available: {', '.join(available)}); use --device cpu, or pip install onnxruntime-gpu")
+        raise UserError(
+            f"device {device!r} requested but this onnxruntime ({ort.__version__}) has no CUDA provider "
+            f"(available: {', '.join(available)}); use --device cpu, or pip install onnxruntime-gpu"
+        )
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -85,21 +102,33 @@ class OnnxModelInfo:
 def read_metadata(path: Path, metadata: dict[str, str], inputs: list[str], outputs: list[str]) -> OnnxModelInfo:
     """Check an ONNX model's metadata and signature against what :mod:`export_onnx` writes; UserError if not."""
     if metadata.get(FORMAT_KEY) != FORMAT_VALUE or CONFIG_KEY not in metadata:
-        raise UserError(f"{path} is an ONNX model but not a LoFTR export of this project (inputs {inputs}, "
-                        f"no '{FORMAT_KEY}' metadata); {EXPORT_HINT}")
+        raise UserError(
+            f"{path} is an ONNX model but not a LoFTR export of this project (inputs {inputs}, "
+            f"no '{FORMAT_KEY}' metadata); {EXPORT_HINT}"
+        )
     version = metadata.get(VERSION_KEY)
     if version != FORMAT_VERSION:
-        raise UserError(f"{path} is a LoFTR export of format version {version}, this code reads version "
-                        f"{FORMAT_VERSION}; re-export it with this version: {EXPORT_HINT}")
+        raise UserError(
+            f"{path} is a LoFTR export of format version {version}, this code reads version "
+            f"{FORMAT_VERSION}; re-export it with this version: {EXPORT_HINT}"
+        )
     if inputs != list(INPUT_NAMES) or outputs != list(OUTPUT_NAMES):
-        raise UserError(f"{path} claims to be a LoFTR export but its inputs {inputs} / outputs {outputs} are not "
-                        f"{list(INPUT_NAMES)} / {list(OUTPUT_NAMES)} (edited file?); {EXPORT_HINT}")
+        raise UserError(
+            f"{path} claims to be a LoFTR export but its inputs {inputs} / outputs {outputs} are not "
+            f"{list(INPUT_NAMES)} / {list(OUTPUT_NAMES)} (edited file?); {EXPORT_HINT}"
+        )
     try:
         config = LoFTRConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
     except (TypeError, ValueError) as error:
         raise UserError(f"{path} stores an invalid LoFTR config ({_short(error)}); {EXPORT_HINT}") from None
-    return OnnxModelInfo(path, config, metadata.get(DIGEST_KEY, ""), metadata.get(WEIGHTS_KEY, "unknown"),
-                         metadata.get(COARSE_ONLY_KEY) == "true", metadata.get(PRESET_KEY, "custom"))
+    return OnnxModelInfo(
+        path,
+        config,
+        metadata.get(DIGEST_KEY, ""),
+        metadata.get(WEIGHTS_KEY, "unknown"),
+        metadata.get(COARSE_ONLY_KEY) == "true",
+        metadata.get(PRESET_KEY, "custom"),
+    )
 
 
 def check_preset(info: OnnxModelInfo, preset: str) -> None:
@@ -109,12 +138,15 @@ def check_preset(info: OnnxModelInfo, preset: str) -> None:
     except ValueError:
         raise UserError(f"unknown LoFTR preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}") from None
     if wanted.replace(matching={"thr": info.config.matching.thr}) != info.config:
-        raise UserError(f"{info.path} was exported from LoFTR preset {info.preset}, not {preset}; use a file "
-                        f"exported from {preset} weights ({EXPORT_HINT}) or drop the preset")
+        raise UserError(
+            f"{info.path} was exported from LoFTR preset {info.preset}, not {preset}; use a file "
+            f"exported from {preset} weights ({EXPORT_HINT}) or drop the preset"
+        )
 
 
-def open_session(path: str | os.PathLike[str], device: str = "auto", threads: int | None = None
-                 ) -> tuple[Any, OnnxModelInfo]:
+def open_session(
+    path: str | os.PathLike[str], device: str = "auto", threads: int | None = None
+) -> tuple[Any, OnnxModelInfo]:
     """(onnxruntime session, checked metadata) of a LoFTR export; every problem is one UserError line."""
     ort = _onnxruntime()
 
@@ -129,8 +161,10 @@ def open_session(path: str | os.PathLike[str], device: str = "auto", threads: in
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime raises its own (pybind) exception types for unreadable models
-        raise UserError(f"{path} is corrupt or not an ONNX model ({_short(error)}); check that the file was copied "
-                        f"completely, or {EXPORT_HINT}") from None
+        raise UserError(
+            f"{path} is corrupt or not an ONNX model ({_short(error)}); check that the file was copied "
+            f"completely, or {EXPORT_HINT}"
+        ) from None
     metadata = dict(session.get_modelmeta().custom_metadata_map)
     inputs = [item.name for item in session.get_inputs()]
     outputs = [item.name for item in session.get_outputs()]
@@ -156,8 +190,9 @@ def _cell_centres(cell_ids: np.ndarray, prepared: PreparedOnnxImage) -> np.ndarr
     return prepared.resized.to_original(points)
 
 
-def merge_directions(forward: dict[str, np.ndarray], backward: dict[str, np.ndarray], cells0: int, cells1: int
-                     ) -> dict[str, np.ndarray]:
+def merge_directions(
+    forward: dict[str, np.ndarray], backward: dict[str, np.ndarray], cells0: int, cells1: int
+) -> dict[str, np.ndarray]:
     """Union of (0, 1) and (1, 0) matches (``backward`` already swapped); a cell pair found both ways is kept once,
     with its higher confidence (ties keep the forward match), in forward-then-backward order, as
     ``matchers.loftr.model._merge_directions`` does."""
@@ -181,15 +216,26 @@ class OnnxLoFTRMatcher(Matcher):
     name = "loftr"
     batches_pairs = False
 
-    def __init__(self, path: str | os.PathLike[str], resize: int | None = 640, device: str = "auto",
-                 both_directions: bool = False, match_threshold: float | None = None, amp: str | None = None,
-                 preset: str | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        resize: int | None = 640,
+        device: str = "auto",
+        both_directions: bool = False,
+        match_threshold: float | None = None,
+        amp: str | None = None,
+        preset: str | None = None,
+        threads: int | None = None,
+    ) -> None:
         if resize is not None and resize < COARSE_STRIDE:
-            raise UserError(f"resize must be at least {COARSE_STRIDE} pixels (or None for the original size), "
-                            f"got {resize}")
+            raise UserError(
+                f"resize must be at least {COARSE_STRIDE} pixels (or None for the original size), got {resize}"
+            )
         if amp is not None:
-            raise UserError(f"--amp {amp} applies to LoFTR run by torch; an .onnx model runs in float32 "
-                            f"(drop --amp, or pass a .ckpt / weights name)")
+            raise UserError(
+                f"--amp {amp} applies to LoFTR run by torch; an .onnx model runs in float32 "
+                f"(drop --amp, or pass a .ckpt / weights name)"
+            )
         self.session, self.info = open_session(path, device, threads)
         if preset is not None:
             check_preset(self.info, preset)
@@ -214,24 +260,37 @@ class OnnxLoFTRMatcher(Matcher):
 
     def run(self, prepared0: PreparedOnnxImage, prepared1: PreparedOnnxImage) -> dict[str, np.ndarray]:
         """The graph's outputs for one pair, in the resized images' pixels."""
-        values = self.session.run(None, {"image0": prepared0.tensor, "image1": prepared1.tensor,
-                                         "threshold": np.asarray(self.threshold, dtype=np.float32)})
+        values = self.session.run(
+            None,
+            {
+                "image0": prepared0.tensor,
+                "image1": prepared1.tensor,
+                "threshold": np.asarray(self.threshold, dtype=np.float32),
+            },
+        )
         return dict(zip(OUTPUT_NAMES, values))
 
     def match_prepared(self, prepared0: PreparedOnnxImage, prepared1: PreparedOnnxImage) -> Matches:
         out = self.run(prepared0, prepared1)
         if self.both_directions:
             back = self.run(prepared1, prepared0)
-            back = {"keypoints0": back["keypoints1"], "keypoints1": back["keypoints0"],
-                    "confidence": back["confidence"], "coarse_index0": back["coarse_index1"],
-                    "coarse_index1": back["coarse_index0"]}
+            back = {
+                "keypoints0": back["keypoints1"],
+                "keypoints1": back["keypoints0"],
+                "confidence": back["confidence"],
+                "coarse_index0": back["coarse_index1"],
+                "coarse_index1": back["coarse_index0"],
+            }
             cells1 = -(-prepared1.tensor.shape[2] // COARSE_STRIDE) * prepared1.coarse_width
             cells0 = -(-prepared0.tensor.shape[2] // COARSE_STRIDE) * prepared0.coarse_width
             out = merge_directions(out, back, cells0, cells1)
-        return Matches(prepared0.resized.to_original(out["keypoints0"].astype(np.float32)),
-                       prepared1.resized.to_original(out["keypoints1"].astype(np.float32)),
-                       out["confidence"].astype(np.float32),
-                       _cell_centres(out["coarse_index0"], prepared0), _cell_centres(out["coarse_index1"], prepared1))
+        return Matches(
+            prepared0.resized.to_original(out["keypoints0"].astype(np.float32)),
+            prepared1.resized.to_original(out["keypoints1"].astype(np.float32)),
+            out["confidence"].astype(np.float32),
+            _cell_centres(out["coarse_index0"], prepared0),
+            _cell_centres(out["coarse_index1"], prepared1),
+        )
 
     def coarse_grid(self, size: tuple[int, int]) -> CoarseGrid:
         """The 1/8 grid of an image of ``size`` (W, H) after this matcher's resize, in original pixels (the same

@@ -23,6 +23,7 @@ GPU notes (not measurable on the CPU-only benchmark machine): run the matcher un
 softmaxes in float32 (see :mod:`matchers.loftr.attention`), and ``attention="full"`` goes through
 ``scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA).
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,9 +51,19 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new convolution equal to ``bn(conv(x))`` with ``bn`` in evaluation mode (running statistics)."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
-                      device=conv.weight.device, dtype=conv.weight.dtype)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
     with torch.no_grad():
         # computed in float64 so the folded weights round once, like the unfolded two-step computation
         inv_std = (bn.running_var.double() + bn.eps).rsqrt()
@@ -90,9 +101,12 @@ def _conv_bn_pairs(parent: nn.Module) -> list[tuple[str, str]]:
         candidates = list(zip(names, names[1:]))  # a Sequential chains its children in order
     else:
         # hand-written blocks: conv1 -> bn1, conv2 -> bn2 (anything else is left alone rather than guessed)
-        candidates = [(name, "bn" + name[len("conv"):]) for name in names if name.startswith("conv")]
-    return [(c, b) for c, b in candidates
-            if isinstance(children.get(c), nn.Conv2d) and isinstance(children.get(b), nn.BatchNorm2d)]
+        candidates = [(name, "bn" + name[len("conv") :]) for name in names if name.startswith("conv")]
+    return [
+        (c, b)
+        for c, b in candidates
+        if isinstance(children.get(c), nn.Conv2d) and isinstance(children.get(b), nn.BatchNorm2d)
+    ]
 
 
 class FusedEncoderLayer(nn.Module):
@@ -108,17 +122,28 @@ class FusedEncoderLayer(nn.Module):
         self.nhead, self.head_dim = layer.nhead, layer.head_dim
         self.eps = layer.attention.eps
         with torch.no_grad():
-            self.w_qkv = nn.Parameter(torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]),
-                                      requires_grad=False)
+            self.w_qkv = nn.Parameter(
+                torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]), requires_grad=False
+            )
         self.merge, self.mlp, self.norm1, self.norm2 = layer.merge, layer.mlp, layer.norm1, layer.norm2
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor | None, x_mask: torch.Tensor | None = None,
-                source_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor | None,
+        x_mask: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``source=None``: self attention (then ``source_mask`` is ``x_mask``)."""
         return x + self.message(x, source, x_mask, source_mask)
 
-    def message(self, x: torch.Tensor, source: torch.Tensor | None, x_mask: torch.Tensor | None = None,
-                source_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def message(
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor | None,
+        x_mask: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """What the layer adds to ``x`` (its residual branch)."""
         n, length, channels = x.shape
         if source is None:
@@ -160,7 +185,8 @@ class FusedLocalFeatureTransformer(nn.Module):
     @staticmethod
     def supports(transformer: nn.Module) -> bool:
         return isinstance(transformer, LocalFeatureTransformer) and all(
-            isinstance(layer.attention, LinearAttention) for layer in transformer.layers)
+            isinstance(layer.attention, LinearAttention) for layer in transformer.layers
+        )
 
     def first_self_layer(self, feat: torch.Tensor) -> torch.Tensor:
         """Layer 0 (a 'self' layer) on one image's unmasked tokens: resume with ``forward(..., start=1)``."""
@@ -168,8 +194,14 @@ class FusedLocalFeatureTransformer(nn.Module):
             raise ValueError("the first layer is not a self-attention layer")
         return feat + self.layers[0].message(feat, None, None)
 
-    def forward(self, feat0: torch.Tensor, feat1: torch.Tensor, mask0: torch.Tensor | None = None,
-                mask1: torch.Tensor | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        feat0: torch.Tensor,
+        feat1: torch.Tensor,
+        mask0: torch.Tensor | None = None,
+        mask1: torch.Tensor | None = None,
+        start: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layers ``start`` onwards (``start=1`` after :meth:`first_self_layer` on each image)."""
         together = feat0.shape == feat1.shape and (mask0 is None) == (mask1 is None)
         layers = list(zip(self.layers, self.layer_names))[start:]

@@ -5,6 +5,7 @@ with 1-based cell positions x, y. With ``temp_bug_fix`` the frequencies are ``10
 are ``exp(-2k)``, the operator-precedence slip of the original code (zju3dv/LoFTR issue #41) that every released
 checkpoint except ``indoor_ds_new`` was trained with, so it must be reproduced to use those weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,9 @@ def frequencies(d_model: int, temp_bug_fix: bool) -> torch.Tensor:
     return torch.exp(steps * rate)
 
 
-def position_encoding(d_model: int, height: int, width: int, temp_bug_fix: bool,
-                      device: torch.device | None = None) -> torch.Tensor:
+def position_encoding(
+    d_model: int, height: int, width: int, temp_bug_fix: bool, device: torch.device | None = None
+) -> torch.Tensor:
     """The (1, d_model, height, width) float32 encoding of a coarse map."""
     freq = frequencies(d_model, temp_bug_fix).to(device)[:, None, None]
     ys = torch.arange(1, height + 1, dtype=torch.float32, device=device)[None, :, None].expand(1, height, width)

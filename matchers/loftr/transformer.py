@@ -1,7 +1,8 @@
 """LoFTR's transformer: encoder layers interleaved as self- and cross-attention on two token sets."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -35,8 +36,13 @@ class EncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor, source: torch.Tensor,
-                x_mask: torch.Tensor | None = None, source_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        source: torch.Tensor,
+        x_mask: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x (N, L, C) attends to source (N, S, C); masks (N, L) / (N, S) bool, True = real token."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, -1, self.nhead, self.head_dim)
@@ -64,9 +70,13 @@ class LocalFeatureTransformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, feat0: torch.Tensor, feat1: torch.Tensor,
-                mask0: torch.Tensor | None = None, mask1: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        feat0: torch.Tensor,
+        feat1: torch.Tensor,
+        mask0: torch.Tensor | None = None,
+        mask1: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if feat0.shape[2] != self.d_model or feat1.shape[2] != self.d_model:
             raise ValueError(f"expected {self.d_model} channels, got {feat0.shape[2]} and {feat1.shape[2]}")
         for layer, name in zip(self.layers, self.layer_names):

@@ -16,9 +16,10 @@ searched before the cache and the network. ``load_pretrained(None)`` uses ``LOFT
 file (whatever its name), otherwise ``outdoor``.
 
 Checkpoints are read with ``torch.load(weights_only=True)`` only. Every problem a user can fix (missing file,
-corrupt or foreign file, weights of another architecture, no network) raises :class:`~matchers.errors.UserError`
+corrupt or foreign file, weights of another architecture, no network) raises :class:`~core.errors.UserError`
 with a one-line message naming the file and the fix.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,14 +27,16 @@ import pickle
 import re
 import urllib.request
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 
-from ..errors import UserError
-from ..files import atomic_path
+from core.errors import UserError
+from core.files import atomic_path
+
 from .config import PRESET_NAMES, LoFTRConfig
 from .model import OFFICIAL_PREFIX, LoFTR
 
@@ -65,20 +68,29 @@ class PretrainedWeights:
 PRETRAINED: dict[str, PretrainedWeights] = {
     w.name: w
     for w in (
-        PretrainedWeights("outdoor_ds", "outdoor_ds", "loftr_outdoor.ckpt",
-                          (_HF + "loftr_outdoor.ckpt", _CMP + "loftr_outdoor.ckpt")),
-        PretrainedWeights("indoor_ds", "indoor_ds", "loftr_indoor.ckpt",
-                          (_HF + "loftr_indoor.ckpt", _CMP + "loftr_indoor.ckpt")),
-        PretrainedWeights("indoor_ds_new", "indoor_ds_new", "loftr_indoor_ds_new.ckpt",
-                          (_HF + "loftr_indoor_ds_new.ckpt", _CMP + "loftr_indoor_ds_new.ckpt")),
+        PretrainedWeights(
+            "outdoor_ds", "outdoor_ds", "loftr_outdoor.ckpt", (_HF + "loftr_outdoor.ckpt", _CMP + "loftr_outdoor.ckpt")
+        ),
+        PretrainedWeights(
+            "indoor_ds", "indoor_ds", "loftr_indoor.ckpt", (_HF + "loftr_indoor.ckpt", _CMP + "loftr_indoor.ckpt")
+        ),
+        PretrainedWeights(
+            "indoor_ds_new",
+            "indoor_ds_new",
+            "loftr_indoor_ds_new.ckpt",
+            (_HF + "loftr_indoor_ds_new.ckpt", _CMP + "loftr_indoor_ds_new.ckpt"),
+        ),
         PretrainedWeights("outdoor_ot", "outdoor_ot", "outdoor_ot.ckpt"),
         PretrainedWeights("indoor_ot", "indoor_ot", "indoor_ot.ckpt"),
         PretrainedWeights("loftr-compact", "compact", "loftr_compact.ckpt", shipped=True),
     )
 }
 ALIASES = {
-    "outdoor": "outdoor_ds", "indoor": "indoor_ds", "indoor_new": "indoor_ds_new",
-    "compact": "loftr-compact", "loftr_compact": "loftr-compact",
+    "outdoor": "outdoor_ds",
+    "indoor": "indoor_ds",
+    "indoor_new": "indoor_ds_new",
+    "compact": "loftr-compact",
+    "loftr_compact": "loftr-compact",
 }
 
 
@@ -114,8 +126,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """(state dict without the ``matcher.`` prefix, stored config dict or None) of a checkpoint file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"LoFTR weights file {path} does not exist; pass an existing .ckpt path or one of the names "
-                        f"{', '.join(weights_names())}")
+        raise UserError(
+            f"LoFTR weights file {path} does not exist; pass an existing .ckpt path or one of the names "
+            f"{', '.join(weights_names())}"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -126,15 +140,19 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                 f"safely (weights_only=True); in an environment you trust, re-save just its weights with "
                 f"torch.save({{'state_dict': torch.load(path)['state_dict']}}, 'clean.ckpt') and use that"
             ) from None
-        raise UserError(f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(error)}); "
-                        f"{_corrupt_fix(path)}") from None
+        raise UserError(
+            f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(error)}); {_corrupt_fix(path)}"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, IndexError, KeyError) as error:
-        raise UserError(f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(error)}); "
-                        f"{_corrupt_fix(path)}") from None
+        raise UserError(
+            f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(error)}); {_corrupt_fix(path)}"
+        ) from None
     state_dict = _extract_state_dict(obj)
     if state_dict is None:
-        raise UserError(f"{path} is not a LoFTR checkpoint: expected {{'state_dict': {{name: tensor}}}} or a state "
-                        f"dict of tensors, found {_describe(obj)}")
+        raise UserError(
+            f"{path} is not a LoFTR checkpoint: expected {{'state_dict': {{name: tensor}}}} or a state "
+            f"dict of tensors, found {_describe(obj)}"
+        )
     config = obj.get(CONFIG_KEY) if isinstance(obj, dict) and isinstance(obj.get(CONFIG_KEY), dict) else None
     return state_dict, config
 
@@ -147,8 +165,10 @@ def _corrupt_fix(path: Path) -> str:
     downloadable = {spec.filename for spec in PRETRAINED.values() if spec.urls}
     if resolved.parent == Path(os.path.abspath(cache_dir())) and resolved.name in downloadable:
         return "it is a damaged download: delete it and it is downloaded again on the next run"
-    return ("check that it is the right file and copied completely, or re-save the weights with "
-            "torch.save({'state_dict': model.state_dict()}, PATH)")
+    return (
+        "check that it is the right file and copied completely, or re-save the weights with "
+        "torch.save({'state_dict': model.state_dict()}, PATH)"
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -172,7 +192,7 @@ def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
         return None
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         return None
-    return {k[len(OFFICIAL_PREFIX):] if k.startswith(OFFICIAL_PREFIX) else k: v for k, v in obj.items()}
+    return {k[len(OFFICIAL_PREFIX) :] if k.startswith(OFFICIAL_PREFIX) else k: v for k, v in obj.items()}
 
 
 def guess_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
@@ -203,8 +223,11 @@ def check_state_dict(model: LoFTR, state_dict: Mapping[str, torch.Tensor], sourc
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                   if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    wrong_shape = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
     if not (missing or unexpected or wrong_shape):
         return
 
@@ -234,8 +257,10 @@ def _download(url: str, destination: Path) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "loftr-sfm"})
     with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response, atomic_path(destination) as temp:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with open(temp, "wb") as handle, tqdm(total=total, unit="B", unit_scale=True,
-                                               desc=f"downloading {destination.name}") as bar:
+        with (
+            open(temp, "wb") as handle,
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {destination.name}") as bar,
+        ):
             while chunk := response.read(1 << 20):
                 handle.write(chunk)
                 bar.update(len(chunk))
@@ -258,9 +283,11 @@ def _get_message(spec: PretrainedWeights, reason: str) -> str:
         where = f"download {spec.urls[0]} (or {spec.urls[1]})" if len(spec.urls) > 1 else f"download {spec.urls[0]}"
     else:
         where = f"download {spec.filename} from the official LoFTR release {OFFICIAL_DRIVE}"
-    return (f"LoFTR weights {spec.name} ({spec.filename}) are not available: {reason}; {where} and pass "
-            f"--weights /path/to/{spec.filename}, or set {WEIGHTS_ENV} to that file or its folder "
-            f"(or put it in {cache_dir()})")
+    return (
+        f"LoFTR weights {spec.name} ({spec.filename}) are not available: {reason}; {where} and pass "
+        f"--weights /path/to/{spec.filename}, or set {WEIGHTS_ENV} to that file or its folder "
+        f"(or put it in {cache_dir()})"
+    )
 
 
 def fetch(spec: PretrainedWeights) -> Path:
@@ -272,8 +299,10 @@ def fetch(spec: PretrainedWeights) -> Path:
         path = PACKAGE_WEIGHTS_DIR / spec.filename
         if path.is_file():
             return path
-        raise UserError(f"the {spec.name} weights {path} are not installed (train the compact model, or pass "
-                        f"--weights PATH / set {WEIGHTS_ENV} to its .ckpt file)")
+        raise UserError(
+            f"the {spec.name} weights {path} are not installed (train the compact model, or pass "
+            f"--weights PATH / set {WEIGHTS_ENV} to its .ckpt file)"
+        )
     cached = cache_dir() / spec.filename
     if cached.is_file():
         return cached
@@ -296,8 +325,12 @@ def fetch(spec: PretrainedWeights) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- public
-def load_pretrained(name_or_path: str | os.PathLike[str] | None = None, device: str | torch.device = "auto",
-                    preset: str | None = None, threshold: float | None = None) -> LoFTR:
+def load_pretrained(
+    name_or_path: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "auto",
+    preset: str | None = None,
+    threshold: float | None = None,
+) -> LoFTR:
     """A LoFTR model in eval mode on ``device`` with the named (or given) weights.
 
     ``preset`` forces the architecture for a path (default: the config stored by :func:`save_checkpoint`, else
@@ -320,13 +353,14 @@ def load_pretrained(name_or_path: str | os.PathLike[str] | None = None, device: 
     else:
         path = Path(text).expanduser()
         if not path.is_file():
-            raise UserError(f"LoFTR weights {text!r} are neither a file nor a known name; use a .ckpt path or one of "
-                            f"{', '.join(weights_names())}")
+            raise UserError(
+                f"LoFTR weights {text!r} are neither a file nor a known name; use a .ckpt path or one of "
+                f"{', '.join(weights_names())}"
+            )
         state_dict, stored_config = read_checkpoint(path)
         guessed = guess_preset(state_dict)
         if preset is None and stored_config is None and guessed is None:
-            raise UserError(f"{path} is not a LoFTR checkpoint (no backbone.conv1.weight); "
-                            f"{_fits_hint(state_dict)}")
+            raise UserError(f"{path} is not a LoFTR checkpoint (no backbone.conv1.weight); {_fits_hint(state_dict)}")
         preset_name = preset or guessed or "outdoor_ds"
         if preset is None and preset_name == "outdoor_ds" and "ds_new" in path.name:
             preset_name = "indoor_ds_new"
@@ -350,8 +384,12 @@ def load_pretrained(name_or_path: str | os.PathLike[str] | None = None, device: 
     return model.eval().to(resolve_device(device))
 
 
-def save_checkpoint(model: LoFTR, path: str | os.PathLike[str],
-                    layout: Literal["official", "kornia"] = "official", include_config: bool = True) -> Path:
+def save_checkpoint(
+    model: LoFTR,
+    path: str | os.PathLike[str],
+    layout: Literal["official", "kornia"] = "official",
+    include_config: bool = True,
+) -> Path:
     """Write the model's weights as an official (``matcher.`` prefix) or kornia (plain keys) checkpoint.
 
     Both are ``{'state_dict': {...}}``; ``include_config`` adds the model config under ``loftr_config`` so
@@ -361,8 +399,10 @@ def save_checkpoint(model: LoFTR, path: str | os.PathLike[str],
         raise ValueError(f"layout must be 'official' or 'kornia', got {layout!r}")
     prefix = OFFICIAL_PREFIX if layout == "official" else ""
     # plain contiguous CPU copies (the backbone runs channels-last), as every other tool expects
-    state = {prefix + k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
-             for k, v in model.state_dict().items()}
+    state = {
+        prefix + k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+        for k, v in model.state_dict().items()
+    }
     payload: dict[str, Any] = {"state_dict": state}
     if include_config:
         payload[CONFIG_KEY] = model.config.to_dict()
@@ -370,4 +410,3 @@ def save_checkpoint(model: LoFTR, path: str | os.PathLike[str],
     with atomic_path(path) as temp:
         torch.save(payload, temp)
     return path
-

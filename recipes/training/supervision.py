@@ -19,14 +19,15 @@ cell j, divided by the window radius in pixels (fine stride 2 x window // 2 = 4 
 Two warps are provided: depth + intrinsics + relative pose, with the depth-consistency check of the paper
 (relative difference below 0.2, official ``warp_kpts``), and a homography (which covers in-plane rotations).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from ..config import COARSE_STRIDE, FINE_STRIDE
+from matchers.loftr.config import COARSE_STRIDE, FINE_STRIDE
 
 #: a warp maps (N, P, 2) pixels of one image to (pixels (N, P, 2) in the other image, valid (N, P) bool)
 Warp = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -83,9 +84,16 @@ def _nearest_cell(points: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.T
     return index, inside
 
 
-def supervise(warp01: Warp, warp10: Warp, image_size0: tuple[int, int], image_size1: tuple[int, int], batch: int,
-              mask0: torch.Tensor | None = None, mask1: torch.Tensor | None = None,
-              device: torch.device | str = "cpu") -> Supervision:
+def supervise(
+    warp01: Warp,
+    warp10: Warp,
+    image_size0: tuple[int, int],
+    image_size1: tuple[int, int],
+    batch: int,
+    mask0: torch.Tensor | None = None,
+    mask1: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> Supervision:
     """Coarse and fine GT from warps in both directions (see the module docstring).
 
     ``image_size0/1`` are (H, W) pixels; ``mask0/1`` optional (N, H, W) pixel validity (padding = 0).
@@ -142,8 +150,14 @@ def homography_warp(H: torch.Tensor, source_size: tuple[int, int] | torch.Tensor
     return warp
 
 
-def depth_warp(depth0: torch.Tensor, depth1: torch.Tensor, K0: torch.Tensor, K1: torch.Tensor,
-               T_0to1: torch.Tensor, tolerance: float = 0.2) -> Warp:
+def depth_warp(
+    depth0: torch.Tensor,
+    depth1: torch.Tensor,
+    K0: torch.Tensor,
+    K1: torch.Tensor,
+    T_0to1: torch.Tensor,
+    tolerance: float = 0.2,
+) -> Warp:
     """Warp pixels of image 0 into image 1 with depth (N, H, W), intrinsics (N, 3, 3) and relative pose (N, 4, 4).
 
     Valid (official ``warp_kpts``): depth of the source pixel > 0, the point lies in front of camera 1 and inside
@@ -219,6 +233,12 @@ def supervise_samples(samples: list[dict[str, torch.Tensor]], depth_tolerance: f
         parts.append(supervise_batch(batch, depth_tolerance))
     first = parts[0]
     b_ids = torch.cat([p.b_ids + k for k, p in enumerate(parts)])
-    return Supervision(torch.cat([p.conf_gt for p in parts]), b_ids, torch.cat([p.i_ids for p in parts]),
-                       torch.cat([p.j_ids for p in parts]), torch.cat([p.offsets for p in parts]),
-                       first.shape0, first.shape1)
+    return Supervision(
+        torch.cat([p.conf_gt for p in parts]),
+        b_ids,
+        torch.cat([p.i_ids for p in parts]),
+        torch.cat([p.j_ids for p in parts]),
+        torch.cat([p.offsets for p in parts]),
+        first.shape0,
+        first.shape1,
+    )

@@ -6,12 +6,13 @@
   ``tempfile.mkstemp``'s private 0600.
 * :func:`check_output_file` / :func:`check_output_dir` are called by every CLI before its long work
   starts: an output path that cannot be written (read-only folder, a file where a folder is needed or
-  the other way round, a full disk) is a :class:`~matchers.errors.UserError` naming the path and the fix.
+  the other way round, a full disk) is a :class:`~core.errors.UserError` naming the path and the fix.
   Permissions are probed by creating (and removing) a small file, since root ignores mode bits.
 
-This lives in :mod:`matchers` (the lowest layer) so that match plots use it too; :mod:`pipeline.io`
+This lives in :mod:`matchers` (the lowest layer) so that match plots use it too; :mod:`core.io`
 re-exports it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,8 @@ import errno
 import glob
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import UserError, errno_of, os_error_reason
 
@@ -76,8 +77,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         named = str(error.filename) if error.filename is not None else ""
         # write() on a full disk names no file: it is the temporary file's
         unnamed_write = error.filename is None and code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-        if temp_path is not None and code is not None and (
-                named == str(temp_path) or str(temp_path) in str(error) or unnamed_write):
+        if (
+            temp_path is not None
+            and code is not None
+            and (named == str(temp_path) or str(temp_path) in str(error) or unnamed_write)
+        ):
             raise OSError(code, os.strerror(code), str(path)) from error
         raise
     finally:
@@ -229,4 +233,3 @@ def check_output_dir(path: str | Path, option: str = "the output folder", needed
         folder = _check_parent_chain(path, option, "the folder")
     _check_space(path, folder, needed_bytes, option)
     return path
-

@@ -26,10 +26,11 @@ Sources of the definitions and thresholds (read, not copied):
   ``translation_thresholds_meters_dict``, reproduced in :data:`IMC2023_THRESHOLDS`); mAA averaged over
   scenes, then over datasets. Unregistered images (nan poses) make every pair they are in inaccurate.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -64,8 +65,13 @@ IMC2022_THRESHOLDS = Thresholds.of(np.linspace(1, 10, 10), np.geomspace(0.2, 5, 
 
 #: IMC 2023 per-scene thresholds (organisers' evaluation notebook, see the module docstring)
 IMC2023_THRESHOLDS: dict[tuple[str, str], Thresholds] = {
-    **{("haiper", s): Thresholds.of(np.linspace(1, 10, 10), np.geomspace(0.05, 0.5, 10)) for s in ("bike", "chairs", "fountain")},
-    **{("heritage", s): Thresholds.of(np.linspace(1, 10, 10), np.geomspace(0.1, 2, 10)) for s in ("cyprus", "dioscuri")},
+    **{
+        ("haiper", s): Thresholds.of(np.linspace(1, 10, 10), np.geomspace(0.05, 0.5, 10))
+        for s in ("bike", "chairs", "fountain")
+    },
+    **{
+        ("heritage", s): Thresholds.of(np.linspace(1, 10, 10), np.geomspace(0.1, 2, 10)) for s in ("cyprus", "dioscuri")
+    },
     ("heritage", "wall"): Thresholds.of(np.linspace(0.2, 10, 10), np.geomspace(0.05, 1, 10)),
     ("urban", "kyiv-puppet-theater"): Thresholds.of(np.linspace(1, 10, 10), np.geomspace(0.5, 5, 10)),
 }
@@ -88,14 +94,17 @@ def quaternion_from_matrix(rotation: np.ndarray) -> np.ndarray:
     only approximately orthonormal still give the closest rotation.
     """
     m = np.asarray(rotation, dtype=np.float64)[:3, :3]
-    k = np.array(
-        [
-            [m[0, 0] - m[1, 1] - m[2, 2], m[1, 0] + m[0, 1], m[2, 0] + m[0, 2], m[2, 1] - m[1, 2]],
-            [m[1, 0] + m[0, 1], m[1, 1] - m[0, 0] - m[2, 2], m[2, 1] + m[1, 2], m[0, 2] - m[2, 0]],
-            [m[2, 0] + m[0, 2], m[2, 1] + m[1, 2], m[2, 2] - m[0, 0] - m[1, 1], m[1, 0] - m[0, 1]],
-            [m[2, 1] - m[1, 2], m[0, 2] - m[2, 0], m[1, 0] - m[0, 1], m[0, 0] + m[1, 1] + m[2, 2]],
-        ]
-    ) / 3.0
+    k = (
+        np.array(
+            [
+                [m[0, 0] - m[1, 1] - m[2, 2], m[1, 0] + m[0, 1], m[2, 0] + m[0, 2], m[2, 1] - m[1, 2]],
+                [m[1, 0] + m[0, 1], m[1, 1] - m[0, 0] - m[2, 2], m[2, 1] + m[1, 2], m[0, 2] - m[2, 0]],
+                [m[2, 0] + m[0, 2], m[2, 1] + m[1, 2], m[2, 2] - m[0, 0] - m[1, 1], m[1, 0] - m[0, 1]],
+                [m[2, 1] - m[1, 2], m[0, 2] - m[2, 0], m[1, 0] - m[0, 1], m[0, 0] + m[1, 1] + m[2, 2]],
+            ]
+        )
+        / 3.0
+    )
     values, vectors = np.linalg.eigh(k)
     x, y, z, w = vectors[:, int(np.argmax(values))]
     q = np.array([w, x, y, z])
@@ -262,9 +271,7 @@ def scene_pair_errors(
     return err_q, err_t
 
 
-def scene_maa_2023(
-    ground_truth: Mapping[str, Pose], predictions: Mapping[str, Pose], thresholds: Thresholds
-) -> float:
+def scene_maa_2023(ground_truth: Mapping[str, Pose], predictions: Mapping[str, Pose], thresholds: Thresholds) -> float:
     """IMC 2023 mAA of one scene: all GT pairs, inclusive thresholds."""
     err_q, err_t = scene_pair_errors(ground_truth, predictions)
     return mean_average_accuracy(err_q, err_t, thresholds, inclusive=True)

@@ -10,27 +10,41 @@ A sample is a dict of tensors: ``image0`` / ``image1`` (1, H, W) float32 in [0, 
 optional ``mask0`` / ``mask1`` (H, W) bool padding masks. Pixel convention: (0, 0) is the centre of the top-left
 pixel (intrinsics from COLMAP-style files, whose origin is the pixel corner, are shifted by -0.5).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import cv2
 import numpy as np
 import torch
 
-from ...errors import UserError
-from ...image_io import is_image_file, read_gray
+from core.errors import UserError
+from core.image_io import is_image_file, read_gray
 
 Sample = dict[str, torch.Tensor]
 
 #: scikit-image sample photos usable for training: those whose docstrings state public domain, CC0 or "no known
 #: copyright restrictions" (``moon`` and ``page``, whose origin is not stated, are left out); see the model card
 SKIMAGE_PHOTOS: tuple[str, ...] = (
-    "astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
-    "hubble_deep_field", "immunohistochemistry", "retina", "rocket", "cell",
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+    "cell",
 )
 
 
@@ -94,8 +108,9 @@ class PhotometricConfig:
     blur_probability: float = 0.2  # gaussian blur sigma U[0.3, 1.5]
 
 
-def photometric(image: np.ndarray, rng: np.random.Generator, config: PhotometricConfig = PhotometricConfig()
-                ) -> np.ndarray:
+def photometric(
+    image: np.ndarray, rng: np.random.Generator, config: PhotometricConfig = PhotometricConfig()
+) -> np.ndarray:
     """Randomly changed brightness, contrast, gamma, blur and noise of a float image in [0, 1]."""
     out = image.astype(np.float32)
     if config.blur_probability and rng.random() < config.blur_probability:
@@ -142,8 +157,9 @@ def random_homography(rng: np.random.Generator, width: int, height: int, config:
     return cv2.getPerspectiveTransform(corners.astype(np.float32), moved.astype(np.float32)).astype(np.float64)
 
 
-def homography_pair(photo: np.ndarray, rng: np.random.Generator, config: HomographyConfig = HomographyConfig(),
-                    augment: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def homography_pair(
+    photo: np.ndarray, rng: np.random.Generator, config: HomographyConfig = HomographyConfig(), augment: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image0, image1, H_0to1) from one grayscale photo; image 0 lies fully inside the (resized) photo."""
     h, w = config.height, config.width
     zoom = rng.uniform(*config.zoom)
@@ -152,11 +168,12 @@ def homography_pair(photo: np.ndarray, rng: np.random.Generator, config: Homogra
     resized = cv2.resize(photo, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     x0 = int(rng.integers(0, resized.shape[1] - w + 1))
     y0 = int(rng.integers(0, resized.shape[0] - h + 1))
-    image0 = resized[y0:y0 + h, x0:x0 + w]
+    image0 = resized[y0 : y0 + h, x0 : x0 + w]
     H = random_homography(rng, w, h, config)
     shift = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]], np.float64)  # resized photo -> image 0
-    image1 = cv2.warpPerspective(resized, H @ shift, (w, h), flags=cv2.INTER_LINEAR,
-                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    image1 = cv2.warpPerspective(
+        resized, H @ shift, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
     if augment:
         image0 = photometric(image0, rng, config.photometric)
         image1 = photometric(image1, rng, config.photometric)
@@ -166,8 +183,13 @@ def homography_pair(photo: np.ndarray, rng: np.random.Generator, config: Homogra
 class HomographyPairs:
     """Homographic pairs from a list of grayscale photos; ``sample(index)`` is deterministic."""
 
-    def __init__(self, photos: Sequence[np.ndarray], config: HomographyConfig = HomographyConfig(), seed: int = 0,
-                 augment: bool = True) -> None:
+    def __init__(
+        self,
+        photos: Sequence[np.ndarray],
+        config: HomographyConfig = HomographyConfig(),
+        seed: int = 0,
+        augment: bool = True,
+    ) -> None:
         if not photos:
             raise UserError("the homography source has no photos")
         self.photos = list(photos)
@@ -182,8 +204,11 @@ class HomographyPairs:
         rng = np.random.default_rng([self.seed, 1, index])
         photo = self.photos[int(rng.integers(len(self.photos)))]
         image0, image1, H = homography_pair(photo, rng, self.config, self.augment)
-        return {"image0": torch.from_numpy(image0)[None], "image1": torch.from_numpy(image1)[None],
-                "H_0to1": torch.from_numpy(H)}
+        return {
+            "image0": torch.from_numpy(image0)[None],
+            "image1": torch.from_numpy(image1)[None],
+            "H_0to1": torch.from_numpy(H),
+        }
 
 
 # ---------------------------------------------------------------------------------------------- synthetic scenes
@@ -211,8 +236,15 @@ class SyntheticConfig:
     @staticmethod
     def object_centric(height: int = 240, width: int = 320, num_worlds: int = 16) -> "SyntheticConfig":
         """Objects seen from closer, over a wider range of angles and elevations."""
-        return SyntheticConfig(height=height, width=width, num_worlds=num_worlds, angle_deg=(4.0, 45.0),
-                               radius=(5.0, 8.0), camera_height=(0.3, 5.0), objects=True)
+        return SyntheticConfig(
+            height=height,
+            width=width,
+            num_worlds=num_worlds,
+            angle_deg=(4.0, 45.0),
+            radius=(5.0, 8.0),
+            camera_height=(0.3, 5.0),
+            objects=True,
+        )
 
 
 class SyntheticPairs:
@@ -291,8 +323,9 @@ class SyntheticPairs:
 
 
 # ---------------------------------------------------------------------------------------------- MegaDepth / ScanNet
-def _resize_pad(image: np.ndarray, depth: np.ndarray | None, K: np.ndarray, long_side: int, pad_to: int | None
-                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+def _resize_pad(
+    image: np.ndarray, depth: np.ndarray | None, K: np.ndarray, long_side: int, pad_to: int | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
     """Resize so the longer side is ``long_side`` (sides multiples of 8), pad bottom/right to ``pad_to``.
 
     Returns (image, depth (nearest-resized), K of the resized image, mask (bool, True = real pixel)).
@@ -326,8 +359,10 @@ def _load_index(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
             return {k: data[k] for k in data.files}
     except ValueError as error:
         if "pickle" in str(error).lower():
-            raise UserError(f"{path} stores Python objects (the official index format); it is only read with "
-                            f"--trust-index, which unpickles it: use it only for index files you trust") from None
+            raise UserError(
+                f"{path} stores Python objects (the official index format); it is only read with "
+                f"--trust-index, which unpickles it: use it only for index files you trust"
+            ) from None
         raise UserError(f"{path} is not a readable .npz index ({error})") from None
     except (OSError, EOFError) as error:
         raise UserError(f"{path} is not a readable .npz index ({error})") from None
@@ -350,15 +385,25 @@ class MegaDepthPairs:
     to ``long_side`` and padded to a ``long_side`` square (with masks), as the official loader does.
     """
 
-    def __init__(self, root: str | Path, index_dir: str | Path | None = None, long_side: int = 640,
-                 min_overlap: float = 0.0, max_overlap: float = 1.0, seed: int = 0, allow_pickle: bool = False,
-                 augment: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        index_dir: str | Path | None = None,
+        long_side: int = 640,
+        min_overlap: float = 0.0,
+        max_overlap: float = 1.0,
+        seed: int = 0,
+        allow_pickle: bool = False,
+        augment: bool = True,
+    ) -> None:
         self.root = Path(root)
         index_dir = Path(index_dir) if index_dir is not None else self.root / "index"
         files = sorted(index_dir.glob("*.npz")) if index_dir.is_dir() else []
         if not files:
-            raise UserError(f"no MegaDepth index files (*.npz) in {index_dir}; pass megadepth:ROOT with ROOT/index "
-                            f"holding the official scene_info npz files")
+            raise UserError(
+                f"no MegaDepth index files (*.npz) in {index_dir}; pass megadepth:ROOT with ROOT/index "
+                f"holding the official scene_info npz files"
+            )
         self.scenes = [_load_index(f, allow_pickle) for f in files]
         self.pairs: list[tuple[int, int, int]] = []
         for s, info in enumerate(self.scenes):
@@ -367,8 +412,9 @@ class MegaDepthPairs:
                 if min_overlap <= overlap <= max_overlap:
                     self.pairs.append((s, int(i0), int(i1)))
         if not self.pairs:
-            raise UserError(f"the MegaDepth index in {index_dir} has no pairs with overlap in "
-                            f"[{min_overlap}, {max_overlap}]")
+            raise UserError(
+                f"the MegaDepth index in {index_dir} has no pairs with overlap in [{min_overlap}, {max_overlap}]"
+            )
         self.long_side = long_side
         self.seed = seed
         self.augment = augment
@@ -419,18 +465,28 @@ class ScanNetPairs:
     images (COLMAP-style convention, shifted by -0.5 here). Images are resized to 640x480.
     """
 
-    def __init__(self, root: str | Path, index_dir: str | Path | None = None, intrinsics: str | Path | None = None,
-                 size: tuple[int, int] = (480, 640), seed: int = 0, augment: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        index_dir: str | Path | None = None,
+        intrinsics: str | Path | None = None,
+        size: tuple[int, int] = (480, 640),
+        seed: int = 0,
+        augment: bool = True,
+    ) -> None:
         self.root = Path(root)
         index_dir = Path(index_dir) if index_dir is not None else self.root / "index"
         files = sorted(f for f in index_dir.glob("*.npz") if f.name != "intrinsics.npz") if index_dir.is_dir() else []
         if not files:
-            raise UserError(f"no ScanNet index files (*.npz) in {index_dir}; pass scannet:ROOT with ROOT/index "
-                            f"holding the official scene_data npz files")
+            raise UserError(
+                f"no ScanNet index files (*.npz) in {index_dir}; pass scannet:ROOT with ROOT/index "
+                f"holding the official scene_data npz files"
+            )
         names = [_load_index(f, False)["name"] for f in files]
         self.names = np.concatenate([np.asarray(n).reshape(-1, 4) for n in names]).astype(np.int64)
-        candidates = [Path(intrinsics)] if intrinsics else [index_dir / "intrinsics.npz",
-                                                            index_dir.parent / "intrinsics.npz"]
+        candidates = (
+            [Path(intrinsics)] if intrinsics else [index_dir / "intrinsics.npz", index_dir.parent / "intrinsics.npz"]
+        )
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             raise UserError(f"ScanNet intrinsics.npz not found (looked at {', '.join(map(str, candidates))})")
@@ -496,6 +552,7 @@ def collate(samples: Sequence[Sample]) -> Sample:
     keys = set(samples[0])
     for s in samples[1:]:
         if set(s) != keys:
-            raise ValueError("cannot batch samples of different kinds (homography vs depth); use batch size 1 or "
-                             "one kind of data")
+            raise ValueError(
+                "cannot batch samples of different kinds (homography vs depth); use batch size 1 or one kind of data"
+            )
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}

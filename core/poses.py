@@ -4,6 +4,7 @@ The same format is used for our results, for ground-truth files of the mini data
 submissions to visuallocalization.net (Aachen and InLoc expect the query's file name without folders,
 e.g. ``IMG_0731.JPG``; :func:`write_submission` writes that form).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
-from matchers.errors import UserError
-from pipeline.io import write_text_atomic
+from core.errors import UserError
+from core.io import write_text_atomic
 
 
 def rigid_from_qt(qvec_wxyz: "np.ndarray | list[float]", tvec: "np.ndarray | list[float]") -> pycolmap.Rigid3d:

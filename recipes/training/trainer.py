@@ -10,6 +10,7 @@ Training forward pass (composes the model's submodules, so the model itself need
 backbone on both images -> coarse transformer -> log dual-softmax (or log Sinkhorn) -> coarse focal loss;
 fine stage on (a random subset of) the *GT* coarse matches -> L2/std fine loss.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,26 +20,40 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...errors import UserError
-from ..coarse_matching import CoarseMatches, log_optimal_transport
-from ..config import COARSE_STRIDE, LoFTRConfig
-from ..model import EncodedImage, LoFTR
-from ..weights import check_state_dict, read_checkpoint
+from core.errors import UserError
+from matchers.loftr.coarse_matching import CoarseMatches, log_optimal_transport
+from matchers.loftr.config import COARSE_STRIDE, LoFTRConfig
+from matchers.loftr.model import EncodedImage, LoFTR
+from matchers.loftr.weights import check_state_dict, read_checkpoint
+
 from .data import PairSource, Sample
 from .losses import LossConfig, coarse_loss, dual_softmax_log_confidence, fine_loss
 from .supervision import Supervision, depth_warp, homography_warp, supervise_samples
 
-CSV_FIELDS = ("step", "samples", "elapsed_s", "lr", "loss", "loss_c", "loss_f", "gt_matches",
-              "val_matches", "val_precision", "val_fine_error_px", "val_loss")
+CSV_FIELDS = (
+    "step",
+    "samples",
+    "elapsed_s",
+    "lr",
+    "loss",
+    "loss_c",
+    "loss_f",
+    "gt_matches",
+    "val_matches",
+    "val_precision",
+    "val_fine_error_px",
+    "val_loss",
+)
 
 
 @dataclass(frozen=True)
@@ -91,8 +106,10 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 def _split(enc: EncodedImage, n: int) -> tuple[EncodedImage, EncodedImage]:
     mask0 = None if enc.mask is None else enc.mask[:n]
     mask1 = None if enc.mask is None else enc.mask[n:]
-    return (EncodedImage(enc.coarse[:n], enc.fine[:n], enc.image_size, mask0),
-            EncodedImage(enc.coarse[n:], enc.fine[n:], enc.image_size, mask1))
+    return (
+        EncodedImage(enc.coarse[:n], enc.fine[:n], enc.image_size, mask0),
+        EncodedImage(enc.coarse[n:], enc.fine[n:], enc.image_size, mask1),
+    )
 
 
 def encode_pair(model: LoFTR, batch: Sample) -> tuple[EncodedImage, EncodedImage]:
@@ -105,8 +122,9 @@ def encode_pair(model: LoFTR, batch: Sample) -> tuple[EncodedImage, EncodedImage
     return model.encode(image0, mask0), model.encode(image1, mask1)
 
 
-def coarse_log_confidence(model: LoFTR, tokens0: torch.Tensor, tokens1: torch.Tensor,
-                          mask0: torch.Tensor | None, mask1: torch.Tensor | None) -> torch.Tensor:
+def coarse_log_confidence(
+    model: LoFTR, tokens0: torch.Tensor, tokens1: torch.Tensor, mask0: torch.Tensor | None, mask1: torch.Tensor | None
+) -> torch.Tensor:
     """log P_c (N, L, S) (dual-softmax) or the (N, L+1, S+1) log Sinkhorn assignment, in float32."""
     cfg = model.config.matching
     scale = tokens0.shape[-1] ** 0.5
@@ -116,8 +134,9 @@ def coarse_log_confidence(model: LoFTR, tokens0: torch.Tensor, tokens1: torch.Te
     return log_optimal_transport(sim, model.coarse_matching.bin_score.float(), cfg.skh_iters, mask0, mask1)
 
 
-def compute_losses(model: LoFTR, batch: Sample, sup: Supervision, config: TrainConfig,
-                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def compute_losses(
+    model: LoFTR, batch: Sample, sup: Supervision, config: TrainConfig, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
     """Forward pass and losses of one batch: ``loss``, ``loss_c``, ``loss_f`` (tensors)."""
     enc0, enc1 = encode_pair(model, batch)
     tokens0, tokens1, mask0, mask1 = model.transform_coarse(enc0, enc1)
@@ -144,13 +163,23 @@ def compute_losses(model: LoFTR, batch: Sample, sup: Supervision, config: TrainC
 def _gt_warp(sample: Sample) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     if "H_0to1" in sample:
         return homography_warp(sample["H_0to1"][None].double())
-    return depth_warp(sample["depth0"][None], sample["depth1"][None], sample["K0"][None], sample["K1"][None],
-                      sample["T_0to1"][None].double())
+    return depth_warp(
+        sample["depth0"][None],
+        sample["depth1"][None],
+        sample["K0"][None],
+        sample["K1"][None],
+        sample["T_0to1"][None].double(),
+    )
 
 
 @torch.no_grad()
-def validate(model: LoFTR, samples: Sequence[Sample], device: torch.device,
-             threshold_px: float = float(COARSE_STRIDE), config: TrainConfig | None = None) -> dict[str, float]:
+def validate(
+    model: LoFTR,
+    samples: Sequence[Sample],
+    device: torch.device,
+    threshold_px: float = float(COARSE_STRIDE),
+    config: TrainConfig | None = None,
+) -> dict[str, float]:
     """Match each pair with the model (eval mode) and score against the GT warp.
 
     ``val_matches``: mean matches per pair; ``val_precision``: fraction of matches whose keypoint 1 lies within
@@ -168,8 +197,12 @@ def validate(model: LoFTR, samples: Sequence[Sample], device: torch.device,
         losses.append(float(compute_losses(model, batch, sup, config, generator)["loss"]))
         mask0 = sample.get("mask0")
         mask1 = sample.get("mask1")
-        out = model(sample["image0"][None].to(device), sample["image1"][None].to(device),
-                    None if mask0 is None else mask0[None].to(device), None if mask1 is None else mask1[None].to(device))
+        out = model(
+            sample["image0"][None].to(device),
+            sample["image1"][None].to(device),
+            None if mask0 is None else mask0[None].to(device),
+            None if mask1 is None else mask1[None].to(device),
+        )
         k0, k1 = out["keypoints0"].cpu().double(), out["keypoints1"].cpu().double()
         counts.append(len(k0))
         if len(k0) == 0:
@@ -197,11 +230,19 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def save_training_checkpoint(path: Path, model: LoFTR, optimizer: torch.optim.Optimizer,
-                             scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, samples: int,
-                             elapsed: float, config: TrainConfig, data_specs: Sequence[str]) -> None:
+def save_training_checkpoint(
+    path: Path,
+    model: LoFTR,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+    samples: int,
+    elapsed: float,
+    config: TrainConfig,
+    data_specs: Sequence[str],
+) -> None:
     """Everything needed to resume, readable with ``torch.load(weights_only=True)`` and by ``load_pretrained``."""
-    from pipeline.io import atomic_path
+    from core.io import atomic_path
 
     payload = {
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -223,12 +264,13 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt files come in many types
-        raise UserError(f"{path} is not a readable training checkpoint ({str(error).splitlines()[0][:200]}); "
-                        f"delete it to start over") from None
+        raise UserError(
+            f"{path} is not a readable training checkpoint ({str(error).splitlines()[0][:200]}); "
+            f"delete it to start over"
+        ) from None
 
 
-def export_weights(checkpoint: str | Path, out: str | Path, half: bool = False,
-                   threshold: float | None = None) -> Path:
+def export_weights(checkpoint: str | Path, out: str | Path, half: bool = False, threshold: float | None = None) -> Path:
     """Write just the weights and config of a training checkpoint (the small file that ships).
 
     ``half`` stores floating-point tensors as float16 (half the size; ``load_state_dict`` casts them back to the
@@ -237,7 +279,7 @@ def export_weights(checkpoint: str | Path, out: str | Path, half: bool = False,
     """
     import copy
 
-    from pipeline.io import atomic_path
+    from core.io import atomic_path
 
     data = load_training_checkpoint(Path(checkpoint))
     state = {k: v.half() if half and v.is_floating_point() else v for k, v in data["state_dict"].items()}
@@ -303,7 +345,7 @@ def _truncate_csv(path: Path, step: int) -> None:
         return
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    from pipeline.io import atomic_path
+    from core.io import atomic_path
 
     with atomic_path(path) as temp, open(temp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -311,10 +353,20 @@ def _truncate_csv(path: Path, step: int) -> None:
         writer.writerows(rows)
 
 
-def train(model_config: LoFTRConfig, source: PairSource, out: str | Path, config: TrainConfig = TrainConfig(),
-          minutes: float | None = None, steps: int | None = None, init: str | Path | None = None,
-          val_samples: Sequence[Sample] = (), device: str | torch.device = "cpu", data_specs: Sequence[str] = (),
-          restart: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    model_config: LoFTRConfig,
+    source: PairSource,
+    out: str | Path,
+    config: TrainConfig = TrainConfig(),
+    minutes: float | None = None,
+    steps: int | None = None,
+    init: str | Path | None = None,
+    val_samples: Sequence[Sample] = (),
+    device: str | torch.device = "cpu",
+    data_specs: Sequence[str] = (),
+    restart: bool = False,
+    progress: bool = True,
+) -> TrainResult:
     """Train (or resume training of) LoFTR; checkpoint ``out`` and a CSV log ``out`` with suffix ``.csv``.
 
     Stops after ``minutes`` of wall time, after ``steps`` more steps, or at ``config.max_steps``, whichever comes
@@ -328,10 +380,13 @@ def train(model_config: LoFTRConfig, source: PairSource, out: str | Path, config
     random.seed(config.seed)
     model = LoFTR(model_config).to(device)
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.dim() <= 1 else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=config.betas)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=config.betas,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     step, samples_seen, elapsed_before = 0, 0, 0.0
     if out.exists() and not restart:
@@ -366,8 +421,17 @@ def train(model_config: LoFTRConfig, source: PairSource, out: str | Path, config
     bar = tqdm(total=stop_step, initial=step, desc="train loftr", disable=not progress, dynamic_ncols=True)
 
     def save() -> None:
-        save_training_checkpoint(out, model, optimizer, scheduler, step, samples_seen,
-                                 elapsed_before + time.monotonic() - start, config, data_specs)
+        save_training_checkpoint(
+            out,
+            model,
+            optimizer,
+            scheduler,
+            step,
+            samples_seen,
+            elapsed_before + time.monotonic() - start,
+            config,
+            data_specs,
+        )
 
     def load(first: int) -> tuple[list[Sample], Any]:
         items = [source.sample(first + k) for k in range(config.batch_size)]
@@ -385,8 +449,11 @@ def train(model_config: LoFTRConfig, source: PairSource, out: str | Path, config
                 break
             items, sup = upcoming.result()
             upcoming = prefetch.submit(load, samples_seen + config.batch_size)
-            batch = {k: torch.stack([s[k] for s in items]).to(device) for k in ("image0", "image1", "mask0", "mask1")
-                     if k in items[0]}
+            batch = {
+                k: torch.stack([s[k] for s in items]).to(device)
+                for k in ("image0", "image1", "mask0", "mask1")
+                if k in items[0]
+            }
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             result = compute_losses(model, batch, sup, config, generator)
             optimizer.zero_grad(set_to_none=True)
@@ -400,18 +467,25 @@ def train(model_config: LoFTRConfig, source: PairSource, out: str | Path, config
             samples_seen += config.batch_size
             loss_value = float(result["loss"].detach())
             losses.append(loss_value)
-            row: dict[str, Any] = {"step": step, "samples": samples_seen,
-                                   "elapsed_s": round(elapsed_before + time.monotonic() - start, 1), "lr": f"{lr:.3g}",
-                                   "loss": f"{loss_value:.5f}", "loss_c": f"{float(result['loss_c']):.5f}",
-                                   "loss_f": f"{float(result['loss_f']):.5f}", "gt_matches": sup.num_matches}
+            row: dict[str, Any] = {
+                "step": step,
+                "samples": samples_seen,
+                "elapsed_s": round(elapsed_before + time.monotonic() - start, 1),
+                "lr": f"{lr:.3g}",
+                "loss": f"{loss_value:.5f}",
+                "loss_c": f"{float(result['loss_c']):.5f}",
+                "loss_f": f"{float(result['loss_f']):.5f}",
+                "gt_matches": sup.num_matches,
+            }
             if val_samples and config.validate_every and step % config.validate_every == 0:
                 last_val = validate(model, val_samples, device, config=config)
                 row.update({k: f"{v:.4f}" for k, v in last_val.items()})
             if step % config.log_every == 0 or "val_matches" in row:
                 _append_csv(log_path, row)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lc=f"{float(result['loss_c']):.3f}",
-                            lf=f"{float(result['loss_f']):.3f}")
+            bar.set_postfix(
+                loss=f"{loss_value:.3f}", lc=f"{float(result['loss_c']):.3f}", lf=f"{float(result['loss_f']):.3f}"
+            )
             if time.monotonic() - last_ckpt > config.checkpoint_minutes * 60:
                 save()
                 last_ckpt = time.monotonic()

@@ -6,13 +6,15 @@ Anything the user can fix (a missing file, bad input, weights that cannot be dow
 An OS error while writing (permission denied, a folder where a file goes, a full disk, ...) is
 reported the same way: ``error: <path>: <reason>; <fix>`` (:func:`os_error_message`).
 """
+
 from __future__ import annotations
 
 import errno
 import os
 import re
 import sys
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 EXIT_USER_ERROR = 2
 
@@ -26,9 +28,9 @@ WRITE_ERRNO_FIXES = {
     errno.ENOTDIR: "a file is where a folder is expected; remove it or give another path",
     errno.EEXIST: "something is in the way; remove it or choose another output path",
     errno.ENOSPC: "free some space (finished work is kept: run the same command again to resume) "
-                  "or write the outputs to another disk",
+    "or write the outputs to another disk",
     errno.EDQUOT: "your disk quota is used up; free some space (finished work is kept: run the same "
-                  "command again to resume) or write the outputs elsewhere",
+    "command again to resume) or write the outputs elsewhere",
     errno.EFBIG: "the file is too large for this file system; write the outputs to another disk",
     errno.ENAMETOOLONG: "use a shorter output path",
 }

@@ -1,8 +1,9 @@
 """Reading images for matching: any common format, EXIF-rotated, 8/16-bit, gray/RGB/RGBA.
 
 Images are returned as float32 grayscale arrays in [0, 1] with shape (H, W), upright as a viewer
-shows them (EXIF orientation applied). Unreadable files raise :class:`~matchers.errors.UserError`.
+shows them (EXIF orientation applied). Unreadable files raise :class:`~core.errors.UserError`.
 """
+
 from __future__ import annotations
 
 import re
@@ -35,10 +36,14 @@ def bomb_pixels(error: Exception) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def too_many_pixels(path: str | Path, width: int | None = None, height: int | None = None, pixels: int | None = None) -> str:
+def too_many_pixels(
+    path: str | Path, width: int | None = None, height: int | None = None, pixels: int | None = None
+) -> str:
     """The one-line message for an image above :data:`MAX_IMAGE_PIXELS`."""
-    return (f"{path}: the image has {pixel_limit_reason(width, height, pixels)}; downscale it (matchers work at "
-            f"a few megapixels) or remove it")
+    return (
+        f"{path}: the image has {pixel_limit_reason(width, height, pixels)}; downscale it (matchers work at "
+        f"a few megapixels) or remove it"
+    )
 
 
 def is_image_file(path: Path) -> bool:

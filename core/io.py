@@ -10,29 +10,29 @@ Formats (kept identical to hloc so its readers and users' scripts work):
   with ``matches0`` (N0,) int32 (index into image 1's keypoints or -1, padded to N0) and
   ``matching_scores0`` (N0,) float32.
 """
+
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
 
-from matchers.errors import UserError
-from matchers.files import (  # noqa: F401  (re-exported: pipeline.io.atomic_path and friends)
+from core.errors import UserError
+from core.files import (  # noqa: F401  (re-exported: core.io.atomic_path and friends)
     atomic_path,
     check_output_dir,
     check_output_file,
     write_text_atomic,
 )
 
-
 # ---------------------------------------------------------------------------------------------- atomic
-# The writer and the output checks live in matchers.files (the lowest layer; match plots use them too).
+# The writer and the output checks live in core.files (the lowest layer; match plots use them too).
 # atomic_path: temp file + one rename, the umask's permissions, no partial file on failure.
 
 
@@ -136,9 +136,7 @@ def _h5_writer(path: str | Path, num_bytes: int, num_objects: int) -> Iterator[h
             raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path)) from error
 
 
-def write_features(
-    path: str | Path, features: "dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]]"
-) -> None:
+def write_features(path: str | Path, features: "dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]]") -> None:
     """Write ``{name: (keypoints (N,2), scores (N,), (W, H))}`` to a new features.h5, atomically."""
     num_bytes = sum(12 * len(scores) + 16 for _, scores, _ in features.values())
     with _h5_writer(path, num_bytes, 4 * len(features)) as file:

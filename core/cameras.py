@@ -4,6 +4,7 @@ Pixel convention: COLMAP's, i.e. (0, 0) is the top-left *corner* of the top-left
 (pixel centres at integers) become COLMAP pixels by adding 0.5. Intrinsics lists (Aachen's
 ``queries/*_time_queries_with_intrinsics.txt``) are in COLMAP's convention.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,8 @@ import cv2
 import numpy as np
 import pycolmap
 
-from matchers.errors import UserError
-from pipeline.io import check_relative_name, write_text_atomic
+from core.errors import UserError
+from core.io import check_relative_name, write_text_atomic
 
 #: models whose distortion OpenCV's (k1, k2, p1, p2[, k3, k4, k5, k6]) vector represents exactly
 OPENCV_MODELS = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "RADIAL", "OPENCV", "FULL_OPENCV")

@@ -32,11 +32,11 @@ the predicted heat-map standard deviation (normalised to mean 1 and detached, as
 
 (the official code uses 1/std with std the summed per-axis standard deviation; so does this module).
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -57,8 +57,9 @@ class LossConfig:
     fine_correct_thr: float = 1.0
 
 
-def dual_softmax_log_confidence(sim: torch.Tensor, mask0: torch.Tensor | None = None,
-                                mask1: torch.Tensor | None = None) -> torch.Tensor:
+def dual_softmax_log_confidence(
+    sim: torch.Tensor, mask0: torch.Tensor | None = None, mask1: torch.Tensor | None = None
+) -> torch.Tensor:
     """log P_c (paper Eq. 3) of temperature-scaled scores ``sim`` (N, L, S): log_softmax over rows + columns.
 
     Padded cells (masks (N, L) / (N, S), True = real) are excluded from both softmaxes; their log-confidence is
@@ -92,9 +93,14 @@ def focal_negative(log_p: torch.Tensor, alpha: float, gamma: float) -> torch.Ten
     return -(1 - alpha) * p.pow(gamma) * log_1mp
 
 
-def coarse_loss(log_conf: torch.Tensor, conf_gt: torch.Tensor, config: LossConfig = LossConfig(),
-                sinkhorn: bool = False, mask0: torch.Tensor | None = None,
-                mask1: torch.Tensor | None = None) -> torch.Tensor:
+def coarse_loss(
+    log_conf: torch.Tensor,
+    conf_gt: torch.Tensor,
+    config: LossConfig = LossConfig(),
+    sinkhorn: bool = False,
+    mask0: torch.Tensor | None = None,
+    mask1: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Focal loss L_c (paper Eq. 5) on log-confidences.
 
     ``log_conf``: (N, L, S) dual-softmax log P_c, or (N, L+1, S+1) Sinkhorn log-assignment when ``sinkhorn``;
@@ -133,8 +139,9 @@ def coarse_loss(log_conf: torch.Tensor, conf_gt: torch.Tensor, config: LossConfi
     return total
 
 
-def fine_loss(pred_offsets: torch.Tensor, pred_std: torch.Tensor, gt_offsets: torch.Tensor,
-              config: LossConfig = LossConfig()) -> torch.Tensor:
+def fine_loss(
+    pred_offsets: torch.Tensor, pred_std: torch.Tensor, gt_offsets: torch.Tensor, config: LossConfig = LossConfig()
+) -> torch.Tensor:
     """L2 loss weighted by the inverse std (paper Eq. 6), over matches whose GT lies inside the window.
 
     ``pred_offsets`` / ``gt_offsets`` (M, 2) in normalised window units, ``pred_std`` (M,).

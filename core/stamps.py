@@ -1,0 +1,36 @@
+"""File-state and content stamps: how a step knows its earlier output is still valid (resume, reuse).
+
+A stamp is a short sha1 of a JSON payload (configs, file states, names); it changes when anything the
+output depends on changes. A file's state is its size and modification time: cheap, and what make uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+
+def digest(payload: Any, length: int = 16) -> str:
+    """A ``length``-hex-digit sha1 of ``payload`` as sorted JSON (paths and other objects as ``str``)."""
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+def file_state(path: str | Path) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file, or None when it cannot be read (absent, no permission)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def file_digest(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """sha1 of a file's bytes (for inputs whose content, not just state, decides the output)."""
+    hasher = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            hasher.update(chunk)
+    return hasher.hexdigest()
