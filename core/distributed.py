@@ -52,21 +52,33 @@ class ShardTask(Protocol[Shard, Result]):
 
 
 @dataclass
+class ShardStats:
+    """What a distributed run did (for the step's summary)."""
+
+    workers: int = 0  # Ray actors started at first (0: ran in this process)
+    retried: int = 0  # shards run again after their worker died
+
+
+@dataclass
 class ShardOutcome(Generic[Result]):
     index: int  # position of the shard in the list given to run_shards
     result: Result
 
 
 def run_shards(
-    task: ShardTask, shards: Sequence[Any], config: DistributedConfig = DistributedConfig()
+    task: ShardTask,
+    shards: Sequence[Any],
+    config: DistributedConfig = DistributedConfig(),
+    stats: ShardStats | None = None,
 ) -> Iterator[ShardOutcome]:
-    """Run ``task`` on every shard; yields each shard's outcome as it completes."""
+    """Run ``task`` on every shard; yields each shard's outcome as it completes (``stats`` counts retries)."""
+    stats = stats if stats is not None else ShardStats()
     if config.distributed == "none" or not shards:
         task.setup()
         for index, shard in enumerate(shards):
             yield ShardOutcome(index, task.run(shard))
         return
-    yield from _run_on_ray(task, shards, config)
+    yield from _run_on_ray(task, shards, config, stats)
 
 
 def import_ray() -> Any:
@@ -128,10 +140,12 @@ def _actor_class(ray: Any) -> Any:
                 torch.set_num_threads(max(1, threads))
             except ImportError:  # SIFT-only installs
                 pass
-            self.task = task
-            self.task.setup()
+            self.task, self.ready = task, False
 
         def run(self, shard: Any) -> Any:
+            if not self.ready:  # here, not in __init__: an error in setup reaches the driver as itself
+                self.task.setup()
+                self.ready = True
             return self.task.run(shard)
 
         def pid(self) -> int:
@@ -140,7 +154,9 @@ def _actor_class(ray: Any) -> Any:
     return ShardWorker
 
 
-def _run_on_ray(task: ShardTask, shards: Sequence[Any], config: DistributedConfig) -> Iterator[ShardOutcome]:
+def _run_on_ray(
+    task: ShardTask, shards: Sequence[Any], config: DistributedConfig, stats: ShardStats
+) -> Iterator[ShardOutcome]:
     ray = import_ray()
     started = connect(ray)
     try:
@@ -155,39 +171,52 @@ def _run_on_ray(task: ShardTask, shards: Sequence[Any], config: DistributedConfi
         def new_actor() -> Any:
             return worker_class.options(**options).remote(task_ref, int(cpus_each))
 
-        yield from _schedule(ray, new_actor, workers, shards, config.max_retries)
+        stats.workers = workers
+        yield from _schedule(ray, new_actor, workers, shards, config.max_retries, stats)
     finally:
         if started:
             ray.shutdown()
 
 
+def _last_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
+
+
 def _schedule(
-    ray: Any, new_actor: Callable[[], Any], workers: int, shards: Sequence[Any], max_retries: int
+    ray: Any, new_actor: Callable[[], Any], workers: int, shards: Sequence[Any], max_retries: int, stats: ShardStats
 ) -> Iterator[ShardOutcome]:
     """Keep each actor busy with one shard; a shard whose actor died goes to a fresh actor."""
     pending = list(range(len(shards)))[::-1]  # popped from the end: shards in order
     retries = [0] * len(shards)
     idle = [new_actor() for _ in range(workers)]
     running: dict[Any, tuple[int, Any]] = {}
-    while pending or running:
-        while idle and pending:
-            actor, index = idle.pop(), pending.pop()
-            running[actor.run.remote(shards[index])] = (index, actor)
-        done, _ = ray.wait(list(running), num_returns=1)
-        index, actor = running.pop(done[0])
-        try:
-            result = ray.get(done[0])
-        except ray.exceptions.RayActorError:
-            retries[index] += 1
-            if retries[index] > max_retries:
-                raise UserError(
-                    f"a Ray worker died on shard {index} {retries[index]} times (out of memory?); "
-                    f"run with fewer --workers or without --distributed"
-                ) from None
-            pending.append(index)
-            idle.append(new_actor())
-            continue
-        except ray.exceptions.RayTaskError as error:  # the task raised: the same error as in one process
-            raise error.as_instanceof_cause() from None
-        idle.append(actor)
-        yield ShardOutcome(index, result)
+    try:
+        while pending or running:
+            while idle and pending:
+                actor, index = idle.pop(), pending.pop()
+                running[actor.run.remote(shards[index])] = (index, actor)
+            done, _ = ray.wait(list(running), num_returns=1)
+            index, actor = running.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayActorError as error:
+                if getattr(error, "actor_init_failed", False):  # not a death: the worker cannot even start
+                    raise UserError(f"Ray workers cannot start: {_last_line(error)}") from None
+                retries[index] += 1
+                stats.retried += 1
+                if retries[index] > max_retries:
+                    raise UserError(
+                        f"a Ray worker died on shard {index} {retries[index]} times (out of memory?); "
+                        f"run with fewer --workers or without --distributed"
+                    ) from None
+                pending.append(index)
+                idle.append(new_actor())
+                continue
+            except ray.exceptions.RayTaskError as error:  # the task raised: the same error as in one process
+                raise error.as_instanceof_cause() from None
+            idle.append(actor)
+            yield ShardOutcome(index, result)
+    finally:  # free the workers (and their models) now, also when the driver stops early
+        for actor in idle + [actor for _, actor in running.values()]:
+            ray.kill(actor)

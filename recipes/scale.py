@@ -1,0 +1,168 @@
+"""The cost curve: seconds per pair per stage and peak memory as a job grows (``recipes.benchmark --scale``).
+
+Rendered scenes (:mod:`datasets.synthetic`, a full ring of N views at 320x240) of 50, 100, 200 and 400
+images, each reconstructed by ``python -m pipeline.reconstruct`` in a fresh process with a fixed number
+of pairs per image (sequential window or retrieval top-k), for SIFT and loftr-compact, plus one run with
+``--distributed ray``. Per run: the pairs, seconds per pair of each stage (pairs, matching, tracks or
+quantization, database + verification, mapping), total seconds and the process's peak RSS (``wait4``).
+What should hold as the job grows: matching time per pair flat (the per-image backbone cache keeps its
+hit rate) and peak RSS bounded (the raw store streams; tracks and quantization hold one pass of keypoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+from core.files import write_text_atomic
+
+STAGES = ("pairs", "matching", "tracks", "database", "mapping")
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """What the scale benchmark runs."""
+
+    sizes: tuple[int, ...] = (50, 100, 200, 400)  # images per scene
+    matchers: tuple[str, ...] = ("sift", "loftr")  # reconstruct --matcher values
+    pair_methods: tuple[str, ...] = ("sequential", "retrieval")  # reconstruct --pairs values
+    pairs_per_image: int = 5  # sequential window / retrieval top-k, the same at every size
+    resize: int = 320  # longest side for matching
+    weights: str = "loftr-compact"  # LoFTR weights (offline)
+    distributed_workers: int = 2  # one extra LoFTR run with --distributed ray --workers N at the largest size
+    workdir: Path = Path("outputs/scale")  # scenes and runs (reused when present)
+
+
+@dataclass(frozen=True)
+class ScaleRun:
+    images: int
+    pairs: int
+    matcher: str
+    pair_method: str
+    distributed: bool
+    registered: int
+    seconds_per_pair: dict[str, float]
+    seconds_total: float
+    peak_rss_mb: float
+
+
+def render_scene(views: int, workdir: Path) -> Path:
+    """A full ring of ``views`` rendered views (reused when already there)."""
+    scene = workdir / f"ring{views}"
+    if not (scene / "cameras.txt").is_file():
+        command = [sys.executable, "-m", "datasets.synthetic", "--output", str(scene), "--views", str(views)]
+        _run(command + ["--arc", "360"], scene.with_suffix(".log"))
+    return scene / "images"
+
+
+def _run(command: list[str], log: Path) -> tuple[float, float]:
+    """Run ``command`` to completion; (seconds, peak RSS in MB of that process alone)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise UserError(f"{log}: {' '.join(command[2:4])} failed (exit {process.returncode}); see the log")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def reconstruct_run(
+    images: Path, out: Path, matcher: str, method: str, config: ScaleConfig, workers: int = 0
+) -> ScaleRun:
+    """One reconstruction in a fresh process, from nothing (a previous run's outputs are removed)."""
+    if out.exists():
+        shutil.rmtree(out)
+    command = [sys.executable, "-m", "pipeline.reconstruct", "--images", str(images), "--outputs", str(out)]
+    command += ["--matcher", matcher, "--pairs", method, "--num-pairs", str(config.pairs_per_image)]
+    command += ["--resize", str(config.resize), "--device", "cpu"]
+    if matcher != "sift":
+        command += ["--weights", config.weights]
+    if workers:
+        command += ["--distributed", "ray", "--workers", str(workers)]
+    seconds, rss = _run(command, out.with_suffix(".log"))
+    summary = json.loads((out / "summary.json").read_text())
+    return ScaleRun(
+        images=summary["num_images"],
+        pairs=summary["pairs"]["num_pairs"],
+        matcher=matcher,
+        pair_method=method,
+        distributed=bool(workers),
+        registered=summary["registered"],
+        seconds_per_pair=stage_seconds_per_pair(summary),
+        seconds_total=round(seconds, 2),
+        peak_rss_mb=round(rss, 1),
+    )
+
+
+def stage_seconds_per_pair(summary: dict[str, Any]) -> dict[str, float]:
+    """Seconds per pair of each stage, from reconstruct's summary (raw matching and tracks apart)."""
+    timings, pairs = summary["timings"], max(1, summary["pairs"]["num_pairs"])
+    inner = summary.get("matching", {}).get("timings", {})
+    tracks = inner.get("tracks", inner.get("quantization", 0.0))
+    seconds = {
+        "pairs": timings.get("pairs", 0.0),
+        "matching": timings.get("matching", 0.0) - tracks,
+        "tracks": tracks,
+        "database": timings.get("database", 0.0),
+        "mapping": timings.get("mapping", 0.0),
+    }
+    return {stage: round(value / pairs, 5) for stage, value in seconds.items()}
+
+
+def run_scale(config: ScaleConfig = ScaleConfig(), output: Path | None = None) -> dict[str, Any]:
+    """Every run of the curve; written to ``output`` (JSON) after each run, so a long job shows progress."""
+    runs: list[ScaleRun] = []
+    report: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}}
+    for size in config.sizes:
+        images = render_scene(size, config.workdir)
+        for matcher in config.matchers:
+            for method in config.pair_methods:
+                out = config.workdir / f"run_{size}_{matcher}_{method}"
+                runs.append(reconstruct_run(images, out, matcher, method, config))
+                _save(report, runs, output)
+    if config.distributed_workers:
+        size = max(config.sizes)
+        images = render_scene(size, config.workdir)
+        out = config.workdir / f"run_{size}_loftr_sequential_ray"
+        runs.append(reconstruct_run(images, out, "loftr", "sequential", config, config.distributed_workers))
+        _save(report, runs, output)
+    report["checks"] = scale_checks(runs)
+    _save(report, runs, output)
+    return report
+
+
+def scale_checks(runs: list[ScaleRun]) -> dict[str, Any]:
+    """The issue's targets: matching s/pair at the largest size within 1.3x of the smallest; peak RSS <= 2x."""
+    checks = {}
+    local = [r for r in runs if not r.distributed]
+    for matcher in sorted({r.matcher for r in local}):
+        for method in sorted({r.pair_method for r in local}):
+            series = sorted(
+                (r for r in local if r.matcher == matcher and r.pair_method == method), key=lambda r: r.images
+            )
+            if len(series) < 2:
+                continue
+            small, large = series[0], series[-1]
+            per_pair = large.seconds_per_pair["matching"] / max(small.seconds_per_pair["matching"], 1e-9)
+            checks[f"{matcher}/{method}"] = {
+                "images": [small.images, large.images],
+                "matching_per_pair_ratio": round(per_pair, 3),
+                "peak_rss_ratio": round(large.peak_rss_mb / max(small.peak_rss_mb, 1e-9), 3),
+            }
+    return checks
+
+
+def _save(report: dict[str, Any], runs: list[ScaleRun], output: Path | None) -> None:
+    report["runs"] = [asdict(run) for run in runs]
+    if output is not None:
+        write_text_atomic(output, json.dumps(report, indent=2))
