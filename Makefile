@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e .[test]
+	$(PY) -m pip install --quiet -e .[test,distributed]
 	touch $@
 
 install: $(VENV)/.installed

@@ -36,5 +36,10 @@ setup(
         "onnx>=1.15",
         "onnxruntime>=1.17",
     ],
-    extras_require={"test": ["pytest", "ruff", "import-linter"], "train": ["scikit-image"]},
+    extras_require={
+        "test": ["pytest", "ruff", "import-linter"],
+        "train": ["scikit-image"],
+        # --distributed ray: matching and track refinement over Ray actors (one per GPU, or per 2 CPU cores)
+        "distributed": ["ray>=2.9"],
+    },
 )
