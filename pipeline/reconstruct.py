@@ -59,7 +59,7 @@ from pipeline.mapping import (
     incomplete_write,
     run_mapping,
 )
-from pipeline.refine import KLT_CELL_SIZE, MATCH_REFINE_MODES, default_refine
+from pipeline.refine import MATCH_REFINE_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +77,6 @@ SIFT_BACKENDS = ("pycolmap", "opencv")
 #: matches on overlapping pairs, and on pairs that share nothing (e.g. opposite sides of a symmetric object) its
 #: few wrong matches can still fit an epipolar geometry with 15-27 inliers, which then joins wrong images
 DENSE_MIN_INLIERS = 30
-#: quantization of KLT-refined dense matches: hloc's 8 px cells and 2 px radius average refined points with
-#: others up to 2 px away and undo the refinement. temple_ring, 135 sequential pairs, median epipolar error
-#: of the quantized matches against GT: no refinement 0.44 px; refined 0.38 (8 / 2), 0.26 (4 / 1), 0.21 (4 / 0.5).
-#: Exhaustive temple_ring with loftr-compact (47/47 registered each), median relative-rotation error:
-#: 1.50 deg (4 / 1), 1.49 (4 / 0.75), 1.37 (4 / 0.5); fewer matches survive a smaller radius (mean track
-#: length 5.2 -> 4.0), which is why it is not smaller still.
-KLT_MAX_ERROR = 0.5
 
 
 @dataclass(frozen=True)
@@ -219,36 +212,17 @@ def ensemble_parts(matcher: str) -> tuple[str, ...]:
 
 
 def dense_config(config: ReconstructConfig, matcher: str | None = None):
-    """The DenseMatchConfig and the matcher's own resize for a run's ``matcher`` (default: the run's; one size:
-    the matcher resizes; several: match_dense resizes each view and merges, the matcher takes images as given).
-    In an ensemble, the SIFT part keeps SIFT's defaults; the dense part takes --refine / --rotation."""
-    from pipeline.match_dense import DenseMatchConfig
+    """The DenseMatchConfig and the matcher's own resize for a run's ``matcher`` (default: the run's), from
+    :func:`pipeline.match_dense.dense_defaults`. In an ensemble, the SIFT part keeps SIFT's defaults; the dense
+    part takes --refine / --rotation / --cell-size / --max-error."""
+    from pipeline.match_dense import DenseOverrides, dense_defaults
+    from pipeline.tta import split_resize
 
     matcher = matcher or config.matcher
     user = config if matcher != "sift" or "+" not in config.matcher else ReconstructConfig(matcher="sift")
-    sizes = config.resize or (None,)
-    if len(sizes) == 1:
-        matcher_size, view_sizes = sizes[0], (None,)
-    else:
-        matcher_size, view_sizes = 0, tuple(size or None for size in sizes)
-    refine = user.refine if user.refine is not None else default_refine(matcher)
-    defaults = DenseMatchConfig()
-    if matcher == "sift":
-        # SIFT keypoints are already shared between pairs: a fine grid keeps them nearly all distinct.
-        cell_size, max_error = 2, defaults.max_error
-    elif refine == "klt":
-        cell_size, max_error = KLT_CELL_SIZE, KLT_MAX_ERROR
-    else:
-        cell_size, max_error = defaults.cell_size, defaults.max_error
-    cell_size = user.cell_size if user.cell_size is not None else cell_size
-    max_error = user.max_error if user.max_error is not None else max_error
-    rotation = user.rotation
-    if rotation is None:
-        # SIFT is rotation invariant; LoFTR is not, and SIFT's orientations tell cheaply which pairs need a turn.
-        rotation = "none" if matcher == "sift" else "auto"
-    return DenseMatchConfig(
-        cell_size=cell_size, max_error=max_error, rotation=rotation, resize=view_sizes, refine=refine
-    ), matcher_size
+    overrides = DenseOverrides(user.cell_size, user.max_error, user.rotation, user.refine)
+    matcher_size, _ = split_resize(config.resize)
+    return dense_defaults(matcher, config.resize, overrides), matcher_size
 
 
 @dataclass(frozen=True)
@@ -825,10 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main_cli(argv: Sequence[str] | None = None) -> ReconstructResult:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = ReconstructConfig(
+def config_from_args(args: argparse.Namespace) -> ReconstructConfig:
+    """The run a parsed command line asks for."""
+    return ReconstructConfig(
         matcher=args.matcher,
         weights=args.weights,
         pairs=args.pairs,
@@ -851,6 +824,12 @@ def main_cli(argv: Sequence[str] | None = None) -> ReconstructResult:
         num_threads=args.num_threads,
         verbose=args.verbose,
     )
+
+
+def main_cli(argv: Sequence[str] | None = None) -> ReconstructResult:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
     result = main(args.images, args.outputs, config=config)
     print(format_summary(result.summary))
     return result

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
@@ -33,9 +34,10 @@ from pipeline.quantize import ImageKeypoints, QuantizedMatches
 
 REFINE_MODES = ("none", "klt")
 #: refinements of a dense matching step: per pair (klt) or exact tracks refined across views (pipeline.tracks)
-MATCH_REFINE_MODES = ("none", "klt", "tracks")
-#: quantization cell (px) for KLT-refined dense matches (radii differ per use: see pipeline.reconstruct and
-#: localization.localize); hloc's 8 px cell would merge refined points with others several pixels away
+MatchRefineMode = Literal["none", "klt", "tracks"]
+MATCH_REFINE_MODES: tuple[str, ...] = get_args(MatchRefineMode)
+#: quantization cell (px) for KLT-refined dense matches (radii differ per use: see
+#: pipeline.match_dense.dense_defaults); hloc's 8 px cell would merge refined points with others several pixels away
 KLT_CELL_SIZE = 4
 
 
