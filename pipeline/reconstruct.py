@@ -68,7 +68,6 @@ PAIR_STRATEGIES = ("exhaustive", "sequential", "retrieval")
 ENSEMBLES = ("loftr+sift",)
 #: single detector-free matchers (their pairs need DENSE_MIN_INLIERS verified inliers)
 MATCHERS_DENSE = ("loftr",)
-DEFAULT_NUM_PAIRS = {"sequential": 10, "retrieval": 20}
 MODEL_FILES = ("cameras.bin", "images.bin", "points3D.bin")
 # COLMAP's SIFT is the default for SfM: on temple_ring (47 images, exhaustive) it gives a median
 # relative-rotation error of 0.88 deg against GT, OpenCV's SIFT 0.99 deg (both 47/47 registered).
@@ -176,24 +175,11 @@ def make_pairs(
     names: Sequence[str], config: ReconstructConfig, image_dir: Path, outputs: Path
 ) -> list[tuple[str, str]]:
     """Image pairs for the chosen strategy (pipeline.pairs)."""
-    from pipeline import pairs as pairs_module
+    from pipeline.pairs import PairsConfig, make_pairs
 
-    if config.pairs == "exhaustive":
-        return list(pairs_module.exhaustive(list(names)))
-    if config.pairs == "sequential":
-        window = config.num_pairs or DEFAULT_NUM_PAIRS["sequential"]
-        return list(pairs_module.sequential(list(names), window, config.loop_closure))
-    try:
-        from pipeline import retrieval  # written by another step of the project; may be absent
-    except ImportError:
-        retrieval = None
-    if retrieval is None or not hasattr(retrieval, "pairs_from_images"):
-        raise UserError(
-            "--pairs retrieval needs global descriptors (pipeline.retrieval), which this installation "
-            "does not provide yet; use --pairs exhaustive (small sets) or --pairs sequential (videos)"
-        )
-    top_k = config.num_pairs or DEFAULT_NUM_PAIRS["retrieval"]
-    return list(retrieval.pairs_from_images(image_dir, list(names), top_k, outputs, device=config.device))
+    count = {"window": config.num_pairs} if config.pairs == "sequential" else {"num_matched": config.num_pairs}
+    pairs = PairsConfig(config.pairs, loop_closure=config.loop_closure, **(count if config.num_pairs else {}))
+    return make_pairs(names, pairs, image_dir, outputs, config.device)
 
 
 # ------------------------------------------------------------------------------------------ matching
@@ -731,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--weights", help=WEIGHTS_HELP)
     parser.add_argument("--pairs", choices=PAIR_STRATEGIES, default=defaults.pairs)
-    parser.add_argument("--num-pairs", type=int, help="sequential window / retrieval top-k (default 10 / 20)")
+    parser.add_argument("--num-pairs", type=int, help="sequential window / retrieval top-k (default 5 / 20)")
     parser.add_argument("--loop-closure", action="store_true", help="sequential pairs: close the loop")
     parser.add_argument(
         "--resize",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import logging
 import time
@@ -82,31 +81,13 @@ class IMC2023Config:
             raise UserError("--exhaustive-max must be >= 2 and --num-pairs >= 1")
 
     def pair_strategy(self, num_images: int) -> str:
-        """'exhaustive' for small scenes; 'retrieval' for large ones when global descriptors exist."""
-        if num_images <= self.exhaustive_max:
-            return "exhaustive"
-        if retrieval_available():
-            return "retrieval"
-        logger.warning(
-            "scene of %d images > --exhaustive-max %d but pipeline.retrieval is not available: matching all pairs",
-            num_images,
-            self.exhaustive_max,
-        )
-        return "exhaustive"
+        """'exhaustive' for small scenes; 'retrieval' for large ones."""
+        return "exhaustive" if num_images <= self.exhaustive_max else "retrieval"
 
     def num_pairs_estimate(self, num_images: int) -> int:
         if self.pair_strategy(num_images) == "exhaustive":
             return num_images * (num_images - 1) // 2
         return num_images * self.num_pairs
-
-
-def retrieval_available() -> bool:
-    """True when the retrieval step (global descriptors) is installed; pipeline.reconstruct needs it."""
-    if importlib.util.find_spec("pipeline.retrieval") is None:
-        return False
-    from pipeline import retrieval
-
-    return hasattr(retrieval, "pairs_from_images")
 
 
 @dataclass(frozen=True)

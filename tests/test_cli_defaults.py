@@ -52,7 +52,6 @@ NOT_YET_CONVERTED = {
     "matchers.match",
     "pipeline.evaluate_model",
     "pipeline.image_check",
-    "pipeline.pairs",
     "pipeline.retrieval",
     "pipeline.triangulate",
     "pipeline.viz",

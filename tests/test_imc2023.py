@@ -131,8 +131,8 @@ def test_pair_strategy() -> None:
     config = imc2023.IMC2023Config(exhaustive_max=10)
     assert config.pair_strategy(10) == "exhaustive"
     assert config.num_pairs_estimate(10) == 45
-    expected = "retrieval" if imc2023.retrieval_available() else "exhaustive"
-    assert config.pair_strategy(11) == expected
+    assert config.pair_strategy(11) == "retrieval"
+    assert config.num_pairs_estimate(11) == 11 * config.num_pairs
 
 
 def test_converter_adds_scenes_and_cli(temple_ring: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
