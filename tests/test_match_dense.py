@@ -582,10 +582,11 @@ def test_cli_derives_the_same_dense_options_as_reconstruct(matcher, flags):
     parser = match_dense.build_parser()
     files = ["--images", "i", "--pairs", "p.txt", "--features", "f.h5", "--matches", "m.h5"]
     _, dense = match_dense.configs_from_args(parser, parser.parse_args([*files, "--matcher", matcher, *flags]))
+    rparser = reconstruct.build_parser()
     run = reconstruct.config_from_args(
-        reconstruct.build_parser().parse_args(["--images", "i", "--outputs", "o", "--matcher", matcher, *flags])
+        rparser, rparser.parse_args(["--images", "i", "--outputs", "o", "--matcher", matcher, *flags])
     )
-    assert reconstruct.dense_config(run, matcher)[0] == dense
+    assert reconstruct.dense_config(run, matcher) == dense
     expected = {
         ("sift", ()): (2, 2.0, "none", "none"),
         ("loftr", ()): (8, 2.0, "auto", "tracks"),
