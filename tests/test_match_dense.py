@@ -605,3 +605,17 @@ def test_localization_variant_snaps_to_reference_keypoints():
     assert (sift.cell_size, sift.max_error, sift.rotation, sift.refine) == (8, 2.0, "none", "none")
     plain = dense_defaults("loftr", overrides=DenseOverrides(refine="none"), for_localization=True)
     assert (plain.cell_size, plain.max_error, plain.refine) == (8, 2.0, "none")
+
+
+def test_raw_store_names_are_the_digests_earlier_runs_used(tmp_path):
+    """Raw matches are found by sha1 digests of JSON: the names must not change, or every earlier store is lost."""
+    import json
+
+    from pipeline.match_dense import RawMatchStore
+
+    description = {"matcher": {"matcher": "loftr", "weights": "outdoor"}, "rotation": "auto", "resize": [None]}
+    store = RawMatchStore(tmp_path / "m.h5", description)
+    expected = hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert store.root == tmp_path / "m.h5.raw" / expected
+    pair_digest = hashlib.sha1(json.dumps(["a.png", "b.png", False], sort_keys=True).encode()).hexdigest()[:24]
+    assert store._path(("a.png", "b.png"), False).name == f"{pair_digest}.npz"
