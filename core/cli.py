@@ -146,6 +146,21 @@ def config_from_args(
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
 
 
+def config_from_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, cls: type[Config], *, base: Any = None, **extra: Any
+) -> Config:
+    """Like :func:`config_from_args`, but read only the options generated for ``cls`` on ``parser``: a command line
+    that composes several configs may hold another config's option under a field name of ``cls``."""
+    values = {
+        field: tuple(value) if isinstance(value, list) else value
+        for dest, (owner, field) in generated_options(parser).items()
+        if owner is cls
+        for value in [getattr(args, dest)]
+    }
+    values.update(extra)
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
 def generated_options(parser: argparse.ArgumentParser) -> dict[str, tuple[type, str]]:
     """``{dest: (config class, field)}`` for every option :func:`add_config_arguments` added to ``parser``."""
     return {a.dest: a.config_field for a in parser._actions if hasattr(a, "config_field")}

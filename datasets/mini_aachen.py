@@ -148,7 +148,7 @@ def sift_reference_model(gt_model, image_dir: Path, work_dir: Path, num_neighbor
         work_dir / "features.h5",
         work_dir / "matches.h5",
         work_dir / "sfm",
-        verification="known",
+        triangulate.TriangulationConfig(verification="known"),
     )
     return model
 

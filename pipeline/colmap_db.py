@@ -26,6 +26,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -34,7 +35,9 @@ from tqdm import tqdm
 from core.errors import UserError
 from core.io import find_pair, open_h5, resolve_image
 
-CAMERA_MODES = ("auto", "single", "per-image")
+CameraMode = Literal["auto", "single", "per-image"]
+CAMERA_MODES: tuple[str, ...] = get_args(CameraMode)
+COLMAP_MIN_NUM_INLIERS = 15  # COLMAP's TwoViewGeometryOptions.min_num_inliers
 DEFAULT_FOCAL_LENGTH_FACTOR = 1.2  # COLMAP's ImageReaderOptions.default_focal_length_factor
 
 # EXIF tags (main IFD and the Exif sub-IFD)
@@ -63,18 +66,27 @@ class VerificationConfig:
     20000 and lowers min_inlier_ratio to 0.1, which costs ~2x the time on pairs that do not overlap)."""
 
     max_error: float = 4.0  # pixels
-    min_num_inliers: int = 15
+    #: verified inliers a pair needs (none: COLMAP's 15; pipeline.reconstruct: 30 for a dense matcher alone)
+    min_num_inliers: int | None = None
     min_inlier_ratio: float = 0.25  # bounds the number of RANSAC trials
     max_num_trials: int = 10000
     confidence: float = 0.999
-    num_threads: int = -1  # -1: all cores
     seed: int | None = 0  # RANSAC random seed (reproducible runs); None = random
+
+    def __post_init__(self) -> None:
+        if self.min_num_inliers is not None and self.min_num_inliers < 1:
+            raise UserError(f"--min-num-inliers must be >= 1, got {self.min_num_inliers}")
+
+    @property
+    def required_inliers(self) -> int:
+        """The inliers a pair needs (``min_num_inliers``, COLMAP's minimum when not given)."""
+        return self.min_num_inliers if self.min_num_inliers is not None else COLMAP_MIN_NUM_INLIERS
 
     def to_pycolmap(self):
         import pycolmap
 
         options = pycolmap.TwoViewGeometryOptions()
-        options.min_num_inliers = self.min_num_inliers
+        options.min_num_inliers = self.required_inliers
         options.ransac.max_error = self.max_error
         options.ransac.min_inlier_ratio = self.min_inlier_ratio
         options.ransac.max_num_trials = self.max_num_trials
@@ -235,7 +247,7 @@ def import_matches(
     pairs: Sequence[tuple[str, str]],
     matches_path: Path,
     min_match_score: float | None = None,
-    min_num_matches: int = 15,
+    min_num_matches: int = COLMAP_MIN_NUM_INLIERS,
 ) -> tuple[list[tuple[str, str]], int]:
     """Write raw matches of each pair once; pairs with fewer than ``min_num_matches`` are left out
     (they could never pass verification). Returns (imported pairs, total matches)."""
@@ -334,7 +346,7 @@ def verify(
             pairs_file.unlink()
     with pycolmap.Database.open(str(database_path)) as db:
         _, inliers = db.read_two_view_geometry_num_inliers()
-    inliers = [n for n in inliers if n >= config.min_num_inliers]
+    inliers = [n for n in inliers if n >= config.required_inliers]
     return len(inliers), int(sum(inliers))
 
 
@@ -373,7 +385,7 @@ def build_database(
         with pycolmap.Database.open(str(temp)) as db:
             num_keypoints = import_features(db, image_ids, features_path)
             imported, num_matches = import_matches(
-                db, image_ids, pairs, matches_path, min_match_score, verification.min_num_inliers
+                db, image_ids, pairs, matches_path, min_match_score, verification.required_inliers
             )
         num_verified, num_inliers = verify(temp, imported, verification, verbose) if imported else (0, 0)
         remove_database(database_path, side_files_only=True)

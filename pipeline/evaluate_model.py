@@ -24,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from core.colmap_model import read_model
 from core.errors import UserError, run_cli
 
 
@@ -148,9 +149,7 @@ def evaluate(reconstruction_or_poses, gt: Mapping[str, Pose]) -> ModelAccuracy:
 def load_gt(path: Path) -> dict[str, Pose]:
     """GT poses from a Middlebury par file or a COLMAP model folder."""
     if path.is_dir():
-        import pycolmap
-
-        return dict(model_poses(pycolmap.Reconstruction(str(path))))
+        return dict(model_poses(read_model(path, "a Middlebury *_par.txt file or a GT COLMAP model folder (--gt)")))
     from core.par_files import read_par_file
 
     return dict(read_par_file(path))
@@ -158,11 +157,7 @@ def load_gt(path: Path) -> dict[str, Pose]:
 
 def main(model: Path, gt: Path, output: Path | None = None) -> ModelAccuracy:
     """Evaluate the COLMAP model in ``model`` against ``gt`` (par file or model folder)."""
-    import pycolmap
-
-    if not (model / "images.bin").is_file() and not (model / "images.txt").is_file():
-        raise UserError(f"{model}: no COLMAP model (images.bin / images.txt) found")
-    accuracy = evaluate(pycolmap.Reconstruction(str(model)), load_gt(gt))
+    accuracy = evaluate(read_model(model, "the model folder (--model, e.g. OUT/sfm)"), load_gt(Path(gt)))
     if output is not None:
         from core.io import write_text_atomic
 
@@ -170,7 +165,7 @@ def main(model: Path, gt: Path, output: Path | None = None) -> ModelAccuracy:
     return accuracy
 
 
-def main_cli(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.evaluate_model",
         description="Accuracy of a COLMAP model against ground-truth cameras.",
@@ -178,9 +173,14 @@ def main_cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, required=True, help="COLMAP model folder (e.g. OUT/sfm)")
     parser.add_argument("--gt", type=Path, required=True, help="Middlebury *_par.txt file or GT COLMAP model folder")
     parser.add_argument("--output", type=Path, help="write the figures as JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main_cli(argv: list[str] | None = None) -> ModelAccuracy:
+    args = build_parser().parse_args(argv)
     accuracy = main(args.model, args.gt, args.output)
     print(accuracy.describe())
+    return accuracy
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ CLI: ``python -m pipeline.image_check --images DIR`` prints the report (exit 2 w
 from __future__ import annotations
 
 import argparse
-import hashlib
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from core.errors import UserError, run_cli
 from core.image_io import MAX_IMAGE_PIXELS, bomb_pixels, is_image_file, pixel_limit_reason
 from core.io import resolve_image
+from core.stamps import file_digest
 from pipeline.images import list_images
 
 HUGE_PIXELS = 40_000_000  # above this an image is noted as huge (the matcher resizes it anyway)
@@ -106,14 +107,6 @@ def inspect_image(path: Path, huge_pixels: int = HUGE_PIXELS) -> tuple[tuple[int
     return size, remarks
 
 
-def _digest(path: Path) -> str:
-    hasher = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
-
-
 def check_images(
     root: str | Path, names: Sequence[str] | None = None, min_images: int = 2, huge_pixels: int = HUGE_PIXELS
 ) -> ImageCheck:
@@ -148,7 +141,7 @@ def check_images(
         except ValueError as error:
             result.skipped[name] = str(error)
             continue
-        digest = _digest(path)
+        digest = file_digest(path)
         if digest in digests:
             result.skipped[name] = f"byte-for-byte copy of {digests[digest]}"
             continue
@@ -202,15 +195,26 @@ def main(images: Path, min_images: int = 2) -> ImageCheck:
     return check_images(images, min_images=min_images)
 
 
-def main_cli(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.image_check",
         description="Check an image folder: usable images, skipped files and why.",
     )
     parser.add_argument("--images", type=Path, required=True, help="image folder")
-    parser.add_argument("--min-images", type=int, default=2)
-    args = parser.parse_args(argv)
-    print(main(args.images, args.min_images).report())
+    parser.add_argument(
+        "--min-images",
+        type=int,
+        default=inspect.signature(main).parameters["min_images"].default,
+        help="fewer usable images is an error",
+    )
+    return parser
+
+
+def main_cli(argv: list[str] | None = None) -> ImageCheck:
+    args = build_parser().parse_args(argv)
+    checked = main(args.images, args.min_images)
+    print(checked.report())
+    return checked
 
 
 if __name__ == "__main__":

@@ -28,37 +28,53 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from tqdm import tqdm
 
+from core.colmap_model import check_model_written
 from core.errors import UserError
-from pipeline.colmap_db import colmap_logging, full_disk_error
+from pipeline.colmap_db import COLMAP_MIN_NUM_INLIERS, colmap_logging, full_disk_error
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_MODES = ("staged", "colmap")
+CalibrationMode = Literal["staged", "colmap"]
+CALIBRATION_MODES: tuple[str, ...] = get_args(CalibrationMode)
 
 
 @dataclass(frozen=True)
 class MappingConfig:
     """Options of the mapping step (see the module docstring)."""
 
-    min_num_matches: int = 15  # verified inliers a pair needs to be used by the mapper
-    calibration: str = "staged"  # staged | colmap (COLMAP's options: everything refined from the start)
+    #: verified inliers a pair needs to be used by the mapper; none: the two-view verification's minimum
+    #: (COLMAP's 15; pipeline.reconstruct passes its own)
+    min_num_matches: int | None = None
+    #: staged: focal first, distortion only once enough images support it; colmap: COLMAP's options
+    calibration: CalibrationMode = "staged"
     min_images_for_distortion: int = 10  # registered images a camera needs before its distortion is refined
     max_distortion: float = 0.5  # |radial coefficient| a refined distortion may reach (COLMAP's bogus bound is 1)
-    refine_iterations: int = 2  # geometry refinement rounds after mapping (0: none)
+    refine_iterations: int = (
+        2  # geometry refinement rounds after mapping (bundle adjustment, filtering, re-triangulation)
+    )
     filter_errors: tuple[float, ...] = (3.0, 2.0)  # px, observation filter of each round (the last repeats)
-    num_threads: int = -1
-    seed: int | None = 0
-    verbose: bool = False
+    num_threads: int = -1  # mapper threads; -1 = all cores
+    seed: int | None = 0  # COLMAP's random seed (reproducible runs); none = random
+    verbose: bool = False  # show COLMAP's log
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATION_MODES:
-            raise ValueError(f"calibration must be one of {CALIBRATION_MODES}, got {self.calibration!r}")
-        if self.refine_iterations < 0 or not self.filter_errors or min(self.filter_errors) <= 0:
-            raise ValueError("refine_iterations must be >= 0 and filter_errors positive")
+            raise UserError(f"unknown calibration {self.calibration!r}; choose one of {', '.join(CALIBRATION_MODES)}")
+        if self.refine_iterations < 0:
+            raise UserError(f"--refine-iterations must be >= 0, got {self.refine_iterations}")
+        if not self.filter_errors or min(self.filter_errors) <= 0:
+            raise UserError(f"the observation filter thresholds must be positive, got {self.filter_errors}")
+        if self.min_num_matches is not None and self.min_num_matches < 1:
+            raise UserError(f"min_num_matches must be >= 1, got {self.min_num_matches}")
+
+    @property
+    def required_matches(self) -> int:
+        """The inliers a pair needs (``min_num_matches``, COLMAP's minimum when not given)."""
+        return self.min_num_matches if self.min_num_matches is not None else COLMAP_MIN_NUM_INLIERS
 
 
 @dataclass
@@ -103,7 +119,7 @@ def _pipeline_options(config: MappingConfig, hold_distortion: bool):
 
     options = pycolmap.IncrementalPipelineOptions()
     options.num_threads = config.num_threads
-    options.min_num_matches = config.min_num_matches
+    options.min_num_matches = config.required_matches
     options.ba_refine_extra_params = not hold_distortion
     options.mapper.abs_pose_refine_extra_params = not hold_distortion
     if config.seed is not None:
@@ -155,35 +171,6 @@ def _incremental(
         shutil.rmtree(models_dir, ignore_errors=True)  # no cut-short model is left behind
         raise
     return models
-
-
-def incomplete_write(path: Path, detail: str) -> UserError:
-    return UserError(
-        f"{path}: COLMAP wrote an incomplete file ({detail}); most likely no space left on device or "
-        f"the disk quota is used up: free some space (finished work is kept: run the same command "
-        f"again to resume) or write the outputs to another disk"
-    )
-
-
-def check_model_written(reconstruction, folder: Path, target: Path, kinds: tuple[str, ...] = ("binary",)) -> None:
-    """COLMAP's writers say nothing when the disk fills up (a file is cut short): read the model in ``folder``
-    back (``kinds``: binary, text) and compare its counts with ``reconstruction``'s (a UserError naming ``target``)."""
-    import pycolmap
-
-    def counts(model) -> tuple[int, ...]:
-        return (model.num_cameras(), model.num_reg_images(), model.num_points3D(), model.compute_num_observations())
-
-    for kind in kinds:
-        model = pycolmap.Reconstruction()
-        try:
-            getattr(model, f"read_{kind}")(str(folder))
-            found = counts(model)
-        except Exception as error:  # a cut file fails to parse (ValueError, IndexError, ...)
-            raise incomplete_write(
-                target, f"the {kind} model does not read back: {' '.join(str(error).split())[:200]}"
-            ) from None
-        if found != counts(reconstruction):
-            raise incomplete_write(target, f"the {kind} model reads back as {found}, not {counts(reconstruction)}")
 
 
 def _largest(models: dict[int, Any]) -> Any | None:
@@ -268,7 +255,7 @@ def refine_geometry(
     rounds: list[dict[str, Any]] = [_state(reconstruction, "mapping")]
     with colmap_logging(config.verbose):
         cache_options = pycolmap.DatabaseCacheOptions()
-        cache_options.min_num_matches = config.min_num_matches
+        cache_options.min_num_matches = config.required_matches
         cache = pycolmap.DatabaseCache.create(pycolmap.Database.open(str(database)), cache_options)
         options = _pipeline_options(config, hold_distortion=True)
         mapper_options = options.get_mapper()

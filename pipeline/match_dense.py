@@ -1,9 +1,13 @@
 """Dense matching over a pairs file, quantized into shared per-image keypoints, written as hloc HDF5.
 
     python -m pipeline.match_dense --images DIR --pairs pairs.txt --features F.h5 --matches M.h5 \\
-        --matcher sift|loftr [--weights W] [--resize 640 [840 ...]] [--rotation none|auto|best|union] \\
-        [--both-directions] [--refine none|klt] [--cell-size 8] [--max-error 2] [--max-kps 8192] \\
+        [--matcher loftr|sift] [--weights W] [--resize 640 [840 ...]] [--rotation none|auto|best|union] \\
+        [--both-directions] [--refine none|klt|tracks] [--cell-size 8] [--max-error 2] [--max-kps 8192] \\
         [--reference-features REF.h5] [--device auto|cpu|cuda]
+
+The matcher-dependent options (cell size, radius, rotation, refinement) default to what
+:func:`dense_defaults` derives from the matcher, the same as ``pipeline.reconstruct`` uses: for LoFTR
+rotation ``auto`` and exact tracks, for SIFT a 2 px grid and nothing else.
 
 Three stages:
 
@@ -18,6 +22,7 @@ Three stages:
 2. **Quantization** (:mod:`pipeline.quantize`): shared keypoints per image (hloc semantics), matches
    re-assigned and made one-to-one; images of ``reference_features`` keep their keypoints. With
    ``refine="klt"`` the keypoints of each track are then aligned by Lucas-Kanade to its strongest one.
+   With ``refine="tracks"`` exact tracks are built on the matcher's coarse cells instead (:mod:`pipeline.tracks`).
 3. **Output**: hloc ``features.h5`` and ``matches.h5`` (``matches0`` padded to N0), both atomic.
    A stamp in ``<matches>.raw/done.json`` lets an identical re-run return at once.
 
@@ -28,32 +33,43 @@ LoFTR refines the keypoints of its second image only, and refined points snap to
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import json
 import logging
 import time
 import zipfile
-from collections import OrderedDict, defaultdict, deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from tqdm import tqdm
 
 from core import io
+from core.cache import LRUCache
+from core.cli import add_config_arguments, config_from_options
 from core.errors import UserError, run_cli
 from core.image_io import image_size, read_gray, to_uint8
+from core.stamps import digest, file_state
 from matchers.base import Matcher, Matches
 from pipeline.orientation import OrientationConfig, estimate_quarter_turns
-from pipeline.quantize import POSITIONS, ImageKeypoints, QuantizeConfig, aggregate_matches
-from pipeline.refine import MATCH_REFINE_MODES, RefineConfig, refine_matches, refine_tracks
+from pipeline.quantize import ImageKeypoints, KeypointPosition, QuantizeConfig, QuantizedMatches, aggregate_matches
+from pipeline.refine import (
+    KLT_CELL_SIZE,
+    MATCH_REFINE_MODES,
+    MatchRefineMode,
+    RefineConfig,
+    default_refine,
+    refine_matches,
+    refine_tracks,
+)
 from pipeline.tracks import TrackConfig, TrackStats, build_tracks
 from pipeline.tta import (
-    ROTATION_MODES,
     PreparedView,
+    RotationMode,
     TTAConfig,
     View,
     first_views,
@@ -61,35 +77,69 @@ from pipeline.tta import (
     match_views_batch,
     prepare_view,
     second_views,
+    split_resize,
 )
 
 logger = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
 
+#: single matchers (matchers.factory.MATCHERS) and the ensembles of pipeline.ensemble (SIFT's keypoints and a
+#: dense matcher's tracks in one model)
+MatcherName = Literal["loftr", "sift", "loftr+sift"]
+ENSEMBLES = ("loftr+sift",)
+Device = Literal["auto", "cpu", "cuda"]  # matchers.factory.DEVICES
+AmpMode = Literal["bf16", "fp16"]  # matchers.factory.AMP_MODES
+# COLMAP's SIFT is the default for SfM: on temple_ring (47 images, exhaustive) it gives a median
+# relative-rotation error of 0.88 deg against GT, OpenCV's SIFT 0.99 deg (both 47/47 registered).
+SiftBackend = Literal["pycolmap", "opencv"]
+SIFT_BACKENDS: tuple[str, ...] = get_args(SiftBackend)
+
+#: quantization of KLT-refined dense matches: hloc's 8 px cells and 2 px radius average refined points with
+#: others up to 2 px away and undo the refinement. temple_ring, 135 sequential pairs, median epipolar error
+#: of the quantized matches against GT: no refinement 0.44 px; refined 0.38 (8 / 2), 0.26 (4 / 1), 0.21 (4 / 0.5).
+#: Exhaustive temple_ring with loftr-compact (47/47 registered each), median relative-rotation error:
+#: 1.50 deg (4 / 1), 1.49 (4 / 0.75), 1.37 (4 / 0.5); fewer matches survive a smaller radius (mean track
+#: length 5.2 -> 4.0), which is why it is not smaller still.
+KLT_MAX_ERROR = 0.5
+#: Quantization of KLT-refined matches in localization: the query step snaps database points to the reference
+#: keypoints within this radius, so it cannot be as small as reconstruct's 0.5 px. Mini-Aachen from temple_ring
+#: with loftr-compact (12 queries, 10 retrieved db images each), recall at (0.25 m, 2 deg) / median error:
+#: no refinement (8 px / 2 px) 58 % / 0.225 m 0.59 deg; KLT 8 px / 2 px 92 % / 0.132 m 0.36 deg; KLT 4 px / 1 px
+#: 92 % / 0.101 m 0.27 deg.
+LOCALIZATION_KLT_MAX_ERROR = 1.0
+#: SIFT keypoints are already shared between pairs: a fine grid keeps them nearly all distinct.
+SIFT_CELL_SIZE = 2
+
 
 # ------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class DenseMatchConfig:
-    """Options of the dense matching step (quantization follows hloc's ``loftr_aachen`` defaults)."""
+    """Options of the dense matching step (quantization follows hloc's ``loftr_aachen`` defaults; the
+    matcher-dependent ones of a run come from :func:`dense_defaults`)."""
 
     cell_size: int = 8  # quantization grid (px): at most one keypoint per cell
     max_error: float = 2.0  # sub-bin size and re-assignment radius (px)
-    max_kps: int | None = 8192  # keypoints kept per image (best summed confidence); None = all
-    both_directions: bool = False  # union of (0, 1) and (1, 0) matching
-    rotation: str = "none"  # none | auto (SIFT's quarter turn per pair) | best | union (image 1 at 0/90/180/270)
+    max_kps: int | None = 8192  # keypoints kept per image (best summed confidence); 0 or none = all
+    both_directions: bool = False  # also match (1, 0) and merge
+    rotation: RotationMode = (
+        "none"  # none | auto (SIFT's quarter turn per pair) | best | union (image 1 at 0/90/180/270)
+    )
     resize: tuple[int | None, ...] = (None,)  # several sizes -> matches merged; None = matcher's own resize
     cache_size: int = 16  # prepared images kept (LRU); each holds all views the image needs
-    batch_pairs: int = 8  # pairs per matcher call when each pair is matched once (LoFTR batches equal sizes)
+    #: pairs per matcher call when each pair is matched once (LoFTR batches equal-size pairs; 1 = one by one)
+    batch_pairs: int = 8
     num_workers: int = 1  # prefetching loader threads (0 = read in the main thread)
-    keypoint_position: str = "mean"  # "mean" (weighted mean of the best sub-bin) or "bin" (hloc: its node)
+    keypoint_position: KeypointPosition = "mean"  # "mean" (weighted mean of the best sub-bin) or "bin" (hloc: its node)
     verify_threshold: float = 1.0  # px, MAGSAC++ threshold used by rotation="best"
     #: none | klt: Lucas-Kanade sub-pixel refinement of each pair's image-1 points, then quantization |
     #: tracks: exact tracks on the matcher's coarse cells, each refined against a reference view (pipeline.tracks)
-    refine: str = "none"
+    refine: MatchRefineMode = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resize", tuple(self.resize))
+        if self.max_kps == 0:  # the command line's "no limit"
+            object.__setattr__(self, "max_kps", None)
         if self.cache_size < 1:
             raise UserError(f"cache_size must be >= 1, got {self.cache_size}")
         if self.batch_pairs < 1:
@@ -125,6 +175,128 @@ class DenseMatchConfig:
 
     def track_config(self) -> TrackConfig:
         return TrackConfig(max_kps=self.max_kps)
+
+
+#: the DenseMatchConfig fields whose default depends on the matcher (see DenseOverrides)
+MATCHER_DEPENDENT = ("cell_size", "max_error", "rotation", "refine")
+
+
+@dataclass(frozen=True)
+class DenseOverrides:
+    """The dense matching options whose default depends on the matcher, as a user gives them (None: the
+    matcher's, from :func:`dense_defaults`)."""
+
+    cell_size: int | None = None  # quantization cell in px (default 2 for sift, 4 with --refine klt, else 8)
+    max_error: float | None = None  # quantization re-assignment radius in px (default 0.5 with --refine klt, else 2)
+    rotation: RotationMode | None = None  # in-plane rotation handling (default: auto for loftr, none for sift)
+    #: sub-pixel refinement of dense matches (default tracks for loftr, none for sift): klt refines each pair's
+    #: second-image points; tracks builds exact tracks on LoFTR's coarse cells, refined against one view each
+    refine: MatchRefineMode | None = None
+
+
+def dense_part(matcher: str) -> str:
+    """The matcher whose matches a dense matching run of ``matcher`` makes: an ensemble's dense part
+    ("loftr+sift" -> "loftr"), else the matcher itself."""
+    dense = [name for name in matcher.split("+") if name != "sift"]
+    return dense[0] if dense else "sift"
+
+
+def dense_defaults(
+    matcher: str,
+    resize: Sequence[int] | None = None,
+    overrides: DenseOverrides = DenseOverrides(),
+    *,
+    for_localization: bool = False,
+    base: DenseMatchConfig = DenseMatchConfig(),
+) -> DenseMatchConfig:
+    """The one place that derives the matcher-dependent dense matching options (what ``pipeline.match_dense``,
+    ``pipeline.reconstruct`` and the localization pipelines run).
+
+    ``matcher``: a single matcher or an ensemble (its dense part counts); ``resize``: the user's longest
+    side(s) (:func:`pipeline.tta.split_resize`); ``overrides``: what the user chose; ``base``: the other options.
+
+    * reconstruction: SIFT rotation none, no refinement, a 2 px grid; a dense matcher (LoFTR) rotation auto and
+      exact tracks; ``--refine klt`` quantizes on a 4 px / 0.5 px grid, otherwise hloc's 8 px / 2 px.
+    * ``for_localization``: rotation none; a dense matcher is refined by KLT on a 4 px / 1 px grid (query points
+      must snap to the fixed reference keypoints, so tracks cannot be rebuilt); otherwise 8 px / 2 px.
+    """
+    part = dense_part(matcher)
+    refine = overrides.refine or default_refine(part, fixed_reference=for_localization)
+    if part == "sift" and not for_localization:
+        cell_size, max_error = SIFT_CELL_SIZE, DenseMatchConfig.max_error
+    elif refine == "klt":
+        cell_size, max_error = KLT_CELL_SIZE, LOCALIZATION_KLT_MAX_ERROR if for_localization else KLT_MAX_ERROR
+    else:
+        cell_size, max_error = DenseMatchConfig.cell_size, DenseMatchConfig.max_error
+    # SIFT is rotation invariant; LoFTR is not, and SIFT's orientations tell cheaply which pairs need a turn.
+    rotation = overrides.rotation or ("none" if part == "sift" or for_localization else "auto")
+    _, view_sizes = split_resize(resize)
+    return dataclasses.replace(
+        base,
+        cell_size=overrides.cell_size if overrides.cell_size is not None else cell_size,
+        max_error=overrides.max_error if overrides.max_error is not None else max_error,
+        rotation=rotation,
+        refine=refine,
+        resize=view_sizes,
+    )
+
+
+@dataclass(frozen=True)
+class MatcherSpec:
+    """Which matcher a run builds, and how (matchers.factory.make_matcher)."""
+
+    #: loftr+sift: SIFT's keypoints and LoFTR's exact tracks in one model (pipeline.ensemble); sacre_coeur with the
+    #: offline loftr-compact: 10/10 registered (loftr alone: 2/10)
+    matcher: MatcherName = "loftr+sift"
+    weights: str | None = None  # LoFTR checkpoint name or path; None = outdoor
+    device: Device = "auto"
+    #: longest side(s) for matching (0 = original); several sizes are matched and merged; none = the matcher's own
+    resize: tuple[int, ...] | None = None
+    #: LoFTR autocast precision; bf16 is 2-3x faster on CPUs with AMX and on GPUs (keypoints move ~0.05 px);
+    #: none = float32
+    amp: AmpMode | None = None
+    sift_backend: SiftBackend = "pycolmap"  # SIFT implementation: COLMAP's (pycolmap) or OpenCV's
+
+    def __post_init__(self) -> None:
+        from matchers.factory import AMP_MODES, MATCHERS
+
+        if self.matcher not in MATCHERS + ENSEMBLES:
+            raise UserError(f"unknown matcher {self.matcher!r}; choose one of {', '.join(MATCHERS + ENSEMBLES)}")
+        if self.amp is not None and (self.amp not in AMP_MODES or "loftr" not in self.matcher):
+            raise UserError(f"--amp {self.amp} applies to the loftr matcher only, with one of {', '.join(AMP_MODES)}")
+        if self.sift_backend not in SIFT_BACKENDS:
+            raise UserError(f"unknown SIFT backend {self.sift_backend!r}; choose one of {', '.join(SIFT_BACKENDS)}")
+        if self.resize is not None:
+            object.__setattr__(self, "resize", tuple(int(size) for size in self.resize))
+            if not self.resize:
+                raise UserError("--resize needs at least one size (0 = original size)")
+            split_resize(self.resize)  # negative sizes: a UserError now
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The single matchers of the run ("loftr+sift" -> ("sift", "loftr"): the detector first, it gates)."""
+        return tuple(sorted(self.matcher.split("+"), key=lambda name: name != "sift"))
+
+    @property
+    def primary(self) -> str:
+        """The matcher whose options and figures a run reports (an ensemble's dense part)."""
+        return dense_part(self.matcher)
+
+    def make(self, part: str | None = None) -> Matcher:
+        """The matcher ``part`` of this spec (default: the spec's own single matcher), weights loaded."""
+        from matchers.factory import make_matcher
+
+        name = part or self.matcher
+        own = name != "sift" or name == self.matcher  # an ensemble's SIFT part takes no LoFTR options
+        matcher_size, _ = split_resize(self.resize)
+        return make_matcher(
+            name,
+            weights=self.weights if own else None,
+            resize=matcher_size,
+            device=self.device,
+            amp=self.amp if own else None,
+            **({"backend": self.sift_backend} if name == "sift" else {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -193,7 +365,7 @@ def plan_order(pairs: Sequence[Pair], capacity: int) -> list[int]:
         rank.setdefault(a, len(rank))
         rank.setdefault(b, len(rank))
     capacity = max(1, capacity)
-    cached: OrderedDict[str, None] = OrderedDict()
+    cached: LRUCache[None] = LRUCache(max_items=capacity)
     ready: dict[int, None] = {}  # pairs with both images cached (insertion-ordered set)
     votes: dict[str, int] = defaultdict(int)  # image -> cached images it still has a pair with
 
@@ -204,15 +376,15 @@ def plan_order(pairs: Sequence[Pair], capacity: int) -> list[int]:
 
     def touch(name: str) -> None:
         if name in cached:
-            cached.move_to_end(name)
+            cached.get(name)  # now the most recently used
             return
-        cached[name] = None
+        evicted = cached.keys()[0] if len(cached) == capacity else None  # what put() drops
+        cached.put(name, None)
         for partner, index in remaining[name].items():
             votes[partner] += 1
             if partner in cached:
                 ready[index] = None
-        if len(cached) > capacity:
-            evicted, _ = cached.popitem(last=False)
+        if evicted is not None:
             for partner, index in remaining[evicted].items():
                 unvote(partner)
                 ready.pop(index, None)
@@ -247,37 +419,9 @@ def plan_order(pairs: Sequence[Pair], capacity: int) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------------- cache
-class LRUCache:
-    """A bounded least-recently-used map (the prepared-image cache and its planning simulation)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self._items: OrderedDict[str, Any] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> Any:
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return self._items[key]
-        self.misses += 1
-        return None
-
-    def put(self, key: str, value: Any) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def keys(self) -> list[str]:
-        """Keys from least to most recently used."""
-        return list(self._items)
-
-
 def planned_loads(order: Sequence[Pair], capacity: int) -> list[str]:
     """The images the matching loop will have to read, in order (a dry run of its cache)."""
-    cache = LRUCache(capacity)
+    cache: LRUCache[bool] = LRUCache(max_items=capacity)
     loads: list[str] = []
     for pair in order:
         for name in pair:
@@ -335,11 +479,6 @@ class ImagePrefetcher:
 
 
 # ---------------------------------------------------------------------------------------- raw store
-def _digest(payload: Any, length: int = 16) -> str:
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:length]
-
-
 class RawMatchStore:
     """Raw per-pair matches, one atomically written ``.npz`` per pair, under a matching-config digest.
 
@@ -349,15 +488,15 @@ class RawMatchStore:
 
     def __init__(self, matches_path: Path, description: Mapping[str, Any], image_dir: Path | None = None) -> None:
         self.description = dict(description)
-        self.digest = _digest(self.description)
+        self.digest = digest(self.description)
         self.root = raw_root(matches_path) / self.digest
         self.image_dir = image_dir
 
     def _path(self, pair: Pair, swapped: bool) -> Path:
         # The images' size and modification time are part of the key: a folder rebuilt with the same
         # names must not silently reuse matches of the old images.
-        states = [] if self.image_dir is None else [_file_state(io.resolve_image(self.image_dir, n)) for n in pair]
-        return self.root / f"{_digest([pair[0], pair[1], swapped, *states], 24)}.npz"
+        states = [] if self.image_dir is None else [file_state(io.resolve_image(self.image_dir, n)) for n in pair]
+        return self.root / f"{digest([pair[0], pair[1], swapped, *states], 24)}.npz"
 
     def load(self, pair: Pair, swapped: bool) -> Matches | None:
         path = self._path(pair, swapped)
@@ -441,14 +580,6 @@ def describe_matching(matcher: Matcher, config: DenseMatchConfig) -> dict[str, A
     }
 
 
-def _file_state(path: Path) -> list[int] | None:
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
-
-
 def _load_reference(path: Path | None, names: set[str]) -> dict[str, tuple[ImageKeypoints, tuple[int, int]]]:
     if path is None:
         return {}
@@ -472,113 +603,147 @@ def _count_outputs(features: Path, matches: Path, pairs: Sequence[Pair]) -> tupl
 
 
 # --------------------------------------------------------------------------------------------- main
-def run(
+@dataclass(frozen=True)
+class _RunInputs:
+    """A run's validated inputs: its pairs and images, the fixed reference keypoints, where its raw matches
+    live, and the stamp of everything its outputs depend on."""
+
+    pairs: list[Pair]
+    names: list[str]
+    reference: dict[str, tuple[ImageKeypoints, tuple[int, int]]]
+    store: RawMatchStore
+    stamp: str
+    stamp_path: Path
+
+
+def _read_inputs(
     pairs: Path,
     image_dir: Path,
-    features: Path,
     matches: Path,
     matcher: Matcher,
-    config: DenseMatchConfig | None = None,
-    reference_features: Path | None = None,
-) -> DenseMatchResult:
-    """Match every pair of ``pairs``, quantize into shared keypoints, write ``features`` and ``matches``.
-
-    Resumable: raw matches of finished pairs are reused (same matcher and matching options), and an
-    identical re-run returns at once. Returns the paths and figures (prepare calls, cache hits...).
-    """
-    start = time.perf_counter()
-    config = config if config is not None else DenseMatchConfig()
-    image_dir, features, matches = Path(image_dir), Path(features), Path(matches)
+    config: DenseMatchConfig,
+    reference_features: Path | None,
+) -> _RunInputs:
     pair_list = load_pairs(Path(pairs), image_dir)
     names = sorted({name for pair in pair_list for name in pair})
     reference = _load_reference(reference_features, set(names))
     store = RawMatchStore(matches, describe_matching(matcher, config), image_dir)
-
-    stamp = _digest(
+    stamp = digest(
         {
             "matching": store.digest,
             "quantize": asdict(config.quantize_config()) if config.refine != "tracks" else None,
             **({"tracks": asdict(config.track_config())} if config.refine == "tracks" else {}),
             "pairs": pair_list,
-            "images": [_file_state(io.resolve_image(image_dir, name)) for name in names],
+            "images": [file_state(io.resolve_image(image_dir, name)) for name in names],
             "reference": None
             if reference_features is None
-            else [str(reference_features), _file_state(Path(reference_features))],
+            else [str(reference_features), file_state(Path(reference_features))],
         }
     )
-    stamp_path = raw_root(matches) / "done.json"
-    if _up_to_date(stamp_path, stamp, features, matches):
-        try:
-            keypoints_count, match_count = _count_outputs(features, matches, pair_list)
-        except (UserError, KeyError, OSError):
-            pass  # unreadable despite the stamp: recompute below
-        else:
-            logger.info("%s and %s are up to date", features, matches)
-            return DenseMatchResult(
-                features,
-                matches,
-                len(pair_list),
-                0,
-                len(pair_list),
-                0,
-                0,
-                0,
-                0.0,
-                time.perf_counter() - start,
-                True,
-                keypoints_count,
-                match_count,
-                0,
-                _recorded_turns(stamp_path),
-            )
+    return _RunInputs(pair_list, names, reference, store, stamp, raw_root(matches) / "done.json")
 
-    # Sizes first: a file that is not an image fails now, naming it, not after an hour of matching.
-    sizes = {
+
+def _up_to_date_result(inputs: _RunInputs, features: Path, matches: Path, start: float) -> DenseMatchResult | None:
+    """The result of an identical earlier run whose outputs are intact; None when there is work to do."""
+    if not _up_to_date(inputs.stamp_path, inputs.stamp, features, matches):
+        return None
+    try:
+        keypoints_count, match_count = _count_outputs(features, matches, inputs.pairs)
+    except (UserError, KeyError, OSError):
+        return None  # unreadable despite the stamp: recompute
+    logger.info("%s and %s are up to date", features, matches)
+    num_pairs = len(inputs.pairs)
+    return DenseMatchResult(
+        features,
+        matches,
+        num_pairs,
+        pairs_matched=0,
+        pairs_reused=num_pairs,
+        prepare_calls=0,
+        cache_hits=0,
+        cache_misses=0,
+        seconds_matching=0.0,
+        seconds_total=time.perf_counter() - start,
+        up_to_date=True,
+        keypoints_per_image=keypoints_count,
+        matches_per_pair=match_count,
+        turns=_recorded_turns(inputs.stamp_path),
+    )
+
+
+def _image_sizes(inputs: _RunInputs, image_dir: Path) -> dict[str, tuple[int, int]]:
+    """(W, H) of every image; a file that is not an image fails now, naming it, not after an hour of matching."""
+    reference = inputs.reference
+    return {
         name: reference[name][1]
         if name in reference and all(reference[name][1])
         else image_size(io.resolve_image(image_dir, name))
-        for name in names
+        for name in inputs.names
     }
 
+
+def _coarse_grids(matcher: Matcher, inputs: _RunInputs, sizes: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+    """The matcher's coarse cells of every image, which exact tracks are built on."""
+    if inputs.reference:
+        raise UserError("--refine tracks rebuilds every keypoint; with --reference-features use --refine klt")
+    grids = {name: matcher.coarse_grid(sizes[name]) for name in inputs.names}
+    if any(grid is None for grid in grids.values()):
+        raise UserError(
+            f"--refine tracks needs a detector-free matcher with coarse cells (e.g. loftr), "
+            f"not {matcher.name}; use --refine none"
+        )
+    return grids
+
+
+@dataclass(frozen=True)
+class _MatchingPlan:
+    """Which pairs still need raw matches, which are matched swapped, and every pair's quarter turn."""
+
+    todo: list[Pair]
+    swapped: dict[Pair, bool]  # (a, b) is matched as (b, a): b keeps reference keypoints, a does not
+    turns: dict[Pair, int]  # rotation="auto": (first, second) as matched -> quarter turns of the second
+
+    @property
+    def reused(self) -> int:
+        return len(self.swapped) - len(self.todo)
+
+
+def _plan_matching(inputs: _RunInputs, image_dir: Path, config: DenseMatchConfig) -> _MatchingPlan:
     # The image with fixed keypoints goes second: the matcher refines its second image's points.
-    swapped = {(a, b): a in reference and b not in reference for a, b in pair_list}
-    if config.refine == "tracks":
-        if reference:
-            raise UserError("--refine tracks rebuilds every keypoint; with --reference-features use --refine klt")
-        grids = {name: matcher.coarse_grid(sizes[name]) for name in names}
-        if any(grid is None for grid in grids.values()):
-            raise UserError(
-                f"--refine tracks needs a detector-free matcher with coarse cells (e.g. loftr), "
-                f"not {matcher.name}; use --refine none"
-            )
+    swapped = {(a, b): a in inputs.reference and b not in inputs.reference for a, b in inputs.pairs}
 
     def stored(pair: Pair) -> bool:
-        found = store.load(pair, swapped[pair])
+        found = inputs.store.load(pair, swapped[pair])
         # Exact tracks need the coarse cells, which raw matches of older runs do not carry.
         return found is not None and (config.refine != "tracks" or found.has_coarse)
 
-    todo = [pair for pair in pair_list if not stored(pair)]
-    reused = len(pair_list) - len(todo)
-    if reused:
-        logger.info("reusing raw matches of %d/%d pairs from %s", reused, len(pair_list), store.root)
-
-    match_start = time.perf_counter()
-    refine = config.refine_config()
-    oriented = [(b, a) if swapped[(a, b)] else (a, b) for a, b in pair_list]
+    todo = [pair for pair in inputs.pairs if not stored(pair)]
+    if len(todo) < len(inputs.pairs):
+        logger.info(
+            "reusing raw matches of %d/%d pairs from %s",
+            len(inputs.pairs) - len(todo),
+            len(inputs.pairs),
+            inputs.store.root,
+        )
+    oriented = [(b, a) if swapped[(a, b)] else (a, b) for a, b in inputs.pairs]
     # Quarter turns of every pair: for matching the new ones, refining tracks through all, and the record.
     turns = estimate_quarter_turns(image_dir, oriented) if config.rotation == "auto" else {}
-    stats = _match_pairs(todo, swapped, image_dir, matcher, config, store, turns)
-    seconds_matching = time.perf_counter() - match_start
+    return _MatchingPlan(todo, swapped, turns)
 
-    track_stats = None
-    if config.refine == "tracks":
-        quantized, track_stats = build_tracks(
-            _RawMatches(store, swapped),
-            grids,
-            lambda name: read_gray(io.resolve_image(image_dir, name)),
-            turns,
-            config.track_config(),
-        )
+
+def _shared_keypoints(
+    inputs: _RunInputs,
+    plan: _MatchingPlan,
+    grids: Mapping[str, Any] | None,
+    image_dir: Path,
+    config: DenseMatchConfig,
+) -> tuple[QuantizedMatches, TrackStats | None]:
+    """The raw matches of every pair as shared keypoints per image: exact tracks, or quantized (then refined
+    along tracks with ``refine="klt"``)."""
+    raw = _RawMatches(inputs.store, plan.swapped)
+    load = lambda name: read_gray(io.resolve_image(image_dir, name))  # noqa: E731
+    if grids is not None:
+        quantized, track_stats = build_tracks(raw, grids, load, plan.turns, config.track_config())
         logger.info(
             "exact tracks: %d tracks over %d observations; %d of %d raw matches in tracks (%d conflicts); "
             "%d of %d observations refined against their reference",
@@ -590,46 +755,80 @@ def run(
             track_stats.refined,
             track_stats.candidates,
         )
-    else:
-        quantized = aggregate_matches(
-            pair_list,
-            _RawMatches(store, swapped),
-            config.quantize_config(),
-            {name: kp for name, (kp, _) in reference.items()},
-        )
+        return quantized, track_stats
+    reference = {name: keypoints for name, (keypoints, _) in inputs.reference.items()}
+    quantized = aggregate_matches(inputs.pairs, raw, config.quantize_config(), reference)
+    refine = config.refine_config()
     if refine.enabled:
-        quantized, klt_stats = refine_tracks(
-            quantized, lambda name: read_gray(io.resolve_image(image_dir, name)), refine, turns, fixed=set(reference)
-        )
-        logger.info(
-            "track refinement: %d tracks, %d of %d keypoints moved",
-            klt_stats.tracks,
-            klt_stats.moved,
-            klt_stats.candidates,
-        )
+        quantized, klt = refine_tracks(quantized, load, refine, plan.turns, fixed=set(inputs.reference))
+        logger.info("track refinement: %d tracks, %d of %d keypoints moved", klt.tracks, klt.moved, klt.candidates)
+    return quantized, None
+
+
+def _write_outputs(
+    quantized: QuantizedMatches,
+    sizes: Mapping[str, tuple[int, int]],
+    features: Path,
+    matches: Path,
+    inputs: _RunInputs,
+    turned: Mapping[Pair, int],
+) -> None:
+    """features.h5, matches.h5, then the stamp that lets an identical re-run return at once."""
     io.write_features(
         features, {name: (kp.keypoints, kp.scores, sizes[name]) for name, kp in quantized.keypoints.items()}
     )
     io.write_matches(matches, {pair: (pm.matches0, pm.scores0) for pair, pm in quantized.matches.items()})
-    turned = {pair: k for pair, k in turns.items() if k}
     io.write_text_atomic(
-        stamp_path,
+        inputs.stamp_path,
         json.dumps(
             {
-                "stamp": stamp,
-                "features": _file_state(features),
-                "matches": _file_state(matches),
+                "stamp": inputs.stamp,
+                "features": file_state(features),
+                "matches": file_state(matches),
                 "turns": [[first, second, k] for (first, second), k in sorted(turned.items())],
             }
         ),
     )
+
+
+def run(
+    pairs: Path,
+    image_dir: Path,
+    features: Path,
+    matches: Path,
+    matcher: Matcher,
+    config: DenseMatchConfig | None = None,
+    reference_features: Path | None = None,
+) -> DenseMatchResult:
+    """Match every pair of ``pairs``, quantize into shared keypoints, write ``features`` and ``matches``.
+
+    ``config`` None: :class:`DenseMatchConfig`'s plain (hloc) options; :func:`dense_defaults` gives a matcher's own.
+    Resumable: raw matches of finished pairs are reused (same matcher and matching options), and an
+    identical re-run returns at once. Returns the paths and figures (prepare calls, cache hits...).
+    """
+    start = time.perf_counter()
+    config = config if config is not None else DenseMatchConfig()
+    image_dir, features, matches = Path(image_dir), Path(features), Path(matches)
+    inputs = _read_inputs(pairs, image_dir, matches, matcher, config, reference_features)
+    finished = _up_to_date_result(inputs, features, matches, start)
+    if finished is not None:
+        return finished
+    sizes = _image_sizes(inputs, image_dir)
+    grids = _coarse_grids(matcher, inputs, sizes) if config.refine == "tracks" else None
+    plan = _plan_matching(inputs, image_dir, config)
+    match_start = time.perf_counter()
+    stats = _match_pairs(plan, image_dir, matcher, config, inputs.store)
+    seconds_matching = time.perf_counter() - match_start
+    quantized, track_stats = _shared_keypoints(inputs, plan, grids, image_dir, config)
+    turned = {pair: k for pair, k in plan.turns.items() if k}
+    _write_outputs(quantized, sizes, features, matches, inputs, turned)
     keypoints_count = {name: len(kp) for name, kp in quantized.keypoints.items()}
     match_count = {pair: pm.num_matches for pair, pm in quantized.matches.items()}
     logger.info(
         "%d pairs (%d matched, %d reused) in %.1f s, %d prepare calls; mean %.0f keypoints/image, %.0f matches/pair",
-        len(pair_list),
-        len(todo),
-        reused,
+        len(inputs.pairs),
+        len(plan.todo),
+        plan.reused,
         time.perf_counter() - start,
         stats.prepare_calls,
         np.mean(list(keypoints_count.values()) or [0]),
@@ -638,20 +837,20 @@ def run(
     return DenseMatchResult(
         features,
         matches,
-        len(pair_list),
-        len(todo),
-        reused,
-        stats.prepare_calls,
-        stats.cache_hits,
-        stats.cache_misses,
-        seconds_matching,
-        time.perf_counter() - start,
-        False,
-        keypoints_count,
-        match_count,
-        stats.pairs_turned,
-        turned,
-        track_stats,
+        len(inputs.pairs),
+        pairs_matched=len(plan.todo),
+        pairs_reused=plan.reused,
+        prepare_calls=stats.prepare_calls,
+        cache_hits=stats.cache_hits,
+        cache_misses=stats.cache_misses,
+        seconds_matching=seconds_matching,
+        seconds_total=time.perf_counter() - start,
+        up_to_date=False,
+        keypoints_per_image=keypoints_count,
+        matches_per_pair=match_count,
+        pairs_turned=stats.pairs_turned,
+        turns=turned,
+        tracks=track_stats,
     )
 
 
@@ -671,11 +870,12 @@ def _up_to_date(stamp_path: Path, stamp: str, features: Path, matches: Path) -> 
     return (
         isinstance(done, dict)
         and done.get("stamp") == stamp
-        and done.get("features") == _file_state(features)
-        and done.get("matches") == _file_state(matches)
+        and done.get("features") == file_state(features)
+        and done.get("matches") == file_state(matches)
     )
 
 
+# ------------------------------------------------------------------------------------ raw matching
 @dataclass(frozen=True)
 class _LoopStats:
     prepare_calls: int
@@ -684,84 +884,105 @@ class _LoopStats:
     pairs_turned: int
 
 
-def _match_pairs(
-    todo: Sequence[Pair],
-    swapped: Mapping[Pair, bool],
-    image_dir: Path,
-    matcher: Matcher,
-    config: DenseMatchConfig,
-    store: RawMatchStore,
-    turns: Mapping[Pair, int],
-) -> _LoopStats:
-    """Raw-match ``todo`` and store each result as soon as it is computed; ``turns``: rotation="auto"'s
-    quarter turn of each (first, second) pair."""
-    tta = config.tta_config()
-    # Matching order of each pair: (first, second); the second image gets the rotations.
-    oriented = [(b, a) if swapped[(a, b)] else (a, b) for a, b in todo]
-    turned = sum(turns.get(pair, 0) != 0 for pair in oriented)
-    if tta.rotation == "auto" and oriented:
-        logger.info("rotation auto: %d of %d pairs matched with image 1 turned", turned, len(oriented))
+class _PreparedImages:
+    """The prepared views of the images being matched, in an LRU cache of ``cache_size`` images, decoded by
+    ``loader``; with ``keep_pixels`` also their uint8 originals (for KLT), as long as their cache entry."""
+
+    def __init__(
+        self,
+        matcher: Matcher,
+        loader: ImagePrefetcher,
+        views: Mapping[str, set[View]],
+        cache_size: int,
+        keep_pixels: bool,
+    ) -> None:
+        self.matcher, self.loader, self.views, self.keep_pixels = matcher, loader, views, keep_pixels
+        self.cache: LRUCache[dict[View, PreparedView]] = LRUCache(max_items=cache_size)
+        self.pixels: dict[str, np.ndarray] = {}
+        self.prepare_calls = 0
+
+    def __getitem__(self, name: str) -> dict[View, PreparedView]:
+        entry = self.cache.get(name)
+        if entry is None:
+            image = self.loader.take(name)
+            entry = {view: prepare_view(self.matcher, image, view) for view in sorted(self.views[name], key=_view_key)}
+            self.prepare_calls += len(entry)
+            self.cache.put(name, entry)
+            if self.keep_pixels:
+                self.pixels[name] = to_uint8(image)
+        return entry
+
+    def forget_evicted(self) -> None:
+        """Drop the originals of images no longer cached (called between batches, whose pairs may need them)."""
+        for evicted in set(self.pixels) - set(self.cache.keys()):
+            del self.pixels[evicted]
+
+
+def _views_needed(oriented: Sequence[Pair], tta: TTAConfig, turns: Mapping[Pair, int]) -> dict[str, set[View]]:
+    """Every view (size x quarter turn) each image is matched at, as first or as second image."""
     views: dict[str, set[View]] = defaultdict(set)
     for pair in oriented:
         views[pair[0]].update(first_views(tta))
         views[pair[1]].update(second_views(tta, turns.get(pair, 0)))
-    order = plan_order(oriented, config.cache_size)
-    ordered = [oriented[i] for i in order]
+    return views
 
-    refine = config.refine_config()
-    cache = LRUCache(config.cache_size)
-    pixels: dict[str, np.ndarray] = {}  # uint8 originals of the cached images, for refinement
-    prepare_calls = 0
-    with ImagePrefetcher(image_dir, planned_loads(ordered, config.cache_size), config.num_workers) as loader:
 
-        def prepared(name: str) -> dict[View, PreparedView]:
-            nonlocal prepare_calls
-            entry = cache.get(name)
-            if entry is None:
-                image = loader.take(name)
-                entry = {view: prepare_view(matcher, image, view) for view in sorted(views[name], key=_view_key)}
-                prepare_calls += len(entry)
-                cache.put(name, entry)
-                if refine.enabled:
-                    pixels[name] = to_uint8(image)
-            return entry
-
-        # Pairs matched once each (no rotation / multi-size / two-way TTA) go to the matcher in batches of
-        # consecutive pairs of the cache-friendly order; every result is stored as soon as its batch is done.
-        batched = tta.single_pass and matcher.batches_pairs
-        batch = config.batch_pairs if batched else 1
+def _match_chunk(
+    matcher: Matcher,
+    images: _PreparedImages,
+    pairs: Sequence[Pair],
+    tta: TTAConfig,
+    turns: Mapping[Pair, int],
+    batched: bool,
+) -> list[Matches]:
+    """Raw matches of consecutive pairs: in one matcher call when ``batched`` (each pair matched once), else
+    one pair at a time with its augmentations."""
+    if batched:
         size = tta.resize[0]
-        with tqdm(total=len(order), desc="matching", unit="pair", smoothing=0.1, disable=not todo) as bar:
+        views = [
+            (images[first][View(size, 0)], images[second][View(size, turns.get((first, second), 0))])
+            for first, second in pairs
+        ]
+        return match_views_batch(matcher, views)
+    return [
+        match_pair(matcher, images[first], images[second], tta, turns.get((first, second), 0)).matches
+        for first, second in pairs
+    ]
+
+
+def _match_pairs(
+    plan: _MatchingPlan, image_dir: Path, matcher: Matcher, config: DenseMatchConfig, store: RawMatchStore
+) -> _LoopStats:
+    """Raw-match the pairs of ``plan.todo`` and store each result as soon as its batch is computed."""
+    tta, refine = config.tta_config(), config.refine_config()
+    # Matching order of each pair: (first, second); the second image gets the rotations.
+    oriented = [(b, a) if plan.swapped[(a, b)] else (a, b) for a, b in plan.todo]
+    turned = sum(plan.turns.get(pair, 0) != 0 for pair in oriented)
+    if tta.rotation == "auto" and oriented:
+        logger.info("rotation auto: %d of %d pairs matched with image 1 turned", turned, len(oriented))
+    order = plan_order(oriented, config.cache_size)
+    # Pairs matched once each (no rotation / multi-size / two-way TTA) go to the matcher in batches of
+    # consecutive pairs of the cache-friendly order.
+    batched = tta.single_pass and matcher.batches_pairs
+    batch = config.batch_pairs if batched else 1
+    loads = planned_loads([oriented[i] for i in order], config.cache_size)
+    with ImagePrefetcher(image_dir, loads, config.num_workers) as loader:
+        views = _views_needed(oriented, tta, plan.turns)
+        images = _PreparedImages(matcher, loader, views, config.cache_size, refine.enabled)
+        with tqdm(total=len(order), desc="matching", unit="pair", smoothing=0.1, disable=not plan.todo) as bar:
             for start in range(0, len(order), batch):
                 chunk = order[start : start + batch]
-                if batched:
-                    views_of = [
-                        (
-                            prepared(oriented[i][0])[View(size, 0)],
-                            prepared(oriented[i][1])[View(size, turns.get(oriented[i], 0))],
-                        )
-                        for i in chunk
-                    ]
-                    results = match_views_batch(matcher, views_of)
-                else:
-                    results = [
-                        match_pair(
-                            matcher, prepared(oriented[i][0]), prepared(oriented[i][1]), tta, turns.get(oriented[i], 0)
-                        ).matches
-                        for i in chunk
-                    ]
+                results = _match_chunk(matcher, images, [oriented[i] for i in chunk], tta, plan.turns, batched)
                 for index, result in zip(chunk, results):
-                    pair = todo[index]
+                    first, second = oriented[index]
                     if refine.enabled:
-                        first, second = oriented[index]
-                        result, _ = refine_matches(
-                            pixels[first], pixels[second], result, refine, turns.get((first, second), 0)
-                        )
-                    store.save(pair, swapped[pair], result.swapped() if swapped[pair] else result)
-                for evicted in set(pixels) - set(cache.keys()):  # originals live as long as their cache entry
-                    del pixels[evicted]
+                        turn = plan.turns.get((first, second), 0)
+                        result, _ = refine_matches(images.pixels[first], images.pixels[second], result, refine, turn)
+                    pair = plan.todo[index]
+                    store.save(pair, plan.swapped[pair], result.swapped() if plan.swapped[pair] else result)
+                images.forget_evicted()
                 bar.update(len(chunk))
-    return _LoopStats(prepare_calls, cache.hits, cache.misses, turned)
+    return _LoopStats(images.prepare_calls, images.cache.hits, images.cache.misses, turned)
 
 
 def _view_key(view: View) -> tuple[int, int]:
@@ -773,20 +994,34 @@ def main(
     image_dir: Path,
     features: Path,
     matches: Path,
-    matcher: Matcher,
+    matcher: Matcher | MatcherSpec = MatcherSpec(matcher="loftr"),
     config: DenseMatchConfig | None = None,
     reference_features: Path | None = None,
-) -> tuple[Path, Path]:
-    """Match, quantize and write hloc files; returns ``(features, matches)``. See :func:`run`."""
-    result = run(pairs, image_dir, features, matches, matcher, config, reference_features)
-    return result.features, result.matches
+) -> DenseMatchResult:
+    """Match, quantize and write hloc files (see :func:`run`).
+
+    ``matcher``: a built :class:`~matchers.base.Matcher`, or a :class:`MatcherSpec` built here once the inputs
+    are checked (a single matcher; ensembles are pipeline.reconstruct's). ``config`` None: a spec's matcher gets
+    :func:`dense_defaults` (what pipeline.reconstruct runs); a built matcher :class:`DenseMatchConfig`'s defaults.
+    """
+    if isinstance(matcher, MatcherSpec):
+        if len(matcher.parts) > 1:
+            raise UserError(
+                f"--matcher {matcher.matcher} is an ensemble of matchers; pipeline.match_dense runs one matcher "
+                f"({' or '.join(matcher.parts)}); pipeline.reconstruct runs ensembles"
+            )
+        config = config if config is not None else dense_defaults(matcher.matcher, matcher.resize)
+        # Validate inputs before a checkpoint is loaded.
+        io.check_match_outputs(features, matches)  # a folder / read-only place fails before any pair is matched
+        load_pairs(Path(pairs), Path(image_dir))
+        matcher = matcher.make()
+    return run(pairs, image_dir, features, matches, matcher, config, reference_features)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from matchers.factory import AMP_MODES, DEVICES, MATCHERS, WEIGHTS_HELP
+    from matchers.factory import WEIGHTS_HELP
 
-    defaults = DenseMatchConfig()
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.match_dense",
         description="Match image pairs densely and quantize the matches into hloc features.h5 / matches.h5.",
@@ -795,85 +1030,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pairs", type=Path, required=True, help="pairs.txt, one 'name0 name1' per line")
     parser.add_argument("--features", type=Path, required=True, help="output features.h5")
     parser.add_argument("--matches", type=Path, required=True, help="output matches.h5")
-    parser.add_argument("--matcher", choices=MATCHERS, default="loftr")
-    parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    parser.add_argument(
-        "--resize",
-        type=int,
-        nargs="+",
-        default=None,
-        help="longest side for matching (0 = original); several sizes are matched and merged",
-    )
-    parser.add_argument("--rotation", choices=ROTATION_MODES, default=defaults.rotation)
-    parser.add_argument("--both-directions", action="store_true", help="also match (1, 0) and merge")
-    parser.add_argument(
-        "--refine",
-        choices=MATCH_REFINE_MODES,
-        default=defaults.refine,
-        help="klt: sub-pixel Lucas-Kanade refinement of each pair's second-image points; tracks: "
-        "exact tracks on LoFTR's coarse cells, refined against one reference view each",
-    )
-    parser.add_argument("--cell-size", type=int, default=defaults.cell_size)
-    parser.add_argument("--max-error", type=float, default=defaults.max_error)
-    parser.add_argument("--max-kps", type=int, default=defaults.max_kps, help="keypoints per image (0 = no limit)")
-    parser.add_argument("--keypoint-position", choices=POSITIONS, default=defaults.keypoint_position)
     parser.add_argument(
         "--reference-features",
         type=Path,
         default=None,
         help="features.h5 whose images keep their keypoints (localization)",
     )
-    parser.add_argument("--cache-size", type=int, default=defaults.cache_size)
-    parser.add_argument(
-        "--batch-pairs",
-        type=int,
-        default=defaults.batch_pairs,
-        help="pairs per matcher call (LoFTR batches equal-size pairs; 1 = one by one)",
-    )
-    parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
-    parser.add_argument("--device", choices=DEVICES, default="auto")
-    parser.add_argument(
-        "--amp",
-        choices=AMP_MODES,
-        default=None,
-        help="LoFTR autocast precision; bf16 is 2-3x faster on CPUs with AMX and on GPUs "
-        "(keypoints move ~0.05 px); default float32",
-    )
+    defaults = _parameter_default(main, "matcher")
+    helps = {"weights": WEIGHTS_HELP, "matcher": "loftr or sift (pipeline.reconstruct runs the loftr+sift ensemble)"}
+    add_config_arguments(parser, MatcherSpec, defaults=defaults, helps=helps)
+    add_config_arguments(parser, DenseOverrides)
+    add_config_arguments(parser, DenseMatchConfig, exclude=(*MATCHER_DEPENDENT, "resize"))
     return parser
 
 
-def main_cli(argv: Sequence[str] | None = None) -> DenseMatchResult:
-    from matchers.factory import make_matcher
+def _parameter_default(function: Callable[..., Any], parameter: str) -> Any:
+    """The default value of ``function``'s ``parameter`` (a CLI takes its preset from the API it calls)."""
+    import inspect
 
-    args = build_parser().parse_args(argv)
+    return inspect.signature(function).parameters[parameter].default
+
+
+def configs_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[MatcherSpec, DenseMatchConfig]:
+    """The matcher and the dense matching options a command line asks for (matcher-dependent ones derived by
+    :func:`dense_defaults`, as pipeline.reconstruct derives them)."""
+    spec = config_from_options(parser, args, MatcherSpec)
+    overrides = config_from_options(parser, args, DenseOverrides)
+    base = config_from_options(parser, args, DenseMatchConfig)
+    return spec, dense_defaults(spec.matcher, spec.resize, overrides, base=base)
+
+
+def main_cli(argv: Sequence[str] | None = None) -> DenseMatchResult:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sizes = args.resize or [None]
-    if any(size is not None and size < 0 for size in sizes):
-        raise UserError(f"--resize sizes must be >= 0, got {sizes}")
-    if len(sizes) == 1:
-        # One size: the matcher resizes (its own way, e.g. LoFTR's multiple of 8).
-        matcher_size, view_sizes = sizes[0], (None,)
-    else:
-        # Several sizes: this step resizes each view and the matcher takes images as given.
-        matcher_size, view_sizes = 0, tuple(size or None for size in sizes)
-    config = DenseMatchConfig(
-        cell_size=args.cell_size,
-        max_error=args.max_error,
-        max_kps=args.max_kps or None,
-        both_directions=args.both_directions,
-        rotation=args.rotation,
-        resize=view_sizes,
-        cache_size=args.cache_size,
-        batch_pairs=args.batch_pairs,
-        num_workers=args.num_workers,
-        keypoint_position=args.keypoint_position,
-        refine=args.refine,
-    )
-    # Validate inputs before a checkpoint is loaded.
-    io.check_match_outputs(args.features, args.matches)  # a folder / read-only place fails before any pair is matched
-    load_pairs(args.pairs, args.images)
-    matcher = make_matcher(args.matcher, weights=args.weights, resize=matcher_size, device=args.device, amp=args.amp)
-    result = run(args.pairs, args.images, args.features, args.matches, matcher, config, args.reference_features)
+    spec, config = configs_from_args(parser, args)
+    result = main(args.pairs, args.images, args.features, args.matches, spec, config, args.reference_features)
     print(f"wrote {result.features} and {result.matches}")
     return result
 

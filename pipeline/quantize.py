@@ -36,13 +36,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 from matchers.base import Matches
 
-POSITIONS = ("bin", "mean")
+KeypointPosition = Literal["bin", "mean"]
+POSITIONS: tuple[str, ...] = get_args(KeypointPosition)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class QuantizeConfig:
     cell_size: int = 8  # quantization cell (px); at most one keypoint per cell; 0 = no cells
     max_error: float = 2.0  # sub-bin size (int part) and re-assignment radius (px)
     max_kps: int | None = 8192  # keypoints kept per image (best summed confidence); None = all
-    position: str = "mean"  # "mean": confidence-weighted mean of the best sub-bin; "bin": its node (hloc)
+    position: KeypointPosition = "mean"  # "mean": confidence-weighted mean of the best sub-bin; "bin": its node (hloc)
 
     def __post_init__(self) -> None:
         if self.cell_size < 0 or self.max_error < 0:

@@ -6,12 +6,12 @@ geometric verification -> incremental mapping with staged self-calibration -> ge
         [--rotation none|auto|best|union] [--refine tracks|klt|none] [--calibration staged|colmap]
         [--refine-iterations 2] [--camera-mode auto|single|per-image] [--device auto|cpu|cuda]
 
-Outputs under OUT: ``pairs.txt``, ``features.h5``, ``matches.h5`` (hloc formats; for an ensemble each
-matcher's own files under ``OUT/<matcher>/``), ``database.db``, ``sfm/`` (the largest model, COLMAP binary
-and text), ``models/`` (every model the mapper made), ``points.ply``, ``summary.json`` (registered/total,
-points, track lengths, reprojection error per refinement round, the cameras and every calibration decision,
-the tracks' figures, per unregistered image its matched and verified pairs, timings per step),
-``reconstruction.png`` and ``reconstruction.html`` (an interactive viewer).
+Outputs under OUT (:class:`ReconstructPaths`): ``pairs.txt``, ``features.h5``, ``matches.h5`` (hloc formats; for
+an ensemble each matcher's own files under ``OUT/<matcher>/``), ``database.db``, ``sfm/`` (the largest model,
+COLMAP binary and text), ``models/`` (every model the mapper made), ``points.ply``, ``summary.json``
+(registered/total, points, track lengths, reprojection error per refinement round, the cameras and every
+calibration decision, the tracks' figures, per unregistered image its matched and verified pairs, timings per
+step), ``reconstruction.png`` and ``reconstruction.html`` (an interactive viewer).
 
 Resuming: run the same command again. Matching resumes pair by pair (:mod:`pipeline.match_dense`);
 the verified database is reused when ``database.json`` records the same matches and options (else it
@@ -20,7 +20,8 @@ records the same inputs and the model is complete, else redone.
 
 The default matcher is the ``loftr+sift`` ensemble (:mod:`pipeline.ensemble`): SIFT's keypoints and
 LoFTR's exact tracks in one model (LoFTR with the outdoor weights; offline and without ``--weights`` the
-shipped ``loftr-compact``, announced on stderr; it never switches to another matcher by itself). For LoFTR:
+shipped ``loftr-compact``, announced on stderr; it never switches to another matcher by itself). The dense
+matching options follow the matcher (:func:`pipeline.match_dense.dense_defaults`); for LoFTR:
 
 * ``--rotation auto``: pairs whose images are turned against each other (SIFT orientations vote, see
   :mod:`pipeline.orientation`) are matched with image 1 turned back; upright pairs are matched as is.
@@ -31,12 +32,17 @@ shipped ``loftr-compact``, announced on stderr; it never switches to another mat
 Mapping (:mod:`pipeline.mapping`) holds the distortion until enough images support it, maps again with
 COLMAP's options when images are left out, and refines the geometry in two rounds of bundle adjustment,
 observation filtering (3 px, 2 px), re-triangulation and registration of left-over images.
+
+API: ``main(images, outputs, ReconstructConfig(...))``; the config composes the steps' own configs
+(:class:`~pipeline.match_dense.MatcherSpec`, :class:`~pipeline.pairs.PairsConfig`,
+:class:`~pipeline.match_dense.DenseMatchConfig`, :class:`~pipeline.colmap_db.VerificationConfig`,
+:class:`~pipeline.mapping.MappingConfig`), and the command line is generated from them.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -47,116 +53,117 @@ from pathlib import Path
 from typing import Any
 
 from core import io
+from core.cli import add_config_arguments, config_from_options
+from core.colmap_model import incomplete_write, read_model, write_model
 from core.errors import UserError, run_cli
-from matchers.factory import AMP_MODES
-from pipeline.colmap_db import CAMERA_MODES, VerificationConfig, build_database
-from pipeline.image_check import check_h5, check_images
-from pipeline.mapping import (
-    CALIBRATION_MODES,
-    MappingConfig,
-    MappingResult,
-    check_model_written,
-    incomplete_write,
-    run_mapping,
+from core.stamps import digest, file_state
+from pipeline.colmap_db import CAMERA_MODES, CameraMode, VerificationConfig, build_database
+from pipeline.ensemble import EnsembleStats
+from pipeline.image_check import ImageCheck, check_h5, check_images
+from pipeline.mapping import MappingConfig, MappingResult, run_mapping
+from pipeline.match_dense import (
+    DenseMatchConfig,
+    DenseMatchResult,
+    DenseOverrides,
+    MatcherSpec,
+    dense_defaults,
 )
-from pipeline.refine import KLT_CELL_SIZE, MATCH_REFINE_MODES, default_refine
+from pipeline.pairs import IMAGE_METHODS, PairsConfig, make_pairs
+from pipeline.tta import split_resize
 
 logger = logging.getLogger(__name__)
 
-PAIR_STRATEGIES = ("exhaustive", "sequential", "retrieval")
-#: matcher ensembles (pipeline.ensemble): SIFT's keypoints and a dense matcher's tracks in one model
-ENSEMBLES = ("loftr+sift",)
+Pair = tuple[str, str]
 #: single detector-free matchers (their pairs need DENSE_MIN_INLIERS verified inliers)
 MATCHERS_DENSE = ("loftr",)
-DEFAULT_NUM_PAIRS = {"sequential": 10, "retrieval": 20}
 MODEL_FILES = ("cameras.bin", "images.bin", "points3D.bin")
-# COLMAP's SIFT is the default for SfM: on temple_ring (47 images, exhaustive) it gives a median
-# relative-rotation error of 0.88 deg against GT, OpenCV's SIFT 0.99 deg (both 47/47 registered).
-SIFT_BACKENDS = ("pycolmap", "opencv")
 #: verified inliers a pair needs with a dense matcher (COLMAP's 15 is meant for SIFT): LoFTR returns hundreds of
 #: matches on overlapping pairs, and on pairs that share nothing (e.g. opposite sides of a symmetric object) its
 #: few wrong matches can still fit an epipolar geometry with 15-27 inliers, which then joins wrong images
 DENSE_MIN_INLIERS = 30
-#: quantization of KLT-refined dense matches: hloc's 8 px cells and 2 px radius average refined points with
-#: others up to 2 px away and undo the refinement. temple_ring, 135 sequential pairs, median epipolar error
-#: of the quantized matches against GT: no refinement 0.44 px; refined 0.38 (8 / 2), 0.26 (4 / 1), 0.21 (4 / 0.5).
-#: Exhaustive temple_ring with loftr-compact (47/47 registered each), median relative-rotation error:
-#: 1.50 deg (4 / 1), 1.49 (4 / 0.75), 1.37 (4 / 0.5); fewer matches survive a smaller radius (mean track
-#: length 5.2 -> 4.0), which is why it is not smaller still.
-KLT_MAX_ERROR = 0.5
 
 
 @dataclass(frozen=True)
 class ReconstructConfig:
-    """Every option of a reconstruction run (the CLI flags map one-to-one)."""
+    """Every option of a reconstruction run: the steps' configs, composed (the CLI is generated from them)."""
 
-    #: loftr+sift: SIFT's keypoints and LoFTR's exact tracks in one model (pipeline.ensemble); sacre_coeur with the
-    #: offline loftr-compact: 10/10 registered (loftr alone: 2/10)
-    matcher: str = "loftr+sift"
-    weights: str | None = None  # LoFTR checkpoint name or path; None = outdoor
-    pairs: str = "exhaustive"  # exhaustive | sequential | retrieval
-    num_pairs: int | None = None  # sequential window / retrieval top-k; None = strategy default
-    loop_closure: bool = False  # sequential pairs: also pair the end of the sequence with its start
-    resize: tuple[int, ...] | None = None  # longest side(s) for matching; None = matcher default; 0 = original
-    rotation: str | None = None  # none | auto | best | union (see pipeline.tta); None = auto for dense matchers
-    camera_mode: str = "auto"  # auto | single | per-image
-    camera_model: str = "SIMPLE_RADIAL"
-    device: str = "auto"
-    sift_backend: str = "pycolmap"  # SIFT matcher only: COLMAP's SIFT ("pycolmap") or OpenCV's ("opencv")
-    amp: str | None = None  # LoFTR only: autocast precision "bf16" / "fp16" (None: float32)
-    cell_size: int | None = None  # quantization cell (px); None: 4 for refined dense matches, 8 unrefined, 2 SIFT
-    max_error: float | None = None  # quantization sub-bin and re-assignment radius (px); None: 0.5 refined, else 2
-    refine: str | None = None  # none | klt (sub-pixel refinement of dense matches); None = klt for dense matchers
-    min_match_score: float | None = None
-    #: None: COLMAP's two-view options, with at least DENSE_MIN_INLIERS inliers per pair for dense matchers
-    verification: VerificationConfig | None = None
-    #: staged: focal first, distortion only once enough images support it (pipeline.mapping); colmap: COLMAP's options
-    calibration: str = "staged"
-    refine_iterations: int = (
-        2  # geometry refinement rounds after mapping (bundle adjustment, filtering, re-triangulation)
-    )
-    num_threads: int = -1  # mapper threads; -1 = all cores
-    seed: int | None = 0  # COLMAP's random seed (reproducible runs); None = random
-    verbose: bool = False  # COLMAP's own log on stderr
+    matcher: MatcherSpec = MatcherSpec()
+    pairs: PairsConfig = PairsConfig()
+    #: None: derived from the matcher (pipeline.match_dense.dense_defaults); for an ensemble it is its dense
+    #: part's (the SIFT part keeps SIFT's); build one with dense_defaults(matcher, resize, overrides)
+    dense: DenseMatchConfig | None = None
+    #: min_num_inliers None: COLMAP's 15, or DENSE_MIN_INLIERS for a dense matcher alone
+    verification: VerificationConfig = VerificationConfig()
+    #: min_num_matches None: the verification's minimum; verbose also shows COLMAP's log while verifying
+    mapping: MappingConfig = MappingConfig()
+    camera_mode: CameraMode = "auto"  # images sharing a camera: auto (same size and EXIF), single or per-image
+    camera_model: str = "SIMPLE_RADIAL"  # COLMAP camera model
+    min_match_score: float | None = None  # matches scored at or below this are not imported
 
     def __post_init__(self) -> None:
-        if self.pairs not in PAIR_STRATEGIES:
-            raise UserError(f"unknown pairs strategy {self.pairs!r}; choose one of {', '.join(PAIR_STRATEGIES)}")
-        if self.calibration not in CALIBRATION_MODES:
-            raise UserError(f"unknown calibration {self.calibration!r}; choose one of {', '.join(CALIBRATION_MODES)}")
-        if self.refine_iterations < 0:
-            raise UserError(f"--refine-iterations must be >= 0, got {self.refine_iterations}")
+        if self.pairs.method not in IMAGE_METHODS:
+            raise UserError(
+                f"--pairs {self.pairs.method} needs a model, not images; choose one of {', '.join(IMAGE_METHODS)}"
+            )
         if self.camera_mode not in CAMERA_MODES:
             raise UserError(f"unknown camera mode {self.camera_mode!r}; choose one of {', '.join(CAMERA_MODES)}")
-        if self.verification is not None and self.verification.min_num_inliers < 1:
-            raise UserError(f"--min-num-inliers must be >= 1, got {self.verification.min_num_inliers}")
-        from matchers.factory import MATCHERS
+        if self.dense is not None:
+            if self.dense.max_error <= 0:
+                raise UserError(f"--max-error must be > 0 px, got {self.dense.max_error}")
+            views = split_resize(self.matcher.resize)[1]
+            if self.dense.resize != views:
+                raise UserError(
+                    f"the dense matching sizes {self.dense.resize} are not those of the matcher's resize "
+                    f"{self.matcher.resize}; give the sizes in the MatcherSpec and build the DenseMatchConfig with "
+                    f"pipeline.match_dense.dense_defaults(matcher, resize, ...)"
+                )
 
-        if self.matcher not in MATCHERS + ENSEMBLES:
-            raise UserError(f"unknown matcher {self.matcher!r}; choose one of {', '.join(MATCHERS + ENSEMBLES)}")
-        if self.amp is not None and (self.amp not in AMP_MODES or "loftr" not in self.matcher):
-            raise UserError(f"--amp {self.amp} applies to the loftr matcher only, with one of {', '.join(AMP_MODES)}")
-        if self.refine is not None and self.refine not in MATCH_REFINE_MODES:
-            raise UserError(f"unknown refinement {self.refine!r}; choose one of {', '.join(MATCH_REFINE_MODES)}")
-        if self.max_error is not None and self.max_error <= 0:
-            raise UserError(f"--max-error must be > 0 px, got {self.max_error}")
-        if self.sift_backend not in SIFT_BACKENDS:
-            raise UserError(f"unknown SIFT backend {self.sift_backend!r}; choose one of {', '.join(SIFT_BACKENDS)}")
-        if self.num_pairs is not None and self.num_pairs < 1:
-            raise UserError(f"--num-pairs must be >= 1, got {self.num_pairs}")
-        if self.resize is not None:
-            object.__setattr__(self, "resize", tuple(int(size) for size in self.resize))
-            if not self.resize or any(size < 0 for size in self.resize):
-                raise UserError(f"--resize sizes must be >= 0 (0 = original size), got {list(self.resize)}")
+
+@dataclass(frozen=True)
+class ReconstructPaths:
+    """Where a run writes what, under its outputs folder."""
+
+    outputs: Path
+    pairs: Path
+    features: Path
+    matches: Path
+    database: Path
+    database_stamp: Path  # database.json: what the verified database was built from
+    ensemble_stamp: Path  # ensemble.json: what the merged ensemble files were made from
+    sfm: Path  # the largest model
+    models: Path  # every model the mapper made
+    ply: Path
+    summary: Path
+    png: Path
+    html: Path
+
+    @classmethod
+    def under(cls, outputs: Path) -> ReconstructPaths:
+        outputs = Path(outputs)
+        return cls(
+            outputs,
+            *(outputs / name for name in ("pairs.txt", "features.h5", "matches.h5", "database.db", "database.json")),
+            *(outputs / name for name in ("ensemble.json", "sfm", "models", "points.ply", "summary.json")),
+            outputs / "reconstruction.png",
+            outputs / "reconstruction.html",
+        )
+
+    def part_files(self, matcher: str, parts: Sequence[str]) -> tuple[Path, Path]:
+        """features.h5 and matches.h5 of one matcher of the run (an ensemble's under ``OUT/<matcher>/``)."""
+        if len(parts) == 1:
+            return self.features, self.matches
+        return self.outputs / matcher / "features.h5", self.outputs / matcher / "matches.h5"
 
 
 @dataclass
 class ReconstructResult:
-    """What :func:`main` returns: the largest model (None if nothing was reconstructed) and the summary."""
+    """What :func:`main` returns: the largest model (None if nothing was reconstructed), the summary (as written
+    to summary.json) and where the outputs are."""
 
     reconstruction: Any
     summary: dict[str, Any]
     outputs: Path
+    paths: ReconstructPaths
 
 
 class _Timer:
@@ -178,184 +185,284 @@ class _Timer:
         return _Step()
 
 
-# ------------------------------------------------------------------------------------------ pairs
-def make_pairs(
-    names: Sequence[str], config: ReconstructConfig, image_dir: Path, outputs: Path
-) -> list[tuple[str, str]]:
-    """Image pairs for the chosen strategy (pipeline.pairs)."""
-    from pipeline import pairs as pairs_module
-
-    if config.pairs == "exhaustive":
-        return list(pairs_module.exhaustive(list(names)))
-    if config.pairs == "sequential":
-        window = config.num_pairs or DEFAULT_NUM_PAIRS["sequential"]
-        return list(pairs_module.sequential(list(names), window, config.loop_closure))
-    try:
-        from pipeline import retrieval  # written by another step of the project; may be absent
-    except ImportError:
-        retrieval = None
-    if retrieval is None or not hasattr(retrieval, "pairs_from_images"):
-        raise UserError(
-            "--pairs retrieval needs global descriptors (pipeline.retrieval), which this installation "
-            "does not provide yet; use --pairs exhaustive (small sets) or --pairs sequential (videos)"
-        )
-    top_k = config.num_pairs or DEFAULT_NUM_PAIRS["retrieval"]
-    return list(retrieval.pairs_from_images(image_dir, list(names), top_k, outputs, device=config.device))
+# ------------------------------------------------------------------------------------------ options
+def dense_config(config: ReconstructConfig, part: str) -> DenseMatchConfig:
+    """The dense matching options of one matcher of the run: the run's ``dense`` (or the matcher's defaults);
+    an ensemble's SIFT part always keeps SIFT's."""
+    spec = config.matcher
+    if config.dense is None or (part == "sift" and len(spec.parts) > 1):
+        return dense_defaults(part, spec.resize)
+    return config.dense
 
 
-# ------------------------------------------------------------------------------------------ matching
 def verification_options(config: ReconstructConfig) -> VerificationConfig:
-    """The two-view verification of a run: the given one, else COLMAP's with the matcher's inlier minimum."""
-    if config.verification is not None:
+    """The two-view verification of a run: the given one, with the matcher's inlier minimum unless given."""
+    if config.verification.min_num_inliers is not None:
         return config.verification
     # An ensemble's dense matches of pairs SIFT cannot verify already needed DENSE_MIN_INLIERS (pipeline.ensemble).
-    return VerificationConfig(min_num_inliers=DENSE_MIN_INLIERS if config.matcher in MATCHERS_DENSE else 15)
+    dense_alone = config.matcher.matcher in MATCHERS_DENSE
+    return dataclasses.replace(config.verification, min_num_inliers=DENSE_MIN_INLIERS if dense_alone else None)
 
 
-def ensemble_parts(matcher: str) -> tuple[str, ...]:
-    """The single matchers of ``matcher`` ("loftr+sift" -> ("sift", "loftr"): the detector first, it gates)."""
-    parts = tuple(matcher.split("+"))
-    return tuple(sorted(parts, key=lambda name: name != "sift"))
+def mapping_options(config: ReconstructConfig) -> MappingConfig:
+    """The mapping step's options of a run: pairs need what the verification required, unless given."""
+    if config.mapping.min_num_matches is not None:
+        return config.mapping
+    return dataclasses.replace(config.mapping, min_num_matches=verification_options(config).required_inliers)
 
 
-def dense_config(config: ReconstructConfig, matcher: str | None = None):
-    """The DenseMatchConfig and the matcher's own resize for a run's ``matcher`` (default: the run's; one size:
-    the matcher resizes; several: match_dense resizes each view and merges, the matcher takes images as given).
-    In an ensemble, the SIFT part keeps SIFT's defaults; the dense part takes --refine / --rotation."""
-    from pipeline.match_dense import DenseMatchConfig
+def recorded_options(config: ReconstructConfig) -> dict[str, Any]:
+    """The run's options as summary.json records them (and its mapping stamp uses: verbosity left out)."""
+    options = asdict(config)
+    options["mapping"].pop("verbose")
+    return options
 
-    matcher = matcher or config.matcher
-    user = config if matcher != "sift" or "+" not in config.matcher else ReconstructConfig(matcher="sift")
-    sizes = config.resize or (None,)
-    if len(sizes) == 1:
-        matcher_size, view_sizes = sizes[0], (None,)
-    else:
-        matcher_size, view_sizes = 0, tuple(size or None for size in sizes)
-    refine = user.refine if user.refine is not None else default_refine(matcher)
-    defaults = DenseMatchConfig()
-    if matcher == "sift":
-        # SIFT keypoints are already shared between pairs: a fine grid keeps them nearly all distinct.
-        cell_size, max_error = 2, defaults.max_error
-    elif refine == "klt":
-        cell_size, max_error = KLT_CELL_SIZE, KLT_MAX_ERROR
-    else:
-        cell_size, max_error = defaults.cell_size, defaults.max_error
-    cell_size = user.cell_size if user.cell_size is not None else cell_size
-    max_error = user.max_error if user.max_error is not None else max_error
-    rotation = user.rotation
-    if rotation is None:
-        # SIFT is rotation invariant; LoFTR is not, and SIFT's orientations tell cheaply which pairs need a turn.
-        rotation = "none" if matcher == "sift" else "auto"
-    return DenseMatchConfig(
-        cell_size=cell_size, max_error=max_error, rotation=rotation, resize=view_sizes, refine=refine
-    ), matcher_size
+
+# ------------------------------------------------------------------------------------------ steps
+def check_inputs(images: Path, paths: ReconstructPaths) -> ImageCheck:
+    """The usable images (the others logged); damaged HDF5 files of an earlier crash are a clear message now."""
+    checked = check_images(images)
+    for name, reason in checked.skipped.items():
+        logger.warning("skipping %s: %s", name, reason)
+    for path in (paths.features, paths.matches):
+        check_h5(path)
+    return checked
+
+
+def choose_pairs(names: Sequence[str], config: ReconstructConfig, images: Path, paths: ReconstructPaths) -> list[Pair]:
+    """The run's image pairs (pipeline.pairs), written to pairs.txt unless it already lists exactly them."""
+    pair_list = make_pairs(names, config.pairs, images, paths.outputs, config.matcher.device)
+    if not pair_list:
+        raise UserError(f"{images}: no image pairs to match (strategy {config.pairs.method!r}); use more images")
+    if not paths.pairs.is_file() or paths.pairs.read_text() != "".join(f"{a} {b}\n" for a, b in pair_list):
+        io.write_pairs(paths.pairs, pair_list)
+    return pair_list
 
 
 @dataclass(frozen=True)
 class Matched:
     """What the matching step did: one DenseMatchResult per matcher of the run, their descriptions and configs,
-    and the ensemble merge (None for a single matcher)."""
+    the ensemble merge (None for a single matcher), and which matcher's figures the run reports."""
 
-    results: dict[str, Any]  # matcher -> DenseMatchResult
+    results: dict[str, DenseMatchResult]
     descriptions: dict[str, dict[str, Any]]
-    configs: dict[str, Any]  # matcher -> DenseMatchConfig
-    ensemble: Any | None  # pipeline.ensemble.EnsembleStats
+    configs: dict[str, DenseMatchConfig]
+    ensemble: EnsembleStats | None
+    primary: str
+
+    @property
+    def result(self) -> DenseMatchResult:
+        return self.results[self.primary]
+
+    @property
+    def config(self) -> DenseMatchConfig:
+        return self.configs[self.primary]
 
 
-def match_images(
-    config: ReconstructConfig, images: Path, outputs: Path, pairs: Path, features: Path, matches: Path
-) -> Matched:
+def match_images(config: ReconstructConfig, images: Path, paths: ReconstructPaths) -> Matched:
     """Match the pairs with the run's matcher, or with each matcher of an ensemble and merge their files."""
-    from matchers.factory import make_matcher
-    from pipeline import ensemble, match_dense
+    from pipeline import match_dense
 
-    pair_list = match_dense.load_pairs(pairs, images)  # validated before a checkpoint is loaded
-    parts = ensemble_parts(config.matcher)
-    results, descriptions, configs, matchers = {}, {}, {}, {}
-    for name in parts:  # every matcher is made (weights loaded) before any pair is matched
-        configs[name], matcher_size = dense_config(config, name)
-        extra = {"backend": config.sift_backend} if name == "sift" else {}
-        matchers[name] = make_matcher(
-            name,
-            weights=config.weights if name != "sift" else None,
-            resize=matcher_size,
-            device=config.device,
-            amp=config.amp if name != "sift" else None,
-            **extra,
-        )
-        descriptions[name] = matchers[name].describe()
-    for name in parts:
-        part_features, part_matches = (
-            (features, matches) if len(parts) == 1 else (outputs / name / "features.h5", outputs / name / "matches.h5")
-        )
-        part_features.parent.mkdir(parents=True, exist_ok=True)
-        results[name] = match_dense.run(pairs, images, part_features, part_matches, matchers[name], configs[name])
-    merged = None
-    if len(parts) > 1:
-        stamp_path = outputs / "ensemble.json"
-        inputs = [[name, _file_state(results[name].features), _file_state(results[name].matches)] for name in parts]
-        inputs.append(asdict(ensemble.EnsembleConfig()))
+    pair_list = match_dense.load_pairs(paths.pairs, images)  # validated before a checkpoint is loaded
+    spec = config.matcher
+    configs = {name: dense_config(config, name) for name in spec.parts}
+    matchers = {name: spec.make(name) for name in spec.parts}  # every matcher made (weights loaded) before matching
+    results = {}
+    for name in spec.parts:
+        features, matches = paths.part_files(name, spec.parts)
+        features.parent.mkdir(parents=True, exist_ok=True)
+        results[name] = match_dense.run(paths.pairs, images, features, matches, matchers[name], configs[name])
+    merged = merge_ensemble(results, spec.parts, pair_list, paths) if len(spec.parts) > 1 else None
+    descriptions = {name: matcher.describe() for name, matcher in matchers.items()}
+    return Matched(results, descriptions, configs, merged, spec.primary)
+
+
+def merge_ensemble(
+    results: dict[str, DenseMatchResult], parts: Sequence[str], pair_list: Sequence[Pair], paths: ReconstructPaths
+) -> EnsembleStats:
+    """The ensemble's features.h5 / matches.h5 from its parts' (pipeline.ensemble), reused when ``ensemble.json``
+    records the same part files and the merged files are intact."""
+    from pipeline import ensemble
+
+    inputs: list[Any] = [
+        [name, file_state(results[name].features), file_state(results[name].matches)] for name in parts
+    ]
+    inputs.append(asdict(ensemble.EnsembleConfig()))
+    try:
+        recorded = json.loads(paths.ensemble_stamp.read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    outputs = [file_state(paths.features), file_state(paths.matches)]
+    if isinstance(recorded, dict) and recorded.get("inputs") == inputs and recorded.get("outputs") == outputs:
+        return ensemble.EnsembleStats(**recorded["stats"])
+    merged = ensemble.merge(
+        [(name, results[name].features, results[name].matches) for name in parts],
+        pair_list,
+        paths.features,
+        paths.matches,
+    )
+    record = {
+        "inputs": inputs,
+        "stats": asdict(merged),
+        "outputs": [file_state(paths.features), file_state(paths.matches)],
+    }
+    io.write_text_atomic(paths.ensemble_stamp, json.dumps(record))
+    return merged
+
+
+@dataclass(frozen=True)
+class DatabaseStep:
+    """The verified database's figures (DatabaseStats as a dict; None when none was built) and whether an
+    earlier run's was reused."""
+
+    stats: dict[str, Any] | None
+    reused: bool
+
+    @property
+    def verified_pairs(self) -> int:
+        return (self.stats or {}).get("num_verified_pairs", 0)
+
+
+def build_or_reuse_database(
+    config: ReconstructConfig, images: Path, names: Sequence[str], pair_list: Sequence[Pair], paths: ReconstructPaths
+) -> DatabaseStep:
+    """The verified COLMAP database, reused when ``database.json`` records exactly these inputs (the mapper writes
+    rigs and frames into the database, so its own file state is not part of the check)."""
+    verification = verification_options(config)
+    stamp = digest(
+        {
+            "features": file_state(paths.features),
+            "matches": file_state(paths.matches),
+            "names": names,
+            "pairs": pair_list,
+            "camera_mode": config.camera_mode,
+            "camera_model": config.camera_model,
+            "verification": asdict(verification),
+            "min_match_score": config.min_match_score,
+        }
+    )
+    try:
+        recorded = json.loads(paths.database_stamp.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if (
+        isinstance(recorded, dict)
+        and recorded.get("stamp") == stamp
+        and paths.database.is_file()
+        and isinstance(recorded.get("stats"), dict)
+    ):
+        logger.info("reusing the verified database %s", paths.database)
+        return DatabaseStep(recorded["stats"], reused=True)
+    _, built = build_database(
+        paths.database,
+        images,
+        names,
+        pair_list,
+        paths.features,
+        paths.matches,
+        camera_mode=config.camera_mode,
+        camera_model=config.camera_model,
+        verification=verification,
+        min_match_score=config.min_match_score,
+        verbose=config.mapping.verbose,
+    )
+    stats = asdict(built)
+    # Verification is the slow part: a run interrupted during mapping reuses the database.
+    io.write_text_atomic(paths.database_stamp, json.dumps({"stamp": stamp, "stats": stats}))
+    return DatabaseStep(stats, reused=False)
+
+
+@dataclass(frozen=True)
+class ModelStep:
+    """The mapping step's outcome: the largest model (None: nothing reconstructed), registered images per model
+    (largest first), the mapping report for summary.json, and whether the model is an earlier run's."""
+
+    reconstruction: Any | None
+    models: list[int]
+    report: dict[str, Any]
+    resumed: bool
+
+
+def map_images(
+    config: ReconstructConfig, images: Path, num_images: int, database: DatabaseStep, paths: ReconstructPaths
+) -> ModelStep:
+    """Incremental mapping and geometry refinement (pipeline.mapping); the largest model goes to sfm/."""
+    mapped = (
+        run_mapping(paths.database, images, paths.models, mapping_options(config), num_images)
+        if database.verified_pairs
+        else MappingResult({}, None)
+    )
+    report = {
+        "attempts": mapped.attempts,
+        "calibration": mapped.calibration,
+        "refinement": mapped.refinement,
+        "cameras": mapped.cameras(),
+    }
+    sizes = sorted((model.num_reg_images() for model in mapped.models.values()), reverse=True)
+    if mapped.reconstruction is not None:
+        write_model(mapped.reconstruction, paths.sfm)
+    elif paths.sfm.exists():
+        shutil.rmtree(paths.sfm)  # a stale model from other inputs must not survive
+    return ModelStep(mapped.reconstruction, sizes, report, resumed=False)
+
+
+@dataclass(frozen=True)
+class PreviousRun:
+    """What an earlier run's summary.json says, as far as a re-run reuses it."""
+
+    inputs_stamp: str | None
+    database: dict[str, Any] | None
+    models: list[int]
+    mapping: dict[str, Any]
+    timings: dict[str, float]
+
+    @classmethod
+    def read(cls, path: Path) -> PreviousRun | None:
         try:
-            recorded = json.loads(stamp_path.read_text())
+            summary = json.loads(path.read_text())
         except (OSError, ValueError):
-            recorded = {}
-        if (
-            isinstance(recorded, dict)
-            and recorded.get("inputs") == inputs
-            and recorded.get("outputs") == [_file_state(features), _file_state(matches)]
-        ):
-            merged = ensemble.EnsembleStats(**recorded["stats"])
-        else:
-            merged = ensemble.merge(
-                [(name, results[name].features, results[name].matches) for name in parts], pair_list, features, matches
-            )
-            io.write_text_atomic(
-                stamp_path,
-                json.dumps(
-                    {
-                        "inputs": inputs,
-                        "stats": asdict(merged),
-                        "outputs": [_file_state(features), _file_state(matches)],
-                    }
-                ),
-            )
-    return Matched(results, descriptions, configs, merged)
+            return None
+        if not isinstance(summary, dict):
+            return None
+        return cls(
+            summary.get("inputs_stamp"),
+            summary.get("database"),
+            list(summary.get("models", [])),
+            dict(summary.get("mapping", {})),
+            dict(summary.get("timings", {})),
+        )
 
 
-# ------------------------------------------------------------------------------------------ mapping
-def mapping_options(config: ReconstructConfig) -> MappingConfig:
-    """The mapping step's options of a run."""
-    return MappingConfig(
-        min_num_matches=verification_options(config).min_num_inliers,
-        calibration=config.calibration,
-        refine_iterations=config.refine_iterations,
-        num_threads=config.num_threads,
-        seed=config.seed,
-        verbose=config.verbose,
+def inputs_stamp(config: ReconstructConfig, names: Sequence[str], paths: ReconstructPaths) -> str:
+    """What the model depends on: the matching outputs, the images and every option."""
+    return digest(
+        {
+            "features": file_state(paths.features),
+            "matches": file_state(paths.matches),
+            "names": list(names),
+            "options": recorded_options(config),
+        }
     )
 
 
-def write_model(reconstruction, sfm_dir: Path) -> None:
-    """Write the model as COLMAP binary and text into ``sfm_dir``, replacing it atomically."""
-    temp = sfm_dir.with_name(f".{sfm_dir.name}.tmp")
-    if temp.exists():
-        shutil.rmtree(temp)
-    temp.mkdir(parents=True)
-    try:
-        reconstruction.write_binary(str(temp))
-        reconstruction.write_text(str(temp))
-        check_model_written(reconstruction, temp, sfm_dir, ("binary", "text"))
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    old = sfm_dir.with_name(f".{sfm_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if sfm_dir.exists():
-        sfm_dir.rename(old)
-    temp.rename(sfm_dir)
-    if old.exists():
-        shutil.rmtree(old)
+def resume_model(previous: PreviousRun, paths: ReconstructPaths) -> ModelStep:
+    logger.info("the model in %s is up to date; skipping the database and the mapping", paths.sfm)
+    return ModelStep(read_model(paths.sfm, "the model folder sfm/"), previous.models, previous.mapping, resumed=True)
+
+
+def write_views(reconstruction: Any, images: Path, paths: ReconstructPaths, resumed: bool) -> None:
+    """points.ply, reconstruction.png and the interactive reconstruction.html (kept when a resumed run has them)."""
+    from pipeline.viz import plot_reconstruction, write_html
+
+    if reconstruction is None:
+        return
+    title = images.parent.name if images.name == "images" else images.name
+    if not (resumed and paths.ply.is_file()):
+        export_ply(reconstruction, paths.ply)
+    if not (resumed and paths.png.is_file()):
+        plot_reconstruction(reconstruction, paths.png, title=title)
+    if not (resumed and paths.html.is_file()):
+        write_html(reconstruction, paths.html, title=title)
 
 
 #: bytes of the property types of a binary PLY
@@ -415,264 +522,115 @@ def model_statistics(reconstruction, names: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def _file_state(path: Path) -> list[int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
+@dataclass(frozen=True)
+class RunSteps:
+    """The typed results of a run's steps, from which its summary is written."""
+
+    checked: ImageCheck
+    pairs: list[Pair]
+    matched: Matched
+    database: DatabaseStep
+    model: ModelStep
+    inputs_stamp: str
 
 
-def _stamp(payload: Any) -> str:
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _reusable_database(database: Path, stamp_path: Path, stamp: str) -> dict[str, Any] | None:
-    """The stats of ``database`` when it was built from exactly these inputs (the mapper writes rigs and
-    frames into the database, so its file state is not part of the check)."""
-    try:
-        recorded = json.loads(stamp_path.read_text())
-    except (OSError, ValueError):
-        return None
-    if (
-        isinstance(recorded, dict)
-        and recorded.get("stamp") == stamp
-        and database.is_file()
-        and isinstance(recorded.get("stats"), dict)
-    ):
-        return recorded["stats"]
-    return None
-
-
-def _previous_summary(path: Path) -> dict[str, Any] | None:
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
-
-
-# ------------------------------------------------------------------------------------------ main
-def main(
-    images: Path,
-    outputs: Path,
-    matcher: str = ReconstructConfig.matcher,
-    weights: str | None = None,
-    pairs: str = ReconstructConfig.pairs,
-    num_pairs: int | None = None,
-    resize: Sequence[int] | None = None,
-    rotation: str | None = None,
-    camera_mode: str = ReconstructConfig.camera_mode,
-    device: str = ReconstructConfig.device,
-    config: ReconstructConfig | None = None,
-) -> ReconstructResult:
-    """Reconstruct the images of folder ``images`` into ``outputs`` (see the module docstring).
-
-    Either pass the common options as keywords or a full :class:`ReconstructConfig` (which then wins).
-    Bad input raises :class:`UserError`; nothing reconstructable also raises it, after writing the
-    summary.
-    """
-    import pycolmap
-
-    if config is None:
-        config = ReconstructConfig(
-            matcher=matcher,
-            weights=weights,
-            pairs=pairs,
-            num_pairs=num_pairs,
-            resize=tuple(resize) if resize is not None else None,
-            rotation=rotation,
-            camera_mode=camera_mode,
-            device=device,
-        )
-    images, outputs = Path(images), Path(outputs)
-    io.check_output_dir(outputs, "--outputs")  # a file or a read-only place fails now, not after matching
-    timer = _Timer()
-    start = time.perf_counter()
-    paths = {
-        "pairs": outputs / "pairs.txt",
-        "features": outputs / "features.h5",
-        "matches": outputs / "matches.h5",
-        "database": outputs / "database.db",
-        "database_stamp": outputs / "database.json",
-        "sfm": outputs / "sfm",
-        "models": outputs / "models",
-        "ply": outputs / "points.ply",
-        "summary": outputs / "summary.json",
-        "png": outputs / "reconstruction.png",
+def matching_summary(matched: Matched) -> dict[str, Any]:
+    """summary.json's "matching": the reported matcher's figures and options, the tracks and the ensemble."""
+    result, dense = matched.result, matched.config
+    return {
+        "pairs_matched": result.pairs_matched,
+        "pairs_reused": result.pairs_reused,
+        "prepare_calls": result.prepare_calls,
+        "up_to_date": result.up_to_date,
+        "rotation": dense.rotation,
+        "pairs_turned": result.pairs_turned,
+        # [first, second, k]: the second image was matched as np.rot90(image, k) (k quarter turns)
+        "turned_pairs": [[first, second, k] for (first, second), k in sorted(result.turns.items())],
+        "refine": dense.refine,
+        "cell_size": dense.cell_size,
+        "max_error": dense.max_error,
+        "tracks": asdict(result.tracks) if result.tracks is not None else None,
+        "ensemble": asdict(matched.ensemble) if matched.ensemble is not None else None,
     }
 
-    with timer("check_images"):
-        checked = check_images(images)
-        for name, reason in checked.skipped.items():
-            logger.warning("skipping %s: %s", name, reason)
-        for name in ("features", "matches"):
-            check_h5(paths[name])  # a damaged file from an earlier crash: a clear message, not a traceback
-        names = checked.names
-    outputs.mkdir(parents=True, exist_ok=True)
 
-    with timer("pairs"):
-        pair_list = make_pairs(names, config, images, outputs)
-        if not pair_list:
-            raise UserError(f"{images}: no image pairs to match (strategy {config.pairs!r}); use more images")
-        new_text = "".join(f"{a} {b}\n" for a, b in pair_list)
-        if not paths["pairs"].is_file() or paths["pairs"].read_text() != new_text:
-            io.write_pairs(paths["pairs"], pair_list)
+def make_summary(
+    images: Path, paths: ReconstructPaths, config: ReconstructConfig, steps: RunSteps, timings: dict[str, float]
+) -> dict[str, Any]:
+    """summary.json, from the steps' results."""
+    import pycolmap
 
-    with timer("matching"):
-        matched_all = match_images(config, images, outputs, paths["pairs"], paths["features"], paths["matches"])
-        primary = [name for name in ensemble_parts(config.matcher) if name != "sift"] or ["sift"]
-        matched, dense = matched_all.results[primary[0]], matched_all.configs[primary[0]]
-
-    options = asdict(config)
-    options.pop("verbose")
-    inputs_stamp = _stamp(
-        {
-            "features": _file_state(paths["features"]),
-            "matches": _file_state(paths["matches"]),
-            "names": names,
-            "options": options,
-        }
-    )
-    previous = _previous_summary(paths["summary"])
-    reconstruction = None
-    database_reused = True
-    if previous and previous.get("inputs_stamp") == inputs_stamp and model_complete(paths["sfm"]):
-        logger.info("the model in %s is up to date; skipping the database and the mapping", paths["sfm"])
-        reconstruction = pycolmap.Reconstruction(str(paths["sfm"]))
-        database_stats, models_sizes = previous.get("database"), previous.get("models", [])
-        mapping_report = previous.get("mapping", {})
-        timer.seconds.update({k: v for k, v in previous.get("timings", {}).items() if k in ("database", "mapping")})
-        resumed = True
-    else:
-        resumed = False
-        database_stamp = _stamp(
-            {
-                "features": _file_state(paths["features"]),
-                "matches": _file_state(paths["matches"]),
-                "names": names,
-                "pairs": pair_list,
-                "camera_mode": config.camera_mode,
-                "camera_model": config.camera_model,
-                "verification": asdict(verification_options(config)),
-                "min_match_score": config.min_match_score,
-            }
-        )
-        with timer("database"):
-            database_stats = _reusable_database(paths["database"], paths["database_stamp"], database_stamp)
-            if database_stats is None:
-                database_reused = False
-                _, stats = build_database(
-                    paths["database"],
-                    images,
-                    names,
-                    pair_list,
-                    paths["features"],
-                    paths["matches"],
-                    camera_mode=config.camera_mode,
-                    camera_model=config.camera_model,
-                    verification=verification_options(config),
-                    min_match_score=config.min_match_score,
-                    verbose=config.verbose,
-                )
-                database_stats = asdict(stats)
-                # Verification is the slow part: a run interrupted during mapping reuses the database.
-                io.write_text_atomic(
-                    paths["database_stamp"],
-                    json.dumps({"stamp": database_stamp, "stats": database_stats}),
-                )
-            else:
-                logger.info("reusing the verified database %s", paths["database"])
-        with timer("mapping"):
-            verified = database_stats.get("num_verified_pairs", 0)
-            mapped = (
-                run_mapping(paths["database"], images, paths["models"], mapping_options(config), len(names))
-                if verified
-                else MappingResult({}, None)
-            )
-            mapping_report = {
-                "attempts": mapped.attempts,
-                "calibration": mapped.calibration,
-                "refinement": mapped.refinement,
-                "cameras": mapped.cameras(),
-            }
-            models = mapped.models
-            models_sizes = sorted((m.num_reg_images() for m in models.values()), reverse=True)
-            if mapped.reconstruction is not None:
-                reconstruction = mapped.reconstruction
-                write_model(reconstruction, paths["sfm"])
-            elif paths["sfm"].exists():
-                shutil.rmtree(paths["sfm"])  # a stale model from other inputs must not survive
-
-    with timer("outputs"):
-        if reconstruction is not None:
-            if resumed and paths["ply"].is_file():
-                pass
-            else:
-                export_ply(reconstruction, paths["ply"])
-            if not (resumed and paths["png"].is_file()):
-                from pipeline.viz import plot_reconstruction
-
-                title = images.parent.name if images.name == "images" else images.name
-                plot_reconstruction(reconstruction, paths["png"], title=title)
-            if not (resumed and (outputs / "reconstruction.html").is_file()):  # the interactive viewer
-                from pipeline.viz import write_html
-
-                write_html(
-                    reconstruction,
-                    outputs / "reconstruction.html",
-                    title=images.parent.name if images.name == "images" else images.name,
-                )
-
-    description = matched_all.descriptions[primary[0]]
+    names, reconstruction = steps.checked.names, steps.model.reconstruction
+    description = steps.matched.descriptions[steps.matched.primary]
     summary: dict[str, Any] = {
         "images": str(images),
-        "outputs": str(outputs),
+        "outputs": str(paths.outputs),
         "num_images": len(names),
-        "skipped_images": checked.skipped,
+        "skipped_images": steps.checked.skipped,
         **(
             model_statistics(reconstruction, names)
             if reconstruction is not None
             else {"registered": 0, "total": len(names)}
         ),
-        "models": models_sizes,
-        "matcher": config.matcher,
+        "models": steps.model.models,
+        "matcher": config.matcher.matcher,
         "weights": description.get("weights"),
         "matcher_options": description,
-        "options": options,
-        "pairs": {"strategy": config.pairs, "num_pairs": len(pair_list)},
-        "matching": {
-            "pairs_matched": matched.pairs_matched,
-            "pairs_reused": matched.pairs_reused,
-            "prepare_calls": matched.prepare_calls,
-            "up_to_date": matched.up_to_date,
-            "rotation": dense.rotation,
-            "pairs_turned": matched.pairs_turned,
-            # [first, second, k]: the second image was matched as np.rot90(image, k) (k quarter turns)
-            "turned_pairs": [[first, second, k] for (first, second), k in sorted(matched.turns.items())],
-            "refine": dense.refine,
-            "cell_size": dense.cell_size,
-            "max_error": dense.max_error,
-            "tracks": asdict(matched.tracks) if matched.tracks is not None else None,
-            "ensemble": asdict(matched_all.ensemble) if matched_all.ensemble is not None else None,
-        },
-        "database": database_stats,
-        "mapping": mapping_report,
-        "reused_database": database_reused,
-        "resumed_model": resumed,
-        "timings": {**timer.seconds, "total": round(time.perf_counter() - start, 3)},
-        "inputs_stamp": inputs_stamp,
+        "options": recorded_options(config),
+        "pairs": {"strategy": config.pairs.method, "num_pairs": len(steps.pairs)},
+        "matching": matching_summary(steps.matched),
+        "database": steps.database.stats,
+        "mapping": steps.model.report,
+        "reused_database": steps.database.reused,
+        "resumed_model": steps.model.resumed,
+        "timings": timings,
+        "inputs_stamp": steps.inputs_stamp,
         "pycolmap": pycolmap.__version__,
     }
-    summary["unregistered_images"] = unregistered_report(paths["database"], names, summary)
-    io.write_text_atomic(paths["summary"], json.dumps(summary, indent=2, default=str))
-    if reconstruction is None:
-        verified = (database_stats or {}).get("num_verified_pairs", 0)
+    summary["unregistered_images"] = unregistered_report(paths.database, names, summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(images: Path, outputs: Path, config: ReconstructConfig = ReconstructConfig()) -> ReconstructResult:
+    """Reconstruct the images of folder ``images`` into ``outputs`` (see the module docstring).
+
+    Bad input raises :class:`UserError`; nothing reconstructable also raises it, after writing the summary.
+    """
+    images, paths = Path(images), ReconstructPaths.under(outputs)
+    io.check_output_dir(paths.outputs, "--outputs")  # a file or a read-only place fails now, not after matching
+    timer, start = _Timer(), time.perf_counter()
+    with timer("check_images"):
+        checked = check_inputs(images, paths)
+    paths.outputs.mkdir(parents=True, exist_ok=True)
+    with timer("pairs"):
+        pair_list = choose_pairs(checked.names, config, images, paths)
+    with timer("matching"):
+        matched = match_images(config, images, paths)
+    stamp = inputs_stamp(config, checked.names, paths)
+    previous = PreviousRun.read(paths.summary)
+    if previous is not None and previous.inputs_stamp == stamp and model_complete(paths.sfm):
+        database, model = DatabaseStep(previous.database, reused=True), resume_model(previous, paths)
+        timer.seconds.update({k: v for k, v in previous.timings.items() if k in ("database", "mapping")})
+    else:
+        with timer("database"):
+            database = build_or_reuse_database(config, images, checked.names, pair_list, paths)
+        with timer("mapping"):
+            model = map_images(config, images, len(checked.names), database, paths)
+    with timer("outputs"):
+        write_views(model.reconstruction, images, paths, model.resumed)
+    steps = RunSteps(checked, pair_list, matched, database, model, stamp)
+    summary = make_summary(
+        images, paths, config, steps, {**timer.seconds, "total": round(time.perf_counter() - start, 3)}
+    )
+    io.write_text_atomic(paths.summary, json.dumps(summary, indent=2, default=str))
+    if model.reconstruction is None:
         raise UserError(
-            f"{images}: no model could be reconstructed ({verified} image pairs passed geometric verification); "
-            f"images need overlapping views — try: {'; '.join(what_to_try(summary))} (details in {paths['summary']})"
+            f"{images}: no model could be reconstructed ({database.verified_pairs} image pairs passed geometric "
+            f"verification); images need overlapping views — try: {'; '.join(what_to_try(summary))} "
+            f"(details in {paths.summary})"
         )
-    return ReconstructResult(reconstruction, summary, outputs)
+    return ReconstructResult(model.reconstruction, summary, paths.outputs, paths)
 
 
 #: below this share of registered images the summary explains each missing image and what to try
@@ -738,9 +696,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ CLI
+#: MappingConfig fields with an option (the others are for the API)
+MAPPING_OPTIONS = ("calibration", "refine_iterations", "num_threads", "verbose")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from matchers.factory import DEVICES, MATCHERS, WEIGHTS_HELP
-    from pipeline.tta import ROTATION_MODES
+    from matchers.factory import WEIGHTS_HELP
 
     defaults = ReconstructConfig()
     parser = argparse.ArgumentParser(
@@ -749,109 +711,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--images", type=Path, required=True, help="image folder")
     parser.add_argument("--outputs", type=Path, required=True, help="output folder (re-run to resume)")
+    add_config_arguments(parser, MatcherSpec, defaults=defaults.matcher, helps={"weights": WEIGHTS_HELP})
+    # --pairs and --num-pairs predate PairsConfig: one option names the method, one the window or top-k.
+    parser.add_argument("--pairs", choices=IMAGE_METHODS, default=defaults.pairs.method, help="pairs strategy")
     parser.add_argument(
-        "--matcher",
-        choices=MATCHERS + ENSEMBLES,
-        default=defaults.matcher,
-        help="loftr+sift: one set of tracks from SIFT's keypoints and LoFTR's exact tracks",
-    )
-    parser.add_argument("--weights", help=WEIGHTS_HELP)
-    parser.add_argument("--pairs", choices=PAIR_STRATEGIES, default=defaults.pairs)
-    parser.add_argument("--num-pairs", type=int, help="sequential window / retrieval top-k (default 10 / 20)")
-    parser.add_argument("--loop-closure", action="store_true", help="sequential pairs: close the loop")
-    parser.add_argument(
-        "--resize",
+        "--num-pairs",
         type=int,
-        nargs="+",
-        help="longest side for matching (0 = original); several sizes are matched and merged",
+        help=f"sequential window / retrieval top-k (default {defaults.pairs.window} / {defaults.pairs.num_matched})",
     )
-    parser.add_argument(
-        "--rotation",
-        choices=ROTATION_MODES,
-        default=None,
-        help="in-plane rotation handling (default: auto for loftr, none for sift)",
+    pairs_fields = {field.name for field in dataclasses.fields(PairsConfig)}
+    add_config_arguments(parser, PairsConfig, exclude=pairs_fields - {"loop_closure"}, defaults=defaults.pairs)
+    add_config_arguments(parser, DenseOverrides)
+    verification_fields = {field.name for field in dataclasses.fields(VerificationConfig)}
+    add_config_arguments(
+        parser, VerificationConfig, exclude=verification_fields - {"min_num_inliers"}, defaults=defaults.verification
     )
-    parser.add_argument("--camera-mode", choices=CAMERA_MODES, default=defaults.camera_mode)
-    parser.add_argument("--camera-model", default=defaults.camera_model, help="COLMAP camera model")
-    parser.add_argument("--device", choices=DEVICES, default=defaults.device)
-    parser.add_argument(
-        "--amp",
-        choices=AMP_MODES,
-        default=None,
-        help="LoFTR autocast precision; bf16 is 2-3x faster on CPUs with AMX and on GPUs "
-        "(keypoints move ~0.05 px); default float32",
+    mapping_fields = {field.name for field in dataclasses.fields(MappingConfig)}
+    add_config_arguments(
+        parser, MappingConfig, exclude=mapping_fields - set(MAPPING_OPTIONS), defaults=defaults.mapping
     )
-    parser.add_argument(
-        "--sift-backend",
-        choices=SIFT_BACKENDS,
-        default=defaults.sift_backend,
-        help="SIFT implementation for --matcher sift (COLMAP's or OpenCV's)",
-    )
-    parser.add_argument(
-        "--cell-size", type=int, help="quantization cell in px (default 4 with --refine klt, else 8; 2 for sift)"
-    )
-    parser.add_argument(
-        "--max-error",
-        type=float,
-        help="quantization re-assignment radius in px (default 0.5 with --refine klt, else 2)",
-    )
-    parser.add_argument(
-        "--refine",
-        choices=MATCH_REFINE_MODES,
-        default=None,
-        help="sub-pixel refinement of dense matches (default klt for loftr, none for sift)",
-    )
-    parser.add_argument("--min-match-score", type=float)
-    parser.add_argument(
-        "--min-num-inliers",
-        type=int,
-        default=None,
-        help=f"verified inliers a pair needs (default 15 for sift, {DENSE_MIN_INLIERS} for loftr)",
-    )
-    parser.add_argument(
-        "--calibration",
-        choices=CALIBRATION_MODES,
-        default=defaults.calibration,
-        help="staged: focal first, distortion only with enough images (default); colmap: COLMAP's options",
-    )
-    parser.add_argument(
-        "--refine-iterations",
-        type=int,
-        default=defaults.refine_iterations,
-        help="geometry refinement rounds after mapping (bundle adjustment, filtering, re-triangulation)",
-    )
-    parser.add_argument("--num-threads", type=int, default=defaults.num_threads)
-    parser.add_argument("--verbose", action="store_true", help="show COLMAP's log")
+    add_config_arguments(parser, ReconstructConfig, defaults=defaults)
     return parser
 
 
-def main_cli(argv: Sequence[str] | None = None) -> ReconstructResult:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = ReconstructConfig(
-        matcher=args.matcher,
-        weights=args.weights,
-        pairs=args.pairs,
-        num_pairs=args.num_pairs,
-        loop_closure=args.loop_closure,
-        resize=tuple(args.resize) if args.resize else None,
-        rotation=args.rotation,
-        camera_mode=args.camera_mode,
-        camera_model=args.camera_model,
-        device=args.device,
-        sift_backend=args.sift_backend,
-        amp=args.amp,
-        cell_size=args.cell_size,
-        max_error=args.max_error,
-        refine=args.refine,
-        min_match_score=args.min_match_score,
-        verification=None if args.min_num_inliers is None else VerificationConfig(min_num_inliers=args.min_num_inliers),
-        calibration=args.calibration,
-        refine_iterations=args.refine_iterations,
-        num_threads=args.num_threads,
-        verbose=args.verbose,
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ReconstructConfig:
+    """The run a parsed command line asks for."""
+    defaults = ReconstructConfig()
+    spec = config_from_options(parser, args, MatcherSpec)
+    if args.num_pairs is not None and args.num_pairs < 1:
+        raise UserError(f"--num-pairs must be >= 1, got {args.num_pairs}")
+    count = (
+        {} if args.num_pairs is None else {"window" if args.pairs == "sequential" else "num_matched": args.num_pairs}
     )
-    result = main(args.images, args.outputs, config=config)
+    pairs = config_from_options(parser, args, PairsConfig, base=defaults.pairs, method=args.pairs, **count)
+    overrides = config_from_options(parser, args, DenseOverrides)
+    dense = None if overrides == DenseOverrides() else dense_defaults(spec.matcher, spec.resize, overrides)
+    return config_from_options(
+        parser,
+        args,
+        ReconstructConfig,
+        base=defaults,
+        matcher=spec,
+        pairs=pairs,
+        dense=dense,
+        verification=config_from_options(parser, args, VerificationConfig, base=defaults.verification),
+        mapping=config_from_options(parser, args, MappingConfig, base=defaults.mapping),
+    )
+
+
+def main_cli(argv: Sequence[str] | None = None) -> ReconstructResult:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = main(args.images, args.outputs, config_from_args(parser, args))
     print(format_summary(result.summary))
     return result
 

@@ -20,22 +20,24 @@ Coordinates follow hloc and OpenCV alike: (0, 0) is the centre of the top-left p
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
 
+from core.cache import LRUCache
 from core.image_io import to_uint8
 from matchers.base import Matches, rotate_points_back
 from pipeline.quantize import ImageKeypoints, QuantizedMatches
 
 REFINE_MODES = ("none", "klt")
 #: refinements of a dense matching step: per pair (klt) or exact tracks refined across views (pipeline.tracks)
-MATCH_REFINE_MODES = ("none", "klt", "tracks")
-#: quantization cell (px) for KLT-refined dense matches (radii differ per use: see pipeline.reconstruct and
-#: localization.localize); hloc's 8 px cell would merge refined points with others several pixels away
+MatchRefineMode = Literal["none", "klt", "tracks"]
+MATCH_REFINE_MODES: tuple[str, ...] = get_args(MatchRefineMode)
+#: quantization cell (px) for KLT-refined dense matches (radii differ per use: see
+#: pipeline.match_dense.dense_defaults); hloc's 8 px cell would merge refined points with others several pixels away
 KLT_CELL_SIZE = 4
 
 
@@ -147,20 +149,15 @@ def refine_matches(
 # ------------------------------------------------------------------------------------ along tracks
 class DecodedImages:
     """8-bit grayscale images by index, decoded by ``load(names[index])`` on first use and kept up to
-    ``cache_bytes`` (least recently used out first): refining tracks visits most image pairs, so the bound is
-    memory, not a count of images."""
+    ``cache_bytes`` (least recently used out first, the two of a pair always kept): refining tracks visits most
+    image pairs, so the bound is memory, not a count of images."""
 
     def __init__(self, load: Callable[[str], np.ndarray], names: Sequence[str], cache_bytes: int) -> None:
-        self._load, self._names, self._budget = load, names, cache_bytes
-        self._images: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._load, self._names = load, names
+        self._images: LRUCache[np.ndarray] = LRUCache(max_bytes=cache_bytes, keep_at_least=2)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        if index not in self._images:
-            self._images[index] = to_uint8(self._load(self._names[index]))
-            while sum(pixels.nbytes for pixels in self._images.values()) > self._budget and len(self._images) > 2:
-                self._images.popitem(last=False)
-        self._images.move_to_end(index)
-        return self._images[index]
+        return self._images.get_or_create(index, lambda: to_uint8(self._load(self._names[index])))
 
 
 @dataclass(frozen=True)
@@ -170,6 +167,63 @@ class TrackRefineStats:
     tracks: int
     candidates: int
     moved: int
+
+
+@dataclass(frozen=True)
+class _TrackForest:
+    """Every keypoint of every image as one node (images in ``names`` order), each track as a tree grown
+    breadth-first from its reference keypoint: ``parent`` and ``depth`` per node (depth 1: a reference)."""
+
+    names: list[str]
+    offsets: np.ndarray  # first node of each image, and the total at the end
+    image_of: np.ndarray  # node -> image index
+    is_fixed: np.ndarray  # node of a fixed image
+    references: np.ndarray  # one node per track (of two or more keypoints)
+    parent: np.ndarray
+    depth: np.ndarray
+    visit: np.ndarray  # breadth-first order, the virtual root first
+
+
+def _match_edges(quantized: QuantizedMatches, position_of: Mapping[str, int], offsets: np.ndarray) -> np.ndarray:
+    """(E, 2) node pairs of every match."""
+    ends = [np.zeros((0, 2), np.int64)]
+    for (name0, name1), pair in quantized.matches.items():
+        index = pair.index_pairs()
+        ends.append(np.stack([index[:, 0] + offsets[position_of[name0]], index[:, 1] + offsets[position_of[name1]]], 1))
+    return np.concatenate(ends)
+
+
+def _track_forest(quantized: QuantizedMatches, fixed: Collection[str]) -> _TrackForest | None:
+    """The tracks as trees from their references (None without keypoints or matches)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import breadth_first_order, connected_components
+
+    names = sorted(quantized.keypoints)
+    position_of = {name: i for i, name in enumerate(names)}
+    offsets = np.cumsum([0] + [len(quantized.keypoints[name]) for name in names])
+    total = int(offsets[-1])
+    image_of = np.repeat(np.arange(len(names)), np.diff(offsets))
+    edges = _match_edges(quantized, position_of, offsets)
+    if total == 0 or len(edges) == 0:
+        return None
+    # One breadth-first search from a virtual root joined to each track's reference keypoint.
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(total, total)).tocsr()
+    count, label = connected_components(graph, directed=False)
+    scores = np.concatenate([quantized.keypoints[name].scores for name in names]).astype(np.float64)
+    in_track = np.bincount(label, minlength=count)[label] > 1
+    is_fixed = np.isin(image_of, [position_of[name] for name in fixed if name in position_of])
+    order = np.lexsort((-scores, ~is_fixed, label))  # per component: a fixed keypoint, else the strongest
+    first = order[np.r_[True, label[order][1:] != label[order][:-1]]]
+    references = first[in_track[first]]
+    root = total
+    rows = np.concatenate([edges[:, 0], edges[:, 1], np.full(len(references), root)])
+    cols = np.concatenate([edges[:, 1], edges[:, 0], references])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(total + 1, total + 1)).tocsr()
+    visit, parent = breadth_first_order(graph, root, directed=True, return_predecessors=True)
+    depth = np.zeros(total + 1, np.int64)
+    for node in visit[1:]:
+        depth[node] = depth[parent[node]] + 1
+    return _TrackForest(names, offsets, image_of, is_fixed, references, parent, depth, visit)
 
 
 def refine_tracks(
@@ -194,54 +248,22 @@ def refine_tracks(
     is aligned to the database keypoint it is matched to). ``load(name)`` returns an image (decoded images
     are kept up to ``cache_bytes``); ``turns[(a, b)]`` is the quarter turn b was matched at against a.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import breadth_first_order, connected_components
-
     config = config if config is not None else RefineConfig()
     turns = {} if turns is None else turns
-    names = sorted(quantized.keypoints)
-    position_of = {name: i for i, name in enumerate(names)}
-    offsets = np.cumsum([0] + [len(quantized.keypoints[name]) for name in names])
-    total = int(offsets[-1])
-    image_of = np.repeat(np.arange(len(names)), np.diff(offsets))
-    ends = [np.zeros((0, 2), np.int64)]
-    for (name0, name1), pair in quantized.matches.items():
-        index = pair.index_pairs()
-        ends.append(np.stack([index[:, 0] + offsets[position_of[name0]], index[:, 1] + offsets[position_of[name1]]], 1))
-    edges = np.concatenate(ends)
-    if not config.enabled or total == 0 or len(edges) == 0:
+    forest = _track_forest(quantized, fixed) if config.enabled else None
+    if forest is None:
         return quantized, TrackRefineStats(0, 0, 0)
-
-    # One breadth-first search from a virtual root joined to each track's reference keypoint.
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(total, total)).tocsr()
-    count, label = connected_components(graph, directed=False)
-    scores = np.concatenate([quantized.keypoints[name].scores for name in names]).astype(np.float64)
-    in_track = np.bincount(label, minlength=count)[label] > 1
-    is_fixed = np.isin(image_of, [position_of[name] for name in fixed if name in position_of])
-    order = np.lexsort((-scores, ~is_fixed, label))  # per component: a fixed keypoint, else the strongest
-    first = order[np.r_[True, label[order][1:] != label[order][:-1]]]
-    references = first[in_track[first]]
-    root = total
-    rows = np.concatenate([edges[:, 0], edges[:, 1], np.full(len(references), root)])
-    cols = np.concatenate([edges[:, 1], edges[:, 0], references])
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(total + 1, total + 1)).tocsr()
-    visit, parent = breadth_first_order(graph, root, directed=True, return_predecessors=True)
-    depth = np.zeros(total + 1, np.int64)
-    for node in visit[1:]:
-        depth[node] = depth[parent[node]] + 1
-
+    names, image_of, parent, depth = forest.names, forest.image_of, forest.parent, forest.depth
     positions = np.concatenate([quantized.keypoints[name].keypoints for name in names]).astype(np.float32)
-    candidates = visit[1:][depth[visit[1:]] >= 2]
-    candidates = candidates[~is_fixed[candidates]]
+    candidates = forest.visit[1:][depth[forest.visit[1:]] >= 2]
+    candidates = candidates[~forest.is_fixed[candidates]]
     moved = 0
     image = DecodedImages(load, names, cache_bytes)
-
     for level in range(2, int(depth[candidates].max(initial=1)) + 1):
         nodes = candidates[depth[candidates] == level]
         if len(nodes) == 0:  # e.g. only keypoints of fixed images at this depth
             continue
-        groups = np.lexsort((image_of[nodes], image_of[parent[nodes]]))  # by (parent image, child image)
-        nodes = nodes[groups]
+        nodes = nodes[np.lexsort((image_of[nodes], image_of[parent[nodes]]))]  # by (parent image, child image)
         key = image_of[parent[nodes]] * len(names) + image_of[nodes]
         for chunk in np.split(nodes, np.nonzero(np.diff(key))[0] + 1):
             source, target = int(image_of[parent[chunk[0]]]), int(image_of[chunk[0]])
@@ -251,12 +273,12 @@ def refine_tracks(
             refined, accepted = refine_matches(image[source], image[target], guide, config, turn)
             positions[chunk[accepted]] = refined.keypoints1[accepted]
             moved += int(accepted.sum())
-
+    offsets = forest.offsets
     keypoints = {
         name: ImageKeypoints(positions[offsets[i] : offsets[i + 1]].copy(), quantized.keypoints[name].scores)
         for i, name in enumerate(names)
     }
-    stats = TrackRefineStats(int(len(references)), int(len(candidates)), moved)
+    stats = TrackRefineStats(int(len(forest.references)), int(len(candidates)), moved)
     return QuantizedMatches(keypoints, quantized.matches), stats
 
 

@@ -443,9 +443,9 @@ def select_query_db(
 
 def read_global_features(path: str | Path) -> tuple[dict[str, int], np.ndarray, str]:
     """({name: row}, L2-normalised descriptors (N, D), descriptor kind or '' for foreign files)."""
-    from pipeline import pairs as pairs_step  # lazy: pipeline.pairs may call into this module
+    from pipeline.global_features import read_global_descriptors
 
-    names, matrix = pairs_step.read_global_descriptors(path)
+    names, matrix = read_global_descriptors(path)
     attrs, _ = read_state(Path(path))
     return {name: i for i, name in enumerate(names)}, matrix, attrs.get("descriptor", "")
 
@@ -546,7 +546,7 @@ def pairs_from_retrieval(
     ``rerank`` > ``num_matched``: the top ``rerank`` candidates are re-ranked by verified RootSIFT
     matches (needs ``image_dir``). Returns the pairs, query by query, best first.
     """
-    from pipeline import pairs as pairs_step  # lazy: pipeline.pairs may call into this module
+    from pipeline.global_features import top_k_pairs
 
     if num_matched < 1:
         raise UserError(f"the number of retrieved images must be >= 1, got {num_matched}")
@@ -577,7 +577,7 @@ def pairs_from_retrieval(
     )
     similarity = matrix[[index[q] for q in queries]] @ db_matrix[[db_index[d] for d in db]].T
     ranked: dict[str, list[str]] = {query: [] for query in queries}
-    for query, other in pairs_step.top_k_pairs(similarity, queries, db, max(num_matched, rerank), exclude_self):
+    for query, other in top_k_pairs(similarity, queries, db, max(num_matched, rerank), exclude_self):
         ranked[query].append(other)
     if rerank > num_matched:
         ranked = spatial_rerank(Path(image_dir), ranked, num_matched, config)

@@ -20,21 +20,40 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
+from core.errors import UserError
 from core.geometry import fundamental_magsac
 from matchers.base import Matcher, Matches, ResizedImage, resize_image, rotate_points_back
 
-ROTATION_MODES = ("none", "auto", "best", "union")
+RotationMode = Literal["none", "auto", "best", "union"]
+ROTATION_MODES: tuple[str, ...] = get_args(RotationMode)
+
+
+def split_resize(sizes: Sequence[int] | None) -> tuple[int | None, tuple[int | None, ...]]:
+    """``(the matcher's own resize, the view sizes)`` for the longest side(s) a user asked for.
+
+    One size (or none): the matcher resizes, its own way (e.g. LoFTR's multiple of 8), and every view is
+    the image as given. Several sizes: each view is resized here and the matcher takes it as given (0).
+    A size 0 means the original size; None (no sizes) the matcher's default.
+    """
+    sizes = tuple(sizes) if sizes else (None,)
+    if any(size is not None and size < 0 for size in sizes):
+        raise UserError(f"--resize sizes must be >= 0 (0 = original size), got {list(sizes)}")
+    if len(sizes) == 1:
+        return sizes[0], (None,)
+    return 0, tuple(size or None for size in sizes)
 
 
 @dataclass(frozen=True)
 class TTAConfig:
     """Which augmented versions of a pair are matched and how they are combined."""
 
-    rotation: str = "none"  # none | auto (SIFT's quarter turn) | best | union (image 1 at 0/90/180/270 degrees)
+    rotation: RotationMode = (
+        "none"  # none | auto (SIFT's quarter turn) | best | union (image 1 at 0/90/180/270 degrees)
+    )
     resize: tuple[int | None, ...] = (None,)  # longest side per pass; None = the matcher's own resize
     both_directions: bool = False  # also match (1, 0) and merge
     verify_threshold: float = 1.0  # px, MAGSAC++ threshold when choosing the best rotation

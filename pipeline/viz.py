@@ -24,6 +24,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from core.colmap_model import read_model
 from core.errors import UserError, run_cli
 from core.io import atomic_path, check_output_file
 
@@ -157,17 +158,8 @@ def registration_order(reconstruction) -> list[int]:
     return [int(image_id) for image_id in reconstruction.reg_image_ids()]
 
 
-def build_figure(reconstruction, title: str | None = None, order: list[int] | None = None):
-    """A plotly figure of the model: one frustum trace per registered image (``meta="camera"``), a
-    trace of camera centres carrying the colour bar, and the points (``meta="points"``)."""
-    import plotly.graph_objects as go
-    from plotly.colors import sample_colorscale
-
-    order = registration_order(reconstruction) if order is None else [int(i) for i in order]
-    points = list(reconstruction.points3D.items())
-    xyz = np.array([p.xyz for _, p in points], dtype=np.float64).reshape(-1, 3)
-    keep = _point_selection(xyz, HTML_MAX_POINTS)
-    xyz = xyz[keep]
+def _poses(reconstruction, order: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Camera centres (N, 3) and camera-to-world rotations (N, 3, 3) of the images ``order``."""
     centers = np.zeros((len(order), 3))
     rotations = np.zeros((len(order), 3, 3))
     for k, image_id in enumerate(order):
@@ -175,87 +167,89 @@ def build_figure(reconstruction, title: str | None = None, order: list[int] | No
         pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
         matrix = np.asarray(pose.matrix(), dtype=np.float64)
         rotations[k], centers[k] = matrix[:, :3].T, -matrix[:, :3].T @ matrix[:, 3]
-    everything = np.concatenate([centers, xyz]) if len(xyz) else centers
-    extent = float(np.ptp(everything, axis=0).max()) if len(everything) > 1 else 1.0
-    size = 0.05 * (extent or 1.0)
+    return centers, rotations
 
-    traces = []
-    colours = sample_colorscale(COLORSCALE, [k / max(1, len(order) - 1) for k in range(len(order))]) if order else []
-    labels = []
+
+def _camera_traces(reconstruction, order: list[int], centers: np.ndarray, rotations: np.ndarray, size: float):
+    """One frustum trace per registered image (``meta="camera"``) and the trace of camera centres carrying the
+    colour bar of the registration order."""
+    import plotly.graph_objects as go
+    from plotly.colors import sample_colorscale
+
+    if not order:
+        return []
+    traces, labels = [], []
+    colours = sample_colorscale(COLORSCALE, [k / max(1, len(order) - 1) for k in range(len(order))])
     for k, image_id in enumerate(order):
         image = reconstruction.images[image_id]
-        name = html.escape(image.name)
         label = (
-            f"<b>{name}</b><br>registered #{k + 1} of {len(order)}<br>"
+            f"<b>{html.escape(image.name)}</b><br>registered #{k + 1} of {len(order)}<br>"
             f"{image.num_points3D} of {image.num_points2D()} keypoints in 3D points"
         )
         labels.append(label)
-        corners = _frustum_corners(image.camera, size) @ rotations[k].T + centers[k]
-        c0, c1, c2, c3 = corners
+        c0, c1, c2, c3 = _frustum_corners(image.camera, size) @ rotations[k].T + centers[k]
         path = np.stack([c0, c1, c2, c3, c0, centers[k], c1, centers[k], c2, centers[k], c3])
+        line = {"color": colours[k], "width": 3}
         traces.append(
             go.Scatter3d(
-                x=path[:, 0],
-                y=path[:, 1],
-                z=path[:, 2],
-                mode="lines",
-                line={"color": colours[k], "width": 3},
-                name=image.name,
-                meta="camera",
-                hovertext=label,
-                hoverinfo="text",
-                showlegend=False,
+                x=path[:, 0], y=path[:, 1], z=path[:, 2], mode="lines", line=line, name=image.name, meta="camera",
+                hovertext=label, hoverinfo="text", showlegend=False,
             )
+        )  # fmt: skip
+    marker = {
+        "size": 3,
+        "color": list(range(1, len(order) + 1)),
+        "colorscale": COLORSCALE,
+        "cmin": 1,
+        "cmax": max(2, len(order)),
+        "colorbar": {"title": {"text": "registration<br>order"}, "thickness": 14, "len": 0.6},
+    }
+    traces.append(
+        go.Scatter3d(
+            x=centers[:, 0], y=centers[:, 1], z=centers[:, 2], mode="markers", meta="camera-centres", marker=marker,
+            hovertext=labels, hoverinfo="text", name="cameras", showlegend=False,
         )
-    if order:
-        traces.append(
-            go.Scatter3d(
-                x=centers[:, 0],
-                y=centers[:, 1],
-                z=centers[:, 2],
-                mode="markers",
-                meta="camera-centres",
-                marker={
-                    "size": 3,
-                    "color": list(range(1, len(order) + 1)),
-                    "colorscale": COLORSCALE,
-                    "cmin": 1,
-                    "cmax": max(2, len(order)),
-                    "colorbar": {"title": {"text": "registration<br>order"}, "thickness": 14, "len": 0.6},
-                },
-                hovertext=labels,
-                hoverinfo="text",
-                name="cameras",
-                showlegend=False,
-            )
-        )
-    if len(xyz):
-        selected = [points[i] for i in keep]
-        names = {int(i): reconstruction.images[i].name for i in reconstruction.reg_image_ids()}
-        hover = []
-        for point_id, point in selected:
-            seen = sorted({names.get(int(e.image_id), str(e.image_id)) for e in point.track.elements})
-            shown = ", ".join(html.escape(n) for n in seen[:4]) + (f" +{len(seen) - 4} more" if len(seen) > 4 else "")
-            hover.append(
-                f"point {point_id}<br>track length {point.track.length()}<br>"
-                f"reprojection error {point.error:.2f} px<br>seen in {shown}"
-            )
-        rgb = np.array([p.color for _, p in selected], dtype=np.int64).reshape(-1, 3)
-        traces.append(
-            go.Scatter3d(
-                x=xyz[:, 0],
-                y=xyz[:, 1],
-                z=xyz[:, 2],
-                mode="markers",
-                meta="points",
-                name="points",
-                marker={"size": 1.6, "color": [f"rgb({r},{g},{b})" for r, g, b in rgb], "line": {"width": 0}},
-                hovertext=hover,
-                hoverinfo="text",
-                showlegend=False,
-            )
-        )
+    )  # fmt: skip
+    return traces
 
+
+def _points_trace(reconstruction, selected: list, xyz: np.ndarray):
+    """The shown points (``meta="points"``) in their colours, each with its track in the hover text."""
+    import plotly.graph_objects as go
+
+    names = {int(i): reconstruction.images[i].name for i in reconstruction.reg_image_ids()}
+    hover = []
+    for point_id, point in selected:
+        seen = sorted({names.get(int(e.image_id), str(e.image_id)) for e in point.track.elements})
+        shown = ", ".join(html.escape(n) for n in seen[:4]) + (f" +{len(seen) - 4} more" if len(seen) > 4 else "")
+        hover.append(
+            f"point {point_id}<br>track length {point.track.length()}<br>"
+            f"reprojection error {point.error:.2f} px<br>seen in {shown}"
+        )
+    rgb = np.array([p.color for _, p in selected], dtype=np.int64).reshape(-1, 3)
+    marker = {"size": 1.6, "color": [f"rgb({r},{g},{b})" for r, g, b in rgb], "line": {"width": 0}}
+    return go.Scatter3d(
+        x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2], mode="markers", meta="points", name="points", marker=marker,
+        hovertext=hover, hoverinfo="text", showlegend=False,
+    )  # fmt: skip
+
+
+def build_figure(reconstruction, title: str | None = None, order: list[int] | None = None):
+    """A plotly figure of the model: one frustum trace per registered image (``meta="camera"``), a
+    trace of camera centres carrying the colour bar, and the points (``meta="points"``)."""
+    import plotly.graph_objects as go
+
+    order = registration_order(reconstruction) if order is None else [int(i) for i in order]
+    points = list(reconstruction.points3D.items())
+    xyz = np.array([p.xyz for _, p in points], dtype=np.float64).reshape(-1, 3)
+    keep = _point_selection(xyz, HTML_MAX_POINTS)
+    xyz = xyz[keep]
+    centers, rotations = _poses(reconstruction, order)
+    everything = np.concatenate([centers, xyz]) if len(xyz) else centers
+    extent = float(np.ptp(everything, axis=0).max()) if len(everything) > 1 else 1.0
+    traces = _camera_traces(reconstruction, order, centers, rotations, 0.05 * (extent or 1.0))
+    if len(xyz):
+        traces.append(_points_trace(reconstruction, [points[i] for i in keep], xyz))
     summary = f"{len(order)} registered images, {reconstruction.num_points3D()} points" + (
         f" ({len(xyz)} shown)" if len(xyz) < reconstruction.num_points3D() else ""
     )
@@ -351,22 +345,15 @@ def main(
     model: Path, output: Path | None = None, title: str | None = None, html_output: Path | None = None
 ) -> list[Path]:
     """Plot the COLMAP model in folder ``model`` to the PNG ``output`` and/or the HTML page ``html_output``."""
-    import pycolmap
-
     model = Path(model)
     if output is None and html_output is None:
         raise UserError("nothing to write: give --output MODEL.png and/or --html MODEL.html")
     if not model.is_dir():
         raise UserError(f"{model}: no such folder; give the folder of a COLMAP model (cameras, images, points3D)")
-    if not (model / "images.bin").is_file() and not (model / "images.txt").is_file():
-        raise UserError(f"{model}: no COLMAP model (images.bin / images.txt) found")
     for path, option in ((output, "--output"), (html_output, "--html")):
         if path is not None:
             check_output_file(path, option)
-    try:
-        reconstruction = pycolmap.Reconstruction(str(model))
-    except (RuntimeError, ValueError) as error:
-        raise UserError(f"{model}: the COLMAP model cannot be read ({str(error).splitlines()[0][:200]})") from None
+    reconstruction = read_model(model, "the folder of a COLMAP model (e.g. OUT/sfm)")
     written = []
     if output is not None:
         written.append(plot_reconstruction(reconstruction, output, title))
@@ -375,7 +362,7 @@ def main(
     return written
 
 
-def main_cli(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.viz",
         description="Plot a COLMAP model (cameras and points) as a PNG and/or an interactive HTML page.",
@@ -384,15 +371,22 @@ def main_cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", type=Path, help="the same as MODEL_DIR")
     parser.add_argument("--output", type=Path, help="PNG to write (3D view and top view)")
     parser.add_argument("--html", type=Path, help="self-contained interactive HTML page to write (opens offline)")
-    parser.add_argument("--title")
+    parser.add_argument("--title", help="title over the plot (default: the model's figures only)")
+    return parser
+
+
+def main_cli(argv: list[str] | None = None) -> list[Path]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     model = args.model_dir or args.model
     if model is None:
         parser.error("give the model folder (MODEL_DIR or --model)")
     if args.model_dir and args.model and args.model_dir != args.model:
         parser.error("give the model folder once (MODEL_DIR or --model)")
-    for path in main(model, args.output, args.title, args.html):
+    written = main(model, args.output, args.title, args.html)
+    for path in written:
         print(f"wrote {path}")
+    return written
 
 
 if __name__ == "__main__":

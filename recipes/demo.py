@@ -12,17 +12,24 @@ the demo's own, announced on the terminal — ``python -m pipeline.reconstruct``
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
+from core.cli import add_config_arguments, config_from_options
 from core.errors import UserError, run_cli
-from core.files import check_output_dir
+from core.files import check_output_dir, write_text_atomic
 from matchers.factory import OFFLINE_WEIGHTS, WEIGHTS_HELP, unavailable_reason
+from pipeline.match_dense import Device, MatcherSpec
+from pipeline.pairs import PairsConfig
+from pipeline.reconstruct import ReconstructConfig
 
-MATCHER_CHOICES = ("auto", "loftr", "sift")
+DemoMatcher = Literal["auto", "loftr", "sift"]
+MATCHER_CHOICES: tuple[str, ...] = get_args(DemoMatcher)
 COMPACT_WEIGHTS = OFFLINE_WEIGHTS  # shipped with the project, trained on a CPU (weaker than the official ones)
 
 
@@ -73,55 +80,66 @@ def choose_matcher(requested: str, weights: str | None, device: str) -> tuple[st
     return "loftr", weights, f"matcher: LoFTR with weights {name}"
 
 
-def main(
-    outputs: Path,
-    matcher: str = "auto",
-    weights: str | None = None,
-    views: int = 12,
-    width: int = 320,
-    height: int = 240,
-    seed: int = 0,
-    device: str = "auto",
-) -> DemoResult:
-    """Render ``views`` views, reconstruct them under ``outputs``, evaluate; returns the figures."""
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's scene and matcher."""
+
+    #: auto: LoFTR with official weights when available, else loftr-compact (announced)
+    matcher: DemoMatcher = "auto"
+    weights: str | None = None  # LoFTR weights (see --help of pipeline.reconstruct)
+    views: int = 12  # rendered views
+    width: int = 320  # image width (px)
+    height: int = 240  # image height (px)
+    seed: int = 0  # random seed of the scene
+    device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        if self.matcher not in MATCHER_CHOICES:
+            raise UserError(f"unknown matcher {self.matcher!r}; choose one of {', '.join(MATCHER_CHOICES)}")
+
+    def reconstruct_config(self, matcher: str, weights: str | None) -> ReconstructConfig:
+        """The reconstruction of the scene with the chosen matcher: LoFTR runs as the main job does by default,
+        in the loftr+sift ensemble, at the rendered size."""
+        loftr = matcher == "loftr"
+        spec = MatcherSpec(
+            "loftr+sift" if loftr else matcher,
+            weights=weights,
+            device=self.device,
+            resize=(max(self.width, self.height),) if loftr else None,
+        )
+        return ReconstructConfig(matcher=spec, pairs=PairsConfig("exhaustive"))
+
+
+def main(outputs: Path = Path("outputs/demo"), config: DemoConfig = DemoConfig()) -> DemoResult:
+    """Render ``config.views`` views, reconstruct them under ``outputs``, evaluate; returns the figures."""
     from datasets.synthetic import SceneConfig, render_scene, write_scene
     from pipeline import reconstruct
     from pipeline.evaluate_model import evaluate
 
-    if matcher not in MATCHER_CHOICES:
-        raise UserError(f"unknown matcher {matcher!r}; choose one of {', '.join(MATCHER_CHOICES)}")
     start = time.perf_counter()
     outputs = Path(outputs)
     check_output_dir(outputs, "--outputs")
     scene_dir = outputs / "scene"
-    config = SceneConfig(width=width, height=height, num_views=views, seed=seed)
-    print(f"rendering a synthetic scene: {views} views of {width}x{height} (seed {seed}) -> {scene_dir}")
+    scene_config = SceneConfig(width=config.width, height=config.height, num_views=config.views, seed=config.seed)
+    print(
+        f"rendering a synthetic scene: {config.views} views of {config.width}x{config.height} "
+        f"(seed {config.seed}) -> {scene_dir}"
+    )
     previous = scene_dir / "scene.json"
-    if previous.is_file() and json.loads(previous.read_text()) != json.loads(json.dumps(asdict(config))):
+    if previous.is_file() and json.loads(previous.read_text()) != json.loads(json.dumps(asdict(scene_config))):
         # Another scene under the same names: earlier matches must not be resumed.
         shutil.rmtree(outputs / "sfm_run", ignore_errors=True)
-    scene = render_scene(config)
+    scene = render_scene(scene_config)
     write_scene(scene, scene_dir)
 
-    chosen, chosen_weights, message = choose_matcher(matcher, weights, device)
+    chosen, chosen_weights, message = choose_matcher(config.matcher, config.weights, config.device)
     print(message)
     result = reconstruct.main(
-        scene_dir / "images",
-        outputs / "sfm_run",
-        config=reconstruct.ReconstructConfig(
-            # LoFTR runs as the main job does by default: in the loftr+sift ensemble
-            matcher="loftr+sift" if chosen == "loftr" else chosen,
-            weights=chosen_weights,
-            pairs="exhaustive",
-            resize=(max(width, height),) if chosen == "loftr" else None,
-            device=device,
-        ),
+        scene_dir / "images", outputs / "sfm_run", config.reconstruct_config(chosen, chosen_weights)
     )
     accuracy = evaluate(result.reconstruction, scene.cameras())
     seconds = time.perf_counter() - start
     summary = result.summary
-    from core.io import write_text_atomic
-
     write_text_atomic(outputs / "accuracy.json", json.dumps(accuracy.to_dict(), indent=2))
     print(reconstruct.format_summary(summary))
     print(f"accuracy against the known cameras: {accuracy.describe()}")
@@ -141,25 +159,21 @@ def main(
     )
 
 
-def main_cli(argv: list[str] | None = None) -> DemoResult:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m recipes.demo", description="Reconstruct a rendered synthetic scene and report accuracy."
     )
-    parser.add_argument("--outputs", type=Path, default=Path("outputs/demo"))
     parser.add_argument(
-        "--matcher",
-        choices=MATCHER_CHOICES,
-        default="auto",
-        help="auto: LoFTR with official weights when available, else loftr-compact (announced)",
+        "--outputs", type=Path, default=inspect.signature(main).parameters["outputs"].default, help="output folder"
     )
-    parser.add_argument("--weights", help=WEIGHTS_HELP)
-    parser.add_argument("--views", type=int, default=12)
-    parser.add_argument("--width", type=int, default=320)
-    parser.add_argument("--height", type=int, default=240)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    add_config_arguments(parser, DemoConfig, helps={"weights": WEIGHTS_HELP})
+    return parser
+
+
+def main_cli(argv: list[str] | None = None) -> DemoResult:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return main(args.outputs, args.matcher, args.weights, args.views, args.width, args.height, args.seed, args.device)
+    return main(args.outputs, config_from_options(parser, args, DemoConfig))
 
 
 if __name__ == "__main__":

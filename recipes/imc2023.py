@@ -27,8 +27,6 @@ organisers; scenes outside the competition use the object-scale 'haiper' lists).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
 import json
 import logging
 import time
@@ -40,8 +38,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from core.cli import add_config_arguments, config_from_options
 from core.errors import UserError, run_cli
 from core.io import check_output_dir, check_output_file, write_text_atomic
+from core.stamps import digest
 from datasets.imc import (
     Pose,
     SceneImages,
@@ -51,62 +51,54 @@ from datasets.imc import (
     write_submission_2023,
 )
 from datasets.imc_metrics import average_over_datasets, scene_maa_2023, thresholds_2023
-from pipeline.reconstruct import ENSEMBLES, ReconstructConfig, ensemble_parts
+from pipeline.colmap_db import CameraMode
+from pipeline.mapping import MappingConfig
+from pipeline.match_dense import DenseOverrides, MatcherSpec, dense_defaults
+from pipeline.pairs import PairsConfig
+from pipeline.reconstruct import ReconstructConfig
+from pipeline.tta import RotationMode
 
 logger = logging.getLogger(__name__)
-
-ROTATION_MODES = ("none", "best", "union")
 
 
 @dataclass(frozen=True)
 class IMC2023Config:
     """What the recipe runs per scene."""
 
-    matcher: str = ReconstructConfig.matcher  # the main job's default: the loftr+sift ensemble
-    weights: str | None = None  # LoFTR checkpoint name or path; None: outdoor (offline loftr-compact), or SIFT
-    resize: tuple[int, ...] | None = None  # longest side(s) for matching; None = matcher default
-    rotation: str | None = None  # none | auto | best | union (see pipeline.tta); None = reconstruct's default
-    camera_mode: str = "auto"  # auto | single | per-image
-    device: str = "auto"
-    exhaustive_max: int = 50  # scenes with at most this many images match all pairs
-    num_pairs: int = 20  # retrieval top-k for larger scenes
+    matcher: MatcherSpec = MatcherSpec()  # the main job's default: the loftr+sift ensemble
+    #: in-plane rotation handling (see pipeline.tta); none = pipeline.reconstruct's (auto for loftr, none for sift)
+    rotation: RotationMode | None = None
+    camera_mode: CameraMode = "auto"  # images sharing a camera: auto (same size and EXIF), single or per-image
+    exhaustive_max: int = 50  # scenes with at most this many images match all pairs; larger ones use retrieval
+    num_pairs: int = 20  # retrieval pairs per image (larger scenes)
     seed: int = 0  # COLMAP's random seed
-    num_threads: int = -1  # mapper threads (-1 = all cores); 1 makes the mapping bit-for-bit reproducible
+    num_threads: int = -1  # mapper threads (-1 = all cores; 1 = reproducible: multi-threaded bundle adjustment is not)
 
     def __post_init__(self) -> None:
-        if self.resize is not None:
-            object.__setattr__(self, "resize", tuple(int(s) for s in self.resize))
-        if self.rotation is not None and self.rotation not in ROTATION_MODES:
-            raise UserError(f"rotation must be one of {', '.join(ROTATION_MODES)}, got {self.rotation!r}")
         if self.exhaustive_max < 2 or self.num_pairs < 1:
             raise UserError("--exhaustive-max must be >= 2 and --num-pairs >= 1")
+        self.reconstruct_config(self.exhaustive_max + 1)  # options that cannot run together fail now
 
     def pair_strategy(self, num_images: int) -> str:
-        """'exhaustive' for small scenes; 'retrieval' for large ones when global descriptors exist."""
-        if num_images <= self.exhaustive_max:
-            return "exhaustive"
-        if retrieval_available():
-            return "retrieval"
-        logger.warning(
-            "scene of %d images > --exhaustive-max %d but pipeline.retrieval is not available: matching all pairs",
-            num_images,
-            self.exhaustive_max,
-        )
-        return "exhaustive"
+        """'exhaustive' for small scenes; 'retrieval' for large ones."""
+        return "exhaustive" if num_images <= self.exhaustive_max else "retrieval"
 
     def num_pairs_estimate(self, num_images: int) -> int:
         if self.pair_strategy(num_images) == "exhaustive":
             return num_images * (num_images - 1) // 2
         return num_images * self.num_pairs
 
-
-def retrieval_available() -> bool:
-    """True when the retrieval step (global descriptors) is installed; pipeline.reconstruct needs it."""
-    if importlib.util.find_spec("pipeline.retrieval") is None:
-        return False
-    from pipeline import retrieval
-
-    return hasattr(retrieval, "pairs_from_images")
+    def reconstruct_config(self, num_images: int) -> ReconstructConfig:
+        """The pipeline.reconstruct run of a scene of ``num_images`` images."""
+        spec = self.matcher
+        overrides = DenseOverrides(rotation=self.rotation)
+        return ReconstructConfig(
+            matcher=spec,
+            pairs=PairsConfig(self.pair_strategy(num_images), num_matched=self.num_pairs),
+            dense=None if self.rotation is None else dense_defaults(spec.matcher, spec.resize, overrides),
+            mapping=MappingConfig(seed=self.seed, num_threads=self.num_threads),
+            camera_mode=self.camera_mode,
+        )
 
 
 @dataclass(frozen=True)
@@ -146,8 +138,7 @@ class RunResult:
 # ------------------------------------------------------------------------------------------ scenes
 def scene_stamp(scene: SceneImages, config: IMC2023Config) -> str:
     """Cache key of a scene's poses: its images and every option that changes the reconstruction."""
-    payload = {"names": list(scene.names), "image_dir": str(scene.image_dir), "config": asdict(config)}
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest({"names": list(scene.names), "image_dir": str(scene.image_dir), "config": asdict(config)})
 
 
 def load_cached_poses(path: Path, stamp: str) -> dict[str, Any] | None:
@@ -176,22 +167,10 @@ def reconstruct_scene(scene: SceneImages, config: IMC2023Config, outputs: Path) 
     """Run pipeline.reconstruct on one scene; returns (poses by image name, status message)."""
     from pipeline import reconstruct
 
-    strategy = config.pair_strategy(len(scene.names))
-    reconstruct_config = reconstruct.ReconstructConfig(
-        matcher=config.matcher,
-        weights=config.weights,
-        pairs=strategy,
-        num_pairs=config.num_pairs if strategy == "retrieval" else None,
-        resize=config.resize,
-        rotation=config.rotation,
-        camera_mode=config.camera_mode,
-        device=config.device,
-        seed=config.seed,
-        num_threads=config.num_threads,
-    )
-    result = reconstruct.main(scene.image_dir, outputs, config=reconstruct_config)
+    run = config.reconstruct_config(len(scene.names))
+    result = reconstruct.main(scene.image_dir, outputs, run)
     poses = poses_from_reconstruction(result.reconstruction)
-    return poses, f"{len(poses)}/{len(scene.names)} registered ({strategy} pairs)"
+    return poses, f"{len(poses)}/{len(scene.names)} registered ({run.pairs.method} pairs)"
 
 
 def submission_rows(
@@ -205,10 +184,77 @@ def submission_rows(
     return rows
 
 
+def cached_scene(scene: SceneImages, record: dict[str, Any]) -> tuple[dict[str, Pose], SceneResult]:
+    """The poses and result of a scene from its cached record."""
+    poses = {
+        name: (np.asarray(p["R"]).reshape(3, 3), np.asarray(p["t"]).reshape(3)) for name, p in record["poses"].items()
+    }
+    result = SceneResult(
+        scene.dataset, scene.scene, len(scene.names), len(poses), record["status"], 0.0, True, record.get("message", "")
+    )
+    return poses, result
+
+
+def run_scene(
+    scene: SceneImages, config: IMC2023Config, scene_dir: Path, stamp: str
+) -> tuple[dict[str, Pose], SceneResult]:
+    """Reconstruct one scene and cache its poses (a scene that fails gets none: its images get nan)."""
+    start = time.monotonic()
+    try:
+        scene_poses, message = reconstruct_scene(scene, config, scene_dir)
+        status = "reconstructed"
+    except UserError as error:  # e.g. nothing could be reconstructed: every image of the scene gets nan
+        scene_poses, message, status = {}, str(error), "failed"
+        logger.warning("%s/%s: %s", scene.dataset, scene.scene, error)
+    seconds = time.monotonic() - start
+    listed = set(scene.names)
+    poses = {name: pose for name, pose in scene_poses.items() if name in listed}
+    record = {
+        "stamp": stamp,
+        "status": status,
+        "message": message,
+        "poses": {name: {"R": R.reshape(-1).tolist(), "t": t.reshape(-1).tolist()} for name, (R, t) in poses.items()},
+    }
+    write_text_atomic(scene_dir / "poses.json", json.dumps(record))
+    result = SceneResult(scene.dataset, scene.scene, len(scene.names), len(poses), status, seconds, False, message)
+    return poses, result
+
+
+class _Budget:
+    """Skips scenes that would not fit in ``seconds``, at the pace (seconds per pair) of the scenes computed so far."""
+
+    def __init__(self, seconds: float | None, start: float) -> None:
+        self.seconds, self.start = seconds, start
+        self.done: list[tuple[int, float]] = []  # (pairs, seconds) of scenes computed in this run
+
+    def allows(self, pairs: int) -> bool:
+        if self.seconds is None:
+            return True
+        per_pair = sum(s for _, s in self.done) / max(1, sum(p for p, _ in self.done)) if self.done else 0.0
+        return time.monotonic() - self.start + per_pair * pairs <= self.seconds
+
+
+def _check_run(
+    data: Path, output: Path, config: IMC2023Config, split: str, work_dir: Path | None, score: bool
+) -> tuple[str, list[SceneImages]]:
+    """Everything that can fail before hours of mapping: output places, the split, the labels, the matcher."""
+    check_output_file(output, "--output", example="submission.csv")
+    if work_dir is not None:
+        check_output_dir(work_dir, "--work")
+    if score and split == "test":
+        raise UserError("--score needs the train split (ground truth is only in train/train_labels.csv)")
+    split, scenes = list_scenes_2023(data, "train" if score else split)
+    if score:
+        read_labels_2023(data / "train" / "train_labels.csv")  # malformed labels fail now
+    for name in config.matcher.parts:  # bad weights/device: fail now
+        config.matcher.make(name)
+    return split, scenes
+
+
 def main(
     data: Path,
     output: Path,
-    config: IMC2023Config | None = None,
+    config: IMC2023Config = IMC2023Config(),
     split: str = "auto",
     work_dir: Path | None = None,
     time_budget: float | None = None,
@@ -217,80 +263,33 @@ def main(
 ) -> RunResult:
     """Reconstruct every scene of ``data`` and write the submission; optionally score it (train split)."""
     start = time.monotonic()
-    config = config if config is not None else IMC2023Config()
     data, output = Path(data), Path(output)
-    check_output_file(output, "--output", example="submission.csv")  # fail now, not after mapping
-    if work_dir is not None:
-        check_output_dir(work_dir, "--work")
-    if score:
-        if split == "test":
-            raise UserError("--score needs the train split (ground truth is only in train/train_labels.csv)")
-        split = "train"
-    split, scenes = list_scenes_2023(data, split)
-    labels_path = data / "train" / "train_labels.csv"
-    if score:
-        read_labels_2023(labels_path)  # fail on malformed labels now, not after hours of mapping
+    split, scenes = _check_run(data, output, config, split, work_dir, score)
     work = Path(work_dir) if work_dir is not None else output.with_name(output.name + ".work")
-    from matchers.factory import make_matcher
-
-    for name in ensemble_parts(config.matcher):  # bad weights/device: fail now
-        make_matcher(name, weights=config.weights if name != "sift" else None, device=config.device)
-
     poses: dict[tuple[str, str], dict[str, Pose]] = {}
     results: list[SceneResult] = []
-    rate: list[tuple[int, float]] = []  # (pairs, seconds) of scenes computed in this run
+    budget = _Budget(time_budget, start)
     write_submission_2023(output, submission_rows(scenes, poses))  # valid from the start
     for scene in tqdm(scenes, desc="IMC 2023 scenes", unit="scene", disable=not progress):
         key = (scene.dataset, scene.scene)
         scene_dir = work / scene.dataset / scene.scene
         stamp = scene_stamp(scene, config)
         cached = load_cached_poses(scene_dir / "poses.json", stamp)
+        pairs = config.num_pairs_estimate(len(scene.names))
         if cached is not None:
-            poses[key] = {
-                name: (np.asarray(p["R"]).reshape(3, 3), np.asarray(p["t"]).reshape(3))
-                for name, p in cached["poses"].items()
-            }
-            results.append(
-                SceneResult(
-                    *key, len(scene.names), len(poses[key]), cached["status"], 0.0, True, cached.get("message", "")
-                )
-            )
-            continue
-        elapsed = time.monotonic() - start
-        if time_budget is not None:
-            pairs = config.num_pairs_estimate(len(scene.names))
-            per_pair = sum(s for _, s in rate) / max(1, sum(p for p, _ in rate)) if rate else 0.0
-            if elapsed + per_pair * pairs > time_budget:
-                logger.warning("time budget: skipping %s/%s (%d images get nan)", *key, len(scene.names))
-                results.append(SceneResult(*key, len(scene.names), 0, "skipped", 0.0, False, "time budget"))
-                continue
-        scene_start = time.monotonic()
-        try:
-            scene_poses, message = reconstruct_scene(scene, config, scene_dir)
-            status = "reconstructed"
-        except UserError as error:  # e.g. nothing could be reconstructed: every image of the scene gets nan
-            scene_poses, message, status = {}, str(error), "failed"
-            logger.warning("%s/%s: %s", *key, error)
-        seconds = time.monotonic() - scene_start
-        rate.append((config.num_pairs_estimate(len(scene.names)), seconds))
-        listed = set(scene.names)
-        poses[key] = {name: pose for name, pose in scene_poses.items() if name in listed}
-        record = {
-            "stamp": stamp,
-            "status": status,
-            "message": message,
-            "poses": {
-                name: {"R": R.reshape(-1).tolist(), "t": t.reshape(-1).tolist()} for name, (R, t) in poses[key].items()
-            },
-        }
-        write_text_atomic(scene_dir / "poses.json", json.dumps(record))
-        results.append(SceneResult(*key, len(scene.names), len(poses[key]), status, seconds, False, message))
-        write_submission_2023(output, submission_rows(scenes, poses))
+            poses[key], result = cached_scene(scene, cached)
+        elif not budget.allows(pairs):
+            logger.warning("time budget: skipping %s/%s (%d images get nan)", *key, len(scene.names))
+            result = SceneResult(*key, len(scene.names), 0, "skipped", 0.0, False, "time budget")
+        else:
+            poses[key], result = run_scene(scene, config, scene_dir, stamp)
+            budget.done.append((pairs, result.seconds))
+            write_submission_2023(output, submission_rows(scenes, poses))
+        results.append(result)
     write_submission_2023(output, submission_rows(scenes, poses))
-    result = RunResult(output, split, results, time.monotonic() - start)
-    if score:
-        result = RunResult(output, split, results, result.seconds, score_submission(output, labels_path))
-    return result
+    seconds = time.monotonic() - start
+    scored = score_submission(output, data / "train" / "train_labels.csv") if score else None
+    return RunResult(output, split, results, seconds, scored)
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -320,9 +319,8 @@ def score_submission(submission: Path, labels: Path) -> Score2023:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from matchers.factory import DEVICES, MATCHERS, WEIGHTS_HELP
+    from matchers.factory import WEIGHTS_HELP
 
-    defaults = IMC2023Config()
     parser = argparse.ArgumentParser(prog="python -m recipes.imc2023", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--data", type=Path, required=True, help="competition folder (sample_submission.csv + test/, or train/)"
@@ -331,50 +329,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split",
         choices=("auto", "train", "test"),
-        default="auto",
+        default=_parameter_default("split"),
         help="auto: test when sample_submission.csv exists (train with --score)",
     )
-    parser.add_argument("--matcher", choices=MATCHERS + ENSEMBLES, default=defaults.matcher)
-    parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    parser.add_argument(
-        "--resize", type=int, nargs="+", default=None, help="longest side(s) for matching; 0 = original"
-    )
-    parser.add_argument("--rotation", choices=ROTATION_MODES, default=defaults.rotation)
-    parser.add_argument("--camera-mode", choices=("auto", "single", "per-image"), default=defaults.camera_mode)
-    parser.add_argument("--device", choices=DEVICES, default=defaults.device)
-    parser.add_argument(
-        "--exhaustive-max",
-        type=int,
-        default=defaults.exhaustive_max,
-        help="scenes with at most this many images match all pairs; larger ones use retrieval",
-    )
-    parser.add_argument("--num-pairs", type=int, default=defaults.num_pairs, help="retrieval pairs per image")
-    parser.add_argument(
-        "--num-threads",
-        type=int,
-        default=defaults.num_threads,
-        help="mapper threads (-1 = all cores; 1 = reproducible: multi-threaded bundle adjustment is not)",
-    )
+    defaults = _parameter_default("config")
+    add_config_arguments(parser, MatcherSpec, defaults=defaults.matcher, helps={"weights": WEIGHTS_HELP})
+    add_config_arguments(parser, IMC2023Config, defaults=defaults)
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; scenes that would not fit get nan")
     parser.add_argument("--work", type=Path, default=None, help="per-scene outputs and cache (default <output>.work)")
     parser.add_argument("--score", action="store_true", help="score against train/train_labels.csv (IMC 2023 mAA)")
     return parser
 
 
+def _parameter_default(name: str) -> Any:
+    """The default of :func:`main`'s parameter ``name`` (the CLI does not restate it)."""
+    import inspect
+
+    return inspect.signature(main).parameters[name].default
+
+
 def main_cli(argv: Sequence[str] | None = None) -> RunResult:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = IMC2023Config(
-        matcher=args.matcher,
-        weights=args.weights,
-        resize=tuple(args.resize) if args.resize else None,
-        rotation=args.rotation,
-        camera_mode=args.camera_mode,
-        device=args.device,
-        exhaustive_max=args.exhaustive_max,
-        num_pairs=args.num_pairs,
-        num_threads=args.num_threads,
-    )
+    matcher = config_from_options(parser, args, MatcherSpec)
+    config = config_from_options(parser, args, IMC2023Config, matcher=matcher)
     result = main(
         args.data,
         args.output,

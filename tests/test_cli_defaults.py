@@ -50,17 +50,11 @@ NOT_YET_CONVERTED = {
     "matchers.loftr.export_onnx",
     "matchers.loftr.get_weights",
     "matchers.match",
-    "pipeline.evaluate_model",
-    "pipeline.image_check",
-    "pipeline.pairs",
     "pipeline.retrieval",
-    "pipeline.triangulate",
-    "pipeline.viz",
     "localization.aachen",
     "localization.evaluate",
     "localization.inloc",
     "localization.localize",
-    "recipes.demo",
     "recipes.eval_pairs",
     "recipes.imc2022",
     "recipes.retrieval_eval",
@@ -106,7 +100,6 @@ def test_every_cli_default_is_the_api_default(module_name):
     assert checked or not [a for a in parser._actions if a.option_strings and a.dest != "help"], module_name
 
 
-@pytest.mark.xfail(reason="match_dense's CLI not generated yet", strict=True)
 def test_options_from_a_config_are_generated_from_it():
     """The steps whose options mirror a config build them from it (the list grows as steps move over)."""
     for module_name, config_name in [("pipeline.match_dense", "DenseMatchConfig")]:

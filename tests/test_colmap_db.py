@@ -137,7 +137,7 @@ def test_build_database_imports_and_verifies(tmp_path: Path) -> None:
         tmp_path / "features.h5",
         tmp_path / "matches.h5",
         camera_mode="auto",
-        verification=VerificationConfig(num_threads=1),
+        verification=VerificationConfig(),
     )
     assert stats.num_images == 3 and stats.num_cameras == 1 and stats.num_keypoints == 3 * n
     assert stats.num_pairs == 3 and stats.num_matched_pairs == 2 and stats.num_matches == n + 25

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.cli import config_from_options
 from core.errors import UserError
 from core.par_files import read_par_file
 from datasets.imc import (
@@ -18,6 +19,7 @@ from datasets.imc import (
     read_labels_2023,
     write_submission_2023,
 )
+from pipeline.match_dense import MatcherSpec
 from recipes import imc2023
 
 SUBMISSION_COLUMNS = ["image_path", "dataset", "scene", "rotation_matrix", "translation_vector"]
@@ -103,7 +105,7 @@ def test_recipe_end_to_end_with_sift(temple_small: Path, tmp_path: Path) -> None
     output = tmp_path / "submission.csv"
     # one mapper thread: multi-threaded bundle adjustment is not reproducible, and this short stretch of
     # the ring is fragile enough that a different rounding can stall the mapper at 4 images
-    config = imc2023.IMC2023Config(matcher="sift", camera_mode="single", num_threads=1)
+    config = imc2023.IMC2023Config(matcher=MatcherSpec("sift"), camera_mode="single", num_threads=1)
     result = imc2023.main(temple_small, output, config, score=True, progress=False)
     (scene,) = result.scenes
     assert scene.status == "reconstructed" and scene.registered == 8
@@ -120,7 +122,9 @@ def test_recipe_end_to_end_with_sift(temple_small: Path, tmp_path: Path) -> None
 
 def test_time_budget_writes_nan_rows(temple_small: Path, tmp_path: Path) -> None:
     output = tmp_path / "submission.csv"
-    result = imc2023.main(temple_small, output, imc2023.IMC2023Config(matcher="sift"), time_budget=0.0, progress=False)
+    result = imc2023.main(
+        temple_small, output, imc2023.IMC2023Config(matcher=MatcherSpec("sift")), time_budget=0.0, progress=False
+    )
     assert [s.status for s in result.scenes] == ["skipped"]
     table = pd.read_csv(output)
     assert list(table.columns) == SUBMISSION_COLUMNS and len(table) == 8
@@ -131,8 +135,24 @@ def test_pair_strategy() -> None:
     config = imc2023.IMC2023Config(exhaustive_max=10)
     assert config.pair_strategy(10) == "exhaustive"
     assert config.num_pairs_estimate(10) == 45
-    expected = "retrieval" if imc2023.retrieval_available() else "exhaustive"
-    assert config.pair_strategy(11) == expected
+    assert config.pair_strategy(11) == "retrieval"
+    assert config.num_pairs_estimate(11) == 11 * config.num_pairs
+    run = config.reconstruct_config(11)
+    assert (run.pairs.method, run.pairs.num_matched, run.dense) == ("retrieval", 20, None)
+
+
+def test_cli_accepts_every_rotation_its_docstring_offers() -> None:
+    parser = imc2023.build_parser()
+    for rotation in ("none", "auto", "best", "union"):
+        args = parser.parse_args(["--data", "d", "--rotation", rotation, "--resize", "840", "--matcher", "sift"])
+        spec = MatcherSpec("sift", resize=(840,))
+        config = imc2023.IMC2023Config(matcher=spec, rotation=rotation)
+        assert config_from_options(parser, args, imc2023.IMC2023Config, matcher=spec) == config
+        assert config.reconstruct_config(3).dense.rotation == rotation
+    assert imc2023.IMC2023Config(rotation="auto").reconstruct_config(3).dense.refine == "tracks"
+    # LoFTR's exact tracks are built on one rotation per pair: a combination that cannot run fails at once
+    with pytest.raises(UserError, match="rotation none or auto"):
+        imc2023.IMC2023Config(rotation="union")
 
 
 def test_converter_adds_scenes_and_cli(temple_ring: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -200,4 +220,4 @@ def test_cli_prints_the_score(temple_small: Path, tmp_path: Path, capsys: pytest
     assert "middlebury/temple_ring: reconstructed, 8/8 registered" in printed
     assert f"mAA (IMC 2023, mean over 1 datasets): {result.score.maa:.4f}" in printed
     with pytest.raises(UserError, match="--score needs the train split"):
-        imc2023.main(temple_small, output, imc2023.IMC2023Config(matcher="sift"), split="test", score=True)
+        imc2023.main(temple_small, output, imc2023.IMC2023Config(matcher=MatcherSpec("sift")), split="test", score=True)

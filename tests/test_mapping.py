@@ -12,6 +12,7 @@ from datasets.synthetic import SceneConfig, render_scene, write_scene
 from pipeline import reconstruct
 from pipeline.evaluate_model import evaluate
 from pipeline.mapping import MappingConfig, camera_problem, refine_geometry
+from pipeline.match_dense import MatcherSpec
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def sift_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     scene = render_scene(SceneConfig(num_views=10, seed=3))
     root = tmp_path_factory.mktemp("mapping")
     images = write_scene(scene, root / "scene") / "images"
-    result = reconstruct.main(images, root / "out", config=reconstruct.ReconstructConfig(matcher="sift"))
+    result = reconstruct.main(images, root / "out", config=reconstruct.ReconstructConfig(matcher=MatcherSpec("sift")))
     return {"scene": scene, "result": result, "outputs": root / "out"}
 
 

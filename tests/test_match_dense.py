@@ -114,7 +114,8 @@ def test_outputs_are_hloc_files_with_correct_shared_keypoints(tmp_path):
     names, offsets, by_name = make_scene(images, 6, subfolder_index=2)
     pairs = write_pairs(tmp_path / "pairs.txt", sequential(names, 2))
     config = DenseMatchConfig(cell_size=8, max_error=2, num_workers=2)
-    features, matches = main(pairs, images, tmp_path / "f.h5", tmp_path / "m.h5", ShiftMatcher(offsets), config)
+    result = main(pairs, images, tmp_path / "f.h5", tmp_path / "m.h5", ShiftMatcher(offsets), config)
+    features, matches = result.features, result.matches
 
     # Read exactly as hloc does: plain h5py, nested groups for '/' in image names, '-' in pair keys.
     with h5py.File(features, "r") as f, h5py.File(matches, "r") as m:
@@ -280,7 +281,8 @@ def test_pairs_without_matches_get_a_row_of_minus_ones(tmp_path):
     images = tmp_path / "images"
     names, offsets, _ = make_scene(images, 3, step=(150, 0))  # crops far apart: no overlap of 0 and 2
     pairs = write_pairs(tmp_path / "pairs.txt", [(names[0], names[1]), (names[1], names[2]), (names[0], names[2])])
-    features, matches = main(pairs, images, tmp_path / "f.h5", tmp_path / "m.h5", ShiftMatcher(offsets))
+    result = main(pairs, images, tmp_path / "f.h5", tmp_path / "m.h5", ShiftMatcher(offsets))
+    features, matches = result.features, result.matches
     with h5py.File(features, "r") as f, h5py.File(matches, "r") as m:
         matches0 = m[io.names_to_pair(names[0], names[2])]["matches0"][()]
         assert len(matches0) == len(f[names[0]]["keypoints"]) and np.all(matches0 == -1)
@@ -290,13 +292,13 @@ def test_reference_images_keep_their_keypoints_and_go_second(tmp_path):
     images = tmp_path / "images"
     names, offsets, by_name = make_scene(images, 5)
     database = write_pairs(tmp_path / "db.txt", sequential(names[:4], 2))
-    reference, _ = main(database, images, tmp_path / "db_f.h5", tmp_path / "db_m.h5", ShiftMatcher(offsets))
+    reference = main(database, images, tmp_path / "db_f.h5", tmp_path / "db_m.h5", ShiftMatcher(offsets)).features
     reference_keypoints = io.read_features(reference)
 
     query = names[4]
     pairs = write_pairs(tmp_path / "loc.txt", [(query, names[2]), (names[3], query)])
     matcher = ShiftMatcher(offsets)
-    features, matches = main(
+    result = main(
         pairs,
         images,
         tmp_path / "q_f.h5",
@@ -305,6 +307,7 @@ def test_reference_images_keep_their_keypoints_and_go_second(tmp_path):
         DenseMatchConfig(max_kps=None),
         reference_features=reference,
     )
+    features, matches = result.features, result.matches
     output = io.read_features(features)
     for db in names[2:4]:
         np.testing.assert_array_equal(output[db][0], reference_keypoints[db][0])
@@ -565,3 +568,54 @@ def test_rotation_auto_matches_a_turned_image_in_its_sift_orientation(tmp_path):
             np.testing.assert_allclose(points1, expected, atol=1e-3)
     assert counts["auto"] >= 0.9 * len(UprightMatcher().grid)
     assert counts["none"] < 0.5 * counts["auto"]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [(), ("--refine", "klt"), ("--refine", "none", "--rotation", "none"), ("--cell-size", "6", "--max-error", "1.5")],
+)
+@pytest.mark.parametrize("matcher", ["sift", "loftr"])
+def test_cli_derives_the_same_dense_options_as_reconstruct(matcher, flags):
+    """One source of the matcher-dependent defaults: match_dense's command line gives what reconstruct runs."""
+    from pipeline import match_dense, reconstruct
+
+    parser = match_dense.build_parser()
+    files = ["--images", "i", "--pairs", "p.txt", "--features", "f.h5", "--matches", "m.h5"]
+    _, dense = match_dense.configs_from_args(parser, parser.parse_args([*files, "--matcher", matcher, *flags]))
+    rparser = reconstruct.build_parser()
+    run = reconstruct.config_from_args(
+        rparser, rparser.parse_args(["--images", "i", "--outputs", "o", "--matcher", matcher, *flags])
+    )
+    assert reconstruct.dense_config(run, matcher) == dense
+    expected = {
+        ("sift", ()): (2, 2.0, "none", "none"),
+        ("loftr", ()): (8, 2.0, "auto", "tracks"),
+        ("loftr", ("--refine", "klt")): (4, 0.5, "auto", "klt"),
+    }.get((matcher, flags))
+    if expected is not None:  # the documented defaults (README: reconstruct's)
+        assert (dense.cell_size, dense.max_error, dense.rotation, dense.refine) == expected
+
+
+def test_localization_variant_snaps_to_reference_keypoints():
+    from pipeline.match_dense import DenseOverrides, dense_defaults
+
+    loftr = dense_defaults("loftr", for_localization=True)
+    assert (loftr.cell_size, loftr.max_error, loftr.rotation, loftr.refine) == (4, 1.0, "none", "klt")
+    sift = dense_defaults("sift", for_localization=True)
+    assert (sift.cell_size, sift.max_error, sift.rotation, sift.refine) == (8, 2.0, "none", "none")
+    plain = dense_defaults("loftr", overrides=DenseOverrides(refine="none"), for_localization=True)
+    assert (plain.cell_size, plain.max_error, plain.refine) == (8, 2.0, "none")
+
+
+def test_raw_store_names_are_the_digests_earlier_runs_used(tmp_path):
+    """Raw matches are found by sha1 digests of JSON: the names must not change, or every earlier store is lost."""
+    import json
+
+    from pipeline.match_dense import RawMatchStore
+
+    description = {"matcher": {"matcher": "loftr", "weights": "outdoor"}, "rotation": "auto", "resize": [None]}
+    store = RawMatchStore(tmp_path / "m.h5", description)
+    expected = hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert store.root == tmp_path / "m.h5.raw" / expected
+    pair_digest = hashlib.sha1(json.dumps(["a.png", "b.png", False], sort_keys=True).encode()).hexdigest()[:24]
+    assert store._path(("a.png", "b.png"), False).name == f"{pair_digest}.npz"

@@ -72,6 +72,26 @@ def test_covisibility_ranks_by_shared_points():
     assert ("im2.png", "im1.png") in result and ("im2.png", "im3.png") not in result
 
 
+def test_covisibility_unique_lists_each_unordered_pair_once_as_localization_needs():
+    from localization.aachen import covisibility_pairs
+
+    model = _model_with_points()
+    assert pairs.covisibility(model, num_matched=2, unique=True) == [("im1.png", "im2.png"), ("im1.png", "im3.png")]
+    assert pairs.covisibility(model, 1, unique=True) == covisibility_pairs(model, 1)
+
+
+def test_one_sequential_window_and_retrieval_does_not_import_pairs_back():
+    assert pairs.PairsConfig().window == 5  # pipeline.pairs and pipeline.reconstruct alike
+    names = [f"{i:02d}" for i in range(8)]
+    assert pairs.sequential(names) == pairs.make_pairs(
+        names, pairs.PairsConfig("sequential"), PROJECT_ROOT, PROJECT_ROOT
+    )
+    with pytest.raises(UserError, match="window"):
+        pairs.PairsConfig("sequential", window=0)
+    code = "import sys, pipeline.retrieval; assert 'pipeline.pairs' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT).returncode == 0
+
+
 def test_from_poses_nearest_within_angle():
     reconstruction = _model_with_points()
     result = pairs.from_poses(reconstruction, num_matched=1, rotation_threshold=10)

@@ -20,10 +20,13 @@ from core.par_files import read_par_file
 from datasets.synthetic import SceneConfig, render_scene, write_scene
 from pipeline import reconstruct
 from pipeline.evaluate_model import evaluate
+from pipeline.match_dense import MatcherSpec
+from pipeline.pairs import PairsConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # 12 views in a row on the ring (the file numbering jumps around the ring elsewhere)
 TEMPLE_SUBSET = [f"templeR{i:04d}.png" for i in range(13, 25)]
+SIFT = reconstruct.ReconstructConfig(matcher=MatcherSpec("sift"))
 
 
 def _copy_images(source: Path, names: list[str], folder: Path) -> Path:
@@ -42,7 +45,7 @@ def temple_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     images = _copy_images(temple / "images", TEMPLE_SUBSET, root / "images")
     outputs = root / "out"
     start = time.perf_counter()
-    result = reconstruct.main(images, outputs, matcher="sift", pairs="exhaustive")
+    result = reconstruct.main(images, outputs, SIFT)
     return {
         "result": result,
         "images": images,
@@ -114,21 +117,21 @@ def test_rerun_resumes_without_recomputing(temple_run: dict) -> None:
     first_database = temple_run["result"].summary["database"]
     before = (out / "sfm" / "points3D.bin").stat().st_mtime_ns
     start = time.perf_counter()
-    again = reconstruct.main(images, out, matcher="sift", pairs="exhaustive")
+    again = reconstruct.main(images, out, SIFT)
     assert time.perf_counter() - start < 0.5 * temple_run["seconds"]
     assert again.summary["matching"]["up_to_date"] and again.summary["resumed_model"]
     assert (out / "sfm" / "points3D.bin").stat().st_mtime_ns == before
     assert again.summary["registered"] == 12
     # A run interrupted during mapping (no summary yet): matches and the verified database are reused.
     (out / "summary.json").unlink()
-    third = reconstruct.main(images, out, matcher="sift", pairs="exhaustive")
+    third = reconstruct.main(images, out, SIFT)
     assert third.summary["matching"]["up_to_date"] and third.summary["matching"]["pairs_matched"] == 0
     assert third.summary["reused_database"] and not third.summary["resumed_model"]
     assert third.summary["registered"] == 12
     # Interrupted during verification (no database stamp): the database is rebuilt from the matches.
     (out / "summary.json").unlink()
     (out / "database.json").unlink()
-    fourth = reconstruct.main(images, out, matcher="sift", pairs="exhaustive")
+    fourth = reconstruct.main(images, out, SIFT)
     assert not fourth.summary["reused_database"] and fourth.summary["matching"]["pairs_matched"] == 0
     rebuilt = fourth.summary["database"]
     for key in ("num_images", "num_keypoints", "num_matched_pairs", "num_matches"):
@@ -143,7 +146,7 @@ def test_synthetic_scene_with_junk_files(tmp_path: Path) -> None:
     images = folder / "images"
     (images / "notes.txt").write_text("junk")
     (images / "broken.png").write_bytes(b"")
-    result = reconstruct.main(images, tmp_path / "out", matcher="sift")
+    result = reconstruct.main(images, tmp_path / "out", SIFT)
     assert set(result.summary["skipped_images"]) == {"notes.txt", "broken.png"}
     assert result.summary["total"] == 12 and result.summary["registered"] >= 11
     accuracy = evaluate(result.reconstruction, scene.cameras())
@@ -158,16 +161,46 @@ def test_damaged_hdf5_is_a_clear_error(tmp_path: Path) -> None:
     out.mkdir()
     (out / "matches.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 40)  # an HDF5 signature, then nothing
     with pytest.raises(UserError, match=r"matches\.h5: damaged HDF5 file.*delete it"):
-        reconstruct.main(images, out, matcher="sift")
+        reconstruct.main(images, out, SIFT)
 
 
 def test_config_validation() -> None:
-    with pytest.raises(UserError, match="pairs strategy"):
-        reconstruct.ReconstructConfig(pairs="random")
+    with pytest.raises(UserError, match="pairs method"):
+        PairsConfig(method="random")
+    with pytest.raises(UserError, match="needs a model"):
+        reconstruct.ReconstructConfig(pairs=PairsConfig(method="covisibility"))
     with pytest.raises(UserError, match="camera mode"):
         reconstruct.ReconstructConfig(camera_mode="rig")
     with pytest.raises(UserError, match="resize"):
-        reconstruct.ReconstructConfig(resize=(-5,))
+        MatcherSpec(resize=(-5,))
+    with pytest.raises(UserError, match="dense_defaults"):  # sizes given twice must agree
+        reconstruct.ReconstructConfig(
+            matcher=MatcherSpec(resize=(640, 840)), dense=reconstruct.dense_defaults("loftr", (640,))
+        )
+
+
+def test_cli_builds_the_steps_configs() -> None:
+    """Every option lands in the step config that owns it; --num-pairs is the window or the top-k."""
+    parser = reconstruct.build_parser()
+    images = ["--images", "i", "--outputs", "o"]
+    config = reconstruct.config_from_args(parser, parser.parse_args(images))
+    assert config == reconstruct.ReconstructConfig()
+    assert reconstruct.dense_config(config, "loftr").refine == "tracks"
+    assert reconstruct.verification_options(config).required_inliers == 15  # the ensemble: SIFT gates
+    flags = ["--matcher", "loftr", "--pairs", "sequential", "--num-pairs", "3", "--loop-closure", "--cell-size", "4"]
+    flags += ["--min-num-inliers", "20", "--refine-iterations", "1", "--verbose", "--camera-mode", "single"]
+    config = reconstruct.config_from_args(parser, parser.parse_args([*images, *flags]))
+    assert config.pairs == PairsConfig("sequential", window=3, loop_closure=True)
+    assert config.dense is not None and (config.dense.cell_size, config.dense.max_error) == (4, 2.0)
+    assert config.verification.min_num_inliers == 20 and config.verification.max_error == 4.0
+    assert reconstruct.mapping_options(config).min_num_matches == 20
+    assert (config.mapping.refine_iterations, config.mapping.verbose, config.camera_mode) == (1, True, "single")
+    loftr = reconstruct.config_from_args(parser, parser.parse_args([*images, "--matcher", "loftr"]))
+    assert reconstruct.verification_options(loftr).required_inliers == reconstruct.DENSE_MIN_INLIERS
+    assert (
+        reconstruct.config_from_args(parser, parser.parse_args([*images, "--pairs", "retrieval"])).pairs.num_matched
+        == 20
+    )
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

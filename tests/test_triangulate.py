@@ -93,8 +93,7 @@ def test_triangulation_into_gt_cameras(temple_ring: Path, tmp_path: Path) -> Non
         tmp_path / "features.h5",
         tmp_path / "matches.h5",
         tmp_path / "sfm",
-        verification="known",
-        max_error=4.0,
+        triangulate.TriangulationConfig(verification="known", max_error=4.0),
     )
     # poses are unchanged and points reproject well
     for name in SUBSET:
