@@ -35,12 +35,15 @@ class DistributedConfig:
     distributed: Literal["none", "ray"] = "none"  # none: this process; ray: Ray actors ($RAY_ADDRESS or local)
     workers: int | None = None  # Ray workers; default one per GPU, else one per 2 CPU cores
     max_retries: int = 3  # times a shard is retried after its worker died
+    shard_pairs: int = 64  # most pairs per shard (a shard is matched by one worker, its images cached there)
 
     def __post_init__(self) -> None:
         if self.distributed not in DISTRIBUTED_MODES:
             raise UserError(f"unknown --distributed {self.distributed!r}; choose one of {', '.join(DISTRIBUTED_MODES)}")
         if self.workers is not None and self.workers < 1:
             raise UserError(f"--workers must be >= 1, got {self.workers}")
+        if self.shard_pairs < 1:
+            raise UserError(f"--shard-pairs must be >= 1, got {self.shard_pairs}")
 
 
 class ShardTask(Protocol[Shard, Result]):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -32,7 +32,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from core.cache import LRUCache
 from core.errors import UserError
+from core.geometry import fundamental_magsac
 from core.io import find_pair, open_h5, resolve_image
 
 CameraMode = Literal["auto", "single", "per-image"]
@@ -72,6 +74,9 @@ class VerificationConfig:
     max_num_trials: int = 10000
     confidence: float = 0.999
     seed: int | None = 0  # RANSAC random seed (reproducible runs); None = random
+    #: first fit a fundamental matrix with OpenCV's MAGSAC++ (same threshold, trials and confidence) and verify only
+    #: pairs where it finds enough inliers: pycolmap runs its RANSAC to the trial cap on pairs of few, wrong matches
+    precheck: bool = True
 
     def __post_init__(self) -> None:
         if self.min_num_inliers is not None and self.min_num_inliers < 1:
@@ -108,6 +113,7 @@ class DatabaseStats:
     num_matches: int
     num_verified_pairs: int  # pairs with a verified two-view geometry
     num_inlier_matches: int
+    num_prechecked_out: int = 0  # imported pairs the MAGSAC++ pre-check left unverified (no geometry)
 
 
 # ------------------------------------------------------------------------------------------- logging
@@ -241,6 +247,30 @@ def import_features(db, image_ids: Mapping[str, int], features_path: Path) -> in
     return total
 
 
+@contextlib.contextmanager
+def geometry_precheck(
+    features_path: Path, config: VerificationConfig
+) -> Iterator[Callable[[str, str, np.ndarray], bool]]:
+    """Whether a pair can pass verification: OpenCV's MAGSAC++ fundamental matrix at the verification's threshold
+    finds ``required_inliers``. pycolmap's LO-RANSAC estimates E, F and H to its trial cap on pairs of few, wrong
+    matches; SIFT temple_ring exhaustive (1,041 imported pairs, 363 verified): verification 294.5 s -> 10.7 s
+    (the pre-check, 2.7 s, keeps 374 pairs), the same 363 verified pairs with the same inlier counts."""
+    with open_h5(features_path) as file:
+        keypoints: LRUCache[np.ndarray] = LRUCache(max_items=256)
+
+        def read(name: str) -> np.ndarray:
+            return keypoints.get_or_create(name, lambda: file[name]["keypoints"][()].reshape(-1, 2))
+
+        def plausible(name0: str, name1: str, indices: np.ndarray) -> bool:
+            points0, points1 = read(name0)[indices[:, 0]], read(name1)[indices[:, 1]]
+            _, inliers = fundamental_magsac(
+                points0, points1, config.max_error, config.confidence, config.max_num_trials
+            )
+            return int(inliers.sum()) >= config.required_inliers
+
+        yield plausible
+
+
 def import_matches(
     db,
     image_ids: Mapping[str, int],
@@ -248,11 +278,14 @@ def import_matches(
     matches_path: Path,
     min_match_score: float | None = None,
     min_num_matches: int = COLMAP_MIN_NUM_INLIERS,
-) -> tuple[list[tuple[str, str]], int]:
+    plausible: Callable[[str, str, np.ndarray], bool] | None = None,
+) -> tuple[list[tuple[str, str]], int, list[tuple[str, str]]]:
     """Write raw matches of each pair once; pairs with fewer than ``min_num_matches`` are left out
-    (they could never pass verification). Returns (imported pairs, total matches)."""
+    (they could never pass verification). Returns (imported pairs, total matches, the imported pairs worth
+    verifying: all, or those ``plausible(name0, name1, (N, 2) keypoint indices)`` accepts)."""
     done: set[tuple[int, int]] = set()
     imported: list[tuple[str, str]] = []
+    worth_verifying: list[tuple[str, str]] = []
     num_matches = 0
     with open_h5(matches_path) as file:
         for name0, name1 in tqdm(pairs, desc="import matches", leave=False):
@@ -279,7 +312,9 @@ def import_matches(
             db.write_matches(image_ids[name0], image_ids[name1], np.ascontiguousarray(indices, dtype=np.uint32))
             imported.append((name0, name1))
             num_matches += len(indices)
-    return imported, num_matches
+            if plausible is None or plausible(name0, name1, indices):
+                worth_verifying.append((name0, name1))
+    return imported, num_matches, worth_verifying
 
 
 # ------------------------------------------------------------------------------------------- database
@@ -382,12 +417,14 @@ def build_database(
 
                 sizes[name] = image_size(resolve_image(image_dir, name))
         image_ids, num_cameras = create_database(temp, image_dir, names, sizes, camera_mode, camera_model)
-        with pycolmap.Database.open(str(temp)) as db:
+        with pycolmap.Database.open(str(temp)) as db, contextlib.ExitStack() as stack:
             num_keypoints = import_features(db, image_ids, features_path)
-            imported, num_matches = import_matches(
-                db, image_ids, pairs, matches_path, min_match_score, verification.required_inliers
+            precheck = verification.precheck
+            plausible = stack.enter_context(geometry_precheck(features_path, verification)) if precheck else None
+            imported, num_matches, to_verify = import_matches(
+                db, image_ids, pairs, matches_path, min_match_score, verification.required_inliers, plausible
             )
-        num_verified, num_inliers = verify(temp, imported, verification, verbose) if imported else (0, 0)
+        num_verified, num_inliers = verify(temp, to_verify, verification, verbose) if to_verify else (0, 0)
         remove_database(database_path, side_files_only=True)
         os.replace(temp, database_path)
     except (OSError, RuntimeError) as error:
@@ -406,6 +443,7 @@ def build_database(
         num_matches=num_matches,
         num_verified_pairs=num_verified,
         num_inlier_matches=num_inliers,
+        num_prechecked_out=len(imported) - len(to_verify),
     )
     return image_ids, stats
 

@@ -37,9 +37,8 @@ import dataclasses
 import json
 import logging
 import time
-import zipfile
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,12 +50,14 @@ from tqdm import tqdm
 from core import io
 from core.cache import LRUCache
 from core.cli import add_config_arguments, config_from_options
+from core.distributed import DistributedConfig, ShardStats, run_shards
 from core.errors import UserError, run_cli
 from core.image_io import image_size, read_gray, to_uint8
 from core.stamps import digest, file_state
 from matchers.base import Matcher, Matches
 from pipeline.orientation import OrientationConfig, estimate_quarter_turns
 from pipeline.quantize import ImageKeypoints, KeypointPosition, QuantizeConfig, QuantizedMatches, aggregate_matches
+from pipeline.raw_store import RawMatchStore, StoredMatches, raw_root
 from pipeline.refine import (
     KLT_CELL_SIZE,
     MATCH_REFINE_MODES,
@@ -319,6 +320,8 @@ class DenseMatchResult:
     pairs_turned: int = 0  # rotation="auto": pairs matched in this run with image 1 turned
     turns: dict[Pair, int] = field(default_factory=dict)  # rotation="auto": (first, second) -> k, nonzero only
     tracks: TrackStats | None = None  # refine="tracks": how the tracks were built (None when up to date)
+    seconds_shared_keypoints: float = 0.0  # exact tracks, or quantization (+ KLT along tracks)
+    distributed: ShardStats | None = None  # --distributed ray: workers and shards retried
 
 
 # -------------------------------------------------------------------------------------------- pairs
@@ -479,90 +482,6 @@ class ImagePrefetcher:
 
 
 # ---------------------------------------------------------------------------------------- raw store
-class RawMatchStore:
-    """Raw per-pair matches, one atomically written ``.npz`` per pair, under a matching-config digest.
-
-    A process killed at any point leaves only complete files (temp file + rename); a file that cannot
-    be read anyway (disk full, manual tampering) counts as missing and is recomputed.
-    """
-
-    def __init__(self, matches_path: Path, description: Mapping[str, Any], image_dir: Path | None = None) -> None:
-        self.description = dict(description)
-        self.digest = digest(self.description)
-        self.root = raw_root(matches_path) / self.digest
-        self.image_dir = image_dir
-
-    def _path(self, pair: Pair, swapped: bool) -> Path:
-        # The images' size and modification time are part of the key: a folder rebuilt with the same
-        # names must not silently reuse matches of the old images.
-        states = [] if self.image_dir is None else [file_state(io.resolve_image(self.image_dir, n)) for n in pair]
-        return self.root / f"{digest([pair[0], pair[1], swapped, *states], 24)}.npz"
-
-    def load(self, pair: Pair, swapped: bool) -> Matches | None:
-        path = self._path(pair, swapped)
-        if not path.is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if (str(data["name0"]), str(data["name1"])) != pair:
-                    return None
-                coarse = "coarse0" in data.files
-                return Matches(
-                    data["keypoints0"].astype(np.float32).reshape(-1, 2),
-                    data["keypoints1"].astype(np.float32).reshape(-1, 2),
-                    data["scores"].astype(np.float32).reshape(-1),
-                    data["coarse0"].astype(np.float32).reshape(-1, 2) if coarse else None,
-                    data["coarse1"].astype(np.float32).reshape(-1, 2) if coarse else None,
-                )
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            logger.warning("%s: unreadable raw matches (%s); recomputing them", path, error)
-            return None
-
-    def save(self, pair: Pair, swapped: bool, matches: Matches) -> None:
-        if not self.root.is_dir():
-            self.root.mkdir(parents=True, exist_ok=True)
-            io.write_text_atomic(self.root / "matcher.json", json.dumps(self.description, indent=2, default=str))
-        with io.atomic_path(self._path(pair, swapped)) as temp, open(temp, "wb") as handle:
-            np.savez(
-                handle,
-                name0=np.array(pair[0]),
-                name1=np.array(pair[1]),
-                keypoints0=matches.keypoints0.astype(np.float32),
-                keypoints1=matches.keypoints1.astype(np.float32),
-                scores=matches.scores.astype(np.float32),
-                **(
-                    {"coarse0": matches.coarse0.astype(np.float32), "coarse1": matches.coarse1.astype(np.float32)}
-                    if matches.has_coarse
-                    else {}
-                ),
-            )
-
-
-def raw_root(matches_path: Path) -> Path:
-    """The folder of raw matches and stamps kept next to ``matches.h5``."""
-    return Path(str(matches_path) + ".raw")
-
-
-class _RawMatches(Mapping[Pair, Matches]):
-    """Lazy read-only view of the stored raw matches, as :func:`aggregate_matches` wants them."""
-
-    def __init__(self, store: RawMatchStore, swapped: Mapping[Pair, bool]) -> None:
-        self._store = store
-        self._swapped = swapped
-
-    def __getitem__(self, pair: Pair) -> Matches:
-        matches = self._store.load(pair, self._swapped[pair])
-        if matches is None:
-            raise UserError(f"{self._store.root}: raw matches of {pair} vanished during the run; run again")
-        return matches
-
-    def __iter__(self) -> Iterator[Pair]:
-        return iter(self._swapped)
-
-    def __len__(self) -> int:
-        return len(self._swapped)
-
-
 # ------------------------------------------------------------------------------------------ helpers
 def describe_matching(matcher: Matcher, config: DenseMatchConfig) -> dict[str, Any]:
     """Everything that changes raw matches: the matcher and the augmentations (not the quantization)."""
@@ -740,7 +659,7 @@ def _shared_keypoints(
 ) -> tuple[QuantizedMatches, TrackStats | None]:
     """The raw matches of every pair as shared keypoints per image: exact tracks, or quantized (then refined
     along tracks with ``refine="klt"``)."""
-    raw = _RawMatches(inputs.store, plan.swapped)
+    raw = StoredMatches(inputs.store, plan.swapped)
     load = lambda name: read_gray(io.resolve_image(image_dir, name))  # noqa: E731
     if grids is not None:
         quantized, track_stats = build_tracks(raw, grids, load, plan.turns, config.track_config())
@@ -799,8 +718,13 @@ def run(
     matcher: Matcher,
     config: DenseMatchConfig | None = None,
     reference_features: Path | None = None,
+    distributed: DistributedConfig = DistributedConfig(),
+    worker_matcher: Callable[[], Matcher] | None = None,
 ) -> DenseMatchResult:
     """Match every pair of ``pairs``, quantize into shared keypoints, write ``features`` and ``matches``.
+
+    ``distributed``: raw matching in shards over Ray workers, each building its matcher once with
+    ``worker_matcher`` (default: a copy of ``matcher``); the same matches as in this process.
 
     ``config`` None: :class:`DenseMatchConfig`'s plain (hloc) options; :func:`dense_defaults` gives a matcher's own.
     Resumable: raw matches of finished pairs are reused (same matcher and matching options), and an
@@ -817,9 +741,10 @@ def run(
     grids = _coarse_grids(matcher, inputs, sizes) if config.refine == "tracks" else None
     plan = _plan_matching(inputs, image_dir, config)
     match_start = time.perf_counter()
-    stats = _match_pairs(plan, image_dir, matcher, config, inputs.store)
+    stats = _match_pairs(plan, image_dir, matcher, config, inputs.store, distributed, worker_matcher)
     seconds_matching = time.perf_counter() - match_start
     quantized, track_stats = _shared_keypoints(inputs, plan, grids, image_dir, config)
+    seconds_shared = time.perf_counter() - match_start - seconds_matching
     turned = {pair: k for pair, k in plan.turns.items() if k}
     _write_outputs(quantized, sizes, features, matches, inputs, turned)
     keypoints_count = {name: len(kp) for name, kp in quantized.keypoints.items()}
@@ -851,6 +776,8 @@ def run(
         pairs_turned=stats.pairs_turned,
         turns=turned,
         tracks=track_stats,
+        seconds_shared_keypoints=seconds_shared,
+        distributed=stats.distributed,
     )
 
 
@@ -882,6 +809,7 @@ class _LoopStats:
     cache_hits: int
     cache_misses: int
     pairs_turned: int
+    distributed: ShardStats | None = None
 
 
 class _PreparedImages:
@@ -951,38 +879,109 @@ def _match_chunk(
 
 
 def _match_pairs(
-    plan: _MatchingPlan, image_dir: Path, matcher: Matcher, config: DenseMatchConfig, store: RawMatchStore
+    plan: _MatchingPlan,
+    image_dir: Path,
+    matcher: Matcher,
+    config: DenseMatchConfig,
+    store: RawMatchStore,
+    distributed: DistributedConfig = DistributedConfig(),
+    worker_matcher: Callable[[], Matcher] | None = None,
 ) -> _LoopStats:
-    """Raw-match the pairs of ``plan.todo`` and store each result as soon as its batch is computed."""
-    tta, refine = config.tta_config(), config.refine_config()
+    """Raw-match the pairs of ``plan.todo`` and store each result as soon as its batch (or shard) is computed."""
     # Matching order of each pair: (first, second); the second image gets the rotations.
     oriented = [(b, a) if plan.swapped[(a, b)] else (a, b) for a, b in plan.todo]
     turned = sum(plan.turns.get(pair, 0) != 0 for pair in oriented)
-    if tta.rotation == "auto" and oriented:
+    if config.rotation == "auto" and oriented:
         logger.info("rotation auto: %d of %d pairs matched with image 1 turned", turned, len(oriented))
     order = plan_order(oriented, config.cache_size)
+    ordered = [oriented[i] for i in order]
+    original = {oriented[i]: plan.todo[i] for i in order}
+
+    def save(pairs: Sequence[Pair], results: Sequence[Matches]) -> None:
+        items = []
+        for first_second, result in zip(pairs, results):
+            pair = original[first_second]
+            items.append((pair, plan.swapped[pair], result.swapped() if plan.swapped[pair] else result))
+        store.save_many(items)
+
+    with tqdm(total=len(ordered), desc="matching", unit="pair", smoothing=0.1, disable=not ordered) as bar:
+        if distributed.distributed == "none":
+            stats = _match_ordered(matcher, image_dir, ordered, config, plan.turns, save, bar.update)
+            return dataclasses.replace(stats, pairs_turned=turned)
+        task = MatchShardTask(worker_matcher or (lambda: matcher), image_dir, config, plan.turns)
+        shard_stats = ShardStats()
+        totals = np.zeros(3, int)
+        batch = config.batch_pairs if config.tta_config().single_pass and matcher.batches_pairs else 1
+        for outcome in run_shards(task, _shards(ordered, batch, distributed), distributed, shard_stats):
+            pairs, results, loop = outcome.result
+            save(pairs, results)
+            totals += (loop.prepare_calls, loop.cache_hits, loop.cache_misses)
+            bar.update(len(pairs))
+    return _LoopStats(*map(int, totals), turned, shard_stats)
+
+
+def _shards(ordered: Sequence[Pair], batch: int, distributed: DistributedConfig) -> list[list[Pair]]:
+    """Consecutive pairs of the cache-friendly order, a whole number of matcher batches each (the same batches as
+    one process forms, so the same matches), about four shards per worker for balance."""
+    workers = distributed.workers or 2
+    per_shard = -(-len(ordered) // (4 * workers))
+    per_shard = min(distributed.shard_pairs, max(batch, -(-per_shard // batch) * batch))
+    per_shard = -(-per_shard // batch) * batch
+    return [list(ordered[start : start + per_shard]) for start in range(0, len(ordered), per_shard)]
+
+
+@dataclass
+class MatchShardTask:
+    """Raw matching of shards of pairs in a worker (:mod:`core.distributed`): the matcher is built once per
+    worker by ``make_matcher``, each shard is matched exactly as one process matches those pairs."""
+
+    make_matcher: Callable[[], Matcher]
+    image_dir: Path
+    config: DenseMatchConfig
+    turns: dict[Pair, int]
+
+    def setup(self) -> None:
+        self.matcher = self.make_matcher()
+
+    def run(self, shard: list[Pair]) -> tuple[list[Pair], list[Matches], _LoopStats]:
+        results: list[Matches] = []
+        stats = _match_ordered(
+            self.matcher, self.image_dir, shard, self.config, self.turns, lambda _, r: results.extend(r), None
+        )
+        return shard, results, stats
+
+
+def _match_ordered(
+    matcher: Matcher,
+    image_dir: Path,
+    ordered: Sequence[Pair],
+    config: DenseMatchConfig,
+    turns: Mapping[Pair, int],
+    on_batch: Callable[[Sequence[Pair], Sequence[Matches]], None],
+    progress: Callable[[int], object] | None,
+) -> _LoopStats:
+    """Match (first, second) pairs in the given order, per-image views cached; ``on_batch`` gets each batch."""
+    tta, refine = config.tta_config(), config.refine_config()
     # Pairs matched once each (no rotation / multi-size / two-way TTA) go to the matcher in batches of
     # consecutive pairs of the cache-friendly order.
     batched = tta.single_pass and matcher.batches_pairs
     batch = config.batch_pairs if batched else 1
-    loads = planned_loads([oriented[i] for i in order], config.cache_size)
+    loads = planned_loads(ordered, config.cache_size)
     with ImagePrefetcher(image_dir, loads, config.num_workers) as loader:
-        views = _views_needed(oriented, tta, plan.turns)
-        images = _PreparedImages(matcher, loader, views, config.cache_size, refine.enabled)
-        with tqdm(total=len(order), desc="matching", unit="pair", smoothing=0.1, disable=not plan.todo) as bar:
-            for start in range(0, len(order), batch):
-                chunk = order[start : start + batch]
-                results = _match_chunk(matcher, images, [oriented[i] for i in chunk], tta, plan.turns, batched)
-                for index, result in zip(chunk, results):
-                    first, second = oriented[index]
-                    if refine.enabled:
-                        turn = plan.turns.get((first, second), 0)
-                        result, _ = refine_matches(images.pixels[first], images.pixels[second], result, refine, turn)
-                    pair = plan.todo[index]
-                    store.save(pair, plan.swapped[pair], result.swapped() if plan.swapped[pair] else result)
-                images.forget_evicted()
-                bar.update(len(chunk))
-    return _LoopStats(images.prepare_calls, images.cache.hits, images.cache.misses, turned)
+        images = _PreparedImages(matcher, loader, _views_needed(ordered, tta, turns), config.cache_size, refine.enabled)
+        for start in range(0, len(ordered), batch):
+            pairs = ordered[start : start + batch]
+            results = _match_chunk(matcher, images, pairs, tta, turns, batched)
+            if refine.enabled:
+                results = [
+                    refine_matches(images.pixels[a], images.pixels[b], r, refine, turns.get((a, b), 0))[0]
+                    for (a, b), r in zip(pairs, results)
+                ]
+            on_batch(pairs, results)
+            images.forget_evicted()
+            if progress is not None:
+                progress(len(pairs))
+    return _LoopStats(images.prepare_calls, images.cache.hits, images.cache.misses, 0)
 
 
 def _view_key(view: View) -> tuple[int, int]:
@@ -997,6 +996,7 @@ def main(
     matcher: Matcher | MatcherSpec = MatcherSpec(matcher="loftr"),
     config: DenseMatchConfig | None = None,
     reference_features: Path | None = None,
+    distributed: DistributedConfig = DistributedConfig(),
 ) -> DenseMatchResult:
     """Match, quantize and write hloc files (see :func:`run`).
 
@@ -1014,8 +1014,9 @@ def main(
         # Validate inputs before a checkpoint is loaded.
         io.check_match_outputs(features, matches)  # a folder / read-only place fails before any pair is matched
         load_pairs(Path(pairs), Path(image_dir))
-        matcher = matcher.make()
-    return run(pairs, image_dir, features, matches, matcher, config, reference_features)
+        spec, matcher = matcher, matcher.make()
+        return run(pairs, image_dir, features, matches, matcher, config, reference_features, distributed, spec.make)
+    return run(pairs, image_dir, features, matches, matcher, config, reference_features, distributed)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -1041,6 +1042,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(parser, MatcherSpec, defaults=defaults, helps=helps)
     add_config_arguments(parser, DenseOverrides)
     add_config_arguments(parser, DenseMatchConfig, exclude=(*MATCHER_DEPENDENT, "resize"))
+    add_config_arguments(parser, DistributedConfig)
     return parser
 
 
@@ -1067,7 +1069,10 @@ def main_cli(argv: Sequence[str] | None = None) -> DenseMatchResult:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     spec, config = configs_from_args(parser, args)
-    result = main(args.pairs, args.images, args.features, args.matches, spec, config, args.reference_features)
+    distributed = config_from_options(parser, args, DistributedConfig)
+    result = main(
+        args.pairs, args.images, args.features, args.matches, spec, config, args.reference_features, distributed
+    )
     print(f"wrote {result.features} and {result.matches}")
     return result
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -55,6 +56,7 @@ from typing import Any
 from core import io
 from core.cli import add_config_arguments, config_from_options
 from core.colmap_model import incomplete_write, read_model, write_model
+from core.distributed import DistributedConfig
 from core.errors import UserError, run_cli
 from core.stamps import digest, file_state
 from pipeline.colmap_db import CAMERA_MODES, CameraMode, VerificationConfig, build_database
@@ -99,6 +101,7 @@ class ReconstructConfig:
     camera_mode: CameraMode = "auto"  # images sharing a camera: auto (same size and EXIF), single or per-image
     camera_model: str = "SIMPLE_RADIAL"  # COLMAP camera model
     min_match_score: float | None = None  # matches scored at or below this are not imported
+    distributed: DistributedConfig = DistributedConfig()  # raw matching over Ray workers (--distributed ray)
 
     def __post_init__(self) -> None:
         if self.pairs.method not in IMAGE_METHODS:
@@ -212,9 +215,11 @@ def mapping_options(config: ReconstructConfig) -> MappingConfig:
 
 
 def recorded_options(config: ReconstructConfig) -> dict[str, Any]:
-    """The run's options as summary.json records them (and its mapping stamp uses: verbosity left out)."""
+    """The run's options as summary.json records them (and its mapping stamp uses: verbosity and how the work was
+    spread over workers left out, as neither changes the model)."""
     options = asdict(config)
     options["mapping"].pop("verbose")
+    options.pop("distributed")
     return options
 
 
@@ -271,7 +276,16 @@ def match_images(config: ReconstructConfig, images: Path, paths: ReconstructPath
     for name in spec.parts:
         features, matches = paths.part_files(name, spec.parts)
         features.parent.mkdir(parents=True, exist_ok=True)
-        results[name] = match_dense.run(paths.pairs, images, features, matches, matchers[name], configs[name])
+        results[name] = match_dense.run(
+            paths.pairs,
+            images,
+            features,
+            matches,
+            matchers[name],
+            configs[name],
+            distributed=config.distributed,
+            worker_matcher=functools.partial(spec.make, name),
+        )
     merged = merge_ensemble(results, spec.parts, pair_list, paths) if len(spec.parts) > 1 else None
     descriptions = {name: matcher.describe() for name, matcher in matchers.items()}
     return Matched(results, descriptions, configs, merged, spec.primary)
@@ -551,6 +565,14 @@ def matching_summary(matched: Matched) -> dict[str, Any]:
         "max_error": dense.max_error,
         "tracks": asdict(result.tracks) if result.tracks is not None else None,
         "ensemble": asdict(matched.ensemble) if matched.ensemble is not None else None,
+        # seconds over all matchers of the run: raw matching, then shared keypoints (tracks or quantization)
+        "timings": {
+            "raw_matching": round(sum(r.seconds_matching for r in matched.results.values()), 3),
+            "shared_keypoints": round(sum(r.seconds_shared_keypoints for r in matched.results.values()), 3),
+        },
+        "distributed": {
+            name: asdict(r.distributed) for name, r in matched.results.items() if r.distributed is not None
+        },
     }
 
 
@@ -731,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser, MappingConfig, exclude=mapping_fields - set(MAPPING_OPTIONS), defaults=defaults.mapping
     )
     add_config_arguments(parser, ReconstructConfig, defaults=defaults)
+    add_config_arguments(parser, DistributedConfig, defaults=defaults.distributed)
     return parser
 
 
@@ -756,6 +779,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         dense=dense,
         verification=config_from_options(parser, args, VerificationConfig, base=defaults.verification),
         mapping=config_from_options(parser, args, MappingConfig, base=defaults.mapping),
+        distributed=config_from_options(parser, args, DistributedConfig, base=defaults.distributed),
     )
 
 

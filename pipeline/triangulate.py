@@ -136,7 +136,7 @@ def _import_into(
         for name, image_id in image_ids.items():
             if name not in paired:  # images without pairs: no keypoints
                 db.write_keypoints(image_id, np.zeros((0, 2), np.float32))
-        _, num_matches = import_matches(
+        _, num_matches, _ = import_matches(
             db, image_ids, pair_list, Path(matches), config.min_match_score, min_num_matches=1
         )
         if config.verification == "none":

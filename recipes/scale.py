@@ -107,8 +107,7 @@ def reconstruct_run(
 def stage_seconds_per_pair(summary: dict[str, Any]) -> dict[str, float]:
     """Seconds per pair of each stage, from reconstruct's summary (raw matching and tracks apart)."""
     timings, pairs = summary["timings"], max(1, summary["pairs"]["num_pairs"])
-    inner = summary.get("matching", {}).get("timings", {})
-    tracks = inner.get("tracks", inner.get("quantization", 0.0))
+    tracks = summary["matching"]["timings"]["shared_keypoints"]
     seconds = {
         "pairs": timings.get("pairs", 0.0),
         "matching": timings.get("matching", 0.0) - tracks,

@@ -611,11 +611,11 @@ def test_raw_store_names_are_the_digests_earlier_runs_used(tmp_path):
     """Raw matches are found by sha1 digests of JSON: the names must not change, or every earlier store is lost."""
     import json
 
-    from pipeline.match_dense import RawMatchStore
+    from pipeline.raw_store import RawMatchStore
 
     description = {"matcher": {"matcher": "loftr", "weights": "outdoor"}, "rotation": "auto", "resize": [None]}
     store = RawMatchStore(tmp_path / "m.h5", description)
     expected = hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert store.root == tmp_path / "m.h5.raw" / expected
     pair_digest = hashlib.sha1(json.dumps(["a.png", "b.png", False], sort_keys=True).encode()).hexdigest()[:24]
-    assert store._path(("a.png", "b.png"), False).name == f"{pair_digest}.npz"
+    assert store.key(("a.png", "b.png"), False) == pair_digest
