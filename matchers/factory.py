@@ -10,13 +10,15 @@ import os
 import sys
 from typing import Any
 
+from core.device import DEVICES, resolve_device
 from core.errors import UserError
 
 from .base import Matcher
 
+__all__ = ["AMP_MODES", "DEVICES", "MATCHERS", "OFFLINE_WEIGHTS", "WEIGHTS_HELP", "make_matcher", "resolve_device"]
+
 #: matcher names accepted by :func:`make_matcher` (and the ``--matcher`` flags)
 MATCHERS = ("loftr", "sift")
-DEVICES = ("auto", "cpu", "cuda")
 #: LoFTR autocast precisions (``--amp``); float32 when not given
 AMP_MODES = ("bf16", "fp16")
 #: what LoFTR falls back to when no weights are named and the official ones cannot be had (shipped in the package)
@@ -67,29 +69,6 @@ def unavailable_reason(error: BaseException, limit: int = 52) -> str:
     text = str(error).split(";")[0]
     text = text.split("are not available: ", 1)[-1].strip()
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
-
-
-def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; 'cuda' without a GPU is a :class:`UserError`.
-
-    A specific GPU ('cuda:1') is accepted as well.
-    """
-    name = device.strip().lower()
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise UserError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if name == "cpu":
-        return "cpu"
-    import torch  # only when a GPU could be involved
-
-    available = torch.cuda.is_available()
-    if name == "auto":
-        return "cuda" if available else "cpu"
-    if not available:
-        raise UserError(
-            f"device {device!r} requested but no CUDA GPU is usable by this torch build "
-            f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch (see README)"
-        )
-    return name
 
 
 def make_matcher(

@@ -50,6 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from core import io
+from core.device import resolve_device
 from core.errors import UserError, run_cli
 from core.geometry import fundamental_magsac
 from core.image_io import read_gray, read_rgb, to_uint8
@@ -217,7 +218,7 @@ def _netvlad(
 ) -> Iterable[tuple[str, np.ndarray]]:
     from pipeline import netvlad
 
-    model = netvlad.load_mat_weights(netvlad.NetVLAD(), weights).eval().to(netvlad.resolve_device(device))
+    model = netvlad.load_mat_weights(netvlad.NetVLAD(), weights).eval().to(resolve_device(device))
     for name in todo:
         image = read_rgb(io.resolve_image(image_dir, name))
         yield name, netvlad.describe(model, image, config.netvlad_max_size)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from core.device import resolve_device
 from core.errors import UserError, run_cli
 from matchers.loftr.config import PRESET_NAMES, LoFTRConfig
 from recipes.training.data import (
@@ -139,10 +140,7 @@ def main(
         raise UserError("no training data: pass at least one --data SOURCE")
     if size[0] % 8 or size[1] % 8:
         raise UserError(f"--size {size[1]}x{size[0]}: both sides must be multiples of 8")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but CUDA is not available; use --device cpu")
+    device = resolve_device(device)
     if not 0.0 <= max_rotation <= 180.0:
         raise UserError(f"--max-rotation must be within [0, 180] degrees, got {max_rotation}")
     source = build_mixture(data, size, config.seed, trust_index, max_rotation=max_rotation)
