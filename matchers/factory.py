@@ -77,13 +77,16 @@ def make_matcher(
     resize: int | None = None,
     device: str = "auto",
     offline_fallback: bool = True,
+    sift_backend: str | None = None,
     **options: Any,
 ) -> Matcher:
     """The matcher called ``name`` ('loftr' or 'sift').
 
     ``weights``: LoFTR checkpoint name ('outdoor', 'indoor', ...) or path (default: ``$LOFTR_WEIGHTS``, else the
     official 'outdoor' weights; when those cannot be downloaded and ``offline_fallback``, the shipped, weaker
-    ``loftr-compact``, with a warning on stderr); SIFT has none. ``resize``: longest image side used for
+    ``loftr-compact``, with a warning on stderr); SIFT has none. ``sift_backend``: the SIFT implementation when
+    ``name`` is sift ('pycolmap' or 'opencv'; None: :class:`~matchers.sift.SIFTOptions`' default), ignored by
+    LoFTR, so a caller that takes either matcher can pin it. ``resize``: longest image side used for
     matching; None keeps the matcher's default (LoFTR 640, SIFT 1600), 0 matches at the original size.
     ``options`` go to the matcher (``SIFTOptions`` fields for SIFT, keyword arguments of ``LoFTRMatcher`` for
     LoFTR; ``amp=None`` is accepted by both). A ``weights`` path ending in ``.onnx`` (or such a ``$LOFTR_WEIGHTS``
@@ -102,6 +105,8 @@ def make_matcher(
             raise UserError("--amp applies to the loftr matcher only, not sift; drop --amp")
         from .sift import SIFTMatcher, SIFTOptions
 
+        if sift_backend is not None:
+            options["backend"] = sift_backend
         try:
             sift_options = SIFTOptions(**size_option, **options)
         except TypeError as error:

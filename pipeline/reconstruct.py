@@ -49,6 +49,7 @@ from typing import Any
 from core import io
 from core.errors import UserError, run_cli
 from matchers.factory import AMP_MODES
+from matchers.sift import SIFTOptions
 from pipeline.colmap_db import CAMERA_MODES, VerificationConfig, build_database
 from pipeline.image_check import check_h5, check_images
 from pipeline.mapping import (
@@ -102,7 +103,7 @@ class ReconstructConfig:
     camera_mode: str = "auto"  # auto | single | per-image
     camera_model: str = "SIMPLE_RADIAL"
     device: str = "auto"
-    sift_backend: str = "pycolmap"  # SIFT matcher only: COLMAP's SIFT ("pycolmap") or OpenCV's ("opencv")
+    sift_backend: str = SIFTOptions.backend  # SIFT matcher only: COLMAP's SIFT ("pycolmap") or OpenCV's ("opencv")
     amp: str | None = None  # LoFTR only: autocast precision "bf16" / "fp16" (None: float32)
     cell_size: int | None = None  # quantization cell (px); None: 4 for refined dense matches, 8 unrefined, 2 SIFT
     max_error: float | None = None  # quantization sub-bin and re-assignment radius (px); None: 0.5 refined, else 2

@@ -52,8 +52,8 @@ from tqdm import tqdm
 from core import io
 from core.device import resolve_device
 from core.errors import UserError, run_cli
-from core.geometry import fundamental_magsac
-from core.image_io import read_gray, read_rgb, to_uint8
+from core.image_io import read_gray, read_rgb
+from matchers.sift import SIFTExtractor, rootsift, verify_pair
 from pipeline.images import list_images
 
 logger = logging.getLogger(__name__)
@@ -89,49 +89,13 @@ class RetrievalConfig:
 
 
 # ------------------------------------------------------------------------------------ local features
-def resized_uint8(image: np.ndarray, max_size: int) -> tuple[np.ndarray, float]:
-    """Resize a float [0,1] gray image so its longest side is at most ``max_size``; returns uint8, scale."""
-    height, width = image.shape[:2]
-    scale = min(1.0, max_size / max(height, width)) if max_size > 0 else 1.0
-    if scale < 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return to_uint8(image), scale
-
-
-def rootsift(descriptors: np.ndarray) -> np.ndarray:
-    """RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, then element-wise square root."""
-    descriptors = np.asarray(descriptors, np.float32)
-    descriptors = descriptors / np.maximum(np.abs(descriptors).sum(axis=1, keepdims=True), 1e-12)
-    return np.sqrt(np.maximum(descriptors, 0.0))
-
-
 def _sift(image: np.ndarray, config: RetrievalConfig, dense: bool) -> tuple[np.ndarray, np.ndarray]:
     """Raw SIFT (N, 128) uint8 and keypoints (N, 2) in pixels of the image resized to ``config.max_size``."""
-    gray, _ = resized_uint8(image, config.max_size)
-    sift = cv2.SIFT_create(nfeatures=config.num_features)
-    keypoints, descriptors = sift.detectAndCompute(gray, None)
-    descriptors = np.zeros((0, 128), np.float32) if descriptors is None else descriptors
-    points = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
-    if dense and config.dense_step > 0:
-        step = config.dense_step
-        height, width = gray.shape
-        grid = [
-            cv2.KeyPoint(float(x), float(y), float(step))
-            for y in range(step // 2, height, step)
-            for x in range(step // 2, width, step)
-        ]
-        grid, extra = sift.compute(gray, grid)
-        if extra is not None:
-            descriptors = np.concatenate([descriptors, extra])
-            points = np.concatenate([points, np.array([kp.pt for kp in grid], np.float32).reshape(-1, 2)])
+    # OpenCV's SIFT as the vocabularies were built with (no precise upscaling, its own keypoint count)
+    extractor = SIFTExtractor("opencv", config.num_features, precise_upscale=False, strongest_only=False)
+    found, _ = extractor.detect_resized(image, config.max_size, config.dense_step if dense else 0)
     # OpenCV's SIFT values are integers in [0, 255]: uint8 keeps caches 4x smaller, losslessly.
-    return np.clip(np.rint(descriptors), 0, 255).astype(np.uint8), points
-
-
-def extract_local(image: np.ndarray, config: RetrievalConfig) -> np.ndarray:
-    """RootSIFT descriptors (N, 128) float32 of a float gray image (keypoints, plus the dense grid)."""
-    return rootsift(_sift(image, config, dense=True)[0])
+    return np.clip(np.rint(found.descriptors), 0, 255).astype(np.uint8), found.points
 
 
 # ------------------------------------------------------------------------------------------ VLAD
@@ -476,16 +440,8 @@ def verified_matches(
     threshold: float = 1.5,
 ) -> int:
     """RootSIFT matches (ratio test) consistent with a MAGSAC++ fundamental matrix."""
-    (points0, desc0), (points1, desc1) = features0, features1
-    if len(desc0) < 8 or len(desc1) < 8:
-        return 0
-    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(desc0, desc1, k=2)
-    good = [m[0] for m in knn if len(m) == 2 and m[0].distance < ratio * m[1].distance]
-    if len(good) < 8:
-        return 0  # too few for a fundamental matrix: unverifiable, ranked last
-    p0 = points0[[m.queryIdx for m in good]].astype(np.float64)
-    p1 = points1[[m.trainIdx for m in good]].astype(np.float64)
-    return int(fundamental_magsac(p0, p1, threshold)[1].sum())
+    (points0, descriptors0), (points1, descriptors1) = features0, features1
+    return int(verify_pair(points0, descriptors0, points1, descriptors1, ratio, threshold)[2].sum())
 
 
 def spatial_rerank(

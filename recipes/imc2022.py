@@ -295,7 +295,11 @@ def main(
         from matchers.factory import make_matcher
 
         matcher = make_matcher(
-            config.matcher, weights=config.weights, resize=config.matcher_resize(), device=config.device
+            config.matcher,
+            weights=config.weights,
+            resize=config.matcher_resize(),
+            device=config.device,
+            sift_backend="opencv",  # the SIFT figures and cached results were made with OpenCV's
         )
     tta = config.tta_config()
     cache_root = Path(cache_dir) if cache_dir is not None else output.with_name(output.name + ".cache")
