@@ -18,7 +18,6 @@ pairs across components are matched upright.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from core import io
+from core.cache import LRUCache
 from core.image_io import read_gray
 from matchers.sift import SIFTExtractor, SIFTKeypoints, rootsift, verify_pair
 
@@ -130,16 +130,10 @@ def estimate_quarter_turns(
     """Quarter turns of image 1 relative to image 0 for every pair: :func:`quarter_turns` votes made
     consistent by :func:`consistent_turns`."""
     config = config if config is not None else OrientationConfig()
-    cache: OrderedDict[str, SIFTKeypoints] = OrderedDict()
+    cache: LRUCache[SIFTKeypoints] = LRUCache(max_items=cache_size)
 
     def features(name: str) -> SIFTKeypoints:
-        if name in cache:
-            cache.move_to_end(name)
-        else:
-            cache[name] = oriented_sift(read(io.resolve_image(Path(image_dir), name)), config)
-            if len(cache) > cache_size:
-                cache.popitem(last=False)
-        return cache[name]
+        return cache.get_or_create(name, lambda: oriented_sift(read(io.resolve_image(Path(image_dir), name)), config))
 
     votes = {}
     for first, second in tqdm(pairs, desc="orientation (SIFT)", unit="pair", disable=len(pairs) < 50):

@@ -39,7 +39,6 @@ import logging
 import os
 import shutil
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -50,9 +49,11 @@ import numpy as np
 from tqdm import tqdm
 
 from core import io
+from core.cache import LRUCache
 from core.device import resolve_device
 from core.errors import UserError, run_cli
 from core.image_io import read_gray, read_rgb
+from core.stamps import file_state
 from matchers.sift import SIFTExtractor, rootsift, verify_pair
 from pipeline.images import list_images
 
@@ -62,6 +63,7 @@ Pair = tuple[str, str]
 DESCRIPTORS = ("auto", "rootsift-vlad", "netvlad")
 VOCAB_VERSION = 1  # bump when the local features or the k-means change, so old caches are not reused
 DATASET = "global_descriptor"
+LOCAL_FEATURES_CACHED = 256  # images whose re-ranking features are kept (queries revisit their neighbours)
 
 
 @dataclass(frozen=True)
@@ -207,10 +209,11 @@ def resolve_descriptor(descriptor: str, weights: str | Path | None = None) -> st
 def _stamp(image_dir: Path, name: str) -> str:
     """Size and mtime of an image: a re-run describes the image again when they change."""
     path = io.resolve_image(image_dir, name)
-    if not path.is_file():
+    state = file_state(path) if path.is_file() else None
+    if state is None:
         raise UserError(f"{path}: image {name!r} not found; check --images and the image list")
-    stat = path.stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+    size, mtime_ns = state
+    return f"{size}:{mtime_ns}"
 
 
 def read_state(path: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -415,22 +418,10 @@ def read_global_features(path: str | Path) -> tuple[dict[str, int], np.ndarray, 
     return {name: i for i, name in enumerate(names)}, matrix, attrs.get("descriptor", "")
 
 
-class _LocalCache:
-    """RootSIFT keypoints of recently used images for spatial re-ranking (bounded, least recently used)."""
-
-    def __init__(self, image_dir: Path, config: RetrievalConfig, size: int = 256) -> None:
-        self.image_dir, self.config, self.size = Path(image_dir), config, size
-        self.items: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-
-    def __call__(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        if name in self.items:
-            self.items.move_to_end(name)
-            return self.items[name]
-        raw, points = _sift(read_gray(io.resolve_image(self.image_dir, name)), self.config, dense=False)
-        self.items[name] = (points, rootsift(raw))
-        if len(self.items) > self.size:
-            self.items.popitem(last=False)
-        return self.items[name]
+def _local_features(image_dir: Path, name: str, config: RetrievalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """SIFT keypoints (px at ``config.max_size``) and their RootSIFT descriptors, for spatial re-ranking."""
+    raw, points = _sift(read_gray(io.resolve_image(image_dir, name)), config, dense=False)
+    return points, rootsift(raw)
 
 
 def verified_matches(
@@ -449,7 +440,11 @@ def spatial_rerank(
 ) -> dict[str, list[str]]:
     """Re-order each query's candidates by verified matches (ties keep the global order), keep ``num_matched``."""
     config = config or RetrievalConfig()
-    features = _LocalCache(image_dir, config)
+    cache: LRUCache[tuple[np.ndarray, np.ndarray]] = LRUCache(max_items=LOCAL_FEATURES_CACHED)
+
+    def features(name: str) -> tuple[np.ndarray, np.ndarray]:
+        return cache.get_or_create(name, lambda: _local_features(Path(image_dir), name, config))
+
     counts: dict[frozenset[str], int] = {}  # symmetric: a pair seen from both sides is verified once
     out: dict[str, list[str]] = {}
     for query, ranked in tqdm(candidates.items(), desc="spatial re-ranking", disable=len(candidates) < 2):

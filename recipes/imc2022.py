@@ -27,11 +27,9 @@ per scene, ``scaling_factors.csv``; folder ``DIR/train`` unless ``--gt``), looki
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,9 +39,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from core.cache import LRUCache
 from core.errors import UserError, run_cli
 from core.files import check_output_dir, check_output_file
 from core.image_io import read_gray
+from core.stamps import digest
 from datasets.imc import (
     PairRow,
     image_path_2022,
@@ -222,7 +222,7 @@ def config_digest(matcher: Matcher, config: IMC2022Config) -> str:
         "tta": asdict(config.tta_config()),
         "fundamental": asdict(config.fundamental),
     }
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 # ------------------------------------------------------------------------------------------ matching
@@ -230,21 +230,16 @@ class PreparedImages:
     """Prepared views of recently used images (LRU): pairs of a batch share their images."""
 
     def __init__(self, matcher: Matcher, tta: TTAConfig, capacity: int) -> None:
-        self.matcher, self.tta, self.capacity = matcher, tta, max(2, capacity)
-        self.cache: OrderedDict[tuple[Path, bool], dict[View, PreparedView]] = OrderedDict()
+        self.matcher, self.tta = matcher, tta
+        self.cache: LRUCache[dict[View, PreparedView]] = LRUCache(max_items=max(2, capacity))
 
     def get(self, path: Path, second: bool) -> dict[View, PreparedView]:
-        key = (path, second)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
+        return self.cache.get_or_create((path, second), lambda: self._prepare(path, second))
+
+    def _prepare(self, path: Path, second: bool) -> dict[View, PreparedView]:
         image = read_gray(path)
         views = second_views(self.tta) if second else first_views(self.tta)
-        prepared = {view: prepare_view(self.matcher, image, view) for view in views}
-        self.cache[key] = prepared
-        while len(self.cache) > self.capacity:
-            self.cache.popitem(last=False)
-        return prepared
+        return {view: prepare_view(self.matcher, image, view) for view in views}
 
 
 def check_images(data_dir: Path, rows: Sequence[PairRow]) -> dict[tuple[str, str], Path]:
