@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Literal, get_args
 
 from core.device import DEVICES, resolve_device
 from core.errors import UserError
 
 from .base import Matcher
 
-__all__ = ["AMP_MODES", "DEVICES", "MATCHERS", "OFFLINE_WEIGHTS", "WEIGHTS_HELP", "make_matcher", "resolve_device"]
+__all__ = [
+    "AMP_MODES",
+    "DEVICES",
+    "MATCHERS",
+    "MatcherName",
+    "OFFLINE_WEIGHTS",
+    "WEIGHTS_HELP",
+    "make_matcher",
+    "resolve_device",
+]
 
 #: matcher names accepted by :func:`make_matcher` (and the ``--matcher`` flags)
-MATCHERS = ("loftr", "sift")
+MatcherName = Literal["loftr", "sift"]
+MATCHERS: tuple[str, ...] = get_args(MatcherName)
 #: LoFTR autocast precisions (``--amp``); float32 when not given
 AMP_MODES = ("bf16", "fp16")
 #: what LoFTR falls back to when no weights are named and the official ones cannot be had (shipped in the package)

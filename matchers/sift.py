@@ -19,7 +19,7 @@ the top-left pixel):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
@@ -30,7 +30,8 @@ from core.image_io import to_uint8
 
 from .base import Matcher, Matches, ResizedImage, resize_image
 
-BACKENDS = ("opencv", "pycolmap")
+SIFTBackend = Literal["pycolmap", "opencv"]
+BACKENDS: tuple[str, ...] = get_args(SIFTBackend)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class SIFTOptions:
     mutual: bool = True  # keep only mutual nearest neighbours
     root_sift: bool = True  # RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, then square root
     resize: int | None = 1600  # longest side used for detection; never upscales; None = original size
-    backend: str = "pycolmap"  # "pycolmap" (COLMAP's SIFT, as COLMAP reconstructs) or "opencv" (cv2.SIFT_create)
+    backend: SIFTBackend = "pycolmap"  # COLMAP's SIFT (as COLMAP reconstructs) or OpenCV's (cv2.SIFT_create)
 
     def __post_init__(self) -> None:
         check_backend(self.backend)

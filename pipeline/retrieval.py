@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from core import io
 from core.cache import LRUCache
+from core.cli import add_config_arguments, config_from_args
 from core.device import resolve_device
 from core.errors import UserError, run_cli
 from core.image_io import read_gray, read_rgb
@@ -76,8 +77,8 @@ class RetrievalConfig:
     num_words: int = 64  # vocabulary size (descriptor dimension = 128 * num_words)
     vocab_images: int = 300  # at most this many images (evenly spaced) train the vocabulary
     vocab_samples_per_image: int = 1000  # descriptors sampled per image for k-means
-    kmeans_iterations: int = 30
-    seed: int = 0
+    kmeans_iterations: int = 30  # k-means iterations of the vocabulary
+    seed: int = 0  # seeds the vocabulary's image sample and k-means
     netvlad_max_size: int = 1024  # NetVLAD: longest image side (hloc's setting)
     rerank_ratio: float = 0.85  # re-ranking: Lowe ratio of RootSIFT matches
     rerank_threshold: float = 1.5  # re-ranking: MAGSAC++ threshold in px at max_size
@@ -276,7 +277,7 @@ def main(
     output: Path = Path("global-features.h5"),
     descriptor: str = "auto",
     device: str = "auto",
-    config: RetrievalConfig | None = None,
+    config: RetrievalConfig = RetrievalConfig(),
     weights: Path | None = None,
     overwrite: bool = False,
     checkpoint_seconds: float = 120.0,
@@ -299,7 +300,6 @@ def main(
         from pipeline import netvlad
 
         weights = netvlad.weights_path(weights)  # downloads once; offline: one-line UserError
-    config = config or RetrievalConfig()
     stamps = {name: _stamp(image_dir, name) for name in names}
     settings = {"descriptor": descriptor, "settings": config.digest(descriptor)}
     if descriptor == "netvlad":
@@ -436,10 +436,9 @@ def verified_matches(
 
 
 def spatial_rerank(
-    image_dir: Path, candidates: dict[str, list[str]], num_matched: int, config: RetrievalConfig | None = None
+    image_dir: Path, candidates: dict[str, list[str]], num_matched: int, config: RetrievalConfig = RetrievalConfig()
 ) -> dict[str, list[str]]:
     """Re-order each query's candidates by verified matches (ties keep the global order), keep ``num_matched``."""
-    config = config or RetrievalConfig()
     cache: LRUCache[tuple[np.ndarray, np.ndarray]] = LRUCache(max_items=LOCAL_FEATURES_CACHED)
 
     def features(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -486,7 +485,7 @@ def pairs_from_retrieval(
     unique: bool = False,
     rerank: int = 0,
     image_dir: str | Path | None = None,
-    config: RetrievalConfig | None = None,
+    config: RetrievalConfig = RetrievalConfig(),
     names: Sequence[str] | None = None,
 ) -> list[Pair]:
     """Top ``num_matched`` db images per query by cosine similarity of global descriptors (hloc's
@@ -550,7 +549,7 @@ def pairs_from_images(
     device: str = "auto",
     descriptor: str = "auto",
     rerank: int = 0,
-    config: RetrievalConfig | None = None,
+    config: RetrievalConfig = RetrievalConfig(),
     weights: Path | None = None,
 ) -> list[Pair]:
     """Retrieval pairs for reconstruction: each image's top ``top_k`` among the others, each unordered
@@ -563,7 +562,7 @@ def pairs_from_images(
     )
 
 
-def main_cli(argv: Sequence[str] | None = None) -> Path:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.retrieval",
         description=__doc__,
@@ -590,20 +589,15 @@ def main_cli(argv: Sequence[str] | None = None) -> Path:
     db.add_argument("--db-list", type=Path, help="db: names in this file (default: every non-query image)")
     parser.add_argument("--unique", action="store_true", help="list each unordered pair once (for SfM)")
     parser.add_argument("--rerank", type=int, default=0, help="spatially re-rank the top N candidates (0 = off)")
-    defaults = RetrievalConfig()
-    parser.add_argument("--max-size", type=int, default=defaults.max_size, help="RootSIFT-VLAD image size")
-    parser.add_argument("--num-words", type=int, default=defaults.num_words)
-    parser.add_argument("--dense-step", type=int, default=defaults.dense_step)
-    parser.add_argument("--netvlad-max-size", type=int, default=defaults.netvlad_max_size)
-    args = parser.parse_args(argv)
+    add_config_arguments(parser.add_argument_group("descriptor and re-ranking settings"), RetrievalConfig)
+    return parser
+
+
+def main_cli(argv: Sequence[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
     if (args.num_matched is None) != (args.pairs_output is None):
         raise UserError("--num-matched and --pairs-output go together")
-    config = RetrievalConfig(
-        max_size=args.max_size,
-        num_words=args.num_words,
-        dense_step=args.dense_step,
-        netvlad_max_size=args.netvlad_max_size,
-    )
+    config = config_from_args(args, RetrievalConfig)
     names = read_name_list(args.image_list) if args.image_list is not None else list_images(args.images)
     if args.pairs_output is not None:  # check the selection before the (long) description step
         select_query_db(names, args.query_prefix, args.query_list, args.db_prefix, args.db_list)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from core import io
+from core.cli import add_config_arguments, config_from_args
 from core.errors import UserError, run_cli
 from matchers.loftr import LoFTR, LoFTRConfig
 from matchers.loftr.optimize import InferenceOptions, optimize_for_inference
@@ -63,8 +64,8 @@ class BenchmarkConfig:
 
     sizes: tuple[Size, ...] = ((640, 480), (1024, 768))
     runs: int = 3  # timed runs per model and size (median reported)
-    threads: int = 2
-    seed: int = 3
+    threads: int = 2  # torch CPU threads
+    seed: int = 3  # seeds the random weights both models get
     threshold: float = 0.0  # coarse threshold: low, so random weights give matches (mutual NN off the border)
     rss_sizes: tuple[Size, ...] = ((640, 480), (1024, 768), (1600, 1200))
     dense_images: int = 10
@@ -72,7 +73,7 @@ class BenchmarkConfig:
     technique_size: Size = (320, 240)  # one pair toggling each optimisation (kept small: the CPU is shared)
     technique_runs: int = 3
     compile_size: Size | None = (320, 240)  # torch.compile trial (None: skip)
-    data_root: Path = DEFAULT_DATA
+    data_root: Path = DEFAULT_DATA  # folder with scannet_sample/, temple_ring/ (synthetic images without)
 
     @staticmethod
     def quick(data_root: Path = DEFAULT_DATA) -> "BenchmarkConfig":
@@ -88,6 +89,18 @@ class BenchmarkConfig:
             compile_size=None,
             data_root=data_root,
         )
+
+
+#: the fields :meth:`BenchmarkConfig.quick` sets (so they are not command-line options, which would override it)
+QUICK_FIELDS = (
+    "sizes",
+    "rss_sizes",
+    "dense_images",
+    "dense_resize",
+    "technique_size",
+    "technique_runs",
+    "compile_size",
+)
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -945,7 +958,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(
-    config: BenchmarkConfig | None = None,
+    config: BenchmarkConfig = BenchmarkConfig(),
     json_path: Path | None = None,
     large: bool = True,
     sections: Sequence[str] = ("single", "rss", "dense", "techniques"),
@@ -953,7 +966,6 @@ def main(
     rss_in_background: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the report (also written to ``json_path`` if given)."""
-    config = config if config is not None else BenchmarkConfig()
     try:
         import kornia.feature  # noqa: F401
     except ImportError:
@@ -1038,9 +1050,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m recipes.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, < 2 minutes")
     parser.add_argument("--json", type=Path, default=None, help="write the report here (atomically)")
-    parser.add_argument(
-        "--data-root", type=Path, default=DEFAULT_DATA, help="folder with scannet_sample/, temple_ring/"
-    )
     parser.add_argument("--no-large", action="store_true", help="skip the 1600x1200 peak-RSS pair (minutes for kornia)")
     parser.add_argument(
         "--sections",
@@ -1053,10 +1062,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also compare torch with onnxruntime (section 'onnx'; alone: --sections onnx)",
     )
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per model and size")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=3)
-    parser.add_argument("--threshold", type=float, default=0.0)
+    # what --quick leaves alone (the sizes and counts it sets are not options)
+    add_config_arguments(parser, BenchmarkConfig, exclude=QUICK_FIELDS)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile trial")
     parser.add_argument(
         "--rss-in-background",
@@ -1079,22 +1086,17 @@ def main_cli(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         _rss_child_main(args.rss_child, args.size, args.threads, args.seed, args.threshold, args.data_root)
         return None
     if args.onnx_child:
-        child = replace(
-            BenchmarkConfig(data_root=args.data_root), threads=args.threads, seed=args.seed, threshold=args.threshold
-        )
-        _onnx_child_main(args.onnx_child, args.onnx_model, args.onnx_file, child)
+        _onnx_child_main(args.onnx_child, args.onnx_model, args.onnx_file, config_from_args(args, BenchmarkConfig))
         return None
-    if args.runs is not None and args.runs < 1:
+    if args.runs < 1:
         raise UserError(f"--runs must be at least 1, got {args.runs}")
     if args.compile_child:
         torch.set_num_threads(args.threads)
-        config = BenchmarkConfig(compile_size=args.size, technique_runs=args.runs or 3, data_root=args.data_root)
+        config = BenchmarkConfig(compile_size=args.size, technique_runs=args.runs, data_root=args.data_root)
         print(json.dumps(compile_trial(config, build_ours(args.seed, args.threshold)), default=str))
         return None
-    config = BenchmarkConfig.quick(args.data_root) if args.quick else BenchmarkConfig(data_root=args.data_root)
-    config = replace(
-        config, threads=args.threads, seed=args.seed, threshold=args.threshold, runs=args.runs or config.runs
-    )
+    preset = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
+    config = config_from_args(args, BenchmarkConfig, base=preset)
     if args.no_compile:
         config = replace(config, compile_size=None)
     sections = list(args.sections) + (["onnx"] if args.onnx and "onnx" not in args.sections else [])

@@ -33,13 +33,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
 from core.cache import LRUCache
+from core.cli import add_config_arguments, config_from_args
 from core.errors import UserError, run_cli
 from core.files import check_output_dir, check_output_file
 from core.image_io import read_gray
@@ -55,6 +56,7 @@ from datasets.imc import (
 )
 from datasets.imc_metrics import IMC2022_THRESHOLDS, fundamental_pose_errors, mean_average_accuracy, relative_pose
 from matchers.base import Matcher, Matches
+from matchers.factory import MatcherName
 from pipeline.tta import (
     ROTATION_MODES,
     PreparedView,
@@ -72,23 +74,24 @@ logger = logging.getLogger(__name__)
 PAIR_ROTATION_MODES = tuple(mode for mode in ROTATION_MODES if mode != "auto")
 
 #: robust estimators accepted by ``FundamentalOptions.method`` (OpenCV flags)
-FUNDAMENTAL_METHODS = {
-    "magsac": cv2.USAC_MAGSAC,
-    "usac_accurate": cv2.USAC_ACCURATE,
-    "usac_default": cv2.USAC_DEFAULT,
-    "ransac": cv2.FM_RANSAC,
-    "lmeds": cv2.FM_LMEDS,
-}
+FundamentalMethod = Literal["magsac", "usac_accurate", "usac_default", "ransac", "lmeds"]
+FUNDAMENTAL_METHODS = dict(
+    zip(
+        get_args(FundamentalMethod),
+        (cv2.USAC_MAGSAC, cv2.USAC_ACCURATE, cv2.USAC_DEFAULT, cv2.FM_RANSAC, cv2.FM_LMEDS),
+        strict=True,
+    )
+)
 
 
 @dataclass(frozen=True)
 class FundamentalOptions:
     """``cv2.findFundamentalMat`` settings; defaults are the IMC 2022 winners' MAGSAC++ call."""
 
-    method: str = "magsac"
+    method: FundamentalMethod = "magsac"  # robust estimator
     threshold: float = 0.2  # px, inlier threshold
-    confidence: float = 0.99999
-    max_iters: int = 50000
+    confidence: float = 0.99999  # of the robust estimator
+    max_iters: int = 50000  # iterations of the robust estimator at most
     min_matches: int = 8  # fewer matches -> zeros (the 8-point minimum)
 
     def __post_init__(self) -> None:
@@ -106,12 +109,14 @@ class FundamentalOptions:
 class IMC2022Config:
     """What the recipe runs: the matcher, its test-time augmentation, and the F estimation."""
 
-    matcher: str = "loftr"
+    matcher: MatcherName = "loftr"
     weights: str | None = None  # LoFTR checkpoint name or path; None: outdoor (offline loftr-compact), or SIFT
-    resize: tuple[int, ...] = ()  # longest sides matched and merged; () = the matcher's default size
+    #: longest side(s) for matching; several are matched and merged (e.g. 840 1280); 0 = original;
+    #: none given: the matcher's default size
+    resize: tuple[int, ...] = ()
     rotation: str = "none"  # none | best | union (image 2 also matched at 90/180/270 degrees)
-    both_directions: bool = False  # also match (2, 1) and merge
-    device: str = "auto"
+    both_directions: bool = False  # also match image 2 -> image 1 and merge
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
     fundamental: FundamentalOptions = field(default_factory=FundamentalOptions)
     image_cache: int = 8  # prepared images kept in memory (pairs of a batch share images)
 
@@ -263,7 +268,7 @@ def check_images(data_dir: Path, rows: Sequence[PairRow]) -> dict[tuple[str, str
 def main(
     data: Path,
     output: Path,
-    config: IMC2022Config | None = None,
+    config: IMC2022Config = IMC2022Config(),
     matcher: Matcher | None = None,
     time_budget: float | None = None,
     cache_dir: Path | None = None,
@@ -277,7 +282,6 @@ def main(
     (seconds, whole run) stops matching before a pair that would not fit; the CSV is always complete.
     """
     start = time.monotonic()
-    config = config if config is not None else IMC2022Config()
     data, output = Path(data), Path(output)
     check_output_file(output, "--output", example="submission.csv")  # fail now, not after matching
     if cache_dir is not None:
@@ -405,29 +409,18 @@ def score_submission(submission: Path, test_csv: Path, gt_dir: Path) -> Score202
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from matchers.factory import DEVICES, MATCHERS, WEIGHTS_HELP
+    from matchers.factory import WEIGHTS_HELP
 
-    defaults = FundamentalOptions()
     parser = argparse.ArgumentParser(prog="python -m recipes.imc2022", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="competition folder with test.csv and test_images/")
     parser.add_argument("--output", type=Path, default=Path("submission.csv"))
-    parser.add_argument("--matcher", choices=MATCHERS, default="loftr")
-    parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    parser.add_argument(
-        "--resize",
-        type=int,
-        nargs="+",
-        default=None,
-        help="longest side(s) for matching; several are matched and merged (e.g. 840 1280); 0 = original",
+    add_config_arguments(parser, IMC2022Config, helps={"weights": WEIGHTS_HELP})
+    add_config_arguments(
+        parser.add_argument_group("fundamental matrix (cv2.findFundamentalMat)"),
+        FundamentalOptions,
+        prefix="ransac_",
+        aliases={"min_matches": "--min-matches"},
     )
-    parser.add_argument("--rotation", choices=PAIR_ROTATION_MODES, default="none")
-    parser.add_argument("--both-directions", action="store_true", help="also match image 2 -> image 1 and merge")
-    parser.add_argument("--device", choices=DEVICES, default="auto")
-    parser.add_argument("--ransac-method", choices=sorted(FUNDAMENTAL_METHODS), default=defaults.method)
-    parser.add_argument("--ransac-threshold", type=float, default=defaults.threshold, help="px")
-    parser.add_argument("--ransac-confidence", type=float, default=defaults.confidence)
-    parser.add_argument("--ransac-max-iters", type=int, default=defaults.max_iters)
-    parser.add_argument("--min-matches", type=int, default=defaults.min_matches)
     parser.add_argument(
         "--time-budget", type=float, default=None, help="seconds; stop cleanly and still write a valid CSV"
     )
@@ -440,17 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main_cli(argv: Sequence[str] | None = None) -> RunResult:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = IMC2022Config(
-        matcher=args.matcher,
-        weights=args.weights,
-        resize=tuple(args.resize or ()),
-        rotation=args.rotation,
-        both_directions=args.both_directions,
-        device=args.device,
-        fundamental=FundamentalOptions(
-            args.ransac_method, args.ransac_threshold, args.ransac_confidence, args.ransac_max_iters, args.min_matches
-        ),
-    )
+    fundamental = config_from_args(args, FundamentalOptions, prefix="ransac_")
+    config = config_from_args(args, IMC2022Config, fundamental=fundamental)
     result = main(
         args.data,
         args.output,

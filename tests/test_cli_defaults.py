@@ -47,13 +47,9 @@ def _config_defaults(main) -> list:
 
 # modules whose CLI has not moved to build_parser() + generated options yet (issue 14 empties this)
 NOT_YET_CONVERTED = {
-    "matchers.loftr.export_onnx",
-    "matchers.loftr.get_weights",
-    "matchers.match",
     "pipeline.evaluate_model",
     "pipeline.image_check",
     "pipeline.pairs",
-    "pipeline.retrieval",
     "pipeline.triangulate",
     "pipeline.viz",
     "localization.aachen",
@@ -61,10 +57,6 @@ NOT_YET_CONVERTED = {
     "localization.inloc",
     "localization.localize",
     "recipes.demo",
-    "recipes.eval_pairs",
-    "recipes.imc2022",
-    "recipes.retrieval_eval",
-    "recipes.train_loftr",
     "datasets.imc",
     "datasets.middlebury",
     "datasets.mini_aachen",

@@ -247,3 +247,28 @@ def test_converter_cli(scannet_sample: Path, tmp_path: Path, capsys: pytest.Capt
     assert len(read_test_2022(tmp_path / "test.csv")) == 15
     with pytest.raises(UserError, match="pairs_with_gt.txt: file not found"):
         imc.main_cli(["scannet2022", "--source", str(tmp_path), "--output", str(tmp_path / "x")])
+
+
+def test_cli_options_build_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen = []
+
+    def fake_main(data, output, config, **kwargs):
+        seen.append(config)
+        return imc2022.RunResult(Path(output), 0, 0, 0, 0, 0, 0.0)
+
+    monkeypatch.setattr(imc2022, "main", fake_main)
+    base = ["--data", str(tmp_path)]
+    imc2022.main_cli(base)
+    imc2022.main_cli(
+        [*base, "--matcher", "sift", "--resize", "840", "1280", "--both-directions", "--min-matches", "12"]
+    )
+    imc2022.main_cli([*base, "--ransac-min-matches", "12", "--ransac-method", "usac_accurate", "--device", "cuda:1"])
+    default, sift, ransac = seen
+    assert default == imc2022.IMC2022Config()
+    assert sift == imc2022.IMC2022Config(
+        matcher="sift", resize=(840, 1280), both_directions=True, fundamental=imc2022.FundamentalOptions(min_matches=12)
+    )
+    assert ransac.fundamental == imc2022.FundamentalOptions(method="usac_accurate", min_matches=12)
+    assert ransac.device == "cuda:1"
+    with pytest.raises(UserError, match="rotation must be one of none, best, union"):
+        imc2022.main_cli([*base, "--rotation", "auto"])

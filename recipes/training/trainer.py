@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -60,24 +60,24 @@ CSV_FIELDS = (
 class TrainConfig:
     """Optimisation settings (defaults suit the compact preset on a CPU at 320x240, batch 1)."""
 
-    lr: float = 4e-4
+    lr: float = 4e-4  # base learning rate (AdamW)
     weight_decay: float = 0.1  # official AdamW weight decay
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    warmup_steps: int = 100  # steps of linear warm-up
     warmup_ratio: float = 0.1  # lr starts at warmup_ratio * lr and grows linearly (official linear warm-up)
-    schedule: str = "cosine"  # cosine | step | constant
+    schedule: Literal["cosine", "step", "constant"] = "cosine"  # lr schedule after the warm-up
     max_steps: int = 4000  # cosine length; also a hard stop
     min_lr_ratio: float = 0.05  # cosine floor
-    step_milestones: tuple[int, ...] = (2000, 3000, 3500)
-    step_gamma: float = 0.5
-    grad_clip: float = 0.5  # official GRADIENT_CLIPPING
-    batch_size: int = 1
+    step_milestones: tuple[int, ...] = (2000, 3000, 3500)  # step schedule: steps where the lr drops
+    step_gamma: float = 0.5  # step schedule: lr factor at each milestone
+    grad_clip: float = 0.5  # official GRADIENT_CLIPPING (0: off)
+    batch_size: int = 1  # pairs per step
     max_fine_matches: int = 256  # GT coarse matches refined per batch (official pads with up to 200 GT matches)
-    seed: int = 0
-    checkpoint_minutes: float = 3.0
-    validate_every: int = 100
-    log_every: int = 1
-    depth_tolerance: float = 0.2
+    seed: int = 0  # seeds the model, the data order and the fine-stage sampling
+    checkpoint_minutes: float = 3.0  # minutes between checkpoints
+    validate_every: int = 100  # steps between validations (0: never)
+    log_every: int = 1  # steps between CSV log rows
+    depth_tolerance: float = 0.2  # relative depth difference a depth-warped GT match may have (occlusion test)
     loss: LossConfig = field(default_factory=LossConfig)
 
     def to_dict(self) -> dict[str, Any]:
