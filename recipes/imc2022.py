@@ -30,7 +30,7 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -265,6 +265,41 @@ def check_images(data_dir: Path, rows: Sequence[PairRow]) -> dict[tuple[str, str
     return paths
 
 
+def match_pairs(
+    todo: Sequence[PairRow],
+    paths: dict[tuple[str, str], Path],
+    matcher: Matcher,
+    config: IMC2022Config,
+    cache: ResultCache,
+    save: Callable[[], None],
+    deadline: float | None = None,
+    progress: bool = True,
+) -> tuple[int, int]:
+    """Match the ``todo`` pairs in order and add their F to ``cache``, calling ``save()`` every minute (a killed
+    notebook still leaves a recent, valid CSV); stop before a pair expected to end after ``deadline``
+    (``time.monotonic()``). Returns (matched, not reached)."""
+    tta = config.tta_config()
+    images = PreparedImages(matcher, tta, config.image_cache)
+    pair_seconds: list[float] = []
+    last_save = time.monotonic()
+    for index, row in enumerate(tqdm(todo, desc="IMC 2022 pairs", unit="pair", disable=not progress)):
+        expected = float(np.mean(pair_seconds)) if pair_seconds else 0.0
+        if deadline is not None and time.monotonic() + expected > deadline:
+            logger.warning("time budget reached: %d pairs not matched get zeros", len(todo) - index)
+            return index, len(todo) - index
+        pair_start = time.monotonic()
+        views0 = images.get(paths[(row.batch_id, row.image_1_id)], second=False)
+        views1 = images.get(paths[(row.batch_id, row.image_2_id)], second=True)
+        cache.add(
+            row.sample_id, estimate_fundamental(match_pair(matcher, views0, views1, tta).matches, config.fundamental)
+        )
+        pair_seconds.append(time.monotonic() - pair_start)
+        if time.monotonic() - last_save > 60.0:
+            save()
+            last_save = time.monotonic()
+    return len(todo), 0
+
+
 def main(
     data: Path,
     output: Path,
@@ -300,7 +335,6 @@ def main(
             device=config.device,
             sift_backend="opencv",  # the SIFT figures and cached results were made with OpenCV's
         )
-    tta = config.tta_config()
     cache_root = Path(cache_dir) if cache_dir is not None else output.with_name(output.name + ".cache")
     cache = ResultCache(cache_root / config_digest(matcher, config) / "results.jsonl")
     reused = sum(row.sample_id in cache.results for row in rows)
@@ -310,9 +344,6 @@ def main(
     # Batches together so that images shared by pairs stay prepared.
     batch_order = {batch: i for i, batch in enumerate(dict.fromkeys(row.batch_id for row in rows))}
     todo = sorted((row for row in rows if row.sample_id not in cache.results), key=lambda r: batch_order[r.batch_id])
-    images = PreparedImages(matcher, tta, config.image_cache)
-    matched, pair_seconds = 0, []
-    skipped = 0
     zeros = np.zeros((3, 3))
 
     def current() -> list[tuple[str, np.ndarray]]:
@@ -321,25 +352,10 @@ def main(
         ]
 
     write_submission_2022(output, current())  # a valid CSV exists from the start
-    last_write = time.monotonic()
-    for index, row in enumerate(tqdm(todo, desc="IMC 2022 pairs", unit="pair", disable=not progress)):
-        elapsed = time.monotonic() - start
-        expected = float(np.mean(pair_seconds)) if pair_seconds else 0.0
-        if time_budget is not None and elapsed + expected > time_budget:
-            skipped = len(todo) - index
-            logger.warning("time budget of %.0f s reached: %d pairs not matched get zeros", time_budget, skipped)
-            break
-        pair_start = time.monotonic()
-        views0 = images.get(paths[(row.batch_id, row.image_1_id)], second=False)
-        views1 = images.get(paths[(row.batch_id, row.image_2_id)], second=True)
-        result = estimate_fundamental(match_pair(matcher, views0, views1, tta).matches, config.fundamental)
-        cache.add(row.sample_id, result)
-        matched += 1
-        pair_seconds.append(time.monotonic() - pair_start)
-        if time.monotonic() - last_write > 60.0:  # a killed notebook still leaves a recent, valid CSV
-            write_submission_2022(output, current())
-            last_write = time.monotonic()
-
+    deadline = None if time_budget is None else start + time_budget
+    matched, skipped = match_pairs(
+        todo, paths, matcher, config, cache, lambda: write_submission_2022(output, current()), deadline, progress
+    )
     fundamentals = current()
     write_submission_2022(output, fundamentals)
     num_zero = sum(not np.any(F) for _, F in fundamentals)
