@@ -89,15 +89,20 @@ def add_config_arguments(
     exclude: Iterable[str] = (),
     defaults: Any = None,
     helps: dict[str, str] | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> None:
     """Add one option per field of the dataclass ``cls`` (see the module docstring for the rules).
 
     ``defaults`` is an instance whose values replace the class defaults (a recipe's own preset);
-    ``helps`` adds or replaces help texts by field name.
+    ``helps`` adds or replaces help texts by field name; ``aliases`` gives a field a second spelling
+    (one users already type, e.g. ``{"warmup_steps": "--warmup"}``).
     """
     hints = typing.get_type_hints(cls)
     comments = {**field_comments(cls), **(helps or {})}
-    exclude = set(exclude)
+    exclude, aliases = set(exclude), aliases or {}
+    unknown = sorted(set(aliases) - {field.name for field in dataclasses.fields(cls)})
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(unknown)} to alias")
     for field in dataclasses.fields(cls):
         if field.name in exclude or not field.init:
             continue
@@ -120,7 +125,8 @@ def add_config_arguments(
             kwargs["type"] = _parse_optional(kind) if optional else kind
         else:
             raise TypeError(f"{cls.__name__}.{field.name}: no command-line form for {kind!r}")
-        action = parser.add_argument(option_name(field.name, prefix), help=help_text or None, **kwargs)
+        names = [option_name(field.name, prefix)] + ([aliases[field.name]] if field.name in aliases else [])
+        action = parser.add_argument(*names, help=help_text or None, **kwargs)
         action.config_field = (cls, field.name)  # where the option came from, for tests and tools
 
 

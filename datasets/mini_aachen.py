@@ -123,7 +123,8 @@ def sift_reference_model(gt_model, image_dir: Path, work_dir: Path, num_neighbor
     from matchers.sift import SIFTMatcher, SIFTOptions, match_descriptors
     from pipeline import triangulate
 
-    sift = SIFTMatcher(SIFTOptions(max_keypoints=max_keypoints, resize=None))
+    # OpenCV's SIFT, as the published reference models were built
+    sift = SIFTMatcher(SIFTOptions(max_keypoints=max_keypoints, resize=None, backend="opencv"))
     images = list(gt_model.images.values())
     features = {image.name: sift.prepare(read_gray(image_dir / image.name)) for image in images}
     centers = {image.name: np.asarray(image.projection_center()) for image in images}

@@ -175,7 +175,8 @@ def main(
     if isinstance(matcher, Matcher):
         model = matcher
     else:
-        model = make_matcher(matcher, weights=weights, resize=resize, device=device)
+        # OpenCV's SIFT, as the published SIFT figures were measured
+        model = make_matcher(matcher, weights=weights, resize=resize, device=device, sift_backend="opencv")
     label, estimator = model.name, config.pose.estimator
     outputs.mkdir(parents=True, exist_ok=True)
     out = AachenOutputs(

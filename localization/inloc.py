@@ -277,7 +277,8 @@ def main(
     if isinstance(matcher, Matcher):
         model = matcher
     else:
-        model = make_matcher(matcher, weights=weights, resize=resize, device=device)
+        # OpenCV's SIFT, as the published SIFT figures were measured
+        model = make_matcher(matcher, weights=weights, resize=resize, device=device, sift_backend="opencv")
     label = model.name
     outputs.mkdir(parents=True, exist_ok=True)
     cameras = {name: query_camera(*image_size(resolve_image(dataset, name))) for name in queries}

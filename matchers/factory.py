@@ -8,15 +8,27 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Literal, get_args
 
+from core.device import DEVICES, resolve_device
 from core.errors import UserError
 
 from .base import Matcher
 
+__all__ = [
+    "AMP_MODES",
+    "DEVICES",
+    "MATCHERS",
+    "MatcherName",
+    "OFFLINE_WEIGHTS",
+    "WEIGHTS_HELP",
+    "make_matcher",
+    "resolve_device",
+]
+
 #: matcher names accepted by :func:`make_matcher` (and the ``--matcher`` flags)
-MATCHERS = ("loftr", "sift")
-DEVICES = ("auto", "cpu", "cuda")
+MatcherName = Literal["loftr", "sift"]
+MATCHERS: tuple[str, ...] = get_args(MatcherName)
 #: LoFTR autocast precisions (``--amp``); float32 when not given
 AMP_MODES = ("bf16", "fp16")
 #: what LoFTR falls back to when no weights are named and the official ones cannot be had (shipped in the package)
@@ -69,42 +81,22 @@ def unavailable_reason(error: BaseException, limit: int = 52) -> str:
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
-def resolve_device(device: str = "auto") -> str:
-    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; 'cuda' without a GPU is a :class:`UserError`.
-
-    A specific GPU ('cuda:1') is accepted as well.
-    """
-    name = device.strip().lower()
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise UserError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if name == "cpu":
-        return "cpu"
-    import torch  # only when a GPU could be involved
-
-    available = torch.cuda.is_available()
-    if name == "auto":
-        return "cuda" if available else "cpu"
-    if not available:
-        raise UserError(
-            f"device {device!r} requested but no CUDA GPU is usable by this torch build "
-            f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch (see README)"
-        )
-    return name
-
-
 def make_matcher(
     name: str,
     weights: str | None = None,
     resize: int | None = None,
     device: str = "auto",
     offline_fallback: bool = True,
+    sift_backend: str | None = None,
     **options: Any,
 ) -> Matcher:
     """The matcher called ``name`` ('loftr' or 'sift').
 
     ``weights``: LoFTR checkpoint name ('outdoor', 'indoor', ...) or path (default: ``$LOFTR_WEIGHTS``, else the
     official 'outdoor' weights; when those cannot be downloaded and ``offline_fallback``, the shipped, weaker
-    ``loftr-compact``, with a warning on stderr); SIFT has none. ``resize``: longest image side used for
+    ``loftr-compact``, with a warning on stderr); SIFT has none. ``sift_backend``: the SIFT implementation when
+    ``name`` is sift ('pycolmap' or 'opencv'; None: :class:`~matchers.sift.SIFTOptions`' default), ignored by
+    LoFTR, so a caller that takes either matcher can pin it. ``resize``: longest image side used for
     matching; None keeps the matcher's default (LoFTR 640, SIFT 1600), 0 matches at the original size.
     ``options`` go to the matcher (``SIFTOptions`` fields for SIFT, keyword arguments of ``LoFTRMatcher`` for
     LoFTR; ``amp=None`` is accepted by both). A ``weights`` path ending in ``.onnx`` (or such a ``$LOFTR_WEIGHTS``
@@ -123,6 +115,8 @@ def make_matcher(
             raise UserError("--amp applies to the loftr matcher only, not sift; drop --amp")
         from .sift import SIFTMatcher, SIFTOptions
 
+        if sift_backend is not None:
+            options["backend"] = sift_backend
         try:
             sift_options = SIFTOptions(**size_option, **options)
         except TypeError as error:

@@ -1,7 +1,7 @@
 """Match two images and write a side-by-side visualisation.
 
     python -m matchers.match IMG0 IMG1 --matcher loftr|sift [--weights outdoor|PATH] [--resize 640]
-                             [--device auto|cpu|cuda] [--out viz.png]
+                             [--device auto|cpu|cuda] [--out viz.png] [--sift-backend pycolmap|opencv ...]
 
 Prints the number of matches and the matching time; problems the user can fix (missing image, weights
 that cannot be downloaded offline, no GPU) end with one ``error:`` line and exit code 2.
@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from core.cli import add_config_arguments, config_from_args
 from core.errors import run_cli
 from core.files import check_output_file
 from core.geometry import fundamental_magsac
@@ -22,34 +24,40 @@ from core.image_io import read_rgb, to_gray
 
 from .base import Matches
 from .factory import DEVICES, MATCHERS, WEIGHTS_HELP, make_matcher
+from .sift import SIFTOptions
 from .viz import plot_matches
 
 
 def main(
     image0_path: str | Path,
     image1_path: str | Path,
-    matcher_name: str = "loftr",
+    matcher: str = "loftr",
     weights: str | None = None,
     resize: int | None = None,
     device: str = "auto",
     out: str | Path | None = "matches.png",
+    sift: SIFTOptions = SIFTOptions(),
 ) -> Matches:
     """Match ``image0_path`` to ``image1_path`` with the named matcher; write the plot to ``out`` (if given).
 
     ``weights`` / ``resize`` / ``device`` are as in :func:`matchers.make_matcher` (None = the matcher's
-    default). Returns the matches in original pixel coordinates (hloc convention).
+    default); ``sift``: the SIFT matcher's options (its ``resize`` unless ``resize`` is given). Returns the
+    matches in original pixel coordinates (hloc convention).
     """
     # Read the images first: a wrong path should fail before a checkpoint is downloaded or loaded.
     rgb0, rgb1 = read_rgb(image0_path), read_rgb(image1_path)
     if out is not None:
         check_output_file(out, "--out", example="matches.png")
-    matcher = make_matcher(matcher_name, weights=weights, resize=resize, device=device)
+    options = asdict(sift) if matcher.strip().lower() == "sift" else {}
+    own_size = options.pop("resize", None)
+    if options and resize is None:  # the SIFT options' size (None there is the original size, 0 here)
+        resize = own_size or 0
+    model = make_matcher(matcher, weights=weights, resize=resize, device=device, **options)
     start = time.perf_counter()
-    matches = matcher.match(to_gray(rgb0), to_gray(rgb1))
+    matches = model.match(to_gray(rgb0), to_gray(rgb1))
     elapsed = time.perf_counter() - start
-    described = matcher.describe()
-    used = described.get("weights")
-    label = matcher.name + (f" ({used})" if used else "")
+    used = model.describe().get("weights")
+    label = model.name + (f" ({used})" if used else "")
     inliers = verify_epipolar(matches)
     verified = (
         f", {int(inliers.sum())} consistent with one fundamental matrix (MAGSAC++)" if inliers is not None else ""
@@ -70,7 +78,7 @@ def verify_epipolar(matches: Matches, threshold: float = 1.0) -> np.ndarray | No
     return None if matrix is None else inliers
 
 
-def main_cli(argv: list[str] | None = None) -> Matches:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m matchers.match", description=__doc__.split("\n")[0])
     parser.add_argument("image0", type=Path)
     parser.add_argument("image1", type=Path)
@@ -81,8 +89,15 @@ def main_cli(argv: list[str] | None = None) -> Matches:
     )
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--out", type=Path, default=Path("matches.png"), help="visualisation PNG (default matches.png)")
-    args = parser.parse_args(argv)
-    return main(args.image0, args.image1, args.matcher, args.weights, args.resize, args.device, args.out)
+    sift = parser.add_argument_group("SIFT matcher (--matcher sift)")
+    add_config_arguments(sift, SIFTOptions, prefix="sift_", exclude=("resize",))
+    return parser
+
+
+def main_cli(argv: list[str] | None = None) -> Matches:
+    args = build_parser().parse_args(argv)
+    sift = config_from_args(args, SIFTOptions, prefix="sift_", base=SIFTOptions())
+    return main(args.image0, args.image1, args.matcher, args.weights, args.resize, args.device, args.out, sift)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,37 @@
-"""Weight-free fallback matcher: SIFT (OpenCV or pycolmap) + RootSIFT + mutual nearest neighbour + ratio test.
+"""SIFT, one implementation for every step: detection (OpenCV or pycolmap), RootSIFT, matching, verification.
 
-It needs no network and no checkpoint, so every downstream step (pairs, dense matching, reconstruction,
-localization) can run offline with it. Keypoints are returned in ORIGINAL pixel coordinates with hloc's
-convention ((0, 0) is the centre of the top-left pixel):
+* :class:`SIFTExtractor` detects and describes keypoints with OpenCV's ``cv2.SIFT`` or COLMAP's SIFT (pycolmap),
+  keeping each keypoint's orientation; :class:`SIFTMatcher` (the weight-free matcher), the quarter-turn votes of
+  :mod:`pipeline.orientation` and the retrieval descriptors of :mod:`pipeline.retrieval` all use it.
+* :func:`rootsift` / :func:`normalize_descriptors`: RootSIFT (Arandjelovic & Zisserman 2012) and unit L2 norm.
+* :func:`match_descriptors`: mutual nearest neighbours with Lowe's ratio test (the matcher);
+  :func:`verify_pair`: ratio-test matches checked by a MAGSAC++ fundamental matrix (re-ranking, orientation votes).
+
+:class:`SIFTMatcher` needs no network and no checkpoint, so every downstream step (pairs, dense matching,
+reconstruction, localization) can run offline with it. Keypoints are in hloc's convention ((0, 0) is the centre of
+the top-left pixel):
 
 * OpenCV's SIFT puts pixel centres at integers already. Its default pyramid upscaling shifts keypoints by
-  about +0.25 px; ``enable_precise_upscale`` removes that bias, so it is always on here.
+  about +0.25 px; ``enable_precise_upscale`` removes that bias (on, except where stored results predate it).
 * COLMAP's SIFT puts the top-left pixel corner at (0, 0), i.e. +0.5 of hloc's convention; we subtract it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
 
 from core.errors import UserError
+from core.geometry import fundamental_magsac
 from core.image_io import to_uint8
 
 from .base import Matcher, Matches, ResizedImage, resize_image
 
-BACKENDS = ("opencv", "pycolmap")
+SIFTBackend = Literal["pycolmap", "opencv"]
+BACKENDS: tuple[str, ...] = get_args(SIFTBackend)
 
 
 @dataclass(frozen=True)
@@ -34,17 +43,151 @@ class SIFTOptions:
     mutual: bool = True  # keep only mutual nearest neighbours
     root_sift: bool = True  # RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, then square root
     resize: int | None = 1600  # longest side used for detection; never upscales; None = original size
-    backend: str = "opencv"  # "opencv" (cv2.SIFT_create) or "pycolmap" (COLMAP's SIFT)
+    backend: SIFTBackend = "pycolmap"  # COLMAP's SIFT (as COLMAP reconstructs) or OpenCV's (cv2.SIFT_create)
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise UserError(f"unknown SIFT backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_backend(self.backend)
         if self.max_keypoints < 1:
             raise UserError(f"SIFT max_keypoints must be >= 1, got {self.max_keypoints}")
         if not 0.0 < self.ratio <= 1.0:
             raise UserError(f"SIFT ratio must be in (0, 1], got {self.ratio}")
         if self.resize is not None and self.resize < 16:
             raise UserError(f"SIFT resize must be >= 16 px or None (original size), got {self.resize}")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise UserError(f"unknown SIFT backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class SIFTKeypoints:
+    """What :class:`SIFTExtractor` detects, in pixels of the image it was given (hloc convention)."""
+
+    points: np.ndarray  # (N, 2) float32
+    descriptors: np.ndarray  # (N, 128) float32, raw histograms (non-negative, not normalised)
+    scores: np.ndarray  # (N,) float32 detector response (1 for the pycolmap backend, 0 on the dense grid)
+    angles: (
+        np.ndarray
+    )  # (N,) float32 orientation in degrees [0, 360), OpenCV's convention (COLMAP's agrees); -1 on the dense grid
+
+    @staticmethod
+    def empty() -> "SIFTKeypoints":
+        return SIFTKeypoints(
+            np.zeros((0, 2), np.float32),
+            np.zeros((0, 128), np.float32),
+            np.zeros(0, np.float32),
+            np.zeros(0, np.float32),
+        )
+
+    def concatenate(self, other: "SIFTKeypoints") -> "SIFTKeypoints":
+        return SIFTKeypoints(
+            *(np.concatenate([getattr(self, f.name), getattr(other, f.name)]) for f in fields(SIFTKeypoints))
+        )
+
+    def subset(self, keep: np.ndarray) -> "SIFTKeypoints":
+        return SIFTKeypoints(self.points[keep], self.descriptors[keep], self.scores[keep], self.angles[keep])
+
+
+class SIFTExtractor:
+    """SIFT keypoints and descriptors of 8-bit gray images, by OpenCV or pycolmap (created on first use).
+
+    ``root_sift`` only sets how COLMAP quantises its descriptors (RootSIFT or L2 before the 8-bit rounding); the
+    descriptors returned are raw either way, for :func:`normalize_descriptors`. Two OpenCV settings exist for the
+    callers whose stored results were made without them (retrieval vocabularies, orientation votes):
+    ``precise_upscale`` (without it keypoints sit about +0.25 px off) and ``strongest_only`` (OpenCV can return a
+    few more than ``max_keypoints``, for ties and points with several orientations; keep the strongest).
+    """
+
+    def __init__(
+        self,
+        backend: str = SIFTOptions.backend,
+        max_keypoints: int = SIFTOptions.max_keypoints,
+        root_sift: bool = SIFTOptions.root_sift,
+        precise_upscale: bool = True,
+        strongest_only: bool = True,
+    ) -> None:
+        check_backend(backend)
+        self.backend, self.max_keypoints, self.root_sift = backend, max_keypoints, root_sift
+        self.precise_upscale, self.strongest_only = precise_upscale, strongest_only
+        self._sift: Any = None  # a cv2.SIFT or a pycolmap.FeatureExtractor
+
+    def detect_resized(
+        self, image: np.ndarray, max_size: int | None, dense_step: int = 0
+    ) -> tuple[SIFTKeypoints, ResizedImage]:
+        """Keypoints of a float gray image (H, W) in [0, 1] resized so its longest side is at most ``max_size``
+        (never upscaled; None or 0: the original size), in the resized image's pixels, and the resized image
+        (whose :meth:`~matchers.base.ResizedImage.to_original` maps them back)."""
+        if image.ndim != 2:
+            raise ValueError(f"expected a grayscale image (H, W), got shape {image.shape}")
+        if max_size is not None and (max_size <= 0 or max_size >= max(image.shape)):
+            max_size = None
+        resized = resize_image(image, max_size)
+        return self.detect(to_uint8(resized.image), dense_step), resized
+
+    def detect(self, gray8: np.ndarray, dense_step: int = 0) -> SIFTKeypoints:
+        """Keypoints of an 8-bit gray image; ``dense_step`` > 0 (OpenCV) adds descriptors on a grid of that step."""
+        if self.backend == "opencv":
+            return self._detect_opencv(gray8, dense_step)
+        if dense_step > 0:
+            raise ValueError("dense SIFT descriptors need the opencv backend")
+        return self._detect_pycolmap(gray8)
+
+    def _detect_opencv(self, gray8: np.ndarray, dense_step: int) -> SIFTKeypoints:
+        if self._sift is None:
+            precise = {"enable_precise_upscale": True} if self.precise_upscale else {}
+            self._sift = cv2.SIFT_create(nfeatures=self.max_keypoints, **precise)
+        cv_keypoints, descriptors = self._sift.detectAndCompute(gray8, None)
+        found = _from_opencv(cv_keypoints, descriptors)
+        if self.strongest_only and len(found.points) > self.max_keypoints:
+            found = found.subset(np.argsort(-found.scores, kind="stable")[: self.max_keypoints])
+        if dense_step > 0:
+            height, width = gray8.shape
+            grid = [
+                cv2.KeyPoint(float(x), float(y), float(dense_step))
+                for y in range(dense_step // 2, height, dense_step)
+                for x in range(dense_step // 2, width, dense_step)
+            ]
+            grid, grid_descriptors = self._sift.compute(gray8, grid)
+            if grid_descriptors is not None:
+                found = found.concatenate(_from_opencv(grid, grid_descriptors))
+        return found
+
+    def _detect_pycolmap(self, gray8: np.ndarray) -> SIFTKeypoints:
+        import pycolmap  # imported here: only this backend needs it
+
+        if self._sift is None:
+            if not hasattr(pycolmap, "FeatureExtractor"):
+                raise UserError(
+                    "the pycolmap SIFT backend needs pycolmap >= 3.13 (pycolmap.FeatureExtractor); "
+                    "upgrade pycolmap or use backend 'opencv'"
+                )
+            options = pycolmap.FeatureExtractionOptions()
+            options.use_gpu = False
+            options.sift.max_num_features = self.max_keypoints
+            if not self.root_sift:
+                options.sift.normalization = type(options.sift.normalization).L2
+            self._sift = pycolmap.FeatureExtractor.create(options, pycolmap.Device.cpu)
+        colmap_keypoints, colmap_descriptors = self._sift.extract_from_uint8_array(gray8)
+        # COLMAP: (0, 0) is the top-left pixel *corner*; hloc: the top-left pixel *centre*.
+        points = np.array([[kp.x, kp.y] for kp in colmap_keypoints], dtype=np.float32).reshape(-1, 2) - 0.5
+        angles = np.degrees([kp.compute_orientation() for kp in colmap_keypoints]) % 360.0
+        descriptors = np.asarray(colmap_descriptors.data, dtype=np.float32).reshape(-1, 128)
+        if self.root_sift:
+            # COLMAP applied the L1-root normalisation (then quantised): squaring gives raw-like histograms back.
+            descriptors = descriptors**2
+        return SIFTKeypoints(points, descriptors, np.ones(len(points), np.float32), angles.astype(np.float32))
+
+
+def _from_opencv(cv_keypoints: Any, descriptors: np.ndarray | None) -> SIFTKeypoints:
+    if not cv_keypoints or descriptors is None:
+        return SIFTKeypoints.empty()
+    return SIFTKeypoints(
+        np.array([kp.pt for kp in cv_keypoints], np.float32),
+        np.asarray(descriptors, np.float32),
+        np.array([kp.response for kp in cv_keypoints], np.float32),
+        np.array([kp.angle for kp in cv_keypoints], np.float32),
+    )
 
 
 @dataclass(frozen=True)
@@ -68,68 +211,19 @@ class SIFTMatcher(Matcher):
 
     def __init__(self, options: SIFTOptions | None = None) -> None:
         self.options = options if options is not None else SIFTOptions()
-        self._extractor: Any = None  # created lazily: a cv2.SIFT or a pycolmap extractor
+        self.extractor = SIFTExtractor(self.options.backend, self.options.max_keypoints, self.options.root_sift)
 
     # ----------------------------------------------------------------------------------- detection
     def prepare(self, image: np.ndarray) -> SIFTFeatures:
         """Detect and describe keypoints of a grayscale float32 image (H, W) in [0, 1]."""
-        if image.ndim != 2:
-            raise ValueError(f"expected a grayscale image (H, W), got shape {image.shape}")
+        found, resized = self.extractor.detect_resized(image, self.options.resize)
         height, width = image.shape
-        max_size = self.options.resize
-        if max_size is not None and max_size >= max(height, width):
-            max_size = None  # never upscale
-        resized = resize_image(image, max_size)
-        gray8 = to_uint8(resized.image)
-        if self.options.backend == "opencv":
-            keypoints, descriptors, scores = self._detect_opencv(gray8)
-        else:
-            keypoints, descriptors, scores = self._detect_pycolmap(gray8)
-        descriptors = _normalize_descriptors(descriptors, self.options.root_sift)
         return SIFTFeatures(
-            keypoints=_to_original(resized, keypoints),
-            descriptors=descriptors,
-            scores=scores.astype(np.float32),
+            keypoints=_to_original(resized, found.points),
+            descriptors=normalize_descriptors(found.descriptors, self.options.root_sift),
+            scores=found.scores,
             image_size=(width, height),
         )
-
-    def _detect_opencv(self, gray8: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self._extractor is None:
-            self._extractor = cv2.SIFT_create(nfeatures=self.options.max_keypoints, enable_precise_upscale=True)
-        cv_keypoints, descriptors = self._extractor.detectAndCompute(gray8, None)
-        if not cv_keypoints:
-            return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), np.zeros((0,), np.float32)
-        keypoints = np.array([kp.pt for kp in cv_keypoints], dtype=np.float32)
-        scores = np.array([kp.response for kp in cv_keypoints], dtype=np.float32)
-        # OpenCV can return a few more than nfeatures (ties, several orientations); keep the strongest.
-        if len(keypoints) > self.options.max_keypoints:
-            keep = np.argsort(-scores, kind="stable")[: self.options.max_keypoints]
-            keypoints, descriptors, scores = keypoints[keep], descriptors[keep], scores[keep]
-        return keypoints, descriptors.astype(np.float32), scores
-
-    def _detect_pycolmap(self, gray8: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        import pycolmap  # imported here: only this backend needs it
-
-        if self._extractor is None:
-            if not hasattr(pycolmap, "FeatureExtractor"):
-                raise UserError(
-                    "the pycolmap SIFT backend needs pycolmap >= 3.13 (pycolmap.FeatureExtractor); "
-                    "upgrade pycolmap or use backend 'opencv'"
-                )
-            options = pycolmap.FeatureExtractionOptions()
-            options.use_gpu = False
-            options.sift.max_num_features = self.options.max_keypoints
-            if not self.options.root_sift:
-                options.sift.normalization = type(options.sift.normalization).L2
-            self._extractor = pycolmap.FeatureExtractor.create(options, pycolmap.Device.cpu)
-        colmap_keypoints, colmap_descriptors = self._extractor.extract_from_uint8_array(gray8)
-        # COLMAP: (0, 0) is the top-left pixel *corner*; hloc: the top-left pixel *centre*.
-        keypoints = np.array([[kp.x, kp.y] for kp in colmap_keypoints], dtype=np.float32).reshape(-1, 2) - 0.5
-        descriptors = np.asarray(colmap_descriptors.data, dtype=np.float32).reshape(-1, 128)
-        if self.options.root_sift:
-            # COLMAP already applied L1-root normalisation (then quantised); only the L2 norm is restored.
-            descriptors = descriptors**2
-        return keypoints, descriptors, np.ones(len(keypoints), np.float32)
 
     # ------------------------------------------------------------------------------------ matching
     def match_prepared(self, prepared0: SIFTFeatures, prepared1: SIFTFeatures) -> Matches:
@@ -153,13 +247,18 @@ def _to_original(resized: ResizedImage, keypoints: np.ndarray) -> np.ndarray:
     return resized.to_original(keypoints.astype(np.float32))
 
 
-def _normalize_descriptors(descriptors: np.ndarray, root_sift: bool) -> np.ndarray:
-    """Unit-L2 descriptors (RootSIFT: L1-normalise, square root — which has unit L2 norm)."""
+def rootsift(descriptors: np.ndarray) -> np.ndarray:
+    """RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, then element-wise square root (unit L2 norm)."""
+    descriptors = np.asarray(descriptors, np.float32)
+    descriptors = descriptors / np.maximum(np.abs(descriptors).sum(axis=1, keepdims=True), 1e-12)
+    return np.sqrt(np.maximum(descriptors, 0.0))
+
+
+def normalize_descriptors(descriptors: np.ndarray, root_sift: bool) -> np.ndarray:
+    """Unit-L2 descriptors (N, 128), RootSIFT first when ``root_sift``."""
     descriptors = np.asarray(descriptors, dtype=np.float32).reshape(-1, 128)
     if root_sift:
-        descriptors = np.maximum(descriptors, 0.0)
-        l1 = descriptors.sum(axis=1, keepdims=True)
-        descriptors = np.sqrt(descriptors / np.maximum(l1, 1e-12))
+        descriptors = rootsift(descriptors)
     norm = np.linalg.norm(descriptors, axis=1, keepdims=True)
     return np.ascontiguousarray(descriptors / np.maximum(norm, 1e-12), dtype=np.float32)
 
@@ -207,3 +306,32 @@ def match_descriptors(
         keep &= column_best[best] == np.arange(n0)
     index0 = np.nonzero(keep)[0]
     return index0, best[index0], (1.0 - distance_ratio[index0]).astype(np.float32)
+
+
+def ratio_matches(descriptors0: np.ndarray, descriptors1: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """(index0, index1) of the nearest neighbours (OpenCV's brute force, L2) that pass Lowe's ratio test."""
+    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(descriptors0, descriptors1, k=2)
+    good = [m[0] for m in knn if len(m) == 2 and m[0].distance < ratio * m[1].distance]
+    return np.array([m.queryIdx for m in good], np.int64), np.array([m.trainIdx for m in good], np.int64)
+
+
+def verify_pair(
+    points0: np.ndarray,
+    descriptors0: np.ndarray,
+    points1: np.ndarray,
+    descriptors1: np.ndarray,
+    ratio: float,
+    threshold: float,
+    min_matches: int = 8,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ratio-test matches of two images' keypoints and which of them a MAGSAC++ fundamental matrix at
+    ``threshold`` px keeps: (index0, index1, inlier mask). All empty with fewer than 8 keypoints on a side or fewer
+    than ``min_matches`` (at least 8) matches: too few to fit F, so unverifiable."""
+    none = np.zeros(0, np.int64)
+    if len(descriptors0) < 8 or len(descriptors1) < 8:
+        return none, none, np.zeros(0, bool)
+    index0, index1 = ratio_matches(descriptors0, descriptors1, ratio)
+    if len(index0) < max(8, min_matches):
+        return none, none, np.zeros(0, bool)
+    _, inliers = fundamental_magsac(points0[index0], points1[index1], threshold)
+    return index0, index1, inliers

@@ -7,6 +7,7 @@ different matchers and pairs can be compared; the text names the matcher and the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,14 +45,8 @@ def plot_matches(
     from matplotlib.collections import LineCollection
     from matplotlib.figure import Figure
 
-    left, right = _as_rgb(image0), _as_rgb(image1)
-    (h0, w0), (h1, w1) = left.shape[:2], right.shape[:2]
-    gap = max(10, (w0 + w1) // 100)
-    height, width = max(h0, h1), w0 + gap + w1
-    canvas = np.ones((height, width, 3), np.float32)
-    canvas[:h0, :w0] = left
-    canvas[:h1, w0 + gap :] = right
-
+    canvas, offset = _side_by_side(_as_rgb(image0), _as_rgb(image1))
+    height, width = canvas.shape[:2]
     scale = min(1.0, MAX_WIDTH_PX / width)
     dpi = 100
     figure = Figure(figsize=(width * scale / dpi, height * scale / dpi), dpi=dpi)
@@ -71,32 +66,21 @@ def plot_matches(
         shown_outliers = shown.subset(~inliers)
         shown = shown.subset(inliers)
     if shown_outliers is not None and len(shown_outliers):
-        start = shown_outliers.keypoints0.astype(np.float64)
-        end = shown_outliers.keypoints1.astype(np.float64) + np.array([w0 + gap, 0.0])
-        axes.add_collection(LineCollection(np.stack([start, end], axis=1), colors="magenta", alpha=0.5, linewidths=0.4))
+        lines = np.stack([shown_outliers.keypoints0.astype(np.float64), shown_outliers.keypoints1 + offset], axis=1)
+        axes.add_collection(LineCollection(lines, colors="magenta", alpha=0.5, linewidths=0.4))
     if len(shown):
-        # Draw the least confident first so confident (green) lines end up on top.
-        shown = shown.subset(np.arange(len(shown))[::-1])
-        start = shown.keypoints0.astype(np.float64)
-        end = shown.keypoints1.astype(np.float64) + np.array([w0 + gap, 0.0])
-        colors = colormaps[colormap](np.clip(shown.scores, 0.0, 1.0))
-        line_width = max(0.4, 1.2 * scale)
-        axes.add_collection(LineCollection(np.stack([start, end], axis=1), colors=colors, linewidths=line_width))
-        points = np.concatenate([start, end])
-        axes.scatter(points[:, 0], points[:, 1], s=(2.0 * scale) ** 2 + 1, c=np.concatenate([colors, colors]), lw=0)
+        _draw_confident_lines(axes, shown, offset, colormaps[colormap], scale)
 
     drawn = len(shown) + (len(shown_outliers) if shown_outliers is not None else 0)
     count = f"{len(matches)} matches" + (f" ({drawn} most confident drawn)" if drawn < len(matches) else "")
     if inliers is not None:
         count += f", {int(inliers.sum())} inliers of the drawn (outliers magenta)"
-    text = f"{title}: {count}" if title else count
-    font_size = max(8.0, 14.0 * scale * max(1.0, height / 600))
     axes.text(
         0.01 * width,
         0.01 * height,
-        text,
+        f"{title}: {count}" if title else count,
         color="white",
-        fontsize=font_size,
+        fontsize=max(8.0, 14.0 * scale * max(1.0, height / 600)),
         va="top",
         ha="left",
         bbox={"facecolor": "black", "alpha": 0.6, "pad": 3, "edgecolor": "none"},
@@ -106,6 +90,31 @@ def plot_matches(
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png", dpi=dpi)
     return path
+
+
+def _side_by_side(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two RGB images on one white canvas, a small gap between them, and where image 1's origin lies on it."""
+    (h0, w0), (h1, w1) = left.shape[:2], right.shape[:2]
+    gap = max(10, (w0 + w1) // 100)
+    canvas = np.ones((max(h0, h1), w0 + gap + w1, 3), np.float32)
+    canvas[:h0, :w0] = left
+    canvas[:h1, w0 + gap :] = right
+    return canvas, np.array([w0 + gap, 0.0])
+
+
+def _draw_confident_lines(axes: Any, shown: Matches, offset: np.ndarray, colormap: Any, scale: float) -> None:
+    """One line per match coloured by confidence, and its end points; the least confident first, so confident
+    (green) lines end up on top."""
+    from matplotlib.collections import LineCollection
+
+    shown = shown.subset(np.arange(len(shown))[::-1])
+    start = shown.keypoints0.astype(np.float64)
+    end = shown.keypoints1.astype(np.float64) + offset
+    colors = colormap(np.clip(shown.scores, 0.0, 1.0))
+    line_width = max(0.4, 1.2 * scale)
+    axes.add_collection(LineCollection(np.stack([start, end], axis=1), colors=colors, linewidths=line_width))
+    points = np.concatenate([start, end])
+    axes.scatter(points[:, 0], points[:, 1], s=(2.0 * scale) ** 2 + 1, c=np.concatenate([colors, colors]), lw=0)
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:

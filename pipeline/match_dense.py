@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -55,6 +55,7 @@ from core.errors import UserError, run_cli
 from core.image_io import image_size, read_gray, to_uint8
 from core.stamps import digest, file_state
 from matchers.base import Matcher, Matches
+from matchers.sift import BACKENDS, SIFTBackend, SIFTOptions
 from pipeline.orientation import OrientationConfig, estimate_quarter_turns
 from pipeline.quantize import ImageKeypoints, KeypointPosition, QuantizeConfig, QuantizedMatches, aggregate_matches
 from pipeline.raw_store import RawMatchStore, StoredMatches, raw_root
@@ -93,8 +94,8 @@ Device = Literal["auto", "cpu", "cuda"]  # matchers.factory.DEVICES
 AmpMode = Literal["bf16", "fp16"]  # matchers.factory.AMP_MODES
 # COLMAP's SIFT is the default for SfM: on temple_ring (47 images, exhaustive) it gives a median
 # relative-rotation error of 0.88 deg against GT, OpenCV's SIFT 0.99 deg (both 47/47 registered).
-SiftBackend = Literal["pycolmap", "opencv"]
-SIFT_BACKENDS: tuple[str, ...] = get_args(SiftBackend)
+SiftBackend = SIFTBackend
+SIFT_BACKENDS: tuple[str, ...] = BACKENDS
 
 #: quantization of KLT-refined dense matches: hloc's 8 px cells and 2 px radius average refined points with
 #: others up to 2 px away and undo the refinement. temple_ring, 135 sequential pairs, median epipolar error
@@ -256,7 +257,7 @@ class MatcherSpec:
     #: LoFTR autocast precision; bf16 is 2-3x faster on CPUs with AMX and on GPUs (keypoints move ~0.05 px);
     #: none = float32
     amp: AmpMode | None = None
-    sift_backend: SiftBackend = "pycolmap"  # SIFT implementation: COLMAP's (pycolmap) or OpenCV's
+    sift_backend: SiftBackend = SIFTOptions.backend  # SIFT implementation: COLMAP's (pycolmap) or OpenCV's
 
     def __post_init__(self) -> None:
         from matchers.factory import AMP_MODES, MATCHERS

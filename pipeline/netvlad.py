@@ -201,21 +201,6 @@ def weights_path(weights: str | Path | None = None, download: bool = True) -> Pa
     return path
 
 
-def load_netvlad(weights: str | Path | None = None, device: str = "cpu") -> NetVLAD:
-    """The published VGG16-NetVLAD-Pitts30K model, in eval mode on ``device``."""
-    path = weights_path(weights)  # before building the model: a missing file fails at once
-    model = load_mat_weights(NetVLAD(), path)
-    return model.eval().to(device)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} requested but CUDA is not available; use --device cpu")
-    return device
-
-
 @torch.no_grad()
 def describe(model: NetVLAD, image: np.ndarray, max_size: int = 640) -> np.ndarray:
     """Global descriptor (dim,) float32 of an RGB float image (H, W, 3) in [0, 1], resized to ``max_size``."""

@@ -18,19 +18,17 @@ pairs across components are matched upright.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from core import io
-from core.geometry import fundamental_magsac
+from core.cache import LRUCache
 from core.image_io import read_gray
-from pipeline.retrieval import resized_uint8, rootsift
+from matchers.sift import SIFTExtractor, SIFTKeypoints, rootsift, verify_pair
 
 Pair = tuple[str, str]
 
@@ -47,42 +45,27 @@ class OrientationConfig:
     min_agreement: float = 0.6  # fraction of inliers voting for the winning quarter turn
 
 
-@dataclass(frozen=True)
-class OrientedFeatures:
-    """RootSIFT descriptors with keypoint positions and orientations (degrees, OpenCV's convention)."""
-
-    points: np.ndarray  # (N, 2) float32, px at the SIFT image size
-    angles: np.ndarray  # (N,) float32
-    descriptors: np.ndarray  # (N, 128) float32, RootSIFT
-
-
-def oriented_sift(image: np.ndarray, config: OrientationConfig) -> OrientedFeatures:
-    """SIFT keypoints with orientations of a float gray image resized to ``config.max_size``."""
-    gray, _ = resized_uint8(image, config.max_size)
-    keypoints, descriptors = cv2.SIFT_create(nfeatures=config.num_features).detectAndCompute(gray, None)
-    if descriptors is None or not keypoints:
-        return OrientedFeatures(np.zeros((0, 2), np.float32), np.zeros(0, np.float32), np.zeros((0, 128), np.float32))
-    return OrientedFeatures(
-        np.array([kp.pt for kp in keypoints], np.float32),
-        np.array([kp.angle for kp in keypoints], np.float32),
-        rootsift(descriptors),
-    )
+def oriented_sift(image: np.ndarray, config: OrientationConfig) -> SIFTKeypoints:
+    """SIFT keypoints (px of the image resized to ``config.max_size``) with their orientations and RootSIFT
+    descriptors, of a float gray image."""
+    # OpenCV's SIFT as the votes were tuned with (no precise upscaling, its own keypoint count)
+    extractor = SIFTExtractor("opencv", config.num_features, precise_upscale=False, strongest_only=False)
+    found, _ = extractor.detect_resized(image, config.max_size)
+    return replace(found, descriptors=rootsift(found.descriptors))
 
 
-def quarter_turns(
-    features0: OrientedFeatures, features1: OrientedFeatures, config: OrientationConfig
-) -> tuple[int, int]:
+def quarter_turns(features0: SIFTKeypoints, features1: SIFTKeypoints, config: OrientationConfig) -> tuple[int, int]:
     """(k, support): ``np.rot90(image1, k)`` is upright relative to image 0, voted by ``support`` verified
     matches; (0, 0) without clear evidence."""
-    if len(features0.descriptors) < 8 or len(features1.descriptors) < 8:
-        return 0, 0
-    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(features0.descriptors, features1.descriptors, k=2)
-    good = [m[0] for m in knn if len(m) == 2 and m[0].distance < config.ratio * m[1].distance]
-    if len(good) < max(8, config.min_inliers):
-        return 0, 0
-    index0 = np.array([m.queryIdx for m in good])
-    index1 = np.array([m.trainIdx for m in good])
-    _, inliers = fundamental_magsac(features0.points[index0], features1.points[index1], config.threshold)
+    index0, index1, inliers = verify_pair(
+        features0.points,
+        features0.descriptors,
+        features1.points,
+        features1.descriptors,
+        config.ratio,
+        config.threshold,
+        min_matches=config.min_inliers,
+    )
     if int(inliers.sum()) < config.min_inliers:
         return 0, 0
     # np.rot90(., k) turns an image by k quarter turns, which takes 90 k degrees from its SIFT orientations
@@ -147,16 +130,10 @@ def estimate_quarter_turns(
     """Quarter turns of image 1 relative to image 0 for every pair: :func:`quarter_turns` votes made
     consistent by :func:`consistent_turns`."""
     config = config if config is not None else OrientationConfig()
-    cache: OrderedDict[str, OrientedFeatures] = OrderedDict()
+    cache: LRUCache[SIFTKeypoints] = LRUCache(max_items=cache_size)
 
-    def features(name: str) -> OrientedFeatures:
-        if name in cache:
-            cache.move_to_end(name)
-        else:
-            cache[name] = oriented_sift(read(io.resolve_image(Path(image_dir), name)), config)
-            if len(cache) > cache_size:
-                cache.popitem(last=False)
-        return cache[name]
+    def features(name: str) -> SIFTKeypoints:
+        return cache.get_or_create(name, lambda: oriented_sift(read(io.resolve_image(Path(image_dir), name)), config))
 
     votes = {}
     for first, second in tqdm(pairs, desc="orientation (SIFT)", unit="pair", disable=len(pairs) < 50):
@@ -166,7 +143,6 @@ def estimate_quarter_turns(
 
 __all__ = [
     "OrientationConfig",
-    "OrientedFeatures",
     "oriented_sift",
     "quarter_turns",
     "consistent_turns",

@@ -39,7 +39,6 @@ import logging
 import os
 import shutil
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -50,9 +49,13 @@ import numpy as np
 from tqdm import tqdm
 
 from core import io
+from core.cache import LRUCache
+from core.cli import add_config_arguments, config_from_args
+from core.device import resolve_device
 from core.errors import UserError, run_cli
-from core.geometry import fundamental_magsac
-from core.image_io import read_gray, read_rgb, to_uint8
+from core.image_io import read_gray, read_rgb
+from core.stamps import file_state
+from matchers.sift import SIFTExtractor, rootsift, verify_pair
 from pipeline.images import list_images
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ Pair = tuple[str, str]
 DESCRIPTORS = ("auto", "rootsift-vlad", "netvlad")
 VOCAB_VERSION = 1  # bump when the local features or the k-means change, so old caches are not reused
 DATASET = "global_descriptor"
+LOCAL_FEATURES_CACHED = 256  # images whose re-ranking features are kept (queries revisit their neighbours)
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,8 @@ class RetrievalConfig:
     num_words: int = 64  # vocabulary size (descriptor dimension = 128 * num_words)
     vocab_images: int = 300  # at most this many images (evenly spaced) train the vocabulary
     vocab_samples_per_image: int = 1000  # descriptors sampled per image for k-means
-    kmeans_iterations: int = 30
-    seed: int = 0
+    kmeans_iterations: int = 30  # k-means iterations of the vocabulary
+    seed: int = 0  # seeds the vocabulary's image sample and k-means
     netvlad_max_size: int = 1024  # NetVLAD: longest image side (hloc's setting)
     rerank_ratio: float = 0.85  # re-ranking: Lowe ratio of RootSIFT matches
     rerank_threshold: float = 1.5  # re-ranking: MAGSAC++ threshold in px at max_size
@@ -88,49 +92,13 @@ class RetrievalConfig:
 
 
 # ------------------------------------------------------------------------------------ local features
-def resized_uint8(image: np.ndarray, max_size: int) -> tuple[np.ndarray, float]:
-    """Resize a float [0,1] gray image so its longest side is at most ``max_size``; returns uint8, scale."""
-    height, width = image.shape[:2]
-    scale = min(1.0, max_size / max(height, width)) if max_size > 0 else 1.0
-    if scale < 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    return to_uint8(image), scale
-
-
-def rootsift(descriptors: np.ndarray) -> np.ndarray:
-    """RootSIFT (Arandjelovic & Zisserman 2012): L1-normalise, then element-wise square root."""
-    descriptors = np.asarray(descriptors, np.float32)
-    descriptors = descriptors / np.maximum(np.abs(descriptors).sum(axis=1, keepdims=True), 1e-12)
-    return np.sqrt(np.maximum(descriptors, 0.0))
-
-
 def _sift(image: np.ndarray, config: RetrievalConfig, dense: bool) -> tuple[np.ndarray, np.ndarray]:
     """Raw SIFT (N, 128) uint8 and keypoints (N, 2) in pixels of the image resized to ``config.max_size``."""
-    gray, _ = resized_uint8(image, config.max_size)
-    sift = cv2.SIFT_create(nfeatures=config.num_features)
-    keypoints, descriptors = sift.detectAndCompute(gray, None)
-    descriptors = np.zeros((0, 128), np.float32) if descriptors is None else descriptors
-    points = np.array([kp.pt for kp in keypoints], np.float32).reshape(-1, 2)
-    if dense and config.dense_step > 0:
-        step = config.dense_step
-        height, width = gray.shape
-        grid = [
-            cv2.KeyPoint(float(x), float(y), float(step))
-            for y in range(step // 2, height, step)
-            for x in range(step // 2, width, step)
-        ]
-        grid, extra = sift.compute(gray, grid)
-        if extra is not None:
-            descriptors = np.concatenate([descriptors, extra])
-            points = np.concatenate([points, np.array([kp.pt for kp in grid], np.float32).reshape(-1, 2)])
+    # OpenCV's SIFT as the vocabularies were built with (no precise upscaling, its own keypoint count)
+    extractor = SIFTExtractor("opencv", config.num_features, precise_upscale=False, strongest_only=False)
+    found, _ = extractor.detect_resized(image, config.max_size, config.dense_step if dense else 0)
     # OpenCV's SIFT values are integers in [0, 255]: uint8 keeps caches 4x smaller, losslessly.
-    return np.clip(np.rint(descriptors), 0, 255).astype(np.uint8), points
-
-
-def extract_local(image: np.ndarray, config: RetrievalConfig) -> np.ndarray:
-    """RootSIFT descriptors (N, 128) float32 of a float gray image (keypoints, plus the dense grid)."""
-    return rootsift(_sift(image, config, dense=True)[0])
+    return np.clip(np.rint(found.descriptors), 0, 255).astype(np.uint8), found.points
 
 
 # ------------------------------------------------------------------------------------------ VLAD
@@ -217,7 +185,7 @@ def _netvlad(
 ) -> Iterable[tuple[str, np.ndarray]]:
     from pipeline import netvlad
 
-    model = netvlad.load_mat_weights(netvlad.NetVLAD(), weights).eval().to(netvlad.resolve_device(device))
+    model = netvlad.load_mat_weights(netvlad.NetVLAD(), weights).eval().to(resolve_device(device))
     for name in todo:
         image = read_rgb(io.resolve_image(image_dir, name))
         yield name, netvlad.describe(model, image, config.netvlad_max_size)
@@ -242,10 +210,11 @@ def resolve_descriptor(descriptor: str, weights: str | Path | None = None) -> st
 def _stamp(image_dir: Path, name: str) -> str:
     """Size and mtime of an image: a re-run describes the image again when they change."""
     path = io.resolve_image(image_dir, name)
-    if not path.is_file():
+    state = file_state(path) if path.is_file() else None
+    if state is None:
         raise UserError(f"{path}: image {name!r} not found; check --images and the image list")
-    stat = path.stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+    size, mtime_ns = state
+    return f"{size}:{mtime_ns}"
 
 
 def read_state(path: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -308,7 +277,7 @@ def main(
     output: Path = Path("global-features.h5"),
     descriptor: str = "auto",
     device: str = "auto",
-    config: RetrievalConfig | None = None,
+    config: RetrievalConfig = RetrievalConfig(),
     weights: Path | None = None,
     overwrite: bool = False,
     checkpoint_seconds: float = 120.0,
@@ -331,7 +300,6 @@ def main(
         from pipeline import netvlad
 
         weights = netvlad.weights_path(weights)  # downloads once; offline: one-line UserError
-    config = config or RetrievalConfig()
     stamps = {name: _stamp(image_dir, name) for name in names}
     settings = {"descriptor": descriptor, "settings": config.digest(descriptor)}
     if descriptor == "netvlad":
@@ -450,22 +418,10 @@ def read_global_features(path: str | Path) -> tuple[dict[str, int], np.ndarray, 
     return {name: i for i, name in enumerate(names)}, matrix, attrs.get("descriptor", "")
 
 
-class _LocalCache:
-    """RootSIFT keypoints of recently used images for spatial re-ranking (bounded, least recently used)."""
-
-    def __init__(self, image_dir: Path, config: RetrievalConfig, size: int = 256) -> None:
-        self.image_dir, self.config, self.size = Path(image_dir), config, size
-        self.items: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-
-    def __call__(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        if name in self.items:
-            self.items.move_to_end(name)
-            return self.items[name]
-        raw, points = _sift(read_gray(io.resolve_image(self.image_dir, name)), self.config, dense=False)
-        self.items[name] = (points, rootsift(raw))
-        if len(self.items) > self.size:
-            self.items.popitem(last=False)
-        return self.items[name]
+def _local_features(image_dir: Path, name: str, config: RetrievalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """SIFT keypoints (px at ``config.max_size``) and their RootSIFT descriptors, for spatial re-ranking."""
+    raw, points = _sift(read_gray(io.resolve_image(image_dir, name)), config, dense=False)
+    return points, rootsift(raw)
 
 
 def verified_matches(
@@ -475,24 +431,19 @@ def verified_matches(
     threshold: float = 1.5,
 ) -> int:
     """RootSIFT matches (ratio test) consistent with a MAGSAC++ fundamental matrix."""
-    (points0, desc0), (points1, desc1) = features0, features1
-    if len(desc0) < 8 or len(desc1) < 8:
-        return 0
-    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(desc0, desc1, k=2)
-    good = [m[0] for m in knn if len(m) == 2 and m[0].distance < ratio * m[1].distance]
-    if len(good) < 8:
-        return 0  # too few for a fundamental matrix: unverifiable, ranked last
-    p0 = points0[[m.queryIdx for m in good]].astype(np.float64)
-    p1 = points1[[m.trainIdx for m in good]].astype(np.float64)
-    return int(fundamental_magsac(p0, p1, threshold)[1].sum())
+    (points0, descriptors0), (points1, descriptors1) = features0, features1
+    return int(verify_pair(points0, descriptors0, points1, descriptors1, ratio, threshold)[2].sum())
 
 
 def spatial_rerank(
-    image_dir: Path, candidates: dict[str, list[str]], num_matched: int, config: RetrievalConfig | None = None
+    image_dir: Path, candidates: dict[str, list[str]], num_matched: int, config: RetrievalConfig = RetrievalConfig()
 ) -> dict[str, list[str]]:
     """Re-order each query's candidates by verified matches (ties keep the global order), keep ``num_matched``."""
-    config = config or RetrievalConfig()
-    features = _LocalCache(image_dir, config)
+    cache: LRUCache[tuple[np.ndarray, np.ndarray]] = LRUCache(max_items=LOCAL_FEATURES_CACHED)
+
+    def features(name: str) -> tuple[np.ndarray, np.ndarray]:
+        return cache.get_or_create(name, lambda: _local_features(Path(image_dir), name, config))
+
     counts: dict[frozenset[str], int] = {}  # symmetric: a pair seen from both sides is verified once
     out: dict[str, list[str]] = {}
     for query, ranked in tqdm(candidates.items(), desc="spatial re-ranking", disable=len(candidates) < 2):
@@ -534,7 +485,7 @@ def pairs_from_retrieval(
     unique: bool = False,
     rerank: int = 0,
     image_dir: str | Path | None = None,
-    config: RetrievalConfig | None = None,
+    config: RetrievalConfig = RetrievalConfig(),
     names: Sequence[str] | None = None,
 ) -> list[Pair]:
     """Top ``num_matched`` db images per query by cosine similarity of global descriptors (hloc's
@@ -598,7 +549,7 @@ def pairs_from_images(
     device: str = "auto",
     descriptor: str = "auto",
     rerank: int = 0,
-    config: RetrievalConfig | None = None,
+    config: RetrievalConfig = RetrievalConfig(),
     weights: Path | None = None,
 ) -> list[Pair]:
     """Retrieval pairs for reconstruction: each image's top ``top_k`` among the others, each unordered
@@ -611,7 +562,7 @@ def pairs_from_images(
     )
 
 
-def main_cli(argv: Sequence[str] | None = None) -> Path:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.retrieval",
         description=__doc__,
@@ -638,20 +589,15 @@ def main_cli(argv: Sequence[str] | None = None) -> Path:
     db.add_argument("--db-list", type=Path, help="db: names in this file (default: every non-query image)")
     parser.add_argument("--unique", action="store_true", help="list each unordered pair once (for SfM)")
     parser.add_argument("--rerank", type=int, default=0, help="spatially re-rank the top N candidates (0 = off)")
-    defaults = RetrievalConfig()
-    parser.add_argument("--max-size", type=int, default=defaults.max_size, help="RootSIFT-VLAD image size")
-    parser.add_argument("--num-words", type=int, default=defaults.num_words)
-    parser.add_argument("--dense-step", type=int, default=defaults.dense_step)
-    parser.add_argument("--netvlad-max-size", type=int, default=defaults.netvlad_max_size)
-    args = parser.parse_args(argv)
+    add_config_arguments(parser.add_argument_group("descriptor and re-ranking settings"), RetrievalConfig)
+    return parser
+
+
+def main_cli(argv: Sequence[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
     if (args.num_matched is None) != (args.pairs_output is None):
         raise UserError("--num-matched and --pairs-output go together")
-    config = RetrievalConfig(
-        max_size=args.max_size,
-        num_words=args.num_words,
-        dense_step=args.dense_step,
-        netvlad_max_size=args.netvlad_max_size,
-    )
+    config = config_from_args(args, RetrievalConfig)
     names = read_name_list(args.image_list) if args.image_list is not None else list_images(args.images)
     if args.pairs_output is not None:  # check the selection before the (long) description step
         select_query_db(names, args.query_prefix, args.query_list, args.db_prefix, args.db_list)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from core import io
+from core.cli import add_config_arguments, config_from_args
 from core.errors import UserError, run_cli
 from matchers.loftr import LoFTR, LoFTRConfig
 from matchers.loftr.optimize import InferenceOptions, optimize_for_inference
@@ -63,8 +64,8 @@ class BenchmarkConfig:
 
     sizes: tuple[Size, ...] = ((640, 480), (1024, 768))
     runs: int = 3  # timed runs per model and size (median reported)
-    threads: int = 2
-    seed: int = 3
+    threads: int = 2  # torch CPU threads
+    seed: int = 3  # seeds the random weights both models get
     threshold: float = 0.0  # coarse threshold: low, so random weights give matches (mutual NN off the border)
     rss_sizes: tuple[Size, ...] = ((640, 480), (1024, 768), (1600, 1200))
     dense_images: int = 10
@@ -72,7 +73,7 @@ class BenchmarkConfig:
     technique_size: Size = (320, 240)  # one pair toggling each optimisation (kept small: the CPU is shared)
     technique_runs: int = 3
     compile_size: Size | None = (320, 240)  # torch.compile trial (None: skip)
-    data_root: Path = DEFAULT_DATA
+    data_root: Path = DEFAULT_DATA  # folder with scannet_sample/, temple_ring/ (synthetic images without)
 
     @staticmethod
     def quick(data_root: Path = DEFAULT_DATA) -> "BenchmarkConfig":
@@ -88,6 +89,18 @@ class BenchmarkConfig:
             compile_size=None,
             data_root=data_root,
         )
+
+
+#: the fields :meth:`BenchmarkConfig.quick` sets (so they are not command-line options, which would override it)
+QUICK_FIELDS = (
+    "sizes",
+    "rss_sizes",
+    "dense_images",
+    "dense_resize",
+    "technique_size",
+    "technique_runs",
+    "compile_size",
+)
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -371,6 +384,23 @@ def _peak_rss_mb() -> float:
 
 
 # ------------------------------------------------------------------------------------------------- dense
+def dense_images(config: BenchmarkConfig, workdir: Path) -> tuple[Path, list[str]]:
+    """The first ``dense_images`` temple_ring views, or as many shifted synthetic images written to ``workdir``."""
+    image_dir = config.data_root / "temple_ring" / "images"
+    if image_dir.is_dir():
+        return image_dir, sorted(p.name for p in image_dir.iterdir() if p.suffix.lower() == ".png")[
+            : config.dense_images
+        ]
+    image_dir = workdir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for k in range(config.dense_images):
+        names.append(f"synthetic{k:02d}.png")
+        image = np.roll(_synthetic(1, (640, 480)), (3 * k, 5 * k), axis=(0, 1))
+        cv2.imwrite(str(image_dir / names[-1]), (image / image.max() * 255).astype(np.uint8))
+    return image_dir, names
+
+
 def dense_job(config: BenchmarkConfig, kornia_model: torch.nn.Module, workdir: Path) -> dict[str, Any]:
     """10 images, exhaustive pairs: match_dense with this project's matcher vs kornia called per pair."""
     from core.image_io import read_gray
@@ -378,17 +408,7 @@ def dense_job(config: BenchmarkConfig, kornia_model: torch.nn.Module, workdir: P
     from matchers.loftr import LoFTRMatcher
     from pipeline.match_dense import DenseMatchConfig, RawMatchStore, describe_matching, run
 
-    image_dir = config.data_root / "temple_ring" / "images"
-    if image_dir.is_dir():
-        names = sorted(p.name for p in image_dir.iterdir() if p.suffix.lower() == ".png")[: config.dense_images]
-    else:
-        image_dir = workdir / "images"
-        image_dir.mkdir(parents=True, exist_ok=True)
-        names = []
-        for k in range(config.dense_images):
-            names.append(f"synthetic{k:02d}.png")
-            image = np.roll(_synthetic(1, (640, 480)), (3 * k, 5 * k), axis=(0, 1))
-            cv2.imwrite(str(image_dir / names[-1]), (image / image.max() * 255).astype(np.uint8))
+    image_dir, names = dense_images(config, workdir)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
     pairs_path = workdir / "pairs.txt"
     io.write_pairs(pairs_path, pairs)
@@ -433,12 +453,11 @@ def dense_job(config: BenchmarkConfig, kornia_model: torch.nn.Module, workdir: P
             raise RuntimeError(
                 f"raw matches of {pair} not found in {store.root}: pipeline.match_dense changed its store"
             )
-        checks.append(
-            compare_matches(
-                kornia_results[pair],
-                {"keypoints0": to_resized(raw.keypoints0, pair[0]), "keypoints1": to_resized(raw.keypoints1, pair[1])},
-            )
-        )
+        ours_resized = {
+            "keypoints0": to_resized(raw.keypoints0, pair[0]),
+            "keypoints1": to_resized(raw.keypoints1, pair[1]),
+        }
+        checks.append(compare_matches(kornia_results[pair], ours_resized))
     seconds_ours = (seconds_a + seconds_b) / 2
     size = resize_image(read_gray(image_dir / names[0]), config.dense_resize, multiple=8).image.shape
     return {
@@ -462,8 +481,6 @@ def dense_job(config: BenchmarkConfig, kornia_model: torch.nn.Module, workdir: P
 # ------------------------------------------------------------------------------------------------- techniques
 def techniques(config: BenchmarkConfig, ours_plain: LoFTR) -> dict[str, Any]:
     """Each optimisation toggled alone on one pair of ``technique_size`` (interleaved runs, medians)."""
-    from matchers.loftr.coarse_matching import select_matches
-
     image0, image1, _ = pair_images(config.data_root, config.technique_size)
     t0, t1 = as_tensor(image0), as_tensor(image1)
     runs = config.technique_runs
@@ -495,37 +512,7 @@ def techniques(config: BenchmarkConfig, ours_plain: LoFTR) -> dict[str, Any]:
             },
             runs,
         )
-        tokens0, tokens1, _, _ = best.transform_coarse(e0, e1)
-        cm = best.coarse_matching
-        shape0, shape1 = e0.coarse_shape, e1.coarse_shape
-
-        def plain() -> Any:
-            return select_matches(
-                cm.confidence(tokens0, tokens1), shape0, shape1, config.threshold, cm.config.border_rm
-            )
-
-        def blocked(budget: int | None) -> Callable[[], Any]:
-            def run() -> Any:
-                cm.max_matrix_bytes = budget
-                try:
-                    return cm(tokens0, tokens1, shape0, shape1, threshold=config.threshold)
-                finally:
-                    cm.max_matrix_bytes = None
-
-            return run
-
-        results["coarse_matching"] = interleaved(
-            {
-                "confidence matrix + select (plain)": plain,
-                "blocked, similarity stored": blocked(1 << 40),
-                "blocked, similarity recomputed (chunked MNN)": blocked(0),
-            },
-            runs,
-        )
-        a, b = plain(), blocked(0)()
-        results["coarse_matching"]["same_matches"] = bool(
-            torch.equal(a.i_ids, b.i_ids) and torch.equal(a.j_ids, b.j_ids)
-        )
+        results["coarse_matching"] = _coarse_matching_variants(best, e0, e1, config.threshold, runs)
         # batching pairs of equal size through the transformer + matching
         pairs = [(e0, e1)] * 4
         results["batching_4_pairs"] = interleaved(
@@ -535,22 +522,60 @@ def techniques(config: BenchmarkConfig, ours_plain: LoFTR) -> dict[str, Any]:
             },
             runs,
         )
-        # bf16 autocast (opt-in, --amp bf16): AMX / AVX-512-BF16 CPUs and GPUs; not the same matches, so the
-        # targets are measured in float32 (random weights make its match differences look larger than they are)
-        default = optimize_for_inference(ours_plain)
-
-        def bf16() -> Any:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return run_ours(default, t0, t1)
-
-        outputs: dict[str, Any] = {}
-        results["autocast_bf16"] = interleaved(
-            {"float32": lambda: run_ours(default, t0, t1), "bf16": bf16}, runs, first_outputs=outputs
-        )
-        results["autocast_bf16"]["check"] = compare_matches(outputs["float32"], outputs["bf16"])
+        results["autocast_bf16"] = _autocast_bf16(ours_plain, t0, t1, runs)
     if config.compile_size is not None:
         results["torch_compile"] = compile_trial_child(config)
     return results
+
+
+def _coarse_matching_variants(model: LoFTR, e0: Any, e1: Any, threshold: float, runs: int) -> dict[str, Any]:
+    """The coarse matching of one pair: plain (whole confidence matrix), and blocked with the similarity
+    stored or recomputed per block (chunked mutual nearest neighbours); the last two must give the same matches."""
+    from matchers.loftr.coarse_matching import select_matches
+
+    tokens0, tokens1, _, _ = model.transform_coarse(e0, e1)
+    cm = model.coarse_matching
+    shape0, shape1 = e0.coarse_shape, e1.coarse_shape
+
+    def plain() -> Any:
+        return select_matches(cm.confidence(tokens0, tokens1), shape0, shape1, threshold, cm.config.border_rm)
+
+    def blocked(budget: int | None) -> Callable[[], Any]:
+        def run() -> Any:
+            cm.max_matrix_bytes = budget
+            try:
+                return cm(tokens0, tokens1, shape0, shape1, threshold=threshold)
+            finally:
+                cm.max_matrix_bytes = None
+
+        return run
+
+    result = interleaved(
+        {
+            "confidence matrix + select (plain)": plain,
+            "blocked, similarity stored": blocked(1 << 40),
+            "blocked, similarity recomputed (chunked MNN)": blocked(0),
+        },
+        runs,
+    )
+    a, b = plain(), blocked(0)()
+    result["same_matches"] = bool(torch.equal(a.i_ids, b.i_ids) and torch.equal(a.j_ids, b.j_ids))
+    return result
+
+
+def _autocast_bf16(ours_plain: LoFTR, t0: torch.Tensor, t1: torch.Tensor, runs: int) -> dict[str, Any]:
+    """float32 against bf16 autocast (opt-in, --amp bf16: AMX / AVX-512-BF16 CPUs and GPUs). Not the same matches,
+    so the targets are measured in float32 (random weights make its match differences look larger than they are)."""
+    default = optimize_for_inference(ours_plain)
+
+    def bf16() -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return run_ours(default, t0, t1)
+
+    outputs: dict[str, Any] = {}
+    result = interleaved({"float32": lambda: run_ours(default, t0, t1), "bf16": bf16}, runs, first_outputs=outputs)
+    result["check"] = compare_matches(outputs["float32"], outputs["bf16"])
+    return result
 
 
 def compile_trial_child(config: BenchmarkConfig, timeout: float = 420.0) -> dict[str, Any]:
@@ -782,29 +807,43 @@ def machine() -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     """The human-readable summary, targets included."""
-    lines = []
     m = report["machine"]
-    lines.append(
+    lines = [
         f"LoFTR benchmark: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, kornia {m['kornia']}, "
-        f"{report['config']['threads']} threads, load average at start {m['load_average'][0]:.1f}"
-    )
-    lines.append("Runs of ours and kornia are interleaved (A B A B ...) because the CPU is shared; compare ratios.")
-    lines.append("")
-    lines.append(
+        f"{report['config']['threads']} threads, load average at start {m['load_average'][0]:.1f}",
+        "Runs of ours and kornia are interleaved (A B A B ...) because the CPU is shared; compare ratios.",
+        "",
+        *_single_pair_lines(report["single_pair"]),
+        "",
+        *_peak_rss_lines(report["peak_rss"]),
+    ]
+    for key, section in (("dense", _dense_lines), ("techniques", _technique_lines), ("onnx", _onnx_lines)):
+        if report.get(key):
+            lines += ["", *section(report[key])]
+    lines += ["", "targets (issue 6):"]
+    for target in report["targets"]:
+        verdict = "PASS" if target["pass"] else "FAIL" if target["pass"] is False else "n/a "
+        lines.append(f"  [{verdict}] {target['name']}: {target['value']}")
+    return "\n".join(lines)
+
+
+def _single_pair_lines(items: list[dict[str, Any]]) -> list[str]:
+    lines = [
         f"{'single cold pair':<22}{'kornia s':>10}{'ours s':>9}{'ratio':>8}{'matches':>9}{'same':>6}{'max dkp px':>12}"
-    )
-    for item in report["single_pair"]:
+    ]
+    for item in items:
         c = item["check"]
         lines.append(
             f"{item['size'][0]}x{item['size'][1]:<18}{item['kornia']['median_s']:>10.2f}"
             f"{item['ours']['median_s']:>9.2f}{item['ratio']:>8.2f}{c['matches_kornia']:>9}"
             f"{'yes' if c['same'] else 'NO':>6}{c['max_keypoint_diff_px']:>12.1e}"
         )
-    lines.append("")
-    lines.append(
-        f"{'peak RSS (own process)':<24}{'kornia MB':>10}{'ours MB':>9}{'ratio':>8}{'kornia s':>10}{'ours s':>8}"
-    )
-    for item in report["peak_rss"]:
+    return lines
+
+
+def _peak_rss_lines(items: list[dict[str, Any]]) -> list[str]:
+    lines = [f"{'peak RSS (own process)':<24}{'kornia MB':>10}{'ours MB':>9}{'ratio':>8}{'kornia s':>10}{'ours s':>8}"]
+    for item in items:
         k, o = item["kornia"], item["ours"]
         if k.get("ok") and o.get("ok"):
             lines.append(
@@ -815,88 +854,78 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(
                 f"{item['size'][0]}x{item['size'][1]:<20} kornia: {k.get('error', 'ok')}; ours: {o.get('error', 'ok')}"
             )
-    d = report.get("dense")
-    if d:
-        lines.append("")
-        lines.append(
-            f"dense job: {d['images']} images, {d['pairs']} pairs at {d['size'][0]}x{d['size'][1]}: "
-            f"kornia per pair {d['kornia_seconds']:.1f} s ({d['kornia_backbone_passes']} backbone passes), "
-            f"match_dense {d['ours_seconds']:.1f} s ({d['ours_prepare_calls']} backbone passes, "
-            f"quantization + HDF5 included) -> {d['speedup']:.1f}x; "
-            f"{d['pairs_same']}/{d['pairs']} pairs same matches (max dkp {d['max_keypoint_diff_px']:.1e} px)"
-        )
-    t = report.get("techniques")
-    if t:
-        lines.append("")
-        lines.append(f"techniques at {t['size'][0]}x{t['size'][1]} (median s, interleaved):")
-        for section in (
-            "backbone_one_image",
-            "fine_map",
-            "coarse_transformer",
-            "coarse_matching",
-            "batching_4_pairs",
-            "autocast_bf16",
-            "torch_compile",
-        ):
-            if section not in t:
-                continue
-            entries = t[section]
-            if section == "torch_compile" and "error" not in entries:
-                for part in ("backbone", "coarse_transformer"):
-                    if part in entries:
-                        e = entries[part]
-                        lines.append(
-                            f"  torch.compile {part}: eager {e['eager']['median_s']:.3f}; compiled "
-                            f"{e['compiled']['median_s']:.3f} (first call incl. compile "
-                            f"{e['first_call_s']:.1f} s; max diff {e['max_abs_diff']:.1e})"
-                        )
-                continue
-            if "error" in entries:
-                lines.append(f"  {section}: {entries['error']}")
-                continue
-            parts = [
-                f"{name} {value['median_s']:.3f}"
-                for name, value in entries.items()
-                if isinstance(value, dict) and "median_s" in value
-            ]
-            if isinstance(entries.get("check"), dict):
-                check = entries["check"]
-                parts.append(
-                    f"{check['matches_kornia'] - check['only_kornia']}/{check['matches_kornia']} matches "
-                    f"kept (random weights)"
+    return lines
+
+
+def _dense_lines(d: dict[str, Any]) -> list[str]:
+    return [
+        f"dense job: {d['images']} images, {d['pairs']} pairs at {d['size'][0]}x{d['size'][1]}: "
+        f"kornia per pair {d['kornia_seconds']:.1f} s ({d['kornia_backbone_passes']} backbone passes), "
+        f"match_dense {d['ours_seconds']:.1f} s ({d['ours_prepare_calls']} backbone passes, "
+        f"quantization + HDF5 included) -> {d['speedup']:.1f}x; "
+        f"{d['pairs_same']}/{d['pairs']} pairs same matches (max dkp {d['max_keypoint_diff_px']:.1e} px)"
+    ]
+
+
+TECHNIQUE_SECTIONS = (
+    "backbone_one_image",
+    "fine_map",
+    "coarse_transformer",
+    "coarse_matching",
+    "batching_4_pairs",
+    "autocast_bf16",
+    "torch_compile",
+)
+
+
+def _technique_lines(t: dict[str, Any]) -> list[str]:
+    lines = [f"techniques at {t['size'][0]}x{t['size'][1]} (median s, interleaved):"]
+    for section in (name for name in TECHNIQUE_SECTIONS if name in t):
+        entries = t[section]
+        if section == "torch_compile" and "error" not in entries:
+            for part in (part for part in ("backbone", "coarse_transformer") if part in entries):
+                e = entries[part]
+                lines.append(
+                    f"  torch.compile {part}: eager {e['eager']['median_s']:.3f}; compiled "
+                    f"{e['compiled']['median_s']:.3f} (first call incl. compile "
+                    f"{e['first_call_s']:.1f} s; max diff {e['max_abs_diff']:.1e})"
                 )
-            extra = f" (first call incl. compile {entries['first_call_s']:.1f} s)" if "first_call_s" in entries else ""
-            lines.append(f"  {section}: " + "; ".join(parts) + extra)
-    o = report.get("onnx")
-    if o:
-        lines.append("")
-        lines.append(
-            f"ONNX: torch vs onnxruntime {o['onnxruntime']}, cold {o['size'][0]}x{o['size'][1]} pair "
-            f"({o['threads']} threads, interleaved, median s; peak RSS of one pair in a fresh process)"
-        )
-        lines.append(
-            f"{'model':<20}{'torch s':>9}{'ort s':>8}{'ratio':>7}{'matches':>9}{'same':>6}{'max dkp px':>12}"
-            f"{'params':>11}{'ckpt MB':>9}{'onnx MB':>9}{'export s':>10}{'RSS torch':>11}{'RSS ort':>9}"
-        )
-        for row in o["rows"]:
-            c, rss = row["check"], row["peak_rss"]
-            rss_text = [
-                f"{rss[b]['peak_rss_mb']:.0f}" if rss[b].get("ok") else "fail" for b in ("torch", "onnxruntime")
-            ]
-            lines.append(
-                f"{row['model']:<20}{row['torch']['median_s']:>9.3f}{row['onnxruntime']['median_s']:>8.3f}"
-                f"{row['ratio']:>7.2f}{c['matches_kornia']:>9}{'yes' if c['same'] else 'NO':>6}"
-                f"{c['max_keypoint_diff_px']:>12.1e}{row['parameters']:>11,}{row['checkpoint_mb']:>9.1f}"
-                f"{row['onnx_mb']:>9.1f}{row['export_s']:>10.1f}{rss_text[0]:>11}{rss_text[1]:>9}"
+            continue
+        if "error" in entries:
+            lines.append(f"  {section}: {entries['error']}")
+            continue
+        parts = [
+            f"{name} {value['median_s']:.3f}"
+            for name, value in entries.items()
+            if isinstance(value, dict) and "median_s" in value
+        ]
+        if isinstance(entries.get("check"), dict):
+            check = entries["check"]
+            parts.append(
+                f"{check['matches_kornia'] - check['only_kornia']}/{check['matches_kornia']} matches kept (random weights)"
             )
-    lines.append("")
-    lines.append("targets (issue 6):")
-    for target in report["targets"]:
+        extra = f" (first call incl. compile {entries['first_call_s']:.1f} s)" if "first_call_s" in entries else ""
+        lines.append(f"  {section}: " + "; ".join(parts) + extra)
+    return lines
+
+
+def _onnx_lines(o: dict[str, Any]) -> list[str]:
+    lines = [
+        f"ONNX: torch vs onnxruntime {o['onnxruntime']}, cold {o['size'][0]}x{o['size'][1]} pair "
+        f"({o['threads']} threads, interleaved, median s; peak RSS of one pair in a fresh process)",
+        f"{'model':<20}{'torch s':>9}{'ort s':>8}{'ratio':>7}{'matches':>9}{'same':>6}{'max dkp px':>12}"
+        f"{'params':>11}{'ckpt MB':>9}{'onnx MB':>9}{'export s':>10}{'RSS torch':>11}{'RSS ort':>9}",
+    ]
+    for row in o["rows"]:
+        c, rss = row["check"], row["peak_rss"]
+        rss_text = [f"{rss[b]['peak_rss_mb']:.0f}" if rss[b].get("ok") else "fail" for b in ("torch", "onnxruntime")]
         lines.append(
-            f"  [{'PASS' if target['pass'] else 'FAIL' if target['pass'] is False else 'n/a '}] "
-            f"{target['name']}: {target['value']}"
+            f"{row['model']:<20}{row['torch']['median_s']:>9.3f}{row['onnxruntime']['median_s']:>8.3f}"
+            f"{row['ratio']:>7.2f}{c['matches_kornia']:>9}{'yes' if c['same'] else 'NO':>6}"
+            f"{c['max_keypoint_diff_px']:>12.1e}{row['parameters']:>11,}{row['checkpoint_mb']:>9.1f}"
+            f"{row['onnx_mb']:>9.1f}{row['export_s']:>10.1f}{rss_text[0]:>11}{rss_text[1]:>9}"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -945,7 +974,7 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(
-    config: BenchmarkConfig | None = None,
+    config: BenchmarkConfig = BenchmarkConfig(),
     json_path: Path | None = None,
     large: bool = True,
     sections: Sequence[str] = ("single", "rss", "dense", "techniques"),
@@ -953,7 +982,6 @@ def main(
     rss_in_background: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the report (also written to ``json_path`` if given)."""
-    config = config if config is not None else BenchmarkConfig()
     try:
         import kornia.feature  # noqa: F401
     except ImportError:
@@ -1038,9 +1066,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m recipes.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: small sizes, < 2 minutes")
     parser.add_argument("--json", type=Path, default=None, help="write the report here (atomically)")
-    parser.add_argument(
-        "--data-root", type=Path, default=DEFAULT_DATA, help="folder with scannet_sample/, temple_ring/"
-    )
     parser.add_argument("--no-large", action="store_true", help="skip the 1600x1200 peak-RSS pair (minutes for kornia)")
     parser.add_argument(
         "--sections",
@@ -1053,10 +1078,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also compare torch with onnxruntime (section 'onnx'; alone: --sections onnx)",
     )
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per model and size")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=3)
-    parser.add_argument("--threshold", type=float, default=0.0)
+    # what --quick leaves alone (the sizes and counts it sets are not options)
+    add_config_arguments(parser, BenchmarkConfig, exclude=QUICK_FIELDS)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile trial")
     parser.add_argument(
         "--rss-in-background",
@@ -1079,22 +1102,17 @@ def main_cli(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         _rss_child_main(args.rss_child, args.size, args.threads, args.seed, args.threshold, args.data_root)
         return None
     if args.onnx_child:
-        child = replace(
-            BenchmarkConfig(data_root=args.data_root), threads=args.threads, seed=args.seed, threshold=args.threshold
-        )
-        _onnx_child_main(args.onnx_child, args.onnx_model, args.onnx_file, child)
+        _onnx_child_main(args.onnx_child, args.onnx_model, args.onnx_file, config_from_args(args, BenchmarkConfig))
         return None
-    if args.runs is not None and args.runs < 1:
+    if args.runs < 1:
         raise UserError(f"--runs must be at least 1, got {args.runs}")
     if args.compile_child:
         torch.set_num_threads(args.threads)
-        config = BenchmarkConfig(compile_size=args.size, technique_runs=args.runs or 3, data_root=args.data_root)
+        config = BenchmarkConfig(compile_size=args.size, technique_runs=args.runs, data_root=args.data_root)
         print(json.dumps(compile_trial(config, build_ours(args.seed, args.threshold)), default=str))
         return None
-    config = BenchmarkConfig.quick(args.data_root) if args.quick else BenchmarkConfig(data_root=args.data_root)
-    config = replace(
-        config, threads=args.threads, seed=args.seed, threshold=args.threshold, runs=args.runs or config.runs
-    )
+    preset = BenchmarkConfig.quick() if args.quick else BenchmarkConfig()
+    config = config_from_args(args, BenchmarkConfig, base=preset)
     if args.no_compile:
         config = replace(config, compile_size=None)
     sections = list(args.sections) + (["onnx"] if args.onnx and "onnx" not in args.sections else [])

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from core.errors import UserError, run_cli
 from core.image_io import read_gray
 from matchers.base import Matcher
-from recipes.training.data import HomographyConfig, PhotometricConfig, homography_pair
+from recipes.training.data import HomographyConfig, PhotometricConfig, homography_pair, parse_size
 
 HOMOGRAPHY_THRESHOLDS = (3.0, 5.0, 10.0)
 POSE_THRESHOLDS = (5.0, 10.0, 20.0)
@@ -246,7 +246,8 @@ def main(
         raise UserError(f"homography photo folder {homography} does not exist; pass --homography DIR")
     if pairs_with_gt is not None and not Path(pairs_with_gt).is_file():
         raise UserError(f"{pairs_with_gt}: file not found; pass a pairs_with_gt.txt (name0 name1 rot0 rot1 K0 K1 T)")
-    m = make_matcher(matcher, weights=weights, resize=resize, device=device)
+    # OpenCV's SIFT, as the published SIFT figures were measured
+    m = make_matcher(matcher, weights=weights, resize=resize, device=device, sift_backend="opencv")
     result = EvalResult(m.describe())
     if homography is not None:
         config = HomographyConfig(**{**EVAL_HOMOGRAPHY.__dict__, "height": size[0], "width": size[1]})
@@ -261,12 +262,14 @@ def main(
     return result
 
 
-def main_cli(argv: Sequence[str] | None = None) -> EvalResult:
+def build_parser() -> argparse.ArgumentParser:
+    from matchers.factory import MATCHERS, WEIGHTS_HELP
+
     parser = argparse.ArgumentParser(prog="python -m recipes.eval_pairs", description=__doc__.split("\n")[0])
-    parser.add_argument("--matcher", default="loftr", choices=("loftr", "sift"))
-    parser.add_argument("--weights", default=None, help="LoFTR weights name or path (e.g. loftr-compact)")
+    parser.add_argument("--matcher", default="loftr", choices=MATCHERS)
+    parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
     parser.add_argument("--homography", default=None, metavar="DIR", help="photos for held-out homography pairs")
-    parser.add_argument("--size", default="640x480", help="homography pair size WxH")
+    parser.add_argument("--size", type=parse_size, default=(480, 640), help="homography pair size WxH (640x480)")
     parser.add_argument("--pairs-per-image", type=int, default=2)
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--precision-px", type=float, default=8.0)
@@ -275,11 +278,11 @@ def main_cli(argv: Sequence[str] | None = None) -> EvalResult:
     parser.add_argument("--resize", type=int, default=None, help="matcher's longest side (default: its own)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output", default=None, help="write the results as JSON")
-    args = parser.parse_args(argv)
-    try:
-        w, h = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        raise UserError(f"bad --size {args.size!r}; use WxH, e.g. 640x480") from None
+    return parser
+
+
+def main_cli(argv: Sequence[str] | None = None) -> EvalResult:
+    args = build_parser().parse_args(argv)
     result = main(
         args.matcher,
         args.weights,
@@ -288,7 +291,7 @@ def main_cli(argv: Sequence[str] | None = None) -> EvalResult:
         args.images,
         args.resize,
         args.device,
-        (h, w),
+        args.size,
         args.pairs_per_image,
         args.seed,
         args.precision_px,

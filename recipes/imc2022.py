@@ -27,23 +27,24 @@ per scene, ``scaling_factors.csv``; folder ``DIR/train`` unless ``--gt``), looki
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
+from core.cache import LRUCache
+from core.cli import add_config_arguments, config_from_args
 from core.errors import UserError, run_cli
 from core.files import check_output_dir, check_output_file
 from core.image_io import read_gray
+from core.stamps import digest
 from datasets.imc import (
     PairRow,
     image_path_2022,
@@ -55,6 +56,7 @@ from datasets.imc import (
 )
 from datasets.imc_metrics import IMC2022_THRESHOLDS, fundamental_pose_errors, mean_average_accuracy, relative_pose
 from matchers.base import Matcher, Matches
+from matchers.factory import MatcherName
 from pipeline.tta import (
     ROTATION_MODES,
     PreparedView,
@@ -72,23 +74,24 @@ logger = logging.getLogger(__name__)
 PAIR_ROTATION_MODES = tuple(mode for mode in ROTATION_MODES if mode != "auto")
 
 #: robust estimators accepted by ``FundamentalOptions.method`` (OpenCV flags)
-FUNDAMENTAL_METHODS = {
-    "magsac": cv2.USAC_MAGSAC,
-    "usac_accurate": cv2.USAC_ACCURATE,
-    "usac_default": cv2.USAC_DEFAULT,
-    "ransac": cv2.FM_RANSAC,
-    "lmeds": cv2.FM_LMEDS,
-}
+FundamentalMethod = Literal["magsac", "usac_accurate", "usac_default", "ransac", "lmeds"]
+FUNDAMENTAL_METHODS = dict(
+    zip(
+        get_args(FundamentalMethod),
+        (cv2.USAC_MAGSAC, cv2.USAC_ACCURATE, cv2.USAC_DEFAULT, cv2.FM_RANSAC, cv2.FM_LMEDS),
+        strict=True,
+    )
+)
 
 
 @dataclass(frozen=True)
 class FundamentalOptions:
     """``cv2.findFundamentalMat`` settings; defaults are the IMC 2022 winners' MAGSAC++ call."""
 
-    method: str = "magsac"
+    method: FundamentalMethod = "magsac"  # robust estimator
     threshold: float = 0.2  # px, inlier threshold
-    confidence: float = 0.99999
-    max_iters: int = 50000
+    confidence: float = 0.99999  # of the robust estimator
+    max_iters: int = 50000  # iterations of the robust estimator at most
     min_matches: int = 8  # fewer matches -> zeros (the 8-point minimum)
 
     def __post_init__(self) -> None:
@@ -106,12 +109,14 @@ class FundamentalOptions:
 class IMC2022Config:
     """What the recipe runs: the matcher, its test-time augmentation, and the F estimation."""
 
-    matcher: str = "loftr"
+    matcher: MatcherName = "loftr"
     weights: str | None = None  # LoFTR checkpoint name or path; None: outdoor (offline loftr-compact), or SIFT
-    resize: tuple[int, ...] = ()  # longest sides matched and merged; () = the matcher's default size
+    #: longest side(s) for matching; several are matched and merged (e.g. 840 1280); 0 = original;
+    #: none given: the matcher's default size
+    resize: tuple[int, ...] = ()
     rotation: str = "none"  # none | best | union (image 2 also matched at 90/180/270 degrees)
-    both_directions: bool = False  # also match (2, 1) and merge
-    device: str = "auto"
+    both_directions: bool = False  # also match image 2 -> image 1 and merge
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
     fundamental: FundamentalOptions = field(default_factory=FundamentalOptions)
     image_cache: int = 8  # prepared images kept in memory (pairs of a batch share images)
 
@@ -222,7 +227,7 @@ def config_digest(matcher: Matcher, config: IMC2022Config) -> str:
         "tta": asdict(config.tta_config()),
         "fundamental": asdict(config.fundamental),
     }
-    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 # ------------------------------------------------------------------------------------------ matching
@@ -230,21 +235,16 @@ class PreparedImages:
     """Prepared views of recently used images (LRU): pairs of a batch share their images."""
 
     def __init__(self, matcher: Matcher, tta: TTAConfig, capacity: int) -> None:
-        self.matcher, self.tta, self.capacity = matcher, tta, max(2, capacity)
-        self.cache: OrderedDict[tuple[Path, bool], dict[View, PreparedView]] = OrderedDict()
+        self.matcher, self.tta = matcher, tta
+        self.cache: LRUCache[dict[View, PreparedView]] = LRUCache(max_items=max(2, capacity))
 
     def get(self, path: Path, second: bool) -> dict[View, PreparedView]:
-        key = (path, second)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
+        return self.cache.get_or_create((path, second), lambda: self._prepare(path, second))
+
+    def _prepare(self, path: Path, second: bool) -> dict[View, PreparedView]:
         image = read_gray(path)
         views = second_views(self.tta) if second else first_views(self.tta)
-        prepared = {view: prepare_view(self.matcher, image, view) for view in views}
-        self.cache[key] = prepared
-        while len(self.cache) > self.capacity:
-            self.cache.popitem(last=False)
-        return prepared
+        return {view: prepare_view(self.matcher, image, view) for view in views}
 
 
 def check_images(data_dir: Path, rows: Sequence[PairRow]) -> dict[tuple[str, str], Path]:
@@ -265,10 +265,45 @@ def check_images(data_dir: Path, rows: Sequence[PairRow]) -> dict[tuple[str, str
     return paths
 
 
+def match_pairs(
+    todo: Sequence[PairRow],
+    paths: dict[tuple[str, str], Path],
+    matcher: Matcher,
+    config: IMC2022Config,
+    cache: ResultCache,
+    save: Callable[[], None],
+    deadline: float | None = None,
+    progress: bool = True,
+) -> tuple[int, int]:
+    """Match the ``todo`` pairs in order and add their F to ``cache``, calling ``save()`` every minute (a killed
+    notebook still leaves a recent, valid CSV); stop before a pair expected to end after ``deadline``
+    (``time.monotonic()``). Returns (matched, not reached)."""
+    tta = config.tta_config()
+    images = PreparedImages(matcher, tta, config.image_cache)
+    pair_seconds: list[float] = []
+    last_save = time.monotonic()
+    for index, row in enumerate(tqdm(todo, desc="IMC 2022 pairs", unit="pair", disable=not progress)):
+        expected = float(np.mean(pair_seconds)) if pair_seconds else 0.0
+        if deadline is not None and time.monotonic() + expected > deadline:
+            logger.warning("time budget reached: %d pairs not matched get zeros", len(todo) - index)
+            return index, len(todo) - index
+        pair_start = time.monotonic()
+        views0 = images.get(paths[(row.batch_id, row.image_1_id)], second=False)
+        views1 = images.get(paths[(row.batch_id, row.image_2_id)], second=True)
+        cache.add(
+            row.sample_id, estimate_fundamental(match_pair(matcher, views0, views1, tta).matches, config.fundamental)
+        )
+        pair_seconds.append(time.monotonic() - pair_start)
+        if time.monotonic() - last_save > 60.0:
+            save()
+            last_save = time.monotonic()
+    return len(todo), 0
+
+
 def main(
     data: Path,
     output: Path,
-    config: IMC2022Config | None = None,
+    config: IMC2022Config = IMC2022Config(),
     matcher: Matcher | None = None,
     time_budget: float | None = None,
     cache_dir: Path | None = None,
@@ -282,7 +317,6 @@ def main(
     (seconds, whole run) stops matching before a pair that would not fit; the CSV is always complete.
     """
     start = time.monotonic()
-    config = config if config is not None else IMC2022Config()
     data, output = Path(data), Path(output)
     check_output_file(output, "--output", example="submission.csv")  # fail now, not after matching
     if cache_dir is not None:
@@ -295,9 +329,12 @@ def main(
         from matchers.factory import make_matcher
 
         matcher = make_matcher(
-            config.matcher, weights=config.weights, resize=config.matcher_resize(), device=config.device
+            config.matcher,
+            weights=config.weights,
+            resize=config.matcher_resize(),
+            device=config.device,
+            sift_backend="opencv",  # the SIFT figures and cached results were made with OpenCV's
         )
-    tta = config.tta_config()
     cache_root = Path(cache_dir) if cache_dir is not None else output.with_name(output.name + ".cache")
     cache = ResultCache(cache_root / config_digest(matcher, config) / "results.jsonl")
     reused = sum(row.sample_id in cache.results for row in rows)
@@ -307,9 +344,6 @@ def main(
     # Batches together so that images shared by pairs stay prepared.
     batch_order = {batch: i for i, batch in enumerate(dict.fromkeys(row.batch_id for row in rows))}
     todo = sorted((row for row in rows if row.sample_id not in cache.results), key=lambda r: batch_order[r.batch_id])
-    images = PreparedImages(matcher, tta, config.image_cache)
-    matched, pair_seconds = 0, []
-    skipped = 0
     zeros = np.zeros((3, 3))
 
     def current() -> list[tuple[str, np.ndarray]]:
@@ -318,25 +352,10 @@ def main(
         ]
 
     write_submission_2022(output, current())  # a valid CSV exists from the start
-    last_write = time.monotonic()
-    for index, row in enumerate(tqdm(todo, desc="IMC 2022 pairs", unit="pair", disable=not progress)):
-        elapsed = time.monotonic() - start
-        expected = float(np.mean(pair_seconds)) if pair_seconds else 0.0
-        if time_budget is not None and elapsed + expected > time_budget:
-            skipped = len(todo) - index
-            logger.warning("time budget of %.0f s reached: %d pairs not matched get zeros", time_budget, skipped)
-            break
-        pair_start = time.monotonic()
-        views0 = images.get(paths[(row.batch_id, row.image_1_id)], second=False)
-        views1 = images.get(paths[(row.batch_id, row.image_2_id)], second=True)
-        result = estimate_fundamental(match_pair(matcher, views0, views1, tta).matches, config.fundamental)
-        cache.add(row.sample_id, result)
-        matched += 1
-        pair_seconds.append(time.monotonic() - pair_start)
-        if time.monotonic() - last_write > 60.0:  # a killed notebook still leaves a recent, valid CSV
-            write_submission_2022(output, current())
-            last_write = time.monotonic()
-
+    deadline = None if time_budget is None else start + time_budget
+    matched, skipped = match_pairs(
+        todo, paths, matcher, config, cache, lambda: write_submission_2022(output, current()), deadline, progress
+    )
     fundamentals = current()
     write_submission_2022(output, fundamentals)
     num_zero = sum(not np.any(F) for _, F in fundamentals)
@@ -406,29 +425,18 @@ def score_submission(submission: Path, test_csv: Path, gt_dir: Path) -> Score202
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    from matchers.factory import DEVICES, MATCHERS, WEIGHTS_HELP
+    from matchers.factory import WEIGHTS_HELP
 
-    defaults = FundamentalOptions()
     parser = argparse.ArgumentParser(prog="python -m recipes.imc2022", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="competition folder with test.csv and test_images/")
     parser.add_argument("--output", type=Path, default=Path("submission.csv"))
-    parser.add_argument("--matcher", choices=MATCHERS, default="loftr")
-    parser.add_argument("--weights", default=None, help=WEIGHTS_HELP)
-    parser.add_argument(
-        "--resize",
-        type=int,
-        nargs="+",
-        default=None,
-        help="longest side(s) for matching; several are matched and merged (e.g. 840 1280); 0 = original",
+    add_config_arguments(parser, IMC2022Config, helps={"weights": WEIGHTS_HELP})
+    add_config_arguments(
+        parser.add_argument_group("fundamental matrix (cv2.findFundamentalMat)"),
+        FundamentalOptions,
+        prefix="ransac_",
+        aliases={"min_matches": "--min-matches"},
     )
-    parser.add_argument("--rotation", choices=PAIR_ROTATION_MODES, default="none")
-    parser.add_argument("--both-directions", action="store_true", help="also match image 2 -> image 1 and merge")
-    parser.add_argument("--device", choices=DEVICES, default="auto")
-    parser.add_argument("--ransac-method", choices=sorted(FUNDAMENTAL_METHODS), default=defaults.method)
-    parser.add_argument("--ransac-threshold", type=float, default=defaults.threshold, help="px")
-    parser.add_argument("--ransac-confidence", type=float, default=defaults.confidence)
-    parser.add_argument("--ransac-max-iters", type=int, default=defaults.max_iters)
-    parser.add_argument("--min-matches", type=int, default=defaults.min_matches)
     parser.add_argument(
         "--time-budget", type=float, default=None, help="seconds; stop cleanly and still write a valid CSV"
     )
@@ -441,17 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main_cli(argv: Sequence[str] | None = None) -> RunResult:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = IMC2022Config(
-        matcher=args.matcher,
-        weights=args.weights,
-        resize=tuple(args.resize or ()),
-        rotation=args.rotation,
-        both_directions=args.both_directions,
-        device=args.device,
-        fundamental=FundamentalOptions(
-            args.ransac_method, args.ransac_threshold, args.ransac_confidence, args.ransac_max_iters, args.min_matches
-        ),
-    )
+    fundamental = config_from_args(args, FundamentalOptions, prefix="ransac_")
+    config = config_from_args(args, IMC2022Config, fundamental=fundamental)
     result = main(
         args.data,
         args.output,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.cli import add_config_arguments, config_from_args
 from core.errors import UserError, run_cli
 from pipeline import pairs as pairs_step
 from pipeline import retrieval
@@ -66,7 +67,7 @@ def main(
     k: int = 5,
     max_angle: float = 30.0,
     output: Path | None = None,
-    config: "retrieval.RetrievalConfig | None" = None,
+    config: retrieval.RetrievalConfig = retrieval.RetrievalConfig(),
     device: str = "auto",
     weights: Path | None = None,
 ) -> RetrievalEval:
@@ -90,7 +91,7 @@ def main(
     return result
 
 
-def main_cli(argv: Sequence[str] | None = None) -> RetrievalEval:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m recipes.retrieval_eval",
         description=__doc__,
@@ -102,17 +103,31 @@ def main_cli(argv: Sequence[str] | None = None) -> RetrievalEval:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--max-angle", type=float, default=30.0)
     parser.add_argument("--output", type=Path, help="keep the global features here")
+    parser.add_argument("--device", default="auto", help="NetVLAD: auto, cpu, cuda or cuda:N")
     parser.add_argument("--netvlad-weights", type=Path, help="local VGG16-NetVLAD-Pitts30K .mat")
-    defaults = retrieval.RetrievalConfig()
-    parser.add_argument("--max-size", type=int, default=defaults.max_size)
-    parser.add_argument("--num-words", type=int, default=defaults.num_words)
-    parser.add_argument("--dense-step", type=int, default=defaults.dense_step)
-    args = parser.parse_args(argv)
+    add_config_arguments(
+        parser.add_argument_group("descriptor settings"),
+        retrieval.RetrievalConfig,
+        exclude=("rerank_ratio", "rerank_threshold"),  # no re-ranking here
+    )
+    return parser
+
+
+def main_cli(argv: Sequence[str] | None = None) -> RetrievalEval:
+    args = build_parser().parse_args(argv)
     if args.k < 1:
         raise UserError(f"--k must be >= 1, got {args.k}")
-    config = retrieval.RetrievalConfig(max_size=args.max_size, num_words=args.num_words, dense_step=args.dense_step)
+    config = config_from_args(args, retrieval.RetrievalConfig)
     return main(
-        args.images, args.gt, args.descriptor, args.k, args.max_angle, args.output, config, weights=args.netvlad_weights
+        args.images,
+        args.gt,
+        args.descriptor,
+        args.k,
+        args.max_angle,
+        args.output,
+        config,
+        args.device,
+        weights=args.netvlad_weights,
     )
 
 

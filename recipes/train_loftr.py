@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from core.cli import add_config_arguments, config_from_args
+from core.device import resolve_device
 from core.errors import UserError, run_cli
 from matchers.loftr.config import PRESET_NAMES, LoFTRConfig
 from recipes.training.data import (
@@ -38,8 +40,10 @@ from recipes.training.data import (
     SyntheticConfig,
     SyntheticPairs,
     load_photos,
+    parse_size,
     skimage_photos,
 )
+from recipes.training.losses import LossConfig
 from recipes.training.trainer import TrainConfig, TrainResult, export_weights, train
 
 KINDS = ("homography", "synthetic", "objects", "megadepth", "scannet")
@@ -139,10 +143,7 @@ def main(
         raise UserError("no training data: pass at least one --data SOURCE")
     if size[0] % 8 or size[1] % 8:
         raise UserError(f"--size {size[1]}x{size[0]}: both sides must be multiples of 8")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but CUDA is not available; use --device cpu")
+    device = resolve_device(device)
     if not 0.0 <= max_rotation <= 180.0:
         raise UserError(f"--max-rotation must be within [0, 180] degrees, got {max_rotation}")
     source = build_mixture(data, size, config.seed, trust_index, max_rotation=max_rotation)
@@ -168,7 +169,7 @@ def main(
     return result
 
 
-def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m recipes.train_loftr", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="compact", choices=PRESET_NAMES)
     parser.add_argument("--data", action="append", default=[], metavar="KIND:VALUE[@W]", required=True)
@@ -184,24 +185,13 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
     parser.add_argument("--minutes", type=float, default=None, help="wall-time budget of this run")
     parser.add_argument("--steps", type=int, default=None, help="number of steps for this run")
     parser.add_argument("--init", default=None, help="checkpoint to fine-tune from (official, kornia or ours)")
-    parser.add_argument("--size", default="320x240", help="training image size WxH (multiples of 8)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--size", type=parse_size, default=(240, 320), help="image size WxH, multiples of 8 (320x240)")
     parser.add_argument(
         "--max-rotation",
         type=float,
         default=HomographyConfig.max_rotation_deg,
         help="in-plane rotation range of homography pairs, degrees (180: any rotation)",
     )
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
-    parser.add_argument("--warmup", type=int, default=TrainConfig.warmup_steps)
-    parser.add_argument("--schedule", default="cosine", choices=("cosine", "step", "constant"))
-    parser.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
-    parser.add_argument("--grad-clip", type=float, default=TrainConfig.grad_clip)
-    parser.add_argument("--max-fine", type=int, default=TrainConfig.max_fine_matches)
-    parser.add_argument("--dense-coarse", action="store_true", help="also supervise non-matches (dual-softmax)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-minutes", type=float, default=3.0)
-    parser.add_argument("--validate-every", type=int, default=100)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--restart", action="store_true", help="ignore an existing --out and start over")
@@ -219,28 +209,22 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
         help="coarse matching threshold stored in the exported weights (default: the preset's)",
     )
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        w, h = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        raise UserError(f"bad --size {args.size!r}; use WxH, e.g. 320x240") from None
+    add_config_arguments(
+        parser.add_argument_group("optimisation"),
+        TrainConfig,
+        aliases={"warmup_steps": "--warmup", "max_fine_matches": "--max-fine"},
+    )
+    add_config_arguments(
+        parser.add_argument_group("losses"), LossConfig, prefix="loss_", aliases={"dense": "--dense-coarse"}
+    )
+    return parser
+
+
+def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from recipes.training.losses import LossConfig
-
-    config = TrainConfig(
-        lr=args.lr,
-        warmup_steps=args.warmup,
-        schedule=args.schedule,
-        max_steps=args.max_steps,
-        grad_clip=args.grad_clip,
-        batch_size=args.batch_size,
-        max_fine_matches=args.max_fine,
-        seed=args.seed,
-        checkpoint_minutes=args.checkpoint_minutes,
-        validate_every=args.validate_every,
-        loss=LossConfig(dense=args.dense_coarse),
-    )
+    config = config_from_args(args, TrainConfig, loss=config_from_args(args, LossConfig, prefix="loss_"))
     result = main(
         args.preset,
         args.data,
@@ -250,7 +234,7 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
         args.init,
         args.val,
         args.val_pairs,
-        (h, w),
+        args.size,
         config,
         args.device,
         args.restart,

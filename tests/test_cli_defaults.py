@@ -47,18 +47,10 @@ def _config_defaults(main) -> list:
 
 # modules whose CLI has not moved to build_parser() + generated options yet (issue 14 empties this)
 NOT_YET_CONVERTED = {
-    "matchers.loftr.export_onnx",
-    "matchers.loftr.get_weights",
-    "matchers.match",
-    "pipeline.retrieval",
     "localization.aachen",
     "localization.evaluate",
     "localization.inloc",
     "localization.localize",
-    "recipes.eval_pairs",
-    "recipes.imc2022",
-    "recipes.retrieval_eval",
-    "recipes.train_loftr",
     "datasets.imc",
     "datasets.middlebury",
     "datasets.mini_aachen",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +106,50 @@ def test_recipe_sift_resume_and_schema(imc2022_dir: Path, tmp_path: Path) -> Non
     second = imc2022.main(imc2022_dir, output, config, progress=False)
     assert (second.num_matched, second.num_reused) == (0, NUM_PAIRS)
     assert pd.read_csv(output).equals(table)
+    # the results are kept under a digest of what decides them, OpenCV's SIFT included (the published figures')
+    from matchers.factory import make_matcher
+
+    matcher = make_matcher("sift", resize=320, sift_backend="opencv")
+    payload = {
+        "matcher": matcher.describe(),
+        "tta": asdict(config.tta_config()),
+        "fundamental": asdict(config.fundamental),
+    }
+    key = hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert [p.name for p in (tmp_path / "submission.csv.cache").iterdir()] == [key]
+
+
+def test_prepared_images_are_kept_for_the_pairs_that_share_them(tmp_path: Path) -> None:
+    import cv2
+
+    from matchers.base import Matcher
+    from pipeline.tta import TTAConfig
+
+    class CountingMatcher(Matcher):
+        def __init__(self) -> None:
+            self.prepared: list[float] = []
+
+        def prepare(self, image: np.ndarray) -> float:
+            self.prepared.append(float(image.mean()))
+            return self.prepared[-1]
+
+        def match_prepared(self, prepared0: float, prepared1: float) -> Matches:
+            return Matches.empty()
+
+    paths = []
+    for value in (10, 20, 30):
+        paths.append(tmp_path / f"{value}.png")
+        cv2.imwrite(str(paths[-1]), np.full((16, 16), value, np.uint8))
+    matcher = CountingMatcher()
+    images = imc2022.PreparedImages(matcher, TTAConfig(), capacity=2)
+    for path, second in [(paths[0], False), (paths[1], True), (paths[0], False), (paths[1], True)]:
+        images.get(path, second)
+    assert len(matcher.prepared) == 2  # both reused
+    images.get(paths[1], False)  # another side of an image is prepared apart, evicting the least recent
+    images.get(paths[0], False)
+    assert len(matcher.prepared) == 4
+    images.get(paths[1], False)  # still kept: only two are
+    assert len(matcher.prepared) == 4
 
 
 def test_time_budget_writes_a_valid_csv_of_zeros(imc2022_dir: Path, tmp_path: Path) -> None:
@@ -200,3 +247,28 @@ def test_converter_cli(scannet_sample: Path, tmp_path: Path, capsys: pytest.Capt
     assert len(read_test_2022(tmp_path / "test.csv")) == 15
     with pytest.raises(UserError, match="pairs_with_gt.txt: file not found"):
         imc.main_cli(["scannet2022", "--source", str(tmp_path), "--output", str(tmp_path / "x")])
+
+
+def test_cli_options_build_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen = []
+
+    def fake_main(data, output, config, **kwargs):
+        seen.append(config)
+        return imc2022.RunResult(Path(output), 0, 0, 0, 0, 0, 0.0)
+
+    monkeypatch.setattr(imc2022, "main", fake_main)
+    base = ["--data", str(tmp_path)]
+    imc2022.main_cli(base)
+    imc2022.main_cli(
+        [*base, "--matcher", "sift", "--resize", "840", "1280", "--both-directions", "--min-matches", "12"]
+    )
+    imc2022.main_cli([*base, "--ransac-min-matches", "12", "--ransac-method", "usac_accurate", "--device", "cuda:1"])
+    default, sift, ransac = seen
+    assert default == imc2022.IMC2022Config()
+    assert sift == imc2022.IMC2022Config(
+        matcher="sift", resize=(840, 1280), both_directions=True, fundamental=imc2022.FundamentalOptions(min_matches=12)
+    )
+    assert ransac.fundamental == imc2022.FundamentalOptions(method="usac_accurate", min_matches=12)
+    assert ransac.device == "cuda:1"
+    with pytest.raises(UserError, match="rotation must be one of none, best, union"):
+        imc2022.main_cli([*base, "--rotation", "auto"])

@@ -212,3 +212,26 @@ def test_cli_converts_and_reports_errors(model: LoFTR, tmp_path: Path, capsys: p
     )
     assert run.returncode == 2, run.stderr
     assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "bad.ckpt" in run.stderr
+
+
+def test_every_device_argument_goes_through_the_one_resolver(model: LoFTR, tmp_path: Path) -> None:
+    """Weights, the LoFTR matcher, the factory and training accept and refuse the same device names."""
+    import matchers
+    from core.device import resolve_device
+    from matchers.factory import make_matcher
+    from matchers.loftr import LoFTRMatcher
+    from recipes import train_loftr
+
+    assert matchers.resolve_device is resolve_device
+    refusals = [
+        lambda: load_pretrained("loftr-compact", device="gpu"),
+        lambda: LoFTRMatcher(model, device="gpu"),
+        lambda: make_matcher("loftr", weights="loftr-compact", device="gpu"),
+        lambda: train_loftr.main("compact", ["synthetic:1"], tmp_path / "run.ckpt", device="gpu"),
+    ]
+    for refuse in refusals:
+        with pytest.raises(UserError, match=r"unknown device 'gpu'; choose one of auto, cpu, cuda \(or cuda:N\)"):
+            refuse()
+    assert LoFTRMatcher(model, device="cpu").device == torch.device("cpu")
+    compact = load_pretrained("loftr-compact", device="auto")
+    assert next(compact.parameters()).device.type == resolve_device("auto")

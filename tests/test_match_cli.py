@@ -81,3 +81,28 @@ def test_loftr_default_weights_offline_fall_back_to_the_shipped_compact_model(te
 def test_missing_image_is_one_line(tmp_path):
     run = run_match(str(tmp_path / "nope.png"), str(tmp_path / "nope.png"), "--matcher", "sift")
     assert run.returncode == 2 and "nope.png" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_sift_options_reach_the_matcher(temple_ring, tmp_path):
+    from core.image_io import read_gray
+    from matchers.match import main_cli
+    from matchers.sift import SIFTMatcher, SIFTOptions
+
+    paths = [str(temple_ring / "images" / name) for name in ("templeR0010.png", "templeR0012.png")]
+    few = main_cli(
+        [
+            *paths,
+            "--matcher",
+            "sift",
+            "--sift-backend",
+            "opencv",
+            "--sift-max-keypoints",
+            "200",
+            "--out",
+            str(tmp_path / "few.png"),
+        ]
+    )
+    expected = SIFTMatcher(SIFTOptions(max_keypoints=200, backend="opencv")).match(*map(read_gray, paths))
+    assert np.array_equal(few.keypoints0, expected.keypoints0) and np.array_equal(few.scores, expected.scores)
+    many = main_cli([*paths, "--matcher", "sift", "--sift-backend", "opencv", "--out", str(tmp_path / "many.png")])
+    assert 0 < len(few) < len(many)

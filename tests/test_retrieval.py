@@ -14,6 +14,7 @@ import torch
 
 from core import io
 from core.errors import UserError
+from matchers.sift import rootsift
 from pipeline import pairs as pairs_step
 from pipeline import retrieval
 from recipes import retrieval_eval
@@ -57,9 +58,9 @@ def test_vlad_is_normalised_and_intra_normalised() -> None:
 
 def test_rootsift_hellinger() -> None:
     sift = np.array([[1.0, 3.0, 0.0, 4.0]], np.float32)
-    np.testing.assert_allclose(retrieval.rootsift(sift), np.sqrt(sift / 8.0), atol=1e-6)
+    np.testing.assert_allclose(rootsift(sift), np.sqrt(sift / 8.0), atol=1e-6)
     # Euclidean distance of RootSIFT = Hellinger kernel of the L1-normalised SIFT.
-    assert np.isclose(np.linalg.norm(retrieval.rootsift(sift)), 1.0)
+    assert np.isclose(np.linalg.norm(rootsift(sift)), 1.0)
 
 
 def test_mixed_scenes_never_cross(tmp_path: Path, sacre_coeur: Path, temple_ring: Path) -> None:

@@ -165,3 +165,91 @@ def test_descriptor_matching_keeps_only_mutual_nearest_neighbours():
     assert index0.tolist() == [0, 1] and index1.tolist() == [0, 0]
     empty = match_descriptors(np.zeros((0, 3), np.float32), descriptors1)
     assert all(len(part) == 0 for part in empty)
+
+
+# ---------------------------------------------------------------------------------- the one SIFT module
+def test_colmap_sift_is_the_one_default_backend():
+    from matchers.sift import SIFTExtractor
+    from pipeline.reconstruct import ReconstructConfig
+
+    assert SIFTOptions().backend == "pycolmap" == SIFTExtractor().backend == ReconstructConfig().sift_backend
+    assert make_matcher("sift").options.backend == "pycolmap"
+    assert make_matcher("sift", sift_backend="opencv").options.backend == "opencv"
+    with pytest.raises(UserError, match="unknown SIFT backend 'vlfeat'; choose one of pycolmap, opencv"):
+        make_matcher("sift", sift_backend="vlfeat")
+
+
+@pytest.mark.parametrize("backend", ["opencv", "pycolmap"])
+def test_keypoint_orientations_vote_for_the_applied_quarter_turn(temple_ring, backend):
+    """Both backends keep each keypoint's orientation, in one convention: turning an image by k quarter turns
+    (np.rot90) takes 90 k degrees from the orientations of the verified matches (what pipeline.orientation uses)."""
+    from matchers.sift import SIFTExtractor, rootsift, verify_pair
+
+    image = read_gray(temple_ring / "images" / "templeR0005.png")
+    extractor = SIFTExtractor(backend, max_keypoints=1500)
+    upright, _ = extractor.detect_resized(image, 480)
+    for k in (1, 2, 3):
+        turned, _ = extractor.detect_resized(np.ascontiguousarray(np.rot90(image, k)), 480)
+        index0, index1, inliers = verify_pair(
+            upright.points, rootsift(upright.descriptors), turned.points, rootsift(turned.descriptors), 0.8, 2.0
+        )
+        assert inliers.sum() > 200
+        difference = (turned.angles[index1[inliers]] - upright.angles[index0[inliers]]) % 360.0
+        votes = np.bincount(np.rint(difference / 90.0).astype(int) % 4, minlength=4)
+        assert votes[-k % 4] > 0.95 * inliers.sum(), votes
+
+
+def test_pair_verification_keeps_the_geometry_and_refuses_too_little(temple_ring):
+    from matchers.sift import SIFTExtractor, rootsift, verify_pair
+
+    extractor = SIFTExtractor("opencv", max_keypoints=1000)
+    features = [
+        extractor.detect_resized(read_gray(temple_ring / "images" / n), None)[0]
+        for n in ("templeR0010.png", "templeR0012.png")
+    ]
+    (points0, descriptors0), (points1, descriptors1) = [(f.points, rootsift(f.descriptors)) for f in features]
+    index0, index1, inliers = verify_pair(points0, descriptors0, points1, descriptors1, 0.8, 1.0)
+    assert len(index0) == len(index1) == len(inliers) and inliers.sum() > 100
+    # the inliers agree with the ground-truth epipolar geometry
+    from core.par_files import read_par_file
+
+    cameras = read_par_file(temple_ring / "templeR_par.txt")
+    F = fundamental_from_gt(cameras["templeR0010.png"], cameras["templeR0012.png"])
+    errors = epipolar_distance(F, points0[index0[inliers]], points1[index1[inliers]])
+    assert np.median(errors) < 1.0
+    # fewer than 8 keypoints, or fewer ratio-test matches than asked for: unverifiable, all empty
+    assert all(len(a) == 0 for a in verify_pair(points0[:7], descriptors0[:7], points1, descriptors1, 0.8, 1.0))
+    too_many = len(index0) + 1
+    assert all(len(a) == 0 for a in verify_pair(points0, descriptors0, points1, descriptors1, 0.8, 1.0, too_many))
+
+
+def test_extractor_options(temple_ring):
+    from matchers.sift import SIFTExtractor
+
+    image = read_gray(temple_ring / "images" / "templeR0001.png")
+    everything, _ = SIFTExtractor("opencv", 300, strongest_only=False).detect_resized(image, 320)
+    strongest, resized = SIFTExtractor("opencv", 300).detect_resized(image, 320)
+    assert resized.image.shape == (240, 320) and len(strongest.points) == 300 <= len(everything.points)
+    assert np.array_equal(np.sort(strongest.scores), np.sort(everything.scores)[-300:])
+    # a dense grid adds descriptors at every step (OpenCV only)
+    dense, _ = SIFTExtractor("opencv", 300, strongest_only=False).detect_resized(image, 320, dense_step=40)
+    assert len(dense.points) == len(everything.points) + (320 // 40) * (240 // 40)
+    assert np.array_equal(dense.points[len(everything.points)][None], [[20.0, 20.0]])
+    with pytest.raises(ValueError, match="dense SIFT descriptors need the opencv backend"):
+        SIFTExtractor("pycolmap", 300).detect_resized(image, 320, dense_step=40)
+    # OpenCV's precise upscaling moves keypoints (about +0.25 px of bias without it)
+    plain, _ = SIFTExtractor("opencv", 300, precise_upscale=False).detect_resized(image, 320)
+    assert not np.array_equal(plain.points, strongest.points)
+
+
+def test_sift_lives_in_one_module():
+    """Detection, the ratio test and RootSIFT are written once (matchers/sift.py); every other step calls it."""
+    from tests.conftest import PROJECT_ROOT
+    from tests.test_cli_polish import PACKAGES
+
+    for path in sorted(p for package in ("core", *PACKAGES) for p in (PROJECT_ROOT / package).rglob("*.py")):
+        if path == PROJECT_ROOT / "matchers" / "sift.py":
+            continue
+        text = path.read_text()
+        for written_once in ("SIFT_create", "BFMatcher", "def rootsift", "extract_from_uint8_array"):
+            assert written_once not in text, f"{path.relative_to(PROJECT_ROOT)} has its own {written_once}"

@@ -363,3 +363,26 @@ def test_max_rotation_reaches_the_homography_pairs(photos: Path) -> None:
             progress=False,
             max_rotation=200.0,
         )
+
+
+def test_cli_builds_the_training_config_under_the_old_and_new_spellings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import recipes.train_loftr as train_loftr
+    from recipes.training.losses import LossConfig
+
+    calls = []
+
+    def fake_main(*args, **kwargs):
+        calls.append(args)
+        return SimpleNamespace(start_step=0, end_step=0, checkpoint="c", log="l", last_validation=None)
+
+    monkeypatch.setattr(train_loftr, "main", fake_main)
+    base = ["--data", "synthetic:1", "--out", "x.ckpt"]
+    main_cli([*base, "--warmup", "7", "--max-fine", "32", "--dense-coarse", "--schedule", "step", "--size", "64x48"])
+    main_cli([*base, "--warmup-steps", "7", "--max-fine-matches", "32", "--loss-dense", "--schedule", "step"])
+    main_cli(base)
+    expected = TrainConfig(warmup_steps=7, max_fine_matches=32, schedule="step", loss=LossConfig(dense=True))
+    (size, config), (_, same), (default_size, default) = [(args[8], args[9]) for args in calls]
+    assert config == same == expected and size == (48, 64)
+    assert default == TrainConfig() and default_size == (240, 320)

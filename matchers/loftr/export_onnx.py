@@ -378,16 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main_cli(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    if not args.output.endswith(".onnx"):
-        raise UserError(f"--output {args.output} must end with .onnx (that is how --weights recognises ONNX files)")
-    if args.weights.lower().endswith(".onnx"):
+def main(
+    weights: str,
+    output: str | Path,
+    coarse_only: bool = False,
+    preset: str | None = None,
+    threshold: float | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export the LoFTR ``weights`` (a name or a .ckpt path) to ``output`` (.onnx) and print what was written."""
+    output = str(output)
+    if not output.endswith(".onnx"):
+        raise UserError(f"--output {output} must end with .onnx (that is how --weights recognises ONNX files)")
+    if weights.lower().endswith(".onnx"):
         raise UserError(
-            f"--weights {args.weights} is already an ONNX export; pass the weights it came from "
-            f"(a name or a .ckpt path)"
+            f"--weights {weights} is already an ONNX export; pass the weights it came from (a name or a .ckpt path)"
         )
-    check_output_file(args.output, "--output", example="model.onnx")
+    check_output_file(output, "--output", example="model.onnx")
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -396,15 +403,20 @@ def main_cli(argv: list[str] | None = None) -> Path:
         ) from None
     from .weights import load_pretrained
 
-    model = load_pretrained(args.weights, "cpu", preset=args.preset, threshold=args.threshold)
-    path = export(model, args.output, coarse_only=args.coarse_only, opset=args.opset)
+    model = load_pretrained(weights, "cpu", preset=preset, threshold=threshold)
+    path = export(model, output, coarse_only=coarse_only, opset=opset)
     size = path.stat().st_size / 2**20
-    kind = "coarse-only " if args.coarse_only else ""
+    kind = "coarse-only " if coarse_only else ""
     print(
         f"wrote {path} ({kind}LoFTR, {preset_of(model.config) or 'custom config'}, {size:.1f} MB, "
-        f"opset {args.opset}, weights sha256 {state_dict_digest(model)[:12]}...)"
+        f"opset {opset}, weights sha256 {state_dict_digest(model)[:12]}...)"
     )
     return path
+
+
+def main_cli(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    return main(args.weights, args.output, args.coarse_only, args.preset, args.threshold, args.opset)
 
 
 if __name__ == "__main__":

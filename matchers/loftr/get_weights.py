@@ -39,7 +39,7 @@ def main(
     }
 
 
-def main_cli(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m matchers.loftr.get_weights", description=__doc__.splitlines()[0])
     parser.add_argument(
         "weights",
@@ -56,9 +56,14 @@ def main_cli(argv: list[str] | None = None) -> None:
         help="keys of the written file: official ('matcher.' prefix) or kornia (plain)",
     )
     parser.add_argument("--preset", choices=PRESET_NAMES, default=None, help="architecture of a path (else guessed)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main_cli(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
     summary = main(args.weights, args.output, args.layout, args.preset)
     print(" ".join(f"{key}={value}" for key, value in summary.items() if value is not None))
+    return summary
 
 
 if __name__ == "__main__":

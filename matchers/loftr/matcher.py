@@ -16,13 +16,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from core.device import resolve_device
 from core.errors import UserError
 
 from ..base import CoarseGrid, Matcher, Matches, ResizedImage, resize_image
 from .config import COARSE_STRIDE
 from .model import EncodedImage, LoFTR
 from .optimize import InferenceOptions, optimize_for_inference
-from .weights import load_pretrained, resolve_device
+from .weights import load_pretrained
 
 Precision = Literal["fp16", "bf16"]
 
@@ -92,7 +93,7 @@ class LoFTRMatcher(Matcher):
             )
         if amp not in (None, "fp16", "bf16"):
             raise UserError(f"amp must be fp16, bf16 or None, got {amp!r}")
-        self.device = resolve_device(device)
+        self.device = torch.device(resolve_device(device))
         self.model = (load_pretrained(model, self.device) if isinstance(model, str) else model).to(self.device).eval()
         self.weights_name = getattr(self.model, "weights_name", "custom")
         self.resize = resize

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from core.device import DEVICES
 from core.errors import UserError
 
 from ..base import CoarseGrid, Matcher, Matches, ResizedImage, resize_image
@@ -43,7 +44,6 @@ from .export_onnx import (
     WEIGHTS_KEY,
 )
 
-DEVICES = ("auto", "cpu", "cuda")
 EXPORT_HINT = "export one with python -m matchers.loftr.export_onnx --weights NAME|CKPT --output FILE.onnx"
 
 

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 
+from core.device import resolve_device
 from core.errors import UserError
 from core.files import atomic_path
 
@@ -104,21 +105,6 @@ def lookup(name: str) -> PretrainedWeights | None:
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     return PRETRAINED.get(key)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; other values as ``torch.device`` (bad names are a UserError)."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return resolved
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -381,7 +367,7 @@ def load_pretrained(
     check_state_dict(model, state_dict, str(path), preset_name)
     model.load_state_dict(state_dict)
     model.weights_name = label  # type: ignore[assignment]
-    return model.eval().to(resolve_device(device))
+    return model.eval().to(torch.device(resolve_device(device)))
 
 
 def save_checkpoint(

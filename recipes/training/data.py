@@ -55,6 +55,16 @@ class PairSource(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------- photos
+def parse_size(text: str) -> tuple[int, int]:
+    """A ``--size`` as users type it, ``WxH`` (``640x480``), as images are shaped: (H, W); a UserError otherwise
+    (raised from an argparse ``type``, it reaches :func:`core.errors.run_cli` as one ``error:`` line)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"bad --size {text!r}; use WxH, e.g. 640x480") from None
+    return height, width
+
+
 def list_images(folder: str | Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted); a UserError when there are none."""
     folder = Path(folder)

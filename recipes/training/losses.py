@@ -45,12 +45,12 @@ import torch
 class LossConfig:
     """Loss weights and focal parameters (official defaults)."""
 
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    pos_weight: float = 1.0
-    neg_weight: float = 1.0
-    coarse_weight: float = 1.0
-    fine_weight: float = 1.0
+    focal_alpha: float = 0.25  # focal loss alpha (coarse)
+    focal_gamma: float = 2.0  # focal loss gamma (coarse)
+    pos_weight: float = 1.0  # weight of the coarse loss on true matches
+    neg_weight: float = 1.0  # weight of the coarse loss on non-matches
+    coarse_weight: float = 1.0  # weight of the coarse loss in the total
+    fine_weight: float = 1.0  # weight of the fine loss in the total
     #: dual-softmax: also supervise non-matches (official: False, "sparse supervision")
     dense: bool = False
     #: fine GT offsets with max |offset| >= this are outside the window and ignored

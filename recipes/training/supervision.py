@@ -125,11 +125,6 @@ def supervise(
     return Supervision(conf_gt, b_ids, i_ids, j_ids, offsets.float(), shape0, shape1)
 
 
-def fine_radius(window: int = 5) -> float:
-    """Pixels per unit of normalised fine offset: (window // 2) fine cells of FINE_STRIDE px."""
-    return float(window // 2 * FINE_STRIDE)
-
-
 # ---------------------------------------------------------------------------------------------- warps
 def homography_warp(H: torch.Tensor, source_size: tuple[int, int] | torch.Tensor | None = None) -> Warp:
     """Warp by (N, 3, 3) homographies. Points mapping behind the plane (w <= 0) are invalid.

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,28 +56,34 @@ CSV_FIELDS = (
 )
 
 
+#: what a training batch stacks of its samples (the masks only where the images are padded)
+BATCH_KEYS = ("image0", "image1", "mask0", "mask1")
+#: the progress bar's name of each loss
+_BAR_LOSSES = {"loss": "loss", "lc": "loss_c", "lf": "loss_f"}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings (defaults suit the compact preset on a CPU at 320x240, batch 1)."""
 
-    lr: float = 4e-4
+    lr: float = 4e-4  # base learning rate (AdamW)
     weight_decay: float = 0.1  # official AdamW weight decay
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 100
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    warmup_steps: int = 100  # steps of linear warm-up
     warmup_ratio: float = 0.1  # lr starts at warmup_ratio * lr and grows linearly (official linear warm-up)
-    schedule: str = "cosine"  # cosine | step | constant
+    schedule: Literal["cosine", "step", "constant"] = "cosine"  # lr schedule after the warm-up
     max_steps: int = 4000  # cosine length; also a hard stop
     min_lr_ratio: float = 0.05  # cosine floor
-    step_milestones: tuple[int, ...] = (2000, 3000, 3500)
-    step_gamma: float = 0.5
-    grad_clip: float = 0.5  # official GRADIENT_CLIPPING
-    batch_size: int = 1
+    step_milestones: tuple[int, ...] = (2000, 3000, 3500)  # step schedule: steps where the lr drops
+    step_gamma: float = 0.5  # step schedule: lr factor at each milestone
+    grad_clip: float = 0.5  # official GRADIENT_CLIPPING (0: off)
+    batch_size: int = 1  # pairs per step
     max_fine_matches: int = 256  # GT coarse matches refined per batch (official pads with up to 200 GT matches)
-    seed: int = 0
-    checkpoint_minutes: float = 3.0
-    validate_every: int = 100
-    log_every: int = 1
-    depth_tolerance: float = 0.2
+    seed: int = 0  # seeds the model, the data order and the fine-stage sampling
+    checkpoint_minutes: float = 3.0  # minutes between checkpoints
+    validate_every: int = 100  # steps between validations (0: never)
+    log_every: int = 1  # steps between CSV log rows
+    depth_tolerance: float = 0.2  # relative depth difference a depth-warped GT match may have (occlusion test)
     loss: LossConfig = field(default_factory=LossConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,7 +198,7 @@ def validate(
     counts, correct, total, errors, losses = [], 0, 0, [], []
     for index, sample in enumerate(samples):
         sup = supervise_samples([sample], config.depth_tolerance)
-        batch = {k: sample[k][None].to(device) for k in ("image0", "image1", "mask0", "mask1") if k in sample}
+        batch = {k: sample[k][None].to(device) for k in BATCH_KEYS if k in sample}
         generator = torch.Generator().manual_seed(index)
         losses.append(float(compute_losses(model, batch, sup, config, generator)["loss"]))
         mask0 = sample.get("mask0")
@@ -353,6 +359,90 @@ def _truncate_csv(path: Path, step: int) -> None:
         writer.writerows(rows)
 
 
+def _optimizer(model: LoFTR, config: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with weight decay on weights only (not biases and norms), and the warm-up + schedule."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.dim() <= 1 else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=config.betas,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+
+
+def _resume_or_start(
+    out: Path,
+    model: LoFTR,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    init: str | Path | None,
+    restart: bool,
+) -> tuple[int, int, float]:
+    """Load the training state of ``out`` (unless ``restart``), else ``init``'s weights (if given):
+    (step, samples seen, seconds trained)."""
+    log_path = out.with_suffix(".csv")
+    if out.exists() and not restart:
+        state = load_training_checkpoint(out)
+        if "optimizer" not in state:
+            raise UserError(f"{out} holds weights only, not a training state; pass --init {out} with another --out")
+        if LoFTRConfig.from_dict(state["loftr_config"]) != model.config:
+            raise UserError(f"{out} was trained with another model configuration; use the same --preset or a new --out")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        _truncate_csv(log_path, int(state["step"]))
+        return int(state["step"]), int(state["samples"]), float(state["elapsed_s"])
+    if restart and log_path.exists():
+        log_path.unlink()
+    if init is not None:
+        state_dict, _ = read_checkpoint(init)
+        check_state_dict(model, state_dict, str(init), "the chosen preset")
+        model.load_state_dict(state_dict)
+    return 0, 0, 0.0
+
+
+def _log_row(
+    step: int, samples: int, elapsed: float, lr: float, losses: dict[str, torch.Tensor], sup: Supervision
+) -> dict[str, Any]:
+    """The CSV log row of a step (validation metrics are added to it on validation steps)."""
+    return {
+        "step": step,
+        "samples": samples,
+        "elapsed_s": round(elapsed, 1),
+        "lr": f"{lr:.3g}",
+        **{name: f"{float(losses[name].detach()):.5f}" for name in ("loss", "loss_c", "loss_f")},
+        "gt_matches": sup.num_matches,
+    }
+
+
+def _optimisation_step(
+    model: LoFTR,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: Sample,
+    sup: Supervision,
+    config: TrainConfig,
+    step: int,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """One step on ``batch``: its losses and the lr it used. The fine-stage subsampling is seeded by
+    (seed, step), so a resumed run draws the same."""
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    result = compute_losses(model, batch, sup, config, generator)
+    optimizer.zero_grad(set_to_none=True)
+    result["loss"].backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    return result, lr
+
+
 def train(
     model_config: LoFTRConfig,
     source: PairSource,
@@ -379,38 +469,8 @@ def train(
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = LoFTR(model_config).to(device)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.dim() <= 1 else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=config.betas,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    step, samples_seen, elapsed_before = 0, 0, 0.0
-    if out.exists() and not restart:
-        state = load_training_checkpoint(out)
-        if "optimizer" not in state:
-            raise UserError(f"{out} holds weights only, not a training state; pass --init {out} with another --out")
-        stored = LoFTRConfig.from_dict(state["loftr_config"])
-        if stored != model_config:
-            raise UserError(f"{out} was trained with another model configuration; use the same --preset or a new --out")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, samples_seen, elapsed_before = int(state["step"]), int(state["samples"]), float(state["elapsed_s"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        _truncate_csv(log_path, step)
-    else:
-        if restart and log_path.exists():
-            log_path.unlink()
-        if init is not None:
-            state_dict, _ = read_checkpoint(init)
-            check_state_dict(model, state_dict, str(init), "the chosen preset")
-            model.load_state_dict(state_dict)
+    optimizer, scheduler = _optimizer(model, config)
+    step, samples_seen, elapsed_before = _resume_or_start(out, model, optimizer, scheduler, init, restart)
     start_step = step
     model.train()
     start = time.monotonic()
@@ -421,17 +481,8 @@ def train(
     bar = tqdm(total=stop_step, initial=step, desc="train loftr", disable=not progress, dynamic_ncols=True)
 
     def save() -> None:
-        save_training_checkpoint(
-            out,
-            model,
-            optimizer,
-            scheduler,
-            step,
-            samples_seen,
-            elapsed_before + time.monotonic() - start,
-            config,
-            data_specs,
-        )
+        elapsed = elapsed_before + time.monotonic() - start
+        save_training_checkpoint(out, model, optimizer, scheduler, step, samples_seen, elapsed, config, data_specs)
 
     def load(first: int) -> tuple[list[Sample], Any]:
         items = [source.sample(first + k) for k in range(config.batch_size)]
@@ -442,50 +493,24 @@ def train(
     # their index, so prefetching changes nothing but the wall time).
     with _GracefulStop() as stop, ThreadPoolExecutor(max_workers=1) as prefetch:
         upcoming = prefetch.submit(load, samples_seen)
-        while step < stop_step:
+        while step < stop_step and not stop.requested:
             if minutes is not None and time.monotonic() - start > minutes * 60:
-                break
-            if stop.requested:
                 break
             items, sup = upcoming.result()
             upcoming = prefetch.submit(load, samples_seen + config.batch_size)
-            batch = {
-                k: torch.stack([s[k] for s in items]).to(device)
-                for k in ("image0", "image1", "mask0", "mask1")
-                if k in items[0]
-            }
-            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            result = compute_losses(model, batch, sup, config, generator)
-            optimizer.zero_grad(set_to_none=True)
-            result["loss"].backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
+            batch = {k: torch.stack([s[k] for s in items]).to(device) for k in BATCH_KEYS if k in items[0]}
+            result, lr = _optimisation_step(model, optimizer, scheduler, batch, sup, config, step)
             step += 1
             samples_seen += config.batch_size
-            loss_value = float(result["loss"].detach())
-            losses.append(loss_value)
-            row: dict[str, Any] = {
-                "step": step,
-                "samples": samples_seen,
-                "elapsed_s": round(elapsed_before + time.monotonic() - start, 1),
-                "lr": f"{lr:.3g}",
-                "loss": f"{loss_value:.5f}",
-                "loss_c": f"{float(result['loss_c']):.5f}",
-                "loss_f": f"{float(result['loss_f']):.5f}",
-                "gt_matches": sup.num_matches,
-            }
+            losses.append(float(result["loss"].detach()))
+            row = _log_row(step, samples_seen, elapsed_before + time.monotonic() - start, lr, result, sup)
             if val_samples and config.validate_every and step % config.validate_every == 0:
                 last_val = validate(model, val_samples, device, config=config)
                 row.update({k: f"{v:.4f}" for k, v in last_val.items()})
             if step % config.log_every == 0 or "val_matches" in row:
                 _append_csv(log_path, row)
             bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss_value:.3f}", lc=f"{float(result['loss_c']):.3f}", lf=f"{float(result['loss_f']):.3f}"
-            )
+            bar.set_postfix({name: f"{float(result[key].detach()):.3f}" for name, key in _BAR_LOSSES.items()})
             if time.monotonic() - last_ckpt > config.checkpoint_minutes * 60:
                 save()
                 last_ckpt = time.monotonic()
