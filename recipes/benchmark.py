@@ -48,10 +48,11 @@ import numpy as np
 import torch
 
 from core import io
-from core.cli import add_config_arguments, config_from_args
+from core.cli import add_config_arguments, config_from_args, config_from_options
 from core.errors import UserError, run_cli
 from matchers.loftr import LoFTR, LoFTRConfig
 from matchers.loftr.optimize import InferenceOptions, optimize_for_inference
+from recipes.scale import ScaleConfig, format_scale, run_scale
 
 Size = tuple[int, int]  # (W, H)
 KEYPOINT_TOL = 1.0e-3  # px
@@ -1082,6 +1083,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(parser, BenchmarkConfig, exclude=QUICK_FIELDS)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile trial")
     parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="instead: the cost curve of reconstructions of 50..400 rendered images (recipes.scale)",
+    )
+    parser.add_argument("--output", type=Path, default=None, help="--scale: write the curve here (JSON)")
+    add_config_arguments(parser, ScaleConfig, prefix="scale_")
+    parser.add_argument(
         "--rss-in-background",
         action="store_true",
         help="measure peak RSS while the timings run (faster, but the timings are taken under load)",
@@ -1097,7 +1105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_cli(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.scale:
+        report = run_scale(config_from_options(parser, args, ScaleConfig), args.output)
+        print(format_scale(report))
+        return report
     if args.rss_child:
         _rss_child_main(args.rss_child, args.size, args.threads, args.seed, args.threshold, args.data_root)
         return None

@@ -71,7 +71,7 @@ def _run(command: list[str], log: Path) -> tuple[float, float]:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
+    if process.returncode not in (0, 2):  # 2: a clean "no model" still writes its summary, a figure of the curve
         raise UserError(f"{log}: {' '.join(command[2:4])} failed (exit {process.returncode}); see the log")
     return time.perf_counter() - start, usage.ru_maxrss / 1024  # Linux reports KiB
 
@@ -89,8 +89,12 @@ def reconstruct_run(
         command += ["--weights", config.weights]
     if workers:
         command += ["--distributed", "ray", "--workers", str(workers)]
-    seconds, rss = _run(command, out.with_suffix(".log"))
-    summary = json.loads((out / "summary.json").read_text())
+    log = out.with_suffix(".log")
+    seconds, rss = _run(command, log)
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{log}: the reconstruction wrote no summary; see the log") from None
     return ScaleRun(
         images=summary["num_images"],
         pairs=summary["pairs"]["num_pairs"],
@@ -165,3 +169,26 @@ def _save(report: dict[str, Any], runs: list[ScaleRun], output: Path | None) -> 
     report["runs"] = [asdict(run) for run in runs]
     if output is not None:
         write_text_atomic(output, json.dumps(report, indent=2))
+
+
+def format_scale(report: dict[str, Any]) -> str:
+    """The curve as a table: one row per run, then the checks."""
+    lines = [
+        f"{'images':>6} {'pairs':>6} {'matcher':<7} {'pairs by':<10} {'ray':<4} {'reg.':>5} "
+        + " ".join(f"{stage + ' s/pair':>18}" for stage in STAGES)
+        + f" {'total s':>8} {'peak RSS MB':>11}"
+    ]
+    for run in report["runs"]:
+        lines.append(
+            f"{run['images']:>6} {run['pairs']:>6} {run['matcher']:<7} {run['pair_method']:<10} "
+            f"{'yes' if run['distributed'] else 'no':<4} {run['registered']:>5} "
+            + " ".join(f"{run['seconds_per_pair'][stage]:>18.4f}" for stage in STAGES)
+            + f" {run['seconds_total']:>8.1f} {run['peak_rss_mb']:>11.0f}"
+        )
+    for name, check in report.get("checks", {}).items():
+        lines.append(
+            f"{name}: matching s/pair at {check['images'][1]} images / at {check['images'][0]}: "
+            f"{check['matching_per_pair_ratio']:.2f} (target <= 1.3); peak RSS ratio {check['peak_rss_ratio']:.2f} "
+            f"(target <= 2)"
+        )
+    return "\n".join(lines)

@@ -100,7 +100,16 @@ def _run(tmp_path: Path, name: str, pairs: Path, temple: Path, make, config: Den
     ids=["sift", "loftr"],
 )
 def test_ray_workers_write_what_one_process_writes(local_cluster, temple_ring, pairs, tmp_path, make, config):
-    alone, _ = _run(tmp_path, "alone", pairs, temple_ring, make, config)
+    import torch
+
+    # Each worker runs torch on its share of the cores (1 thread here); float sums in another thread count round
+    # differently, so the single-process run uses the workers' count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone, _ = _run(tmp_path, "alone", pairs, temple_ring, make, config)
+    finally:
+        torch.set_num_threads(threads)
     spread, result = _run(tmp_path, "ray", pairs, temple_ring, make, config, RAY)
     assert result.distributed is not None and result.distributed.workers == 2
     assert result.pairs_matched == 12 and sum(result.matches_per_pair.values()) > 0
