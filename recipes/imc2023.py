@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from core.cli import add_config_arguments, config_from_options
+from core.distributed import DistributedConfig
 from core.errors import UserError, run_cli
 from core.io import check_output_dir, check_output_file, write_text_atomic
 from core.stamps import digest
@@ -73,6 +74,7 @@ class IMC2023Config:
     num_pairs: int = 20  # retrieval pairs per image (larger scenes)
     seed: int = 0  # COLMAP's random seed
     num_threads: int = -1  # mapper threads (-1 = all cores; 1 = reproducible: multi-threaded bundle adjustment is not)
+    distributed: DistributedConfig = DistributedConfig()  # each scene's matching over Ray workers (--distributed ray)
 
     def __post_init__(self) -> None:
         if self.exhaustive_max < 2 or self.num_pairs < 1:
@@ -98,6 +100,7 @@ class IMC2023Config:
             dense=None if self.rotation is None else dense_defaults(spec.matcher, spec.resize, overrides),
             mapping=MappingConfig(seed=self.seed, num_threads=self.num_threads),
             camera_mode=self.camera_mode,
+            distributed=self.distributed,
         )
 
 
@@ -138,7 +141,9 @@ class RunResult:
 # ------------------------------------------------------------------------------------------ scenes
 def scene_stamp(scene: SceneImages, config: IMC2023Config) -> str:
     """Cache key of a scene's poses: its images and every option that changes the reconstruction."""
-    return digest({"names": list(scene.names), "image_dir": str(scene.image_dir), "config": asdict(config)})
+    options = asdict(config)
+    options.pop("distributed")  # where the matching ran does not change the poses
+    return digest({"names": list(scene.names), "image_dir": str(scene.image_dir), "config": options})
 
 
 def load_cached_poses(path: Path, stamp: str) -> dict[str, Any] | None:
@@ -335,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = _parameter_default("config")
     add_config_arguments(parser, MatcherSpec, defaults=defaults.matcher, helps={"weights": WEIGHTS_HELP})
     add_config_arguments(parser, IMC2023Config, defaults=defaults)
+    add_config_arguments(parser, DistributedConfig, defaults=defaults.distributed)
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; scenes that would not fit get nan")
     parser.add_argument("--work", type=Path, default=None, help="per-scene outputs and cache (default <output>.work)")
     parser.add_argument("--score", action="store_true", help="score against train/train_labels.csv (IMC 2023 mAA)")
@@ -353,7 +359,8 @@ def main_cli(argv: Sequence[str] | None = None) -> RunResult:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     matcher = config_from_options(parser, args, MatcherSpec)
-    config = config_from_options(parser, args, IMC2023Config, matcher=matcher)
+    distributed = config_from_options(parser, args, DistributedConfig)
+    config = config_from_options(parser, args, IMC2023Config, matcher=matcher, distributed=distributed)
     result = main(
         args.data,
         args.output,

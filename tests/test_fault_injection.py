@@ -281,7 +281,7 @@ def assert_same_outputs(out: Path, reference: Path, known: KnownBugs) -> dict:
 # --------------------------------------------------------------------------------------- SIGKILL at each stage
 #: (stage, FAULT_KILL, what the resumed run's summary must say: pairs_reused, up_to_date, reused_database)
 KILLS = [
-    ("matching: 4 of 10 raw pairs saved", "after:pipeline.match_dense.RawMatchStore.save:4", (4, False, False)),
+    ("matching: 4 of 10 raw pairs saved", "after:pipeline.raw_store.RawMatchStore.save_many:4", (4, False, False)),
     ("matching: a raw .npz written, not renamed", "replace:.npz:3", (2, False, False)),
     ("quantization", "before:pipeline.match_dense.aggregate_matches:1", (10, False, False)),
     ("features.h5 written, not renamed", "replace:features.h5:1", (10, False, False)),

@@ -172,7 +172,7 @@ def test_colmap_sift_is_the_one_default_backend():
     from matchers.sift import SIFTExtractor
     from pipeline.reconstruct import ReconstructConfig
 
-    assert SIFTOptions().backend == "pycolmap" == SIFTExtractor().backend == ReconstructConfig().sift_backend
+    assert SIFTOptions().backend == "pycolmap" == SIFTExtractor().backend == ReconstructConfig().matcher.sift_backend
     assert make_matcher("sift").options.backend == "pycolmap"
     assert make_matcher("sift", sift_backend="opencv").options.backend == "opencv"
     with pytest.raises(UserError, match="unknown SIFT backend 'vlfeat'; choose one of pycolmap, opencv"):
