@@ -106,7 +106,7 @@ def test_given_pairs_file_and_errors(mini: Path, tmp_path: Path) -> None:
     pairs.write_text("".join(f"{q} {d}\n" for q in description["queries"] for d in description["db"][:3]))
     out = aachen.main(mini, tmp_path / "out", "sift", pairs_query=pairs)
     assert out.query_pairs.read_text() == pairs.read_text()
-    assert set(out.result.logs) == set(description["queries"])
+    assert {r.name for r in out.result.records} == set(description["queries"])
     pairs.write_text(f"{description['queries'][0]} db/nope.png\n")
     with pytest.raises(UserError, match="not in the reference model"):
         aachen.main(mini, tmp_path / "out", "sift", pairs_query=pairs)

@@ -163,8 +163,8 @@ def test_blank_query_fails_cleanly(mini: Path, tmp_path: Path) -> None:
     shutil.copytree(mini, dataset)
     cv2.imwrite(str(dataset / "query/iphone7/IMG_0099.JPG"), np.full((180, 240, 3), 128, np.uint8))
     out = inloc.main(dataset, tmp_path / "out", "sift", pairs_query="exhaustive")
-    log = out.result.logs["query/iphone7/IMG_0099.JPG"]
-    assert log["status"] == "failed" and log["reason"]
+    record = out.result.record("query/iphone7/IMG_0099.JPG")
+    assert record.status == "failed" and record.reason
     assert out.result.count("localized") == 3
     assert "IMG_0099.JPG" not in out.submission.read_text()
 
@@ -220,7 +220,7 @@ def test_loftr_random_weights_end_to_end(tmp_path: Path) -> None:
     # threshold 0: every mutual-best cell matches, so the random model's matches reach localization
     matcher = make_matcher("loftr", weights=str(weights), resize=96, device="cpu", match_threshold=0.0)
     out = inloc.main(dataset, tmp_path / "api", matcher, pairs_query="exhaustive")
-    assert all(entry["num_matches"] > 0 for entry in out.result.logs.values())
+    assert all(record.matches.num_matches > 0 for record in out.result.records)
     assert len(read_poses(out.submission)) == out.result.count("localized")
 
 
@@ -230,8 +230,8 @@ def test_given_pairs_file(mini: Path, tmp_path: Path) -> None:
     pairs = tmp_path / "pairs-query-netvlad40.txt"
     pairs.write_text("".join(f"{query} {c}\n" for c in cutouts[:4]))
     out = inloc.main(mini, tmp_path / "out", "sift", pairs_query=pairs)
-    assert set(out.result.logs) == set(description["queries"])  # unpaired queries: failed, not dropped
-    assert out.result.logs[description["queries"][1]]["reason"] == "no db images listed for the query"
+    assert {r.name for r in out.result.records} == set(description["queries"])  # unpaired: failed, not dropped
+    assert out.result.record(description["queries"][1]).reason == "no db images listed for the query"
     pairs.write_text(f"{query} database/cutouts/DUC1/000/missing.jpg\n")
     with pytest.raises(UserError, match="not a cutout"):
         inloc.main(mini, tmp_path / "out", "sift", pairs_query=pairs)
