@@ -653,56 +653,5 @@ def main_cli(argv: "list[str] | None" = None) -> LocalizationResult:
     return result
 
 
-# --------------------------------------------------------------- transitional (removed with the benchmark skeleton)
-LocalizationConfig = LocalizeConfig
-
-
-def add_benchmark_arguments(
-    parser: argparse.ArgumentParser, dataset_help: str, default_weights: str, pairs_example: str, num_loc: int
-) -> None:
-    """The dataset, matcher and query-pair flags shared by the Aachen and InLoc pipelines."""
-    from matchers.factory import WEIGHTS_HELP
-
-    parser.add_argument("--dataset", type=Path, required=True, help=dataset_help)
-    parser.add_argument("--outputs", type=Path, required=True, help="output folder")
-    parser.add_argument("--matcher", default="loftr", help="loftr or sift (default loftr)")
-    parser.add_argument(
-        "--weights",
-        default=None,
-        help=WEIGHTS_HELP
-        if default_weights == "outdoor"
-        else f"LoFTR checkpoint name or path (default {default_weights}, never swapped for other weights)",
-    )
-    parser.add_argument("--resize", type=int, default=None, help="longest side for matching")
-    parser.add_argument(
-        "--pairs-query", default=None, help=f"query-db pairs file (e.g. hloc's {pairs_example}), or 'exhaustive'"
-    )
-    parser.add_argument("--num-loc", type=int, default=num_loc, help="db images retrieved per query")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--refine", choices=("none", "klt"), default=None, help="sub-pixel refinement")
-    parser.add_argument("--estimator", choices=("pycolmap", "magsac"), default="pycolmap")
-    parser.add_argument("--max-error", type=float, default=None, help="RANSAC inlier threshold in pixels")
-    parser.add_argument("--covisibility-clustering", action="store_true")
-    parser.add_argument("--fallback", choices=FALLBACKS, default="none")
-    parser.add_argument("--seed", type=int, default=0, help="RANSAC random seed")
-
-
-def report(result: LocalizationResult, submission: Path) -> None:
-    print(f"{summary_line(result)}; submission: {submission}")
-
-
-def match_config_from_args(args: argparse.Namespace):
-    return QueryMatchingConfig(matcher=args.matcher, refine=args.refine).dense_config()
-
-
-def config_from_args(args: argparse.Namespace, default_max_error: float = 12.0) -> LocalizeConfig:
-    max_error = args.max_error if args.max_error is not None else default_max_error
-    return LocalizeConfig(
-        pose=PoseEstimationConfig(estimator=args.estimator, max_error=max_error, seed=args.seed),
-        covisibility_clustering=args.covisibility_clustering,
-        fallback=args.fallback,
-    )
-
-
 if __name__ == "__main__":
     run_cli(main_cli)

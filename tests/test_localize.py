@@ -509,16 +509,46 @@ def test_matches_without_3d_points_fail_with_reason(scene: Scene) -> None:
 
 
 def test_benchmark_flags_choose_the_dense_matching_of_both_steps():
-    import argparse
+    from localization import aachen
+    from localization.benchmark import benchmark_config_from_args
+    from localization.localize import KLT_CELL_SIZE, KLT_MAX_ERROR
 
-    from localization.localize import KLT_CELL_SIZE, KLT_MAX_ERROR, add_benchmark_arguments, match_config_from_args
+    parser = aachen.build_parser()
 
-    parser = argparse.ArgumentParser()
-    add_benchmark_arguments(parser, "dataset", "outdoor", "pairs.txt", 50)
-    base = ["--dataset", "d", "--outputs", "o"]
-    loftr = match_config_from_args(parser.parse_args(base))
+    def dense(*flags: str):
+        args = parser.parse_args(["--dataset", "d", "--outputs", "o", *flags])
+        return benchmark_config_from_args(parser, args, aachen.AachenConfig()).localize.matching.dense_config()
+
+    loftr = dense()
     assert (loftr.refine, loftr.cell_size, loftr.max_error) == ("klt", KLT_CELL_SIZE, KLT_MAX_ERROR)
-    plain = match_config_from_args(parser.parse_args(base + ["--refine", "none"]))
+    plain = dense("--refine", "none")
     assert (plain.refine, plain.cell_size, plain.max_error) == ("none", 8, 2.0)  # hloc's loftr_aachen grid
-    sift = match_config_from_args(parser.parse_args(base + ["--matcher", "sift"]))
-    assert sift.refine == "none"
+    assert dense("--matcher", "sift").refine == "none"
+    # a ready matcher object: its name decides (a SIFT object under the default matcher name)
+    assert loc.QueryMatchingConfig().dense_config("sift").refine == "none"
+
+
+def test_benchmark_options_come_from_the_configs():
+    """The Aachen CLI reads back every option into the config it mirrors; refine (matching) and the pose
+    estimator's fields do not mix, and flags users type keep working."""
+    from localization import aachen
+    from localization.benchmark import benchmark_config_from_args
+
+    parser = aachen.build_parser()
+    flags = ["--dataset", "d", "--outputs", "o", "--matcher", "sift", "--refine", "none", "--estimator", "magsac"]
+    flags += ["--max-error", "8", "--seed", "3", "--covisibility-clustering", "--fallback", "nearest"]
+    flags += ["--pairs-query", "exhaustive", "--num-loc", "7", "--num-covis", "5", "--min-inliers", "9"]
+    config = benchmark_config_from_args(parser, parser.parse_args(flags), aachen.AachenConfig())
+    assert config == aachen.AachenConfig(
+        localize=loc.LocalizeConfig(
+            matching=loc.QueryMatchingConfig(matcher="sift", refine="none"),
+            pose=PoseEstimationConfig(estimator="magsac", max_error=8.0, seed=3, min_inliers=9),
+            covisibility_clustering=True,
+            fallback="nearest",
+        ),
+        pairs_query="exhaustive",
+        num_loc=7,
+        num_covis=5,
+    )
+    args = parser.parse_args(["--dataset", "d", "--outputs", "o"])
+    assert benchmark_config_from_args(parser, args, aachen.AachenConfig()) == aachen.AachenConfig()
