@@ -205,3 +205,15 @@ def test_covisibility_pairs_against_brute_force(mini: Path) -> None:
                 a, b = model.images[i].name, model.images[j].name
                 expected.add((min(a, b), max(a, b)))
         assert set(aachen.covisibility_pairs(model, k)) == expected
+
+
+def test_mini_aachen_cli_options() -> None:
+    """--subset keeps its START:STOP spelling; the other options come from MiniAachenConfig."""
+    from core.cli import config_from_args
+
+    parser = mini_aachen.build_parser()
+    args = parser.parse_args(["--source", "s", "--output", "o", "--subset", "18:30", "--max-size", "320"])
+    config = config_from_args(args, mini_aachen.MiniAachenConfig)
+    assert config == mini_aachen.MiniAachenConfig(subset=(18, 30), max_size=320)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--source", "s", "--output", "o", "--subset", "18"])

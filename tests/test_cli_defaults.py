@@ -56,17 +56,11 @@ NOT_YET_CONVERTED = {
     "pipeline.retrieval",
     "pipeline.triangulate",
     "pipeline.viz",
-    "localization.evaluate",
     "recipes.demo",
     "recipes.eval_pairs",
     "recipes.imc2022",
     "recipes.retrieval_eval",
     "recipes.train_loftr",
-    "datasets.imc",
-    "datasets.middlebury",
-    "datasets.mini_aachen",
-    "datasets.mini_inloc",
-    "datasets.synthetic",
 }
 
 

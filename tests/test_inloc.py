@@ -278,3 +278,16 @@ def test_loftr_weights_default_to_indoor_in_the_config(mini: Path, tmp_path: Pat
     assert inloc.InLocAdapter(mini, default).localize_config(default, cameras).pose.max_error == pytest.approx(
         48 * 240 / 4032
     )
+
+
+def test_mini_inloc_cli_options() -> None:
+    """--scans / --queries (the config's num_scans / num_queries) and --width / --height size the queries too."""
+    from core.cli import config_from_args
+
+    parser = mini_inloc.build_parser()
+    args = parser.parse_args(["--output", "x", "--scans", "2", "--num-queries", "1", "--width", "96", "--height", "72"])
+    config = config_from_args(args, mini_inloc.MiniInLocConfig)
+    assert (config.num_scans, config.num_queries, config.query_size) == (2, 1, (96, 72))
+    args = parser.parse_args(["--output", "x", "--query-width", "128", "--query-height", "96"])
+    config = config_from_args(args, mini_inloc.MiniInLocConfig)
+    assert config.query_size == (128, 96) and config == mini_inloc.MiniInLocConfig(query_width=128, query_height=96)
