@@ -79,7 +79,7 @@ class BenchmarkOutputs:
     poses: Path
     submission: Path
     log: Path
-    evaluation_file: Path
+    evaluation_file: Path  # written with ground truth only
     result: LocalizationResult | None = None
     stats: dict = field(default_factory=dict)  # facts about the reference, written to the log
     evaluation: Evaluation | None = None  # with ground truth only

@@ -309,7 +309,11 @@ class LocalizationResult:
         return {r.name: r.cam_from_world for r in self.records if r.cam_from_world is not None}
 
     def record(self, name: str) -> QueryRecord:
-        return next(r for r in self.records if r.name == name)
+        """The record of query ``name`` (KeyError if it was not a query)."""
+        for record in self.records:
+            if record.name == name:
+                return record
+        raise KeyError(name)
 
     def count(self, status: str) -> int:
         return sum(1 for record in self.records if record.status == status)
