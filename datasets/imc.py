@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from core.cli import add_config_arguments, config_from_args
 from core.errors import UserError, run_cli
 from core.image_io import read_rgb
 from core.io import atomic_path, check_relative_name, resolve_image
@@ -183,17 +184,6 @@ def read_calibration_2022(path: str | Path) -> dict[str, Calibration]:
             K=parse_numbers(row["camera_intrinsics"], 9, " ", f"{where} 'camera_intrinsics'").reshape(3, 3),
             R=parse_numbers(row["rotation_matrix"], 9, " ", f"{where} 'rotation_matrix'").reshape(3, 3),
             T=parse_numbers(row["translation_vector"], 3, " ", f"{where} 'translation_vector'"),
-        )
-    return out
-
-
-def read_covisibility_2022(path: str | Path) -> dict[str, float]:
-    """``{'id1-id2': covisibility}`` from a scene's pair_covisibility.csv."""
-    table = read_table(path, COVISIBILITY_COLUMNS)
-    out: dict[str, float] = {}
-    for number, row in enumerate(table.to_dict("records"), start=2):
-        out[str(row["pair"])] = float(
-            parse_numbers(row["covisibility"], 1, " ", f"{path}: row {number}, column 'covisibility'")[0]
         )
     return out
 
@@ -378,7 +368,16 @@ def _image_id(name: str) -> str:
     return Path(name).stem.replace("-", "_")
 
 
-def convert_scannet_2022(source: str | Path, output: str | Path, max_size: int | None = None) -> dict[str, int]:
+@dataclass(frozen=True)
+class ScanNet2022Config:
+    """Options of :func:`convert_scannet_2022`."""
+
+    max_size: int | None = None  # downscale images to this longer side (K follows)
+
+
+def convert_scannet_2022(
+    source: str | Path, output: str | Path, config: ScanNet2022Config = ScanNet2022Config()
+) -> dict[str, int]:
     """Build an IMC 2022 test folder (+ training-style GT) from the ScanNet sample pairs.
 
     Each pair is its own batch/scene (the pairs come from different ScanNet scenes, and each scene's GT
@@ -399,7 +398,7 @@ def convert_scannet_2022(source: str | Path, output: str | Path, max_size: int |
             (name1, id1, K1, T01[:3, :3], T01[:3, 3]),
         ):
             image = source / "images" / name
-            sx, sy = _save_image(image, output / "test_images" / scene / f"{image_id}.png", max_size)
+            sx, sy = _save_image(image, output / "test_images" / scene / f"{image_id}.png", config.max_size)
             calibration.append((image_id, _scale_intrinsics(K, sx, sy), R, T))
         (_, Ka, Ra, Ta), (_, Kb, Rb, Tb) = calibration
         from datasets.imc_metrics import (  # local: datasets must not need recipes at import
@@ -437,36 +436,44 @@ def find_par_file(source: Path) -> Path:
     return candidates[0]
 
 
+@dataclass(frozen=True)
+class Middlebury2023Config:
+    """Options of :func:`convert_middlebury_2023`: the scene's names and which views are kept."""
+
+    dataset: str = "middlebury"  # dataset name in the IMC 2023 layout
+    scene: str = "temple_ring"  # scene name in the IMC 2023 layout
+    start: int = 0  # first view kept (0-based, file order)
+    every: int = 1  # keep every k-th view
+    limit: int | None = None  # keep at most this many views
+    max_size: int | None = None  # downscale images to this longer side
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.start < 0:
+            raise UserError(f"--every must be >= 1 and --start >= 0, got {self.every} and {self.start}")
+        for name, value in (("dataset", self.dataset), ("scene", self.scene)):
+            if not value or "/" in value or "," in value or value in (".", ".."):
+                raise UserError(f"--{name} {value!r}: use a plain folder name (no '/' or ',')")
+
+
 def convert_middlebury_2023(
-    source: str | Path,
-    output: str | Path,
-    dataset: str = "middlebury",
-    scene: str = "temple_ring",
-    every: int = 1,
-    limit: int | None = None,
-    max_size: int | None = None,
-    start: int = 0,
+    source: str | Path, output: str | Path, config: Middlebury2023Config = Middlebury2023Config()
 ) -> dict[str, int]:
     """Add a Middlebury-style scene (images/ + par-format cameras) to an IMC 2023 training folder.
 
     Works for the temple ring (``templeR_par.txt``) and for synthetic scenes (``cameras.txt``).
     ``train_labels.csv`` keeps the rows of other scenes already in ``output``, so several calls build
     a multi-scene dataset. ``start``/``every``/``limit`` subsample the views (from view ``start``, 0-based,
-    every k-th view, at most ``limit``) for quick tests; ``max_size`` downscales the images (poses are unchanged; the 2023 labels carry no
-    intrinsics).
+    every k-th view, at most ``limit``) for quick tests; ``max_size`` downscales the images (poses are
+    unchanged; the 2023 labels carry no intrinsics).
     """
     from core.par_files import read_par_file
 
     source, output = Path(source), Path(output)
-    if every < 1 or start < 0:
-        raise UserError(f"--every must be >= 1 and --start >= 0, got {every} and {start}")
-    for name, value in (("dataset", dataset), ("scene", scene)):
-        if not value or "/" in value or "," in value or value in (".", ".."):
-            raise UserError(f"--{name} {value!r}: use a plain folder name (no '/' or ',')")
+    dataset, scene = config.dataset, config.scene
     par_file = find_par_file(source)
-    cameras = list(read_par_file(par_file).values())[start::every]
-    if limit is not None:
-        cameras = cameras[:limit]
+    cameras = list(read_par_file(par_file).values())[config.start :: config.every]
+    if config.limit is not None:
+        cameras = cameras[: config.limit]
     labels = output / "train" / "train_labels.csv"
     rows: list[tuple[str, ...]] = []
     if labels.is_file():  # keep the other scenes
@@ -487,7 +494,7 @@ def convert_middlebury_2023(
         if not image.is_file():
             raise UserError(f"{par_file}: image {camera.name!r} listed but {image} does not exist")
         target = f"{Path(camera.name).stem}.png"
-        _save_image(image, image_dir / target, max_size)
+        _save_image(image, image_dir / target, config.max_size)
         rows.append(
             (
                 dataset,
@@ -506,13 +513,31 @@ convert_temple_2023 = convert_middlebury_2023
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def main_cli(argv: Sequence[str] | None = None) -> None:
+#: converter name -> (function, its config class); temple2023 is the old name of middlebury2023
+CONVERTERS = {
+    "scannet2022": (convert_scannet_2022, ScanNet2022Config),
+    "middlebury2023": (convert_middlebury_2023, Middlebury2023Config),
+    "temple2023": (convert_middlebury_2023, Middlebury2023Config),
+}
+
+
+def main(
+    command: str, source: str | Path, output: str | Path, config: ScanNet2022Config | Middlebury2023Config | None = None
+) -> dict[str, int]:
+    """Run the converter ``command`` (a key of :data:`CONVERTERS`) with ``config`` (default: its class's)."""
+    if command not in CONVERTERS:
+        raise UserError(f"unknown converter {command!r}; choose one of {', '.join(CONVERTERS)}")
+    convert, config_class = CONVERTERS[command]
+    return convert(source, output, config if config is not None else config_class())
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m datasets.imc", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     scannet = commands.add_parser("scannet2022", help="ScanNet sample pairs -> IMC 2022 test folder with local GT")
     scannet.add_argument("--source", type=Path, required=True, help="folder with images/ and pairs_with_gt.txt")
     scannet.add_argument("--output", type=Path, required=True)
-    scannet.add_argument("--max-size", type=int, default=None, help="downscale images to this longer side (K follows)")
+    add_config_arguments(scannet, ScanNet2022Config)
     temple = commands.add_parser(
         "middlebury2023",
         aliases=["temple2023"],
@@ -520,22 +545,20 @@ def main_cli(argv: Sequence[str] | None = None) -> None:
     )
     temple.add_argument("--source", type=Path, required=True, help="folder with images/ and *_par.txt (or cameras.txt)")
     temple.add_argument("--output", type=Path, required=True)
-    temple.add_argument("--dataset", default="middlebury")
-    temple.add_argument("--scene", default="temple_ring")
-    temple.add_argument("--start", type=int, default=0, help="first view kept (0-based, file order)")
-    temple.add_argument("--every", type=int, default=1, help="keep every k-th view")
-    temple.add_argument("--limit", type=int, default=None, help="keep at most this many views")
-    temple.add_argument("--max-size", type=int, default=None, help="downscale images to this longer side")
-    args = parser.parse_args(argv)
+    add_config_arguments(temple, Middlebury2023Config)
+    return parser
+
+
+def main_cli(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args, CONVERTERS[args.command][1])
+    summary = main(args.command, args.source, args.output, config)
     if args.command == "scannet2022":
-        summary = convert_scannet_2022(args.source, args.output, args.max_size)
         print(f"wrote {summary['pairs']} pairs ({summary['images']} images) to {args.output} (IMC 2022 layout)")
     else:
-        summary = convert_middlebury_2023(
-            args.source, args.output, args.dataset, args.scene, args.every, args.limit, args.max_size, args.start
-        )
         print(
-            f"wrote {summary['images']} images of {args.dataset}/{args.scene} to {args.output / 'train'} (IMC 2023 layout)"
+            f"wrote {summary['images']} images of {config.dataset}/{config.scene} to {args.output / 'train'} "
+            "(IMC 2023 layout)"
         )
 
 

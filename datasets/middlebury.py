@@ -107,12 +107,16 @@ def main(par: Path, output: Path, images: Path | None = None) -> Path:
     return output
 
 
-def main_cli(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m datasets.middlebury", description=__doc__.split("\n")[0])
     parser.add_argument("--par", type=Path, required=True, help="Middlebury *_par.txt camera file")
     parser.add_argument("--output", type=Path, required=True, help="output folder for the COLMAP model")
     parser.add_argument("--images", type=Path, help="image folder (to read image sizes; default 640x480)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main_cli(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     path = main(args.par, args.output, args.images)
     print(f"wrote the ground-truth model to {path}")
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from core.cli import add_config_arguments, config_from_args, field_comments
 from core.errors import UserError, run_cli
 
 DB_DIR = "db"
@@ -58,11 +59,11 @@ class MiniAachenConfig:
 
     scene_scale: float = 40.0  # metres per source unit (see the module docstring)
     query_every: int = 4  # images offset, offset + k, offset + 2k, ... of the sequence are queries
-    query_offset: int = 0
-    max_size: int | None = None  # downscale images so the longer side is at most this (None: keep)
-    subset: tuple[int, int] | None = None  # use only images [start, stop) of the par file's order
+    query_offset: int = 0  # index of the first query in the sequence
+    max_size: int | None = None  # downscale images so the longer side is at most this (none: keep)
+    subset: tuple[int, int] | None = None  # only images START:STOP of the par file (start inclusive)
     num_neighbors: int = 8  # db pairs for the reference model: nearest db cameras per db image
-    sift_max_keypoints: int = 4096
+    sift_max_keypoints: int = 4096  # SIFT keypoints per db image for the reference model
 
     def __post_init__(self) -> None:
         if not self.scene_scale > 0:
@@ -154,15 +155,15 @@ def sift_reference_model(gt_model, image_dir: Path, work_dir: Path, num_neighbor
     return model
 
 
-def main(source: str | Path, output: str | Path, config: MiniAachenConfig | None = None) -> dict:
+def main(source: str | Path, output: str | Path, config: MiniAachenConfig = MiniAachenConfig()) -> dict:
     """Build the mini Aachen dataset from ``source`` (images/ + *_par.txt); returns its description."""
     from core.cameras import make_camera, write_query_list
+    from core.colmap_model import write_model
     from core.io import write_text_atomic
     from core.par_files import read_par_file
     from core.poses import rigid_from_matrix, write_poses
     from datasets.middlebury import gt_reconstruction
 
-    config = config if config is not None else MiniAachenConfig()
     source, output = Path(source), Path(output)
     par_files = sorted(source.glob("*_par.txt"))
     if not (source / "images").is_dir() or len(par_files) != 1:
@@ -189,8 +190,8 @@ def main(source: str | Path, output: str | Path, config: MiniAachenConfig | None
     with tempfile.TemporaryDirectory(prefix=".mini_aachen.", dir=output) as work:
         model = sift_reference_model(gt_model, images_root, Path(work), config.num_neighbors, config.sift_max_keypoints)
         model_dir = output / MODEL_DIR
-        model_dir.mkdir(parents=True, exist_ok=True)
-        model.write_binary(str(model_dir))
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        write_model(model, model_dir, kinds=("binary",))
     if model.num_points3D() == 0:
         raise UserError("the reference SIFT model has no 3D points; the images do not overlap enough")
 
@@ -232,27 +233,19 @@ def _subset(text: str) -> tuple[int, int]:
     return start, stop
 
 
-def main_cli(argv: "list[str] | None" = None) -> dict:
-    defaults = MiniAachenConfig()
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m datasets.mini_aachen", description=__doc__.split("\n")[0])
     parser.add_argument("--source", type=Path, required=True, help="folder with images/ and a *_par.txt file")
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--scene-scale", type=float, default=defaults.scene_scale, help="metres per source unit")
-    parser.add_argument("--query-every", type=int, default=defaults.query_every)
-    parser.add_argument("--query-offset", type=int, default=defaults.query_offset)
-    parser.add_argument("--max-size", type=int, default=None, help="downscale images to this longer side")
-    parser.add_argument("--subset", type=_subset, default=None, help="only images START:STOP of the par file")
-    parser.add_argument("--num-neighbors", type=int, default=defaults.num_neighbors)
-    args = parser.parse_args(argv)
-    config = MiniAachenConfig(
-        scene_scale=args.scene_scale,
-        query_every=args.query_every,
-        query_offset=args.query_offset,
-        max_size=args.max_size,
-        subset=args.subset,
-        num_neighbors=args.num_neighbors,
-    )
-    description = main(args.source, args.output, config)
+    add_config_arguments(parser, MiniAachenConfig, exclude=("subset",))
+    # written START:STOP, as users type it (a generated tuple option would take two numbers)
+    parser.add_argument("--subset", type=_subset, default=None, help=field_comments(MiniAachenConfig)["subset"])
+    return parser
+
+
+def main_cli(argv: "list[str] | None" = None) -> dict:
+    args = build_parser().parse_args(argv)
+    description = main(args.source, args.output, config_from_args(args, MiniAachenConfig))
     model = description["reference_model"]
     print(
         f"wrote {len(description['db'])} db images, {len(description['queries'])} queries and a SIFT model "

@@ -1,6 +1,7 @@
 """A mini InLoc-layout dataset rendered from the synthetic scene (exact depth -> ``XYZcut``).
 
     python -m datasets.mini_inloc --output DIR [--scans 8] [--queries 6] [--width 320 --height 240]
+        [--query-width W --query-height H] (queries default to the cutouts' size)
 
 The synthetic world of :mod:`datasets.synthetic` (textured boxes on a textured floor, a ~10 m room
 in world units taken as metres — InLoc's thresholds then apply as they are) is "scanned" from
@@ -24,6 +25,7 @@ two floors (``DUC1``, ``DUC2``) to exercise the folder layout; all share one wor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from core.cli import add_config_arguments, config_from_args, field_comments
 from core.errors import UserError, run_cli
 
 FLOORS = ("DUC1", "DUC2")
@@ -41,24 +44,29 @@ BUILDING = "DUC"
 class MiniInLocConfig:
     """What :func:`main` renders."""
 
-    num_scans: int = 8
-    cutouts_per_scan: int = 3
+    num_scans: int = 8  # scan positions on a ring
+    cutouts_per_scan: int = 3  # cutouts of each scan, at different yaws
     yaw_step_degrees: float = 30.0  # cutouts of a scan look at yaw offsets (k - (n-1)/2) * step
-    num_queries: int = 6
-    width: int = 320  # cutout size
-    height: int = 240
-    query_width: int = 320  # query size (4:3, like the iPhone 7's 4032x3024)
-    query_height: int = 240
-    cutout_fov_degrees: float = 60.0
+    num_queries: int = 6  # query images between the scans
+    width: int = 320  # cutout width
+    height: int = 240  # cutout height
+    query_width: int | None = None  # query width (none: the cutouts'; 4:3 like the iPhone 7's 4032x3024)
+    query_height: int | None = None  # query height (none: the cutouts')
+    cutout_fov_degrees: float = 60.0  # horizontal field of view of the cutouts
     hole_fraction: float = 0.02  # random pixels without a scan point
-    seed: int = 0
-    jpeg_quality: int = 95
+    seed: int = 0  # random seed of the scene, scans and queries
+    jpeg_quality: int = 95  # of cutouts and queries
 
     def __post_init__(self) -> None:
         if self.num_scans < 1 or self.cutouts_per_scan < 1 or self.num_queries < 1:
             raise UserError("mini InLoc needs at least one scan, one cutout per scan and one query")
         if not 0 <= self.hole_fraction < 1:
             raise UserError(f"hole_fraction must be in [0, 1), got {self.hole_fraction}")
+
+    @property
+    def query_size(self) -> tuple[int, int]:
+        """(W, H) of the queries."""
+        return (self.query_width or self.width, self.query_height or self.height)
 
 
 def _yaw(pose: np.ndarray, degrees: float) -> np.ndarray:
@@ -95,25 +103,18 @@ def _write_jpeg(path: Path, rgb: np.ndarray, quality: int) -> None:
         temp.write_bytes(encoded.tobytes())
 
 
-def main(output: str | Path, config: MiniInLocConfig | None = None) -> dict:
-    """Render and write the mini InLoc dataset; returns its description (also in mini_inloc.json)."""
+def _render_cutouts(output: Path, config: MiniInLocConfig, world, scene_config, rng: np.random.Generator):
+    """Scans on a ring, each with its cutouts (JPEG + XYZcut .mat in the scan's frame) and alignment file;
+    returns (cutout names, their world-to-camera poses, the cutouts' K)."""
     from scipy.io import savemat
 
-    from core.io import atomic_path, write_text_atomic
-    from core.poses import rigid_from_matrix, write_poses
-    from datasets.synthetic import SceneConfig, intrinsics, look_at, make_world, render_view, unproject
-    from localization.inloc import ALIGNMENT_DIR, CUTOUT_DIR, QUERY_DIR, query_focal_length, write_alignment
+    from core.io import atomic_path
+    from core.poses import rigid_from_matrix
+    from datasets.synthetic import intrinsics, look_at, render_view, unproject
+    from localization.inloc import ALIGNMENT_DIR, CUTOUT_DIR, write_alignment
 
-    config = config if config is not None else MiniInLocConfig()
-    output = Path(output)
-    rng = np.random.default_rng(config.seed)
-    scene_config = SceneConfig(
-        width=config.width, height=config.height, seed=config.seed, fov_degrees=config.cutout_fov_degrees
-    )
-    world = make_world(scene_config)
     target = np.array([0.0, 0.0, scene_config.target_height])
     K_cut = intrinsics(config.width, config.height, config.cutout_fov_degrees)
-
     cutouts: list[str] = []
     cutout_poses = {}
     for scan in range(config.num_scans):
@@ -148,27 +149,54 @@ def main(output: str | Path, config: MiniInLocConfig | None = None) -> dict:
                 )
             cutouts.append(name)
             cutout_poses[name] = rigid_from_matrix(pose[:3, :3], pose[:3, 3])
+    return cutouts, cutout_poses, K_cut
 
-    focal = query_focal_length(config.query_width, config.query_height)
-    K_query = np.array(
-        [[focal, 0.0, (config.query_width - 1) / 2], [0.0, focal, (config.query_height - 1) / 2], [0.0, 0.0, 1.0]]
-    )  # centre W/2 in COLMAP's convention = (W-1)/2 with integer centres
+
+def _render_queries(output: Path, config: MiniInLocConfig, world, scene_config, rng: np.random.Generator):
+    """Queries between the scans with InLoc's iPhone camera; returns {name: world-to-camera pose}."""
+    from core.poses import rigid_from_matrix
+    from datasets.synthetic import look_at, render_view
+    from localization.inloc import QUERY_DIR, query_focal_length
+
+    width, height = config.query_size
+    target = np.array([0.0, 0.0, scene_config.target_height])
+    focal = query_focal_length(width, height)
+    # centre W/2 in COLMAP's convention = (W-1)/2 with integer centres
+    K_query = np.array([[focal, 0.0, (width - 1) / 2], [0.0, focal, (height - 1) / 2], [0.0, 0.0, 1.0]])
     gt = {}
     for q in range(config.num_queries):
         angle = 2 * np.pi * (q + 0.5) / config.num_queries + rng.uniform(-0.15, 0.15)
         radius = scene_config.radius * rng.uniform(0.8, 1.0)
-        height = scene_config.camera_height * rng.uniform(0.6, 1.0)
-        eye = np.array([radius * np.cos(angle), radius * np.sin(angle), height])
+        camera_height = scene_config.camera_height * rng.uniform(0.6, 1.0)
+        eye = np.array([radius * np.cos(angle), radius * np.sin(angle), camera_height])
         pose = look_at(eye, target + rng.uniform(-0.5, 0.5, 3))
-        image, _ = render_view(world, K_query, pose, config.query_width, config.query_height, scene_config.supersample)
+        image, _ = render_view(world, K_query, pose, width, height, scene_config.supersample)
         name = f"{QUERY_DIR}/IMG_{q + 1:04d}.JPG"
         _write_jpeg(output / name, image, config.jpeg_quality)
         gt[name] = rigid_from_matrix(pose[:3, :3], pose[:3, 3])
+    return gt
+
+
+def main(output: str | Path, config: MiniInLocConfig = MiniInLocConfig()) -> dict:
+    """Render and write the mini InLoc dataset; returns its description (also in mini_inloc.json)."""
+    from core.io import write_text_atomic
+    from core.poses import write_poses
+    from datasets.synthetic import SceneConfig, make_world
+
+    output = Path(output)
+    rng = np.random.default_rng(config.seed)  # one stream: scans, then queries
+    scene_config = SceneConfig(
+        width=config.width, height=config.height, seed=config.seed, fov_degrees=config.cutout_fov_degrees
+    )
+    world = make_world(scene_config)
+    cutouts, cutout_poses, K_cut = _render_cutouts(output, config, world, scene_config, rng)
+    gt = _render_queries(output, config, world, scene_config, rng)
     write_poses(output / "ground_truth.txt", gt)
     write_poses(output / "database_poses.txt", cutout_poses)  # not part of InLoc; for checks
+    query_width, query_height = config.query_size
     description = {
         "source": "datasets.synthetic",
-        "config": asdict(config),
+        "config": asdict(dataclasses.replace(config, query_width=query_width, query_height=query_height)),
         "units": "metres (synthetic world units)",
         "queries": list(gt),
         "cutouts": cutouts,
@@ -180,28 +208,23 @@ def main(output: str | Path, config: MiniInLocConfig | None = None) -> dict:
     return description
 
 
-def main_cli(argv: "list[str] | None" = None) -> dict:
-    defaults = MiniInLocConfig()
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m datasets.mini_inloc", description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--scans", type=int, default=defaults.num_scans)
-    parser.add_argument("--cutouts-per-scan", type=int, default=defaults.cutouts_per_scan)
-    parser.add_argument("--queries", type=int, default=defaults.num_queries)
-    parser.add_argument("--width", type=int, default=defaults.width)
-    parser.add_argument("--height", type=int, default=defaults.height)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    args = parser.parse_args(argv)
-    config = MiniInLocConfig(
-        num_scans=args.scans,
-        cutouts_per_scan=args.cutouts_per_scan,
-        num_queries=args.queries,
-        width=args.width,
-        height=args.height,
-        query_width=args.width,
-        query_height=args.height,
-        seed=args.seed,
-    )
-    description = main(args.output, config)
+    add_config_arguments(parser, MiniInLocConfig, exclude=("num_scans", "num_queries"))
+    # the short spellings users type (--scans, --queries), read back into the config's fields
+    defaults, helps = MiniInLocConfig(), field_comments(MiniInLocConfig)
+    for field, spellings in (
+        ("num_scans", ("--scans", "--num-scans")),
+        ("num_queries", ("--queries", "--num-queries")),
+    ):
+        parser.add_argument(*spellings, dest=field, type=int, default=getattr(defaults, field), help=helps.get(field))
+    return parser
+
+
+def main_cli(argv: "list[str] | None" = None) -> dict:
+    args = build_parser().parse_args(argv)
+    description = main(args.output, config_from_args(args, MiniInLocConfig))
     print(f"wrote {len(description['cutouts'])} cutouts and {len(description['queries'])} queries to {args.output}")
     return description
 

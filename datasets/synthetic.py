@@ -51,10 +51,12 @@ import json
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
 
+from core.cli import add_config_arguments, config_from_args, field_comments
 from core.errors import UserError, run_cli
 
 FONTS = (
@@ -65,7 +67,8 @@ FONTS = (
     cv2.FONT_HERSHEY_PLAIN,
 )
 GLYPHS = string.ascii_letters + string.digits + "#%&@?"
-LAYOUTS = ("boxes", "object")
+Layout = Literal["boxes", "object"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 # Object-centric presets (see the module docstring). The object is about 2.2 units tall and up to 1.9 wide;
 # the ring radius is chosen so that it spans about 70 % of the image height with either lens, seen from
@@ -109,26 +112,26 @@ PRESETS: dict[str, dict] = {
 class SceneConfig:
     """Scene layout and cameras; everything is deterministic given ``seed``."""
 
-    width: int = 320
-    height: int = 240
-    num_views: int = 12
-    seed: int = 0
+    width: int = 320  # image width
+    height: int = 240  # image height
+    num_views: int = 12  # number of views
+    seed: int = 0  # random seed of the world and the cameras
     fov_degrees: float = 60.0  # horizontal field of view
     radius: float = 7.0  # distance of the cameras from the vertical axis through the origin
-    camera_height: float = 3.5
+    camera_height: float = 3.5  # height of the cameras above the ground
     arc_degrees: float = 110.0  # cameras spread evenly over this arc (360 = full ring); 10 deg steps suit SIFT
     target_height: float = 0.5  # cameras look at (0, 0, target_height)
     jitter: float = 0.15  # random offsets of camera positions (world units) and look-at targets
-    num_boxes: int = 6
+    num_boxes: int = 6  # boxes on the ground ("object": pieces of the object, the plinth first)
     ground_size: float = 10.0  # the ground is a square of this side centred at the origin
     texels_per_unit: float = 60.0  # texture resolution (finer detail than pixels: SIFT finds more)
     supersample: int = 2  # colour samples per pixel per axis (anti-aliasing)
     # --- added for object-centric scenes; the defaults leave the "boxes" scenes exactly as they were
-    layout: str = "boxes"  # "boxes": boxes on a textured ground; "object": one compact object at the origin
+    layout: Layout = "boxes"  # boxes: boxes on a textured ground; object: one compact object at the origin
     focal_factor: float | None = None  # focal length in units of the image width; overrides fov_degrees when set
     height_step: float = 0.0  # cameras alternate between camera_height + height_step / 2 and - height_step / 2
     texture_contrast: float = 1.0  # "object": relative amplitude of the object's texture (weak texture: ~0.1)
-    background: float | None = None  # grey level in [0, 1] of a flat background; None: the pale sky gradient
+    background: float | None = None  # grey level in [0, 1] of a flat background; none: the pale sky gradient
     noise: float = 0.0  # std of Gaussian image noise in 8-bit grey levels (seeded per view)
 
     def __post_init__(self) -> None:
@@ -466,18 +469,12 @@ def _sample(texture: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return mapped.reshape(-1, 3)[:count]
 
 
-def _cast(
-    world: World, origin: np.ndarray, directions: np.ndarray, shade: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Nearest hit distance along ``directions`` (N, 3) from ``origin``; and shaded colours if asked.
+BoxHits = list["tuple[np.ndarray, np.ndarray, np.ndarray] | None"]  # per box: (rays, face axis, local dirs)
 
-    Distances are in units of the direction vectors (so with camera-z-normalised directions they are
-    depths). Misses have distance inf.
-    """
-    count = len(directions)
-    best = np.full(count, np.inf)
-    hit_kind = np.full(count, -1, np.int64)  # -1 none, 0 ground, 1 + box index
-    # Ground square (z = 0), seen from above.
+
+def _cast_ground(world: World, origin: np.ndarray, directions: np.ndarray, best: np.ndarray, hit_kind: np.ndarray):
+    """Hits of the ground square (z = 0, seen from above) into ``best`` / ``hit_kind`` (0); returns the hit
+    points' (x, y)."""
     dz = directions[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
         t_ground = np.where(dz < -1e-12, -origin[2] / dz, np.inf)
@@ -488,8 +485,15 @@ def _cast(
     inside &= half > 0  # ground_size 0: no ground
     best[inside] = t_ground[inside]
     hit_kind[inside] = 0
+    return gx, gy
+
+
+def _cast_boxes(
+    world: World, origin: np.ndarray, directions: np.ndarray, best: np.ndarray, hit_kind: np.ndarray
+) -> BoxHits:
+    """Hits of the boxes (slab test in each box's frame) into ``best`` / ``hit_kind`` (1 + box index)."""
     norms2 = np.einsum("ij,ij->i", directions, directions)
-    box_hits: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
+    box_hits: BoxHits = []
     for index, box in enumerate(world.boxes):
         # Cull with the bounding sphere first: a box covers a small part of the image.
         offset = origin - box.center
@@ -517,15 +521,13 @@ def _cast(
         best[rays] = t_near[hit]
         hit_kind[rays] = 1 + index
         box_hits.append((rays, entry_axis[hit], local_dirs[hit]))
-    if not shade:
-        return best, None
-    colours = np.zeros((count, 3), np.float32)
-    mask = hit_kind == 0
-    if mask.any():
-        u = (gx[mask] + half) * world.texels_per_unit - 0.5
-        v = (half - gy[mask]) * world.texels_per_unit - 0.5
-        light = world.ambient + (1 - world.ambient) * max(world.light[2], 0.0)
-        colours[mask] = _sample(world.ground_texture, u, v) * light
+    return box_hits
+
+
+def _shade_boxes(
+    world: World, origin: np.ndarray, best: np.ndarray, hit_kind: np.ndarray, box_hits: BoxHits, colours: np.ndarray
+) -> None:
+    """Colours of the rays whose nearest hit is a box face: its texture, Lambertian light."""
     spans = {0: (1, 2), 1: (0, 2), 2: (0, 1)}
     for index, box in enumerate(world.boxes):
         if box_hits[index] is None:
@@ -550,6 +552,32 @@ def _cast(
             v = (box.half_size[a1] - p[sel, a1]) * world.texels_per_unit - 0.5  # image v down = world up
             out[sel] = _sample(box.textures[face_id], u, v)
         colours[rays] = out * light[:, None]
+
+
+def _cast(
+    world: World, origin: np.ndarray, directions: np.ndarray, shade: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Nearest hit distance along ``directions`` (N, 3) from ``origin``; and shaded colours if asked.
+
+    Distances are in units of the direction vectors (so with camera-z-normalised directions they are
+    depths). Misses have distance inf.
+    """
+    count = len(directions)
+    best = np.full(count, np.inf)
+    hit_kind = np.full(count, -1, np.int64)  # -1 none, 0 ground, 1 + box index
+    gx, gy = _cast_ground(world, origin, directions, best, hit_kind)
+    box_hits = _cast_boxes(world, origin, directions, best, hit_kind)
+    if not shade:
+        return best, None
+    colours = np.zeros((count, 3), np.float32)
+    mask = hit_kind == 0
+    if mask.any():
+        half = world.ground_size / 2
+        u = (gx[mask] + half) * world.texels_per_unit - 0.5
+        v = (half - gy[mask]) * world.texels_per_unit - 0.5
+        light = world.ambient + (1 - world.ambient) * max(world.light[2], 0.0)
+        colours[mask] = _sample(world.ground_texture, u, v) * light
+    _shade_boxes(world, origin, best, hit_kind, box_hits, colours)
     return best, colours
 
 
@@ -701,41 +729,42 @@ def read_scene(folder: str | Path) -> Scene:
     return Scene(names, images, depths, np.stack([c.K for c in cameras.values()]), poses, config)
 
 
-def main(output: Path, config: SceneConfig | None = None) -> Scene:
+def main(output: Path, config: SceneConfig = SceneConfig()) -> Scene:
     """Render the scene of ``config`` and write it to ``output``."""
     scene = render_scene(config)
     write_scene(scene, output)
     return scene
 
 
-def main_cli(argv: list[str] | None = None) -> None:
-    defaults = SceneConfig()
+#: options users type in their short spelling (the config's own spelling works too)
+SHORT_OPTIONS = {"num_views": ("--views", "--num-views"), "arc_degrees": ("--arc", "--arc-degrees")}
+
+
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The CLI; its defaults are the values of ``preset`` (a name of :data:`PRESETS`) or of ``SceneConfig()``."""
+    defaults = SceneConfig.preset(preset) if preset is not None else SceneConfig()
     parser = argparse.ArgumentParser(
         prog="python -m datasets.synthetic",
         description="Render a synthetic textured scene with known cameras and depth.",
     )
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument(
-        "--preset", default=None, help=f"a named scene ({', '.join(PRESETS)}); the flags below override its values"
+        "--preset", default=None, help=f"a named scene ({', '.join(PRESETS)}); the other options override its values"
     )
-    parser.add_argument("--views", type=int, default=None, help=f"number of views (default {defaults.num_views})")
-    parser.add_argument("--width", type=int, default=None, help=f"image width (default {defaults.width})")
-    parser.add_argument("--height", type=int, default=None, help=f"image height (default {defaults.height})")
-    parser.add_argument("--seed", type=int, default=None, help=f"random seed (default {defaults.seed})")
-    parser.add_argument(
-        "--arc", type=float, default=None, help=f"arc of the camera ring in degrees (default {defaults.arc_degrees:g})"
-    )
-    args = parser.parse_args(argv)
-    given = {
-        "num_views": args.views,
-        "width": args.width,
-        "height": args.height,
-        "seed": args.seed,
-        "arc_degrees": args.arc,
-    }
-    overrides = {key: value for key, value in given.items() if value is not None}
-    config = SceneConfig.preset(args.preset, **overrides) if args.preset is not None else SceneConfig(**overrides)
-    scene = main(args.output, config)
+    add_config_arguments(parser, SceneConfig, exclude=SHORT_OPTIONS, defaults=defaults)
+    helps = field_comments(SceneConfig)
+    for name, spellings in SHORT_OPTIONS.items():
+        kind = type(getattr(defaults, name))
+        parser.add_argument(*spellings, dest=name, type=kind, default=getattr(defaults, name), help=helps.get(name))
+    return parser
+
+
+def main_cli(argv: list[str] | None = None) -> None:
+    # the preset first: it supplies the defaults of every other option
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", default=None)
+    args = build_parser(preset.parse_known_args(argv)[0].preset).parse_args(argv)
+    scene = main(args.output, config_from_args(args, SceneConfig))
     print(f"wrote {len(scene)} views to {args.output}")
 
 

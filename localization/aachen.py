@@ -19,36 +19,41 @@ hloc's LoFTR pipeline for Aachen v1.1, step by step (every step writes files und
    and each query keypoint is aligned to the db keypoint it is matched to (:mod:`pipeline.refine`);
 6. localization (:mod:`localization.localize`), then the submission file for visuallocalization.net:
    ``Aachen-v1.1_hloc_<matcher>_<estimator>.txt`` with lines ``name qw qx qy qz tx ty tz`` where ``name``
-   is the query's file name.
+   is the query's file name; with ``--gt`` (ground-truth poses, e.g. a mini dataset's), the recall.
+
+The steps are :func:`localization.benchmark.run`'s; :class:`AachenAdapter` holds what is Aachen's.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pycolmap
 
 from core.cameras import parse_query_list
+from core.colmap_model import read_model
 from core.errors import UserError, run_cli
-from core.io import check_output_dir, resolve_image, write_pairs
-from core.poses import write_poses, write_submission
+from core.io import resolve_image, write_pairs
 from matchers.base import Matcher
 
-from .localize import (
-    LocalizationConfig,
-    LocalizationResult,
-    ModelPoints,
+from .benchmark import (
+    BenchmarkAdapter,
+    BenchmarkConfig,
+    BenchmarkOutputs,
     add_benchmark_arguments,
-    config_from_args,
-    localize,
-    match_config_from_args,
+    benchmark_config_from_args,
     report,
-    write_log,
+    run,
 )
-from .retrieval_pairs import pairs_label, query_pairs
+from .evaluate import AACHEN_THRESHOLDS
+from .localize import ModelPoints, PointSource
+
+if TYPE_CHECKING:
+    from pipeline.match_dense import DenseMatchConfig
 
 IMAGES_DIR = "images_upright"
 MODEL_DIR = "3D-models/aachen_v_1_1"
@@ -60,22 +65,21 @@ LAYOUT = (
 )
 
 
-@dataclass
-class AachenOutputs:
-    """Files written by :func:`main` and the localization result."""
+@dataclass(frozen=True)
+class AachenConfig(BenchmarkConfig):
+    """Options of the Aachen pipeline (:func:`main`)."""
+
+    num_covis: int = 20  # covisible db pairs per db image
+
+
+@dataclass(kw_only=True)
+class AachenOutputs(BenchmarkOutputs):
+    """Files written by :func:`main` (with the query files of every benchmark) and the localization result."""
 
     db_pairs: Path
-    features: Path
+    features: Path  # db keypoints: the dense reference's 2D points
     db_matches: Path
     reference_sfm: Path
-    query_pairs: Path
-    query_features: Path
-    query_matches: Path
-    poses: Path
-    submission: Path
-    log: Path
-    result: LocalizationResult | None = None
-    stats: dict = field(default_factory=dict)
 
 
 def check_layout(dataset: Path) -> tuple[Path, Path, list[Path]]:
@@ -107,164 +111,123 @@ def read_queries(lists: "list[Path]", images: Path) -> dict[str, pycolmap.Camera
     return cameras
 
 
-def covisibility_pairs(model: pycolmap.Reconstruction, num_covis: int) -> list[tuple[str, str]]:
-    """For each registered image, the ``num_covis`` images sharing most 3D points with it (hloc's
-    ``pairs_from_covisibility``); each unordered pair once.
+class AachenAdapter(BenchmarkAdapter):
+    """Aachen v1.1: queries with intrinsics lists; the reference is a dense triangulation of the db images
+    with the SIFT model's poses held fixed, its 3D points those of the db keypoints (:class:`ModelPoints`)."""
 
-    Counts come from one sparse product (images x points) @ (points x images), which keeps Aachen's
-    6,697 images and 1.6 M points in seconds.
-    """
-    from scipy.sparse import coo_matrix
+    submission_prefix = "Aachen-v1.1"
+    thresholds = AACHEN_THRESHOLDS
+    unknown_query = "is in no intrinsics list under queries/"
+    unknown_db = "is not in the reference model"
 
-    image_ids = sorted(model.reg_image_ids())
-    row_of = {image_id: row for row, image_id in enumerate(image_ids)}
-    rows, cols = [], []
-    for column, point in enumerate(model.points3D.values()):
-        for element in point.track.elements:
-            if element.image_id in row_of:
-                rows.append(row_of[element.image_id])
-                cols.append(column)
-    if not rows:
-        return []
-    observations = coo_matrix(
-        (np.ones(len(rows), np.float32), (rows, cols)), shape=(len(image_ids), model.num_points3D())
-    ).tocsr()
-    observations.data[:] = 1.0  # an image observing a point twice still counts once
-    covisible = (observations @ observations.T).tocsr()
-    covisible.setdiag(0)
-    covisible.eliminate_zeros()
-    pairs: set[tuple[str, str]] = set()
-    for row in range(len(image_ids)):
-        start, stop = covisible.indptr[row], covisible.indptr[row + 1]
-        neighbours, counts = covisible.indices[start:stop], covisible.data[start:stop]
-        order = np.lexsort((neighbours, -counts))[:num_covis]  # most shared points, then lower id
-        for other in neighbours[order]:
-            a, b = model.images[image_ids[row]].name, model.images[image_ids[other]].name
-            pairs.add((a, b) if a < b else (b, a))
-    return sorted(pairs)
+    def __init__(self, dataset: str | Path, config: AachenConfig) -> None:
+        super().__init__(dataset)
+        self.config = config
+        self.reference: pycolmap.Reconstruction | None = None
+
+    @property
+    def image_root(self) -> Path:
+        return self.dataset / IMAGES_DIR
+
+    def query_cameras(self) -> dict[str, pycolmap.Camera]:
+        images, _, lists = check_layout(self.dataset)
+        return read_queries(lists, images)
+
+    def output_paths(self, outputs: Path, label: str, common: dict[str, Path]) -> AachenOutputs:
+        return AachenOutputs(
+            **common,
+            db_pairs=outputs / f"pairs-db-covis{self.config.num_covis}.txt",
+            features=outputs / f"features-{label}.h5",
+            db_matches=outputs / f"matches-db-{label}.h5",
+            reference_sfm=outputs / f"sfm_{label}",
+            query_features=outputs / f"features-query-{label}.h5",
+            query_matches=outputs / f"matches-query-{label}.h5",
+        )
+
+    def prepare_reference(
+        self,
+        matcher: Matcher,
+        dense: DenseMatchConfig,
+        out: AachenOutputs,
+        cameras: dict[str, pycolmap.Camera],
+        worker_matcher: Callable[[], Matcher] | None = None,
+    ) -> list[str]:
+        """Covisible db pairs of the SIFT model, dense matching, triangulation with its poses fixed."""
+        from dataclasses import asdict
+
+        from pipeline import match_dense, triangulate
+        from pipeline.pairs import covisibility
+
+        sift_model_dir = self.dataset / MODEL_DIR
+        sift_model = read_model(sift_model_dir, f"the Aachen reference model; {LAYOUT}")
+        db_pairs = covisibility(sift_model, self.config.num_covis, unique=True)  # hloc: pairs_from_covisibility
+        if not db_pairs:
+            raise UserError(f"{sift_model_dir}: the reference model has no covisible db images (no 3D points?)")
+        write_pairs(out.db_pairs, db_pairs)
+        match_dense.main(
+            out.db_pairs,
+            self.image_root,
+            out.features,
+            out.db_matches,
+            matcher,
+            dense,
+            distributed=self.config.distributed,
+            worker_matcher=worker_matcher,
+        )
+        self.reference, triangulation = triangulate.main(
+            sift_model, self.image_root, out.db_pairs, out.features, out.db_matches, out.reference_sfm
+        )
+        out.stats = {
+            "reference_points3D": int(self.reference.num_points3D()),
+            "db_pairs": len(db_pairs),
+            "triangulation": asdict(triangulation),
+        }
+        return sorted(self.reference.images[i].name for i in self.reference.reg_image_ids())
+
+    def reference_features(self, out: AachenOutputs) -> Path:
+        return out.features  # query keypoints snap to the db keypoints, the reference's 2D points
+
+    def point_source(self, out: AachenOutputs) -> PointSource:
+        return ModelPoints(self.reference)
 
 
 def main(
     dataset: str | Path,
     outputs: str | Path,
-    matcher: "str | Matcher" = "loftr",
-    weights: str | None = None,
-    resize: int | None = None,
-    pairs_query: str | Path | None = None,
-    num_covis: int = 20,
-    num_loc: int = 50,
-    config: LocalizationConfig | None = None,
-    device: str = "auto",
-    match_config=None,
+    config: AachenConfig = AachenConfig(),
+    matcher: Matcher | None = None,
+    gt: str | Path | None = None,
 ) -> AachenOutputs:
     """Run the Aachen pipeline on ``dataset``; writes everything under ``outputs``.
 
-    ``matcher``: a name for :func:`matchers.factory.make_matcher` (with ``weights``, ``resize``,
-    ``device``) or a ready :class:`matchers.base.Matcher`. ``pairs_query``: a pairs file (names
-    relative to ``images_upright``), ``"exhaustive"``, or None for global retrieval (``num_loc``).
-    ``match_config``: a :class:`pipeline.match_dense.DenseMatchConfig` for both matching steps.
+    ``config.pairs_query``: a pairs file (names relative to ``images_upright``), ``"exhaustive"``, or None
+    for global retrieval (``config.num_loc``). ``matcher``: a ready :class:`matchers.base.Matcher` instead
+    of ``config.localize.matching``'s. ``gt``: ground-truth poses to evaluate against.
     """
-    from matchers.factory import make_matcher
-    from pipeline import match_dense, triangulate
-
-    dataset, outputs = Path(dataset), Path(outputs)
-    check_output_dir(outputs, "--outputs")  # a file or a read-only place fails now, not after matching
-    config = config if config is not None else LocalizationConfig()
-    images, sift_model_dir, lists = check_layout(dataset)
-    cameras = read_queries(lists, images)
-    if isinstance(matcher, Matcher):
-        model = matcher
-    else:
-        # OpenCV's SIFT, as the published SIFT figures were measured
-        model = make_matcher(matcher, weights=weights, resize=resize, device=device, sift_backend="opencv")
-    label, estimator = model.name, config.pose.estimator
-    outputs.mkdir(parents=True, exist_ok=True)
-    out = AachenOutputs(
-        db_pairs=outputs / f"pairs-db-covis{num_covis}.txt",
-        features=outputs / f"features-{label}.h5",
-        db_matches=outputs / f"matches-db-{label}.h5",
-        reference_sfm=outputs / f"sfm_{label}",
-        query_pairs=outputs / f"pairs-query-{pairs_label(pairs_query, num_loc)}.txt",
-        query_features=outputs / f"features-query-{label}.h5",
-        query_matches=outputs / f"matches-query-{label}.h5",
-        poses=outputs / f"poses-{label}-{estimator}.txt",
-        submission=outputs / f"Aachen-v1.1_hloc_{label}_{estimator}.txt",
-        log=outputs / f"poses-{label}-{estimator}_log.json",
-    )
-
-    sift_model = pycolmap.Reconstruction(str(sift_model_dir))
-    db_pairs = covisibility_pairs(sift_model, num_covis)
-    if not db_pairs:
-        raise UserError(f"{sift_model_dir}: the reference model has no covisible db images (no 3D points?)")
-    write_pairs(out.db_pairs, db_pairs)
-    match_dense.main(out.db_pairs, images, out.features, out.db_matches, model, match_config)
-    reference, tri_stats = triangulate.main(
-        sift_model, images, out.db_pairs, out.features, out.db_matches, out.reference_sfm
-    )
-    db_names = sorted(reference.images[i].name for i in reference.reg_image_ids())
-    pairs = query_pairs(
-        images,
-        outputs,
-        list(cameras),
-        db_names,
-        pairs_query,
-        num_loc,
-        out.query_pairs,
-        unknown_query="is in no intrinsics list under queries/",
-        unknown_db="is not in the reference model",
-    )
-    match_dense.main(
-        out.query_pairs,
-        images,
-        out.query_features,
-        out.query_matches,
-        model,
-        match_config,
-        reference_features=out.features,
-    )
-    result = localize(ModelPoints(reference), cameras, pairs, out.query_features, out.query_matches, config)
-    write_poses(out.poses, result.poses)
-    write_submission(out.submission, result.poses)
-    out.stats = {
-        "reference_points3D": int(reference.num_points3D()),
-        "db_pairs": len(db_pairs),
-        "triangulation": _as_dict(tri_stats),
-    }
-    write_log(
-        out.log,
-        result,
-        config,
-        {"dataset": str(dataset), "matching": model.describe(), "pairs": str(out.query_pairs), **out.stats},
-    )
-    out.result = result
-    return out
+    return run(AachenAdapter(dataset, config), outputs, config, matcher, gt)
 
 
-def _as_dict(stats: object) -> dict:
-    from dataclasses import asdict, is_dataclass
+def build_parser() -> argparse.ArgumentParser:
+    from matchers.factory import WEIGHTS_HELP
 
-    return asdict(stats) if is_dataclass(stats) else {}
+    parser = argparse.ArgumentParser(prog="python -m localization.aachen", description=__doc__.split("\n")[0])
+    add_benchmark_arguments(
+        parser,
+        AachenConfig(),
+        "Aachen v1.1 folder",
+        {
+            "weights": WEIGHTS_HELP,
+            "pairs_query": "query-db pairs file (e.g. hloc's pairs-query-netvlad50.txt), or 'exhaustive'",
+        },
+    )
+    return parser
 
 
 def main_cli(argv: "list[str] | None" = None) -> AachenOutputs:
-    parser = argparse.ArgumentParser(prog="python -m localization.aachen", description=__doc__.split("\n")[0])
-    add_benchmark_arguments(parser, "Aachen v1.1 folder", "outdoor", "pairs-query-netvlad50.txt", 50)
-    parser.add_argument("--num-covis", type=int, default=20, help="covisible db pairs per db image (default 20)")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    out = main(
-        args.dataset,
-        args.outputs,
-        args.matcher,
-        args.weights,
-        args.resize,
-        args.pairs_query,
-        args.num_covis,
-        args.num_loc,
-        config_from_args(args),
-        args.device,
-        match_config_from_args(args),
-    )
-    report(out.result, out.submission)
+    out = main(args.dataset, args.outputs, benchmark_config_from_args(parser, args, AachenConfig()), gt=args.gt)
+    report(out)
     return out
 
 

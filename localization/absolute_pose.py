@@ -17,6 +17,7 @@ fewer inliers than required) is returned as ``success=False`` with a reason, nev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
@@ -25,7 +26,8 @@ import pycolmap
 from core.cameras import pinhole_matrix, undistort_points
 from core.errors import UserError
 
-ESTIMATORS = ("pycolmap", "magsac")
+Estimator = Literal["pycolmap", "magsac"]
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 MIN_CORRESPONDENCES = 4  # P3P needs 3 points plus one to pick among its solutions
 
 
@@ -33,12 +35,12 @@ MIN_CORRESPONDENCES = 4  # P3P needs 3 points plus one to pick among its solutio
 class PoseEstimationConfig:
     """Options of :func:`estimate_absolute_pose`."""
 
-    estimator: str = "pycolmap"  # "pycolmap" (LO-RANSAC) or "magsac" (OpenCV USAC MAGSAC++)
-    max_error: float = 12.0  # inlier threshold in pixels (hloc uses 12 px for Aachen, 48 px for InLoc)
-    confidence: float = 0.9999
-    max_iterations: int = 10000
+    estimator: Estimator = "pycolmap"  # pycolmap LO-RANSAC or OpenCV USAC MAGSAC++
+    max_error: float = 12.0  # RANSAC inlier threshold in pixels (hloc uses 12 px for Aachen, 48 px for InLoc)
+    confidence: float = 0.9999  # RANSAC confidence
+    max_iterations: int = 10000  # RANSAC iterations at most
     min_inliers: int = 6  # fewer inliers than this is a failed query
-    seed: int = 0  # RANSAC random state, for reproducible runs
+    seed: int = 0  # RANSAC random seed, for reproducible runs
     refine: bool = True  # magsac only: non-linear refinement on the inliers (pycolmap always refines)
 
     def __post_init__(self) -> None:
@@ -171,17 +173,3 @@ def _estimate_magsac(
             return PoseEstimate(False, None, mask, "refinement of the MAGSAC++ pose failed", details)
         pose = refined["cam_from_world"]
     return PoseEstimate(True, pose, mask, "", details)
-
-
-def reprojection_errors(
-    points2D: np.ndarray, points3D: np.ndarray, camera: pycolmap.Camera, pose: pycolmap.Rigid3d
-) -> np.ndarray:
-    """(M,) pixel reprojection errors; points behind the camera get +inf."""
-    R = np.asarray(pose.rotation.matrix())
-    cam = np.asarray(points3D, np.float64) @ R.T + np.asarray(pose.translation)
-    errors = np.full(len(cam), np.inf)
-    front = cam[:, 2] > 1e-9
-    if front.any():
-        projected = np.asarray(camera.img_from_cam(cam[front]), dtype=np.float64).reshape(-1, 2)
-        errors[front] = np.linalg.norm(projected - np.asarray(points2D, np.float64)[front], axis=1)
-    return errors

@@ -12,7 +12,7 @@ or submission names (``x.jpg``); a submission name is matched to the ground trut
 
 CLI::
 
-    python -m localization.evaluate --gt gt.txt --results poses.txt [--scale 1] [--thresholds aachen]
+    python -m localization.evaluate --gt gt.txt --results poses.txt [--scale 1] [--thresholds aachen|inloc|all]
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 
+from core.cli import add_config_arguments, config_from_args
 from core.errors import UserError, run_cli
-from core.io import atomic_path
+from core.files import write_text_atomic
 from core.poses import camera_center, read_poses
 
 from .localize import json_safe
@@ -151,30 +152,39 @@ def parse_thresholds(text: str) -> tuple[tuple[float, float], ...]:
     return out
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Options of :func:`main`."""
+
+    thresholds: str = "all"  # aachen, inloc, all, or 'metres,degrees;metres,degrees;...'
+    scale: float = 1.0  # metres per model unit
+
+    def __post_init__(self) -> None:
+        parse_thresholds(self.thresholds)  # a typo fails here, not after reading the poses
+
+
 def main(
-    gt: str | Path,
-    results: str | Path,
-    thresholds: "tuple[tuple[float, float], ...]" = AACHEN_THRESHOLDS,
-    scale: float = 1.0,
-    output: str | Path | None = None,
+    gt: str | Path, results: str | Path, config: EvaluateConfig = EvaluateConfig(), output: str | Path | None = None
 ) -> Evaluation:
     """Evaluate a pose file against a ground-truth pose file; optionally write the evaluation as JSON."""
-    evaluation = evaluate(read_poses(gt), read_poses(results), thresholds, scale)
+    evaluation = evaluate(read_poses(gt), read_poses(results), parse_thresholds(config.thresholds), config.scale)
     if output is not None:
-        with atomic_path(output) as temp:
-            temp.write_text(json.dumps(json_safe(evaluation.to_dict()), indent=1, allow_nan=False))
+        write_text_atomic(output, json.dumps(json_safe(evaluation.to_dict()), indent=1, allow_nan=False))
     return evaluation
 
 
-def main_cli(argv: "list[str] | None" = None) -> Evaluation:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m localization.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--gt", type=Path, required=True, help="ground-truth pose file (name qw qx qy qz tx ty tz)")
     parser.add_argument("--results", type=Path, required=True, help="estimated poses or a submission file")
-    parser.add_argument("--thresholds", default="all", help="aachen, inloc, all, or 'm,deg;m,deg' (default all)")
-    parser.add_argument("--scale", type=float, default=1.0, help="metres per model unit (default 1)")
+    add_config_arguments(parser, EvaluateConfig)
     parser.add_argument("--output", type=Path, default=None, help="write the evaluation as JSON")
-    args = parser.parse_args(argv)
-    evaluation = main(args.gt, args.results, parse_thresholds(args.thresholds), args.scale, args.output)
+    return parser
+
+
+def main_cli(argv: "list[str] | None" = None) -> Evaluation:
+    args = build_parser().parse_args(argv)
+    evaluation = main(args.gt, args.results, config_from_args(args, EvaluateConfig), args.output)
     print(evaluation.table())
     return evaluation
 

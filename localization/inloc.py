@@ -16,41 +16,45 @@ integers), nearest-pixel where the bilinear window touches a hole (NaN), then ma
 Query camera: SIMPLE_PINHOLE with the iPhone 7's 28 mm-equivalent focal length at the image's size,
 f = max(W, H) * 28 / 36 (= 4032 * 28 / 36 at full resolution), principal point at the centre.
 
-Steps: query-db pairs (``--pairs-query``, e.g. hloc's ``pairs-query-netvlad40.txt``, or global
-retrieval), dense matching, 2D-3D from the scans, absolute pose, submission for visuallocalization.net
-(``name qw qx qy qz tx ty tz`` with the query's file name).
+Steps (:func:`localization.benchmark.run`'s; :class:`InLocAdapter` holds what is InLoc's): query-db pairs
+(``--pairs-query``, e.g. hloc's ``pairs-query-netvlad40.txt``, or global retrieval), dense matching, 2D-3D
+from the scans, absolute pose, submission for visuallocalization.net (``name qw qx qy qz tx ty tz`` with the
+query's file name), with ``--gt`` the recall. LoFTR uses the indoor weights unless ``--weights`` names others.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pycolmap
 
+from core.cache import LRUCache
 from core.cameras import camera_from_size_and_focal, write_query_list
 from core.errors import UserError, run_cli
 from core.image_io import image_size, is_image_file
-from core.io import check_output_dir, open_h5, resolve_image, write_text_atomic
-from core.poses import write_poses, write_submission
+from core.io import open_h5, resolve_image, write_text_atomic
 from matchers.base import Matcher
 
-from .absolute_pose import PoseEstimationConfig
-from .localize import (
-    LocalizationConfig,
-    LocalizationResult,
+from .benchmark import (
+    BenchmarkAdapter,
+    BenchmarkConfig,
+    BenchmarkOutputs,
     add_benchmark_arguments,
-    config_from_args,
-    localize,
-    match_config_from_args,
+    benchmark_config_from_args,
     report,
-    write_log,
+    run,
 )
-from .retrieval_pairs import pairs_label, query_pairs
+from .evaluate import INLOC_THRESHOLDS
+from .localize import LocalizeConfig, PointSource
+
+if TYPE_CHECKING:
+    from pipeline.match_dense import DenseMatchConfig
 
 QUERY_DIR = "query/iphone7"
 CUTOUT_DIR = "database/cutouts"
@@ -170,8 +174,7 @@ class ScanPoints:
     def __init__(self, dataset: str | Path, features: str | Path, cache_size: int = 256) -> None:
         self.dataset = Path(dataset)
         self.features = Path(features)
-        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache: LRUCache[tuple[np.ndarray, np.ndarray]] = LRUCache(max_items=cache_size)
         self._offsets: dict[str, int] = {}
         self._next_offset = 0
         self._alignments: dict[Path, np.ndarray] = {}
@@ -180,9 +183,9 @@ class ScanPoints:
         return name.startswith(CUTOUT_DIR + "/") and (self.dataset / (name + ".mat")).is_file()
 
     def keypoint_points(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        if name in self._cache:
-            self._cache.move_to_end(name)
-            return self._cache[name]
+        return self._cache.get_or_create(name, lambda: self._scan_points(name))
+
+    def _scan_points(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         with open_h5(self.features) as file:
             if name not in file:
                 raise UserError(f"{self.features}: no keypoints for cutout {name!r}; re-run the matching step")
@@ -199,9 +202,6 @@ class ScanPoints:
             self._next_offset += len(keypoints)
         ids = np.where(valid, self._offsets[name] + np.arange(len(keypoints)), -1).astype(np.int64)
         world[~valid] = np.nan
-        self._cache[name] = (ids, world)
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
         return ids, world
 
     def db_pose(self, name: str) -> pycolmap.Rigid3d | None:
@@ -209,19 +209,21 @@ class ScanPoints:
 
 
 # ------------------------------------------------------------------------------------------ pipeline
-@dataclass
-class InLocOutputs:
-    """Files written by :func:`main` and the localization result."""
+@dataclass(frozen=True)
+class InLocConfig(BenchmarkConfig):
+    """Options of the InLoc pipeline (:func:`main`)."""
 
-    queries: Path
-    pairs: Path
-    features: Path
-    matches: Path
-    poses: Path
-    submission: Path
-    log: Path
-    result: LocalizationResult | None = None
-    extra: dict = field(default_factory=dict)
+    num_loc: int = 40  # db images retrieved per query
+    default_weights: str | None = "indoor"  # LoFTR weights when none are given (never swapped for others)
+    #: RANSAC inlier threshold in pixels; none: hloc's 48 px at 4032 px, scaled to the largest query
+    max_error: float | None = None
+
+
+@dataclass(kw_only=True)
+class InLocOutputs(BenchmarkOutputs):
+    """Files written by :func:`main` (with the query files of every benchmark) and the localization result."""
+
+    queries: Path  # the query list with the intrinsics used
 
 
 def check_layout(dataset: Path) -> tuple[list[str], list[str]]:
@@ -246,102 +248,103 @@ def check_layout(dataset: Path) -> tuple[list[str], list[str]]:
     return queries, cutouts
 
 
-def main(
-    dataset: str | Path,
-    outputs: str | Path,
-    matcher: "str | Matcher" = "loftr",
-    weights: str | None = None,
-    resize: int | None = None,
-    pairs_query: str | Path | None = None,
-    num_loc: int = 40,
-    config: LocalizationConfig | None = None,
-    device: str = "auto",
-    match_config=None,
-) -> InLocOutputs:
-    """Run the InLoc pipeline on ``dataset``; writes everything under ``outputs``.
-
-    ``pairs_query``: a query-db pairs file (names relative to ``dataset``, e.g. hloc's
-    ``pairs-query-netvlad40.txt``); without it, db images are retrieved by global descriptors (top
-    ``num_loc``); ``"exhaustive"`` pairs every query with every cutout (small datasets).
-    ``matcher``: a name for :func:`matchers.factory.make_matcher` (with ``weights``, ``resize``,
-    ``device``) or a ready :class:`matchers.base.Matcher`. ``match_config``: a
-    :class:`pipeline.match_dense.DenseMatchConfig`.
-    """
-    from matchers.factory import make_matcher
-    from pipeline import match_dense
-
-    dataset, outputs = Path(dataset), Path(outputs)
-    check_output_dir(outputs, "--outputs")  # a file or a read-only place fails now, not after matching
-    queries, cutouts = check_layout(dataset)
-    # the matcher first: unavailable weights fail now, not after the pairs are made
-    if isinstance(matcher, Matcher):
-        model = matcher
-    else:
-        # OpenCV's SIFT, as the published SIFT figures were measured
-        model = make_matcher(matcher, weights=weights, resize=resize, device=device, sift_backend="opencv")
-    label = model.name
-    outputs.mkdir(parents=True, exist_ok=True)
-    cameras = {name: query_camera(*image_size(resolve_image(dataset, name))) for name in queries}
-    if config is None:
-        config = LocalizationConfig(pose=PoseEstimationConfig(max_error=default_max_error(cameras.values())))
-    out = InLocOutputs(
-        queries=outputs / "queries_with_intrinsics.txt",
-        pairs=outputs / f"pairs-query-{pairs_label(pairs_query, num_loc)}.txt",
-        features=outputs / f"features-{label}.h5",
-        matches=outputs / f"matches-{label}.h5",
-        poses=outputs / f"poses-{label}-{config.pose.estimator}.txt",
-        submission=outputs / f"InLoc_hloc_{label}_{config.pose.estimator}.txt",
-        log=outputs / f"poses-{label}-{config.pose.estimator}_log.json",
-    )
-    write_query_list(out.queries, cameras)
-    pairs = query_pairs(
-        dataset,
-        outputs,
-        queries,
-        cutouts,
-        pairs_query,
-        num_loc,
-        out.pairs,
-        unknown_query=f"is not under {QUERY_DIR}; names are relative to the dataset",
-        unknown_db="is not a cutout of the dataset",
-    )
-    match_dense.main(out.pairs, dataset, out.features, out.matches, model, match_config)
-    source = ScanPoints(dataset, out.features)
-    result = localize(source, cameras, pairs, out.features, out.matches, config)
-    write_poses(out.poses, result.poses)
-    write_submission(out.submission, result.poses)
-    write_log(out.log, result, config, {"dataset": str(dataset), "matching": model.describe(), "pairs": str(out.pairs)})
-    out.result = result
-    return out
-
-
 def default_max_error(cameras: "Iterable[pycolmap.Camera]") -> float:
     """hloc's 48 px at 4032 px, scaled to the largest query (e.g. 2.9 px for 240-px queries)."""
     longest = max((max(c.width, c.height) for c in cameras), default=FULL_SIZE)
     return DEFAULT_MAX_ERROR * longest / FULL_SIZE
 
 
-def main_cli(argv: "list[str] | None" = None) -> InLocOutputs:
+class InLocAdapter(BenchmarkAdapter):
+    """InLoc: iPhone 7 queries (intrinsics from the image size); the db images are the cutouts, their
+    keypoints' 3D from the scans (:class:`ScanPoints`)."""
+
+    submission_prefix = "InLoc"
+    thresholds = INLOC_THRESHOLDS
+    unknown_query = f"is not under {QUERY_DIR}; names are relative to the dataset"
+    unknown_db = "is not a cutout of the dataset"
+
+    def __init__(self, dataset: str | Path, config: InLocConfig) -> None:
+        super().__init__(dataset)
+        self.config = config
+        self.cutouts: list[str] = []
+
+    @property
+    def image_root(self) -> Path:
+        return self.dataset
+
+    def query_cameras(self) -> dict[str, pycolmap.Camera]:
+        queries, self.cutouts = check_layout(self.dataset)
+        return {name: query_camera(*image_size(resolve_image(self.dataset, name))) for name in queries}
+
+    def localize_config(self, config: InLocConfig, cameras: dict[str, pycolmap.Camera]) -> LocalizeConfig:
+        max_error = config.max_error if config.max_error is not None else default_max_error(cameras.values())
+        pose = dataclasses.replace(config.localize.pose, max_error=max_error)
+        return dataclasses.replace(config.localize, pose=pose)
+
+    def output_paths(self, outputs: Path, label: str, common: dict[str, Path]) -> InLocOutputs:
+        return InLocOutputs(
+            **common,
+            queries=outputs / "queries_with_intrinsics.txt",
+            query_features=outputs / f"features-{label}.h5",
+            query_matches=outputs / f"matches-{label}.h5",
+        )
+
+    def prepare_reference(
+        self,
+        matcher: Matcher,
+        dense: DenseMatchConfig,
+        out: InLocOutputs,
+        cameras: dict[str, pycolmap.Camera],
+        worker_matcher: Callable[[], Matcher] | None = None,
+    ) -> list[str]:
+        """Nothing to build (the scans are the reference); the query list is written for the record."""
+        write_query_list(out.queries, cameras)
+        return self.cutouts
+
+    def point_source(self, out: InLocOutputs) -> PointSource:
+        return ScanPoints(self.dataset, out.query_features)
+
+
+def main(
+    dataset: str | Path,
+    outputs: str | Path,
+    config: InLocConfig = InLocConfig(),
+    matcher: Matcher | None = None,
+    gt: str | Path | None = None,
+) -> InLocOutputs:
+    """Run the InLoc pipeline on ``dataset``; writes everything under ``outputs``.
+
+    ``config.pairs_query``: a query-db pairs file (names relative to ``dataset``, e.g. hloc's
+    ``pairs-query-netvlad40.txt``); without it, db images are retrieved by global descriptors (top
+    ``config.num_loc``); ``"exhaustive"`` pairs every query with every cutout (small datasets).
+    ``matcher``: a ready :class:`matchers.base.Matcher` instead of ``config.localize.matching``'s.
+    ``gt``: ground-truth poses to evaluate against.
+    """
+    return run(InLocAdapter(dataset, config), outputs, config, matcher, gt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = InLocConfig()
     parser = argparse.ArgumentParser(prog="python -m localization.inloc", description=__doc__.split("\n")[0])
-    add_benchmark_arguments(parser, "InLoc folder (query/, database/)", "indoor", "pairs-query-netvlad40.txt", 40)
-    args = parser.parse_args(argv)
-    weights = args.weights if args.weights is not None or args.matcher != "loftr" else "indoor"
-    if args.max_error is None:  # hloc's 48 px at 4032 px, scaled to these queries
-        queries, _ = check_layout(args.dataset)
-        args.max_error = default_max_error(query_camera(*image_size(args.dataset / q)) for q in queries)
-    out = main(
-        args.dataset,
-        args.outputs,
-        args.matcher,
-        weights,
-        args.resize,
-        args.pairs_query,
-        args.num_loc,
-        config_from_args(args),
-        args.device,
-        match_config_from_args(args),
+    add_benchmark_arguments(
+        parser,
+        defaults,
+        "InLoc folder (query/, database/)",
+        {
+            "weights": f"LoFTR checkpoint name or path (default {defaults.default_weights}, never swapped for "
+            "other weights)",
+            "pairs_query": "query-db pairs file (e.g. hloc's pairs-query-netvlad40.txt), or 'exhaustive'",
+        },
+        exclude_pose=("max_error",),  # InLocConfig.max_error: its default depends on the queries' size
     )
-    report(out.result, out.submission)
+    return parser
+
+
+def main_cli(argv: "list[str] | None" = None) -> InLocOutputs:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = main(args.dataset, args.outputs, benchmark_config_from_args(parser, args, InLocConfig()), gt=args.gt)
+    report(out)
     return out
 
 

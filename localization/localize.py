@@ -16,7 +16,9 @@ Optional covisibility clustering (hloc): db images are grouped into connected co
 
 A query without matches, 3D points or a valid pose is logged as failed and the run continues; with
 ``fallback="nearest"`` it gets the pose of its db image with the most matches instead (status
-``fallback``). Outputs: pose lines ``name qw qx qy qz tx ty tz`` (world-to-camera) and a JSON log.
+``fallback``). Each query's outcome is one frozen :class:`QueryRecord` (retrieval, matches, pose,
+timing); the records are written at the end as one JSON log. Outputs: pose lines
+``name qw qx qy qz tx ty tz`` (world-to-camera) and that log.
 
 CLI::
 
@@ -27,11 +29,13 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import h5py
 import numpy as np
@@ -39,14 +43,18 @@ import pycolmap
 from tqdm import tqdm
 
 from core.cameras import parse_query_list
+from core.cli import add_config_arguments, generated_options
+from core.colmap_model import read_model
 from core.errors import UserError, run_cli
-from core.io import atomic_path, find_pair, open_h5, read_pairs
+from core.files import write_text_atomic
+from core.io import find_pair, open_h5, read_pairs
 from core.poses import qt_from_rigid, write_poses
-from pipeline.refine import KLT_CELL_SIZE, REFINE_MODES, default_refine
+from matchers.sift import SIFTBackend
 
-from .absolute_pose import ESTIMATORS, PoseEstimate, PoseEstimationConfig, estimate_absolute_pose
+from .absolute_pose import PoseEstimate, PoseEstimationConfig, estimate_absolute_pose
 
-FALLBACKS = ("none", "nearest")
+Fallback = Literal["none", "nearest"]
+FALLBACKS: tuple[str, ...] = get_args(Fallback)
 STATUS_LOCALIZED, STATUS_FAILED, STATUS_FALLBACK = "localized", "failed", "fallback"
 
 
@@ -72,10 +80,7 @@ class ModelPoints:
 
     def __init__(self, reconstruction: pycolmap.Reconstruction | str | Path) -> None:
         if not isinstance(reconstruction, pycolmap.Reconstruction):
-            path = Path(reconstruction)
-            if not path.is_dir() or not any((path / f"images.{ext}").exists() for ext in ("bin", "txt")):
-                raise UserError(f"{path}: not a COLMAP model folder (needs cameras/images/points3D .bin or .txt)")
-            reconstruction = pycolmap.Reconstruction(str(path))
+            reconstruction = read_model(reconstruction, "the reference model folder (--reference-sfm)")
         self.reconstruction = reconstruction
         self._ids_by_name = {image.name: image_id for image_id, image in reconstruction.images.items()}
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -199,110 +204,257 @@ def covisibility_clusters(db_names: "list[str]", source: PointSource) -> list[li
     return sorted(groups.values(), key=len, reverse=True)
 
 
-# ----------------------------------------------------------------------------------------- the loop
+# ------------------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
-class LocalizationConfig:
-    """Options of :func:`localize`."""
+class RetrievalRecord:
+    """The db images listed for a query (retrieval or a pairs file)."""
 
+    db: tuple[str, ...]  # listed and in the reference, in listed order
+    unknown_db: tuple[str, ...] = ()  # listed but not in the reference
+
+
+@dataclass(frozen=True)
+class ClusterRecord:
+    """One covisibility cluster's attempt (covisibility clustering only)."""
+
+    db: tuple[str, ...]
+    num_correspondences: int
+    num_inliers: int
+    reason: str  # why its estimate failed ('' on success)
+
+
+@dataclass(frozen=True)
+class MatchRecord:
+    """What the query's matches gave."""
+
+    num_matches: int = 0  # raw query-db matches
+    #: 2D-3D correspondences of the winning cluster; of the most promising failed one when none won
+    num_correspondences: int = 0
+    matches_per_db: Mapping[str, int] | None = None  # raw matches per db image; None: matches not read
+    missing_pairs: tuple[str, ...] = ()  # db images listed but absent from matches.h5
+    clusters: tuple[ClusterRecord, ...] | None = None  # None: no covisibility clustering
+
+
+@dataclass(frozen=True)
+class PoseRecord:
+    """A successful pose estimate."""
+
+    cam_from_world: pycolmap.Rigid3d
+    num_inliers: int
+    db_used: tuple[str, ...]  # db images giving at least one inlier
+    details: Mapping[str, int] = field(default_factory=dict)  # the estimator's own counts
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """The outcome of one query: written as one entry of the JSON log (:meth:`to_json`)."""
+
+    name: str
+    estimator: str
+    retrieval: RetrievalRecord
+    matches: MatchRecord = MatchRecord()
+    pose: PoseRecord | None = None  # None: no pose was estimated
+    status: str = STATUS_FAILED
+    reason: str = ""  # why it failed ('' when localized)
+    fallback_db: str | None = None  # the db image whose pose a failed query took (fallback "nearest")
+    fallback_pose: pycolmap.Rigid3d | None = None
+    time_s: float = 0.0
+
+    @property
+    def cam_from_world(self) -> pycolmap.Rigid3d | None:
+        """The pose written for the query: the estimate, else the fallback's, else None."""
+        return self.pose.cam_from_world if self.pose is not None else self.fallback_pose
+
+    def to_json(self) -> dict[str, Any]:
+        """The log entry (the keys and their order are the log format that tools and tests read)."""
+        matches, pose = self.matches, self.pose
+        entry: dict[str, Any] = {
+            "estimator": self.estimator,
+            "db": list(self.retrieval.db),
+            "num_matches": matches.num_matches,
+            "num_correspondences": matches.num_correspondences,
+            "num_inliers": pose.num_inliers if pose is not None else 0,
+            "db_used": list(pose.db_used) if pose is not None else [],
+            "reason": self.reason,
+        }
+        if matches.matches_per_db is not None:
+            entry["matches_per_db"] = dict(matches.matches_per_db)
+        if matches.missing_pairs:
+            entry["missing_pairs"] = list(matches.missing_pairs)
+        if matches.clusters is not None:
+            entry["clusters"] = [asdict(cluster) for cluster in matches.clusters]
+        if pose is not None:
+            entry.update(pose.details)
+        if self.retrieval.unknown_db:
+            entry["unknown_db"] = list(self.retrieval.unknown_db)
+        entry["status"] = self.status
+        if self.fallback_db is not None:
+            entry["fallback_db"] = self.fallback_db
+        if self.cam_from_world is not None:
+            qvec, tvec = qt_from_rigid(self.cam_from_world)
+            entry["qvec"], entry["tvec"] = qvec.tolist(), tvec.tolist()
+        entry["time_s"] = self.time_s
+        return entry
+
+
+@dataclass
+class LocalizationResult:
+    """One record per query, in query order."""
+
+    records: list[QueryRecord]
+
+    @property
+    def poses(self) -> dict[str, pycolmap.Rigid3d]:
+        """Poses of the localized and fallback queries."""
+        return {r.name: r.cam_from_world for r in self.records if r.cam_from_world is not None}
+
+    def record(self, name: str) -> QueryRecord:
+        """The record of query ``name`` (KeyError if it was not a query)."""
+        for record in self.records:
+            if record.name == name:
+                return record
+        raise KeyError(name)
+
+    def count(self, status: str) -> int:
+        return sum(1 for record in self.records if record.status == status)
+
+
+# ------------------------------------------------------------------------------------------- configs
+RefineMode = Literal["none", "klt"]
+
+
+@dataclass(frozen=True)
+class QueryMatchingConfig:
+    """The matcher of a localization run and how its dense matches are refined."""
+
+    matcher: str = "loftr"  # loftr or sift
+    weights: str | None = None  # LoFTR checkpoint name or path
+    resize: int | None = None  # longest side for matching
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    refine: RefineMode | None = None  # sub-pixel refinement of dense matches (default klt for loftr, none for sift)
+    #: SIFT implementation; OpenCV's here, with which the published localization figures were measured
+    sift_backend: SIFTBackend = "opencv"
+
+    def dense_config(self, matcher_name: str | None = None):
+        """The :class:`pipeline.match_dense.DenseMatchConfig` of both matching steps (db and query pairs).
+
+        LoFTR's points are refined by KLT on a 4 px / 1 px grid (:data:`pipeline.match_dense.LOCALIZATION_KLT_MAX_ERROR` says why) unless
+        ``refine`` is none; SIFT's keypoints stay as detected. ``matcher_name``: the matcher actually used
+        (a ready matcher object may differ from ``matcher``).
+        """
+        from pipeline.match_dense import DenseOverrides, dense_defaults
+
+        matcher = (matcher_name or self.matcher).strip().lower()
+        return dense_defaults(matcher, overrides=DenseOverrides(refine=self.refine), for_localization=True)
+
+    def make_matcher(self, default_weights: str | None = None):
+        """The matcher; LoFTR without ``weights`` gets ``default_weights`` (a benchmark's own, e.g. indoor)."""
+        from matchers.factory import make_matcher
+
+        weights = self.weights
+        if weights is None and self.matcher.strip().lower() == "loftr":
+            weights = default_weights
+        return make_matcher(
+            self.matcher, weights=weights, resize=self.resize, device=self.device, sift_backend=self.sift_backend
+        )
+
+
+@dataclass(frozen=True)
+class LocalizeConfig:
+    """Options of localizing queries: how they are matched, and how their poses are estimated."""
+
+    matching: QueryMatchingConfig = field(default_factory=QueryMatchingConfig)  # pipelines that match
     pose: PoseEstimationConfig = field(default_factory=PoseEstimationConfig)
-    covisibility_clustering: bool = False
-    fallback: str = "none"  # "none": failed queries get no pose; "nearest": pose of the best-matching db image
+    covisibility_clustering: bool = False  # estimate a pose per covisible db cluster, keep the best
+    fallback: Fallback = "none"  # pose for failed queries: none, or the best-matching db image's pose
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
             raise UserError(f"unknown fallback {self.fallback!r}; choose one of {', '.join(FALLBACKS)}")
 
-
-@dataclass
-class LocalizationResult:
-    poses: dict[str, pycolmap.Rigid3d]  # localized and fallback queries
-    logs: dict[str, dict]  # per query: status, reason, counts, db images, estimator
-
-    def count(self, status: str) -> int:
-        return sum(1 for log in self.logs.values() if log["status"] == status)
+    def to_json(self) -> dict[str, Any]:
+        """The localization options as the log records them (matching is described by the matcher itself)."""
+        record = asdict(self)
+        del record["matching"]
+        return record
 
 
+# ----------------------------------------------------------------------------------------- the loop
 def _query_keypoints(feature_file: h5py.File, name: str) -> np.ndarray | None:
     if name not in feature_file or "keypoints" not in feature_file[name]:
         return None
     return feature_file[name]["keypoints"][()].astype(np.float64).reshape(-1, 2)
 
 
-def localize_query(
+def _estimate_per_cluster(
     name: str,
     camera: pycolmap.Camera,
-    db_names: "list[str]",
+    keypoints: np.ndarray,
+    db_names: "tuple[str, ...]",
     source: PointSource,
-    feature_file: h5py.File,
     match_file: h5py.File,
-    config: LocalizationConfig,
-) -> tuple[PoseEstimate | None, dict]:
-    """Localize one query; returns the best estimate (or None) and its log entry."""
-    log: dict = {
-        "estimator": config.pose.estimator,
-        "db": list(db_names),
-        "num_matches": 0,
-        "num_correspondences": 0,
-        "num_inliers": 0,
-        "db_used": [],
-        "reason": "",
-    }
-    if not db_names:
-        log["reason"] = "no db images listed for the query"
-        return None, log
-    keypoints = _query_keypoints(feature_file, name)
-    if keypoints is None:
-        log["reason"] = "no keypoints for the query in the features file"
-        return None, log
-    clusters = covisibility_clusters(db_names, source) if config.covisibility_clustering else [list(db_names)]
+    config: LocalizeConfig,
+) -> tuple[tuple[PoseEstimate, Correspondences] | None, MatchRecord, str]:
+    """(best estimate and its correspondences or None, the match record, the most promising failure's reason)."""
+    clusters = covisibility_clusters(list(db_names), source) if config.covisibility_clustering else [list(db_names)]
     best: tuple[PoseEstimate, Correspondences] | None = None
-    cluster_logs, matches_per_db, missing = [], {}, []
+    attempts, matches_per_db, missing = [], {}, []
     most_correspondences, failure = -1, ""
     for cluster in clusters:
         corr = gather_correspondences(keypoints, name, cluster, source, match_file)
         matches_per_db.update(corr.matches_per_db)
         missing += corr.missing_pairs
         estimate = estimate_absolute_pose(corr.points2D, corr.points3D, camera, config.pose)
-        cluster_logs.append(
-            {
-                "db": cluster,
-                "num_correspondences": len(corr.points2D),
-                "num_inliers": estimate.num_inliers if estimate.success else 0,
-                "reason": estimate.reason,
-            }
-        )
+        inliers = estimate.num_inliers if estimate.success else 0
+        attempts.append(ClusterRecord(tuple(cluster), len(corr.points2D), inliers, estimate.reason))
         if estimate.success:
             if best is None or estimate.num_inliers > best[0].num_inliers:
                 best = (estimate, corr)
         elif len(corr.points2D) > most_correspondences:
             # report the failure of the most promising cluster
             most_correspondences, failure = len(corr.points2D), estimate.reason
-    log["num_correspondences"] = max(most_correspondences, 0)
-    log["reason"] = failure
-    log["num_matches"] = int(sum(matches_per_db.values()))
-    log["matches_per_db"] = {k: int(v) for k, v in matches_per_db.items()}
-    if missing:
-        log["missing_pairs"] = missing
-    if config.covisibility_clustering:
-        log["clusters"] = cluster_logs
-    if best is None and log["num_matches"] > 0 and log["num_correspondences"] == 0:
-        log["reason"] = "none of the matched db keypoints has a 3D point"
-    if log["num_matches"] == 0 and best is None:
-        log["reason"] = "no matches with the listed db images"
-        if missing:
-            log["reason"] += " (pairs missing from the matches file)"
+    record = MatchRecord(
+        num_matches=int(sum(matches_per_db.values())),
+        num_correspondences=len(best[1].points2D) if best is not None else max(most_correspondences, 0),
+        matches_per_db={db: int(count) for db, count in matches_per_db.items()},
+        missing_pairs=tuple(missing),
+        clusters=tuple(attempts) if config.covisibility_clustering else None,
+    )
+    return best, record, failure
+
+
+def localize_query(
+    name: str,
+    camera: pycolmap.Camera,
+    retrieval: RetrievalRecord,
+    source: PointSource,
+    feature_file: h5py.File,
+    match_file: h5py.File,
+    config: LocalizeConfig,
+) -> QueryRecord:
+    """Localize one query against its listed db images; a failure is a record with a reason, not an error."""
+    failed = QueryRecord(name, config.pose.estimator, retrieval)
+    if not retrieval.db:
+        listed = "none of the listed db images is in the reference" if retrieval.unknown_db else ""
+        return dataclasses.replace(failed, reason=listed or "no db images listed for the query")
+    keypoints = _query_keypoints(feature_file, name)
+    if keypoints is None:
+        return dataclasses.replace(failed, reason="no keypoints for the query in the features file")
+    best, matches, reason = _estimate_per_cluster(name, camera, keypoints, retrieval.db, source, match_file, config)
     if best is None:
-        return None, log
+        if matches.num_matches > 0 and matches.num_correspondences == 0:
+            reason = "none of the matched db keypoints has a 3D point"
+        if matches.num_matches == 0:
+            reason = "no matches with the listed db images"
+            if matches.missing_pairs:
+                reason += " (pairs missing from the matches file)"
+        return dataclasses.replace(failed, matches=matches, reason=reason)
     estimate, corr = best
     used = sorted(set(corr.db_indices[estimate.inlier_mask].tolist()))
-    log.update(
-        num_correspondences=int(len(corr.points2D)),
-        num_inliers=estimate.num_inliers,
-        db_used=[corr.db_names[i] for i in used],
-        reason="",
-        **{k: v for k, v in estimate.details.items()},
+    pose = PoseRecord(
+        estimate.cam_from_world, estimate.num_inliers, tuple(corr.db_names[i] for i in used), dict(estimate.details)
     )
-    return estimate, log
+    return dataclasses.replace(failed, matches=matches, pose=pose, status=STATUS_LOCALIZED)
 
 
 def localize(
@@ -311,45 +463,40 @@ def localize(
     retrieval: "dict[str, list[str]]",
     features: str | Path,
     matches: str | Path,
-    config: LocalizationConfig | None = None,
+    config: LocalizeConfig = LocalizeConfig(),
 ) -> LocalizationResult:
     """Localize every query of ``queries`` (name -> camera) against the db images listed in ``retrieval``."""
-    config = config if config is not None else LocalizationConfig()
-    poses: dict[str, pycolmap.Rigid3d] = {}
-    logs: dict[str, dict] = {}
+    records: list[QueryRecord] = []
     with open_h5(features) as feature_file, open_h5(matches) as match_file:
         for name, camera in tqdm(queries.items(), desc=f"localize ({config.pose.estimator})", unit="query"):
             start = time.perf_counter()
             listed = retrieval.get(name, [])
-            db_names = [db for db in listed if source.has_image(db)]
-            estimate, log = localize_query(name, camera, db_names, source, feature_file, match_file, config)
-            unknown = [db for db in listed if not source.has_image(db)]
-            if unknown:
-                log["unknown_db"] = unknown
-                if not db_names:
-                    log["reason"] = "none of the listed db images is in the reference"
-            if estimate is not None:
-                poses[name] = estimate.cam_from_world
-                log["status"] = STATUS_LOCALIZED
-            else:
-                log["status"] = STATUS_FAILED
-                if config.fallback == "nearest":
-                    fallback = _nearest_db(log, db_names, source)
-                    if fallback is not None:
-                        poses[name] = source.db_pose(fallback)
-                        log["status"], log["fallback_db"] = STATUS_FALLBACK, fallback
-            if name in poses:
-                qvec, tvec = qt_from_rigid(poses[name])
-                log["qvec"], log["tvec"] = qvec.tolist(), tvec.tolist()
-            log["time_s"] = round(time.perf_counter() - start, 4)
-            logs[name] = log
-    return LocalizationResult(poses, logs)
+            known = RetrievalRecord(
+                db=tuple(db for db in listed if source.has_image(db)),
+                unknown_db=tuple(db for db in listed if not source.has_image(db)),
+            )
+            record = localize_query(name, camera, known, source, feature_file, match_file, config)
+            if record.status == STATUS_FAILED and config.fallback == "nearest":
+                record = _with_fallback(record, source)
+            records.append(dataclasses.replace(record, time_s=round(time.perf_counter() - start, 4)))
+    return LocalizationResult(records)
 
 
-def _nearest_db(log: dict, db_names: "list[str]", source: PointSource) -> str | None:
+def _with_fallback(record: QueryRecord, source: PointSource) -> QueryRecord:
+    """A failed query with the pose of its best-matching db image, if one has a pose."""
+    nearest = _nearest_db(record.matches.matches_per_db or {}, record.retrieval.db, source)
+    if nearest is None:
+        return record
+    return dataclasses.replace(
+        record, status=STATUS_FALLBACK, fallback_db=nearest, fallback_pose=source.db_pose(nearest)
+    )
+
+
+def _nearest_db(
+    matches_per_db: Mapping[str, int], db_names: "tuple[str, ...] | list[str]", source: PointSource
+) -> str | None:
     """The db image with the most matches (ties and no matches: retrieval order) that has a pose."""
-    counts = log.get("matches_per_db", {})
-    order = sorted(range(len(db_names)), key=lambda i: (-counts.get(db_names[i], 0), i))
+    order = sorted(range(len(db_names)), key=lambda i: (-matches_per_db.get(db_names[i], 0), i))
     for i in order:
         if source.db_pose(db_names[i]) is not None:
             return db_names[i]
@@ -372,19 +519,17 @@ def default_log_path(results: str | Path) -> Path:
     return results.with_name(results.stem + "_log.json")
 
 
-def write_log(
-    path: str | Path, result: LocalizationResult, config: LocalizationConfig, extra: dict | None = None
-) -> None:
-    """The per-query log as JSON (with a summary and the configuration), atomically."""
+def write_log(path: str | Path, result: LocalizationResult, config: LocalizeConfig, extra: dict | None = None) -> None:
+    """The query records as one JSON log (with a summary and the configuration), written atomically."""
     summary = {
-        "queries": len(result.logs),
+        "queries": len(result.records),
         "localized": result.count(STATUS_LOCALIZED),
         "fallback": result.count(STATUS_FALLBACK),
         "failed": result.count(STATUS_FAILED),
     }
-    content = {"summary": summary, "config": asdict(config), **(extra or {}), "queries": result.logs}
-    with atomic_path(path) as temp:
-        temp.write_text(json.dumps(json_safe(content), indent=1, allow_nan=False))
+    queries = {record.name: record.to_json() for record in result.records}
+    content = {"summary": summary, "config": config.to_json(), **(extra or {}), "queries": queries}
+    write_text_atomic(path, json.dumps(json_safe(content), indent=1, allow_nan=False))
 
 
 def json_safe(value: object) -> object:
@@ -400,6 +545,14 @@ def json_safe(value: object) -> object:
     return value
 
 
+def summary_line(result: LocalizationResult) -> str:
+    """``localized L / N queries (F fallback, X failed)``: the start of every localization CLI's last line."""
+    return (
+        f"localized {result.count(STATUS_LOCALIZED)} / {len(result.records)} queries "
+        f"({result.count(STATUS_FALLBACK)} fallback, {result.count(STATUS_FAILED)} failed)"
+    )
+
+
 def main(
     reference: "PointSource | pycolmap.Reconstruction | str | Path",
     queries: "str | Path | dict[str, pycolmap.Camera]",
@@ -407,15 +560,15 @@ def main(
     features: str | Path,
     matches: str | Path,
     results: str | Path,
-    config: LocalizationConfig | None = None,
+    config: LocalizeConfig = LocalizeConfig(),
     log_path: str | Path | None = None,
 ) -> LocalizationResult:
     """Localize, then write the pose file ``results`` and its JSON log (default ``<results>_log.json``).
 
     ``reference``: a COLMAP model (folder or Reconstruction) or any :class:`PointSource`;
     ``queries``: an intrinsics list path or {name: camera}; ``retrieval``: pairs file ``query db``.
+    ``config.matching`` is not used: the matches are given.
     """
-    config = config if config is not None else LocalizationConfig()
     if isinstance(reference, (str, Path, pycolmap.Reconstruction)):
         source: PointSource = ModelPoints(reference)
     else:
@@ -436,96 +589,43 @@ def main(
     return result
 
 
-def add_estimator_arguments(parser: argparse.ArgumentParser) -> None:
-    """The pose-estimation flags shared by localize, aachen and inloc."""
-    parser.add_argument(
-        "--estimator",
-        choices=ESTIMATORS,
-        default="pycolmap",
-        help="pycolmap LO-RANSAC or OpenCV USAC MAGSAC++ (default: %(default)s)",
-    )
-    parser.add_argument("--max-error", type=float, default=None, help="RANSAC inlier threshold in pixels")
-    parser.add_argument("--covisibility-clustering", action="store_true", help="estimate per covisible db cluster")
-    parser.add_argument(
-        "--fallback",
-        choices=FALLBACKS,
-        default="none",
-        help="pose for failed queries: none, or the best-matching db image's pose",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="RANSAC random seed")
+# ----------------------------------------------------------------------------------------------- CLI
+#: pose options no localization CLI offers: magsac's refinement is always on (and --refine names the
+#: dense-matching refinement in the benchmark CLIs)
+POSE_OPTIONS_EXCLUDED = ("refine",)
 
 
-def add_benchmark_arguments(
-    parser: argparse.ArgumentParser, dataset_help: str, default_weights: str, pairs_example: str, num_loc: int
+def add_localize_arguments(
+    parser: argparse.ArgumentParser, defaults: LocalizeConfig, exclude_pose: "tuple[str, ...]" = ()
 ) -> None:
-    """The dataset, matcher and query-pair flags shared by the Aachen and InLoc pipelines."""
-    parser.add_argument("--dataset", type=Path, required=True, help=dataset_help)
-    parser.add_argument("--outputs", type=Path, required=True, help="output folder")
-    parser.add_argument("--matcher", default="loftr", help="loftr or sift (default loftr)")
-    from matchers.factory import WEIGHTS_HELP
-
-    parser.add_argument(
-        "--weights",
-        default=None,
-        help=WEIGHTS_HELP
-        if default_weights == "outdoor"
-        else f"LoFTR checkpoint name or path (default {default_weights}, never swapped for other weights)",
+    """The options of :class:`LocalizeConfig` (without matching) and its pose estimation, from the configs."""
+    add_config_arguments(
+        parser, PoseEstimationConfig, defaults=defaults.pose, exclude=POSE_OPTIONS_EXCLUDED + exclude_pose
     )
-    parser.add_argument("--resize", type=int, default=None, help="longest side for matching")
-    parser.add_argument(
-        "--pairs-query", default=None, help=f"query-db pairs file (e.g. hloc's {pairs_example}), or 'exhaustive'"
-    )
-    parser.add_argument(
-        "--num-loc", type=int, default=num_loc, help=f"db images retrieved per query (default {num_loc})"
-    )
-    parser.add_argument("--device", default="auto")
-    parser.add_argument(
-        "--refine",
-        choices=REFINE_MODES,
-        default=None,
-        help="sub-pixel refinement of dense matches (default klt for loftr, none for sift)",
-    )
-    add_estimator_arguments(parser)
+    add_config_arguments(parser, LocalizeConfig, defaults=defaults)
 
 
-def report(result: LocalizationResult, submission: Path) -> None:
-    """The one-line summary the Aachen and InLoc CLIs print."""
-    print(
-        f"localized {result.count(STATUS_LOCALIZED)} / {len(result.logs)} queries "
-        f"({result.count(STATUS_FALLBACK)} fallback, {result.count(STATUS_FAILED)} failed); "
-        f"submission: {submission}"
-    )
+def options_of(parser: argparse.ArgumentParser, args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """``{field: value}`` of the options ``parser`` generated from the config class ``cls`` (and only those:
+    several configs of one command line may share a field name, like ``refine``)."""
+    values = {}
+    for dest, (owner, name) in generated_options(parser).items():
+        if owner is cls:
+            value = getattr(args, dest)
+            values[name] = tuple(value) if isinstance(value, list) else value
+    return values
 
 
-#: Quantization of KLT-refined matches in localization: the query step snaps database points to the reference
-#: keypoints within this radius, so it cannot be as small as reconstruct's 0.5 px. Mini-Aachen from temple_ring
-#: with loftr-compact (12 queries, 10 retrieved db images each), recall at (0.25 m, 2 deg) / median error:
-#: no refinement (8 px / 2 px) 58 % / 0.225 m 0.59 deg; KLT 8 px / 2 px 92 % / 0.132 m 0.36 deg; KLT 4 px / 1 px
-#: 92 % / 0.101 m 0.27 deg.
-KLT_MAX_ERROR = 1.0
+def localize_config_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: LocalizeConfig
+) -> LocalizeConfig:
+    """The :class:`LocalizeConfig` the command line describes, on top of ``defaults``."""
+    matching = dataclasses.replace(defaults.matching, **options_of(parser, args, QueryMatchingConfig))
+    pose = dataclasses.replace(defaults.pose, **options_of(parser, args, PoseEstimationConfig))
+    return dataclasses.replace(defaults, matching=matching, pose=pose, **options_of(parser, args, LocalizeConfig))
 
 
-def match_config_from_args(args: argparse.Namespace):
-    """Dense matching of both steps: LoFTR's points refined by KLT on a 4 px / 1 px grid unless ``--refine none``;
-    SIFT's keypoints as detected."""
-    from pipeline.match_dense import DenseMatchConfig
-
-    refine = args.refine if args.refine is not None else default_refine(args.matcher, fixed_reference=True)
-    if refine == "klt":
-        return DenseMatchConfig(refine=refine, cell_size=KLT_CELL_SIZE, max_error=KLT_MAX_ERROR)
-    return DenseMatchConfig(refine=refine)
-
-
-def config_from_args(args: argparse.Namespace, default_max_error: float = 12.0) -> LocalizationConfig:
-    max_error = args.max_error if args.max_error is not None else default_max_error
-    return LocalizationConfig(
-        pose=PoseEstimationConfig(estimator=args.estimator, max_error=max_error, seed=args.seed),
-        covisibility_clustering=args.covisibility_clustering,
-        fallback=args.fallback,
-    )
-
-
-def main_cli(argv: "list[str] | None" = None) -> LocalizationResult:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m localization.localize", description=__doc__.split("\n")[0])
     parser.add_argument("--reference-sfm", type=Path, required=True, help="COLMAP reference model folder")
     parser.add_argument("--queries", type=Path, required=True, help="query list 'name MODEL W H params...'")
@@ -533,23 +633,19 @@ def main_cli(argv: "list[str] | None" = None) -> LocalizationResult:
     parser.add_argument("--features", type=Path, required=True)
     parser.add_argument("--matches", type=Path, required=True)
     parser.add_argument("--results", type=Path, required=True, help="output pose file")
-    parser.add_argument("--log", type=Path, default=None, help="JSON log (default <results>_log.json)")
-    add_estimator_arguments(parser)
+    parser.add_argument("--log", dest="log_path", type=Path, default=None, help="JSON log (default <results>_log.json)")
+    add_localize_arguments(parser, LocalizeConfig())
+    return parser
+
+
+def main_cli(argv: "list[str] | None" = None) -> LocalizationResult:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    config = localize_config_from_args(parser, args, LocalizeConfig())
     result = main(
-        args.reference_sfm,
-        args.queries,
-        args.pairs,
-        args.features,
-        args.matches,
-        args.results,
-        config_from_args(args),
-        args.log,
+        args.reference_sfm, args.queries, args.pairs, args.features, args.matches, args.results, config, args.log_path
     )
-    print(
-        f"localized {result.count(STATUS_LOCALIZED)} / {len(result.logs)} queries "
-        f"({result.count(STATUS_FALLBACK)} fallback, {result.count(STATUS_FAILED)} failed) -> {args.results}"
-    )
+    print(f"{summary_line(result)} -> {args.results}")
     return result
 
 

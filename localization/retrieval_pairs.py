@@ -1,7 +1,7 @@
 """Query -> db pairs by global-descriptor retrieval, for the Aachen and InLoc pipelines.
 
-Uses the pipeline's retrieval step (global descriptors of every image, :mod:`pipeline.retrieval`) and
-``pipeline.pairs.from_retrieval`` (top ``k`` db images per query). Instead, users may give a pairs file
+Uses ``pipeline.pairs.query_retrieval`` (global descriptors of every image, :mod:`pipeline.retrieval`; the
+top ``k`` db images per query). Instead, users may give a pairs file
 (``--pairs-query``: hloc's published ``pairs-query-netvlad*.txt`` lists) or ``exhaustive``.
 """
 
@@ -22,28 +22,6 @@ def pairs_label(pairs_query: str | Path | None, num_loc: int) -> str:
     return EXHAUSTIVE if str(pairs_query) == EXHAUSTIVE else "given"
 
 
-def retrieve_pairs(
-    image_dir: str | Path,
-    outputs: str | Path,
-    query_names: "list[str]",
-    db_names: "list[str]",
-    k: int,
-    device: str = "auto",
-) -> dict[str, list[str]]:
-    """{query: [top-k db images]} from global descriptors written under ``outputs``."""
-    from pipeline import pairs as pairs_step
-    from pipeline import retrieval
-
-    if k < 1:
-        raise UserError(f"the number of retrieved db images must be >= 1, got {k}")
-    descriptors = Path(outputs) / "global-features.h5"
-    retrieval.main(Path(image_dir), list(query_names) + list(db_names), descriptors, device=device)
-    pairs: dict[str, list[str]] = {}
-    for query, db in pairs_step.from_retrieval(descriptors, list(query_names), list(db_names), k):
-        pairs.setdefault(query, []).append(db)
-    return pairs
-
-
 def query_pairs(
     image_dir: Path,
     outputs: Path,
@@ -61,6 +39,7 @@ def query_pairs(
     ends with ``unknown_query`` / ``unknown_db`` (each pipeline says where its images should be).
     """
     from core.io import write_pairs
+    from pipeline.pairs import query_retrieval
 
     from .localize import parse_retrieval
 
@@ -76,6 +55,8 @@ def query_pairs(
         if unknown:
             raise UserError(f"{pairs_query}: db image {unknown[0]!r} {unknown_db}")
     else:
-        pairs = retrieve_pairs(image_dir, outputs, list(queries), list(db_names), num_loc)
+        pairs = {query: [] for query in queries}
+        for query, db in query_retrieval(image_dir, outputs, list(queries), list(db_names), num_loc):
+            pairs[query].append(db)
     write_pairs(target, [(q, d) for q, ds in pairs.items() for d in ds])
     return pairs

@@ -998,8 +998,10 @@ def main(
     config: DenseMatchConfig | None = None,
     reference_features: Path | None = None,
     distributed: DistributedConfig = DistributedConfig(),
+    worker_matcher: Callable[[], Matcher] | None = None,
 ) -> DenseMatchResult:
-    """Match, quantize and write hloc files (see :func:`run`).
+    """Match, quantize and write hloc files (see :func:`run`; ``worker_matcher``: how Ray workers build a
+    ready ``matcher``, default a copy of it).
 
     ``matcher``: a built :class:`~matchers.base.Matcher`, or a :class:`MatcherSpec` built here once the inputs
     are checked (a single matcher; ensembles are pipeline.reconstruct's). ``config`` None: a spec's matcher gets
@@ -1017,7 +1019,7 @@ def main(
         load_pairs(Path(pairs), Path(image_dir))
         spec, matcher = matcher, matcher.make()
         return run(pairs, image_dir, features, matches, matcher, config, reference_features, distributed, spec.make)
-    return run(pairs, image_dir, features, matches, matcher, config, reference_features, distributed)
+    return run(pairs, image_dir, features, matches, matcher, config, reference_features, distributed, worker_matcher)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

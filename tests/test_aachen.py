@@ -15,6 +15,14 @@ from core.poses import camera_center, read_poses
 from datasets import mini_aachen
 from localization import aachen
 from localization.evaluate import AACHEN_THRESHOLDS, evaluate
+from localization.localize import LocalizeConfig, QueryMatchingConfig
+from pipeline.pairs import covisibility
+
+
+def sift(**fields) -> aachen.AachenConfig:
+    """The Aachen options with SIFT matching and ``fields`` replaced."""
+    return aachen.AachenConfig(localize=LocalizeConfig(matching=QueryMatchingConfig(matcher="sift")), **fields)
+
 
 SUBSET = (18, 30)  # 12 consecutive views ~8 degrees apart; queries 20, 24, 28 (db on both sides), 9 db
 SIZE = 320
@@ -77,11 +85,17 @@ def test_mini_aachen_sift_pipeline(mini: Path, tmp_path_factory: pytest.TempPath
             "exhaustive",
             "--estimator",
             estimator,
+            "--gt",
+            str(mini / "ground_truth.txt"),
         ]
     )
     gt = read_poses(mini / "ground_truth.txt")
     evaluation = evaluate(gt, read_poses(out.submission), AACHEN_THRESHOLDS)
     assert evaluation.recall[0] >= 90.0, evaluation.table()  # (0.25 m, 2 deg) in scene metres
+    # --gt: the same evaluation of the run's poses, at Aachen's thresholds, also written as JSON
+    assert out.evaluation.recall == evaluation.recall and out.evaluation.thresholds == list(AACHEN_THRESHOLDS)
+    assert json.loads(out.evaluation_file.read_text())["recall_percent"] == pytest.approx(evaluation.recall)
+    assert out.evaluation_file.name == f"evaluation-sift-{estimator}.json"
     submitted = read_poses(out.submission)
     assert sorted(submitted) == sorted(n.split("/")[-1] for n in gt)
     for name, pose in out.result.poses.items():  # submission lines round-trip to the estimates
@@ -104,16 +118,16 @@ def test_given_pairs_file_and_errors(mini: Path, tmp_path: Path) -> None:
     description = json.loads((mini / "mini_aachen.json").read_text())
     pairs = tmp_path / "pairs-query-netvlad3.txt"
     pairs.write_text("".join(f"{q} {d}\n" for q in description["queries"] for d in description["db"][:3]))
-    out = aachen.main(mini, tmp_path / "out", "sift", pairs_query=pairs)
+    out = aachen.main(mini, tmp_path / "out", sift(pairs_query=pairs))
     assert out.query_pairs.read_text() == pairs.read_text()
-    assert set(out.result.logs) == set(description["queries"])
+    assert {r.name for r in out.result.records} == set(description["queries"])
     pairs.write_text(f"{description['queries'][0]} db/nope.png\n")
     with pytest.raises(UserError, match="not in the reference model"):
-        aachen.main(mini, tmp_path / "out", "sift", pairs_query=pairs)
+        aachen.main(mini, tmp_path / "out", sift(pairs_query=pairs))
     with pytest.raises(UserError, match="Aachen v1.1 layout"):
-        aachen.main(tmp_path, tmp_path / "out2", "sift")
+        aachen.main(tmp_path, tmp_path / "out2", sift())
     with pytest.raises(UserError, match="Aachen v1.1 layout"):
-        aachen.main(tmp_path / "missing", tmp_path / "out2", "sift")
+        aachen.main(tmp_path / "missing", tmp_path / "out2", sift())
 
 
 def test_loftr_random_weights_end_to_end(temple_ring: Path, tmp_path: Path) -> None:
@@ -129,7 +143,7 @@ def test_loftr_random_weights_end_to_end(temple_ring: Path, tmp_path: Path) -> N
     torch.manual_seed(0)
     weights = save_checkpoint(LoFTR(LoFTRConfig.preset("outdoor_ds")), tmp_path / "random.ckpt")
     matcher = make_matcher("loftr", weights=str(weights), resize=96, device="cpu", match_threshold=0.0)
-    out = aachen.main(dataset, tmp_path / "out", matcher, pairs_query="exhaustive")
+    out = aachen.main(dataset, tmp_path / "out", aachen.AachenConfig(pairs_query="exhaustive"), matcher)
     for path in (
         out.db_pairs,
         out.features,
@@ -169,7 +183,7 @@ def test_loftr_random_weights_end_to_end(temple_ring: Path, tmp_path: Path) -> N
 
 def test_query_pairs_from_retrieval_by_default(mini: Path, tmp_path: Path) -> None:
     """Without --pairs-query, each query is paired with db images found by the weight-free retrieval."""
-    out = aachen.main(mini, tmp_path / "out", "sift", num_loc=3)
+    out = aachen.main(mini, tmp_path / "out", sift(num_loc=3))
     assert "retrieval" in out.query_pairs.name
     pairs = [line.split() for line in out.query_pairs.read_text().splitlines()]
     queries = {q for q, _ in pairs}
@@ -191,4 +205,16 @@ def test_covisibility_pairs_against_brute_force(mini: Path) -> None:
             for j in ranked:
                 a, b = model.images[i].name, model.images[j].name
                 expected.add((min(a, b), max(a, b)))
-        assert set(aachen.covisibility_pairs(model, k)) == expected
+        assert set(covisibility(model, k, unique=True)) == expected
+
+
+def test_mini_aachen_cli_options() -> None:
+    """--subset keeps its START:STOP spelling; the other options come from MiniAachenConfig."""
+    from core.cli import config_from_args
+
+    parser = mini_aachen.build_parser()
+    args = parser.parse_args(["--source", "s", "--output", "o", "--subset", "18:30", "--max-size", "320"])
+    config = config_from_args(args, mini_aachen.MiniAachenConfig)
+    assert config == mini_aachen.MiniAachenConfig(subset=(18, 30), max_size=320)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--source", "s", "--output", "o", "--subset", "18"])

@@ -46,17 +46,7 @@ def _config_defaults(main) -> list:
 
 
 # modules whose CLI has not moved to build_parser() + generated options yet (issue 14 empties this)
-NOT_YET_CONVERTED = {
-    "localization.aachen",
-    "localization.evaluate",
-    "localization.inloc",
-    "localization.localize",
-    "datasets.imc",
-    "datasets.middlebury",
-    "datasets.mini_aachen",
-    "datasets.mini_inloc",
-    "datasets.synthetic",
-}
+NOT_YET_CONVERTED = {}
 
 
 @pytest.mark.parametrize("module_name", cli_modules())

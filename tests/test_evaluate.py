@@ -101,3 +101,10 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert saved["recall_percent"] == pytest.approx([50.0, 50.0, 50.0]) and saved["missing"] == ["q1.jpg"]
     with pytest.raises(UserError, match="not found"):
         ev.main_cli(["--gt", str(tmp_path / "nope.txt"), "--results", str(tmp_path / "res.txt")])
+    # the API's defaults are the CLI's: all six thresholds, scale 1
+    default = ev.main(tmp_path / "gt.txt", tmp_path / "res.txt")
+    assert default.thresholds == list(ev.AACHEN_THRESHOLDS + ev.INLOC_THRESHOLDS) and default.scale == 1.0
+    scaled = ev.main(tmp_path / "gt.txt", tmp_path / "res.txt", ev.EvaluateConfig(thresholds="1,2", scale=0.5))
+    assert scaled.thresholds == [(1.0, 2.0)] and scaled.recall == [50.0] and scaled.scale == 0.5
+    with pytest.raises(UserError, match="thresholds 'fast'"):
+        ev.EvaluateConfig(thresholds="fast")

@@ -14,6 +14,7 @@ import pytest
 
 from core.errors import UserError
 from datasets.imc import (
+    ScanNet2022Config,
     convert_scannet_2022,
     read_calibration_2022,
     read_scannet_pairs,
@@ -34,7 +35,7 @@ def imc2022_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     source = data_path("scannet_sample")
     output = tmp_path_factory.mktemp("imc2022")
-    summary = convert_scannet_2022(source, output, max_size=320)
+    summary = convert_scannet_2022(source, output, ScanNet2022Config(max_size=320))
     assert summary == {"pairs": 15, "images": 30}
     lines = (output / "test.csv").read_text().splitlines()
     (output / "test.csv").write_text("\n".join(lines[: NUM_PAIRS + 1]) + "\n")

@@ -14,6 +14,7 @@ from core.cli import config_from_options
 from core.errors import UserError
 from core.par_files import read_par_file
 from datasets.imc import (
+    Middlebury2023Config,
     convert_temple_2023,
     list_scenes_2023,
     read_labels_2023,
@@ -31,7 +32,9 @@ def temple_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.conftest import data_path
 
     output = tmp_path_factory.mktemp("imc2023")
-    assert convert_temple_2023(data_path("temple_ring"), output, start=12, limit=8, max_size=480) == {"images": 8}
+    assert convert_temple_2023(
+        data_path("temple_ring"), output, Middlebury2023Config(start=12, limit=8, max_size=480)
+    ) == {"images": 8}
     return output
 
 
@@ -203,7 +206,7 @@ def test_converter_adds_scenes_and_cli(temple_ring: Path, tmp_path: Path, capsys
     assert {key: len(v) for key, v in labels.items()} == {("middlebury", "temple_ring"): 3, ("synthetic", "pair"): 2}
     np.testing.assert_allclose(labels[("synthetic", "pair")]["synthetic/pair/images/v1.png"][0], cameras[1].R)
     # converting the temple again with other views replaces its rows and images and keeps the other scene
-    convert_temple_2023(temple_ring, output, start=12, limit=2, max_size=64)
+    convert_temple_2023(temple_ring, output, Middlebury2023Config(start=12, limit=2, max_size=64))
     labels = read_labels_2023(output / "train" / "train_labels.csv")
     assert {key: len(v) for key, v in labels.items()} == {("middlebury", "temple_ring"): 2, ("synthetic", "pair"): 2}
     assert len(list((output / "train" / "middlebury" / "temple_ring" / "images").iterdir())) == 2

@@ -13,6 +13,12 @@ from core.poses import read_poses
 from datasets import mini_inloc
 from localization import inloc
 from localization.evaluate import INLOC_THRESHOLDS, evaluate
+from localization.localize import LocalizeConfig, QueryMatchingConfig
+
+
+def sift(**fields) -> inloc.InLocConfig:
+    """The InLoc options with SIFT matching and ``fields`` replaced."""
+    return inloc.InLocConfig(localize=LocalizeConfig(matching=QueryMatchingConfig(matcher="sift")), **fields)
 
 
 # ------------------------------------------------------------------------------------ interpolation
@@ -162,21 +168,21 @@ def test_blank_query_fails_cleanly(mini: Path, tmp_path: Path) -> None:
     dataset = tmp_path / "data"
     shutil.copytree(mini, dataset)
     cv2.imwrite(str(dataset / "query/iphone7/IMG_0099.JPG"), np.full((180, 240, 3), 128, np.uint8))
-    out = inloc.main(dataset, tmp_path / "out", "sift", pairs_query="exhaustive")
-    log = out.result.logs["query/iphone7/IMG_0099.JPG"]
-    assert log["status"] == "failed" and log["reason"]
+    out = inloc.main(dataset, tmp_path / "out", sift(pairs_query="exhaustive"))
+    record = out.result.record("query/iphone7/IMG_0099.JPG")
+    assert record.status == "failed" and record.reason
     assert out.result.count("localized") == 3
     assert "IMG_0099.JPG" not in out.submission.read_text()
 
 
 def test_layout_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="InLoc layout"):
-        inloc.main(tmp_path, tmp_path / "out", "sift")
+        inloc.main(tmp_path, tmp_path / "out", sift())
     (tmp_path / "query/iphone7").mkdir(parents=True)
     (tmp_path / "database/cutouts").mkdir(parents=True)
     (tmp_path / "database/alignments").mkdir(parents=True)
     with pytest.raises(UserError, match="no query images"):
-        inloc.main(tmp_path, tmp_path / "out", "sift")
+        inloc.main(tmp_path, tmp_path / "out", sift())
 
 
 def test_loftr_random_weights_end_to_end(tmp_path: Path) -> None:
@@ -219,8 +225,8 @@ def test_loftr_random_weights_end_to_end(tmp_path: Path) -> None:
         assert entry["status"] in ("localized", "failed") and (entry["status"] == "localized" or entry["reason"])
     # threshold 0: every mutual-best cell matches, so the random model's matches reach localization
     matcher = make_matcher("loftr", weights=str(weights), resize=96, device="cpu", match_threshold=0.0)
-    out = inloc.main(dataset, tmp_path / "api", matcher, pairs_query="exhaustive")
-    assert all(entry["num_matches"] > 0 for entry in out.result.logs.values())
+    out = inloc.main(dataset, tmp_path / "api", inloc.InLocConfig(pairs_query="exhaustive"), matcher)
+    assert all(record.matches.num_matches > 0 for record in out.result.records)
     assert len(read_poses(out.submission)) == out.result.count("localized")
 
 
@@ -229,12 +235,59 @@ def test_given_pairs_file(mini: Path, tmp_path: Path) -> None:
     query, cutouts = description["queries"][0], description["cutouts"]
     pairs = tmp_path / "pairs-query-netvlad40.txt"
     pairs.write_text("".join(f"{query} {c}\n" for c in cutouts[:4]))
-    out = inloc.main(mini, tmp_path / "out", "sift", pairs_query=pairs)
-    assert set(out.result.logs) == set(description["queries"])  # unpaired queries: failed, not dropped
-    assert out.result.logs[description["queries"][1]]["reason"] == "no db images listed for the query"
+    out = inloc.main(mini, tmp_path / "out", sift(pairs_query=pairs))
+    # the API's default threshold is the CLI's: hloc's 48 px at 4032 px, scaled to the queries
+    assert json.loads(out.log.read_text())["config"]["pose"]["max_error"] == pytest.approx(48 * 240 / 4032)
+    assert {r.name for r in out.result.records} == set(description["queries"])  # unpaired: failed, not dropped
+    assert out.result.record(description["queries"][1]).reason == "no db images listed for the query"
     pairs.write_text(f"{query} database/cutouts/DUC1/000/missing.jpg\n")
     with pytest.raises(UserError, match="not a cutout"):
-        inloc.main(mini, tmp_path / "out", "sift", pairs_query=pairs)
+        inloc.main(mini, tmp_path / "out", sift(pairs_query=pairs))
     pairs.write_text(f"IMG_0001.JPG {cutouts[0]}\n")
     with pytest.raises(UserError, match="relative to the dataset"):
-        inloc.main(mini, tmp_path / "out", "sift", pairs_query=pairs)
+        inloc.main(mini, tmp_path / "out", sift(pairs_query=pairs))
+
+
+def test_loftr_weights_default_to_indoor_in_the_config(mini: Path, tmp_path: Path, monkeypatch) -> None:
+    """InLoc's LoFTR gets the indoor weights from its config (API and CLI alike); SIFT gets none; given
+    weights win; an explicit --max-error is used as is."""
+    from matchers import factory
+
+    asked = []
+
+    def no_matcher(name, weights=None, **options):
+        asked.append((name, weights))
+        raise UserError("no matcher in this test")
+
+    monkeypatch.setattr(factory, "make_matcher", no_matcher)
+    for run in (
+        lambda: inloc.main(mini, tmp_path / "a"),
+        lambda: inloc.main_cli(["--dataset", str(mini), "--outputs", str(tmp_path / "b")]),
+        lambda: inloc.main(mini, tmp_path / "c", sift()),
+        lambda: inloc.main_cli(["--dataset", str(mini), "--outputs", str(tmp_path / "d"), "--weights", "x.ckpt"]),
+    ):
+        with pytest.raises(UserError, match="no matcher"):
+            run()
+    assert asked == [("loftr", "indoor"), ("loftr", "indoor"), ("sift", None), ("loftr", "x.ckpt")]
+    parser = inloc.build_parser()
+    args = parser.parse_args(["--dataset", "d", "--outputs", "o", "--max-error", "5"])
+    config = inloc.benchmark_config_from_args(parser, args, inloc.InLocConfig())
+    cameras = {"q": inloc.query_camera(240, 180)}
+    assert inloc.InLocAdapter(mini, config).localize_config(config, cameras).pose.max_error == 5.0
+    default = inloc.InLocConfig()
+    assert inloc.InLocAdapter(mini, default).localize_config(default, cameras).pose.max_error == pytest.approx(
+        48 * 240 / 4032
+    )
+
+
+def test_mini_inloc_cli_options() -> None:
+    """--scans / --queries (the config's num_scans / num_queries) and --width / --height size the queries too."""
+    from core.cli import config_from_args
+
+    parser = mini_inloc.build_parser()
+    args = parser.parse_args(["--output", "x", "--scans", "2", "--num-queries", "1", "--width", "96", "--height", "72"])
+    config = config_from_args(args, mini_inloc.MiniInLocConfig)
+    assert (config.num_scans, config.num_queries, config.query_size) == (2, 1, (96, 72))
+    args = parser.parse_args(["--output", "x", "--query-width", "128", "--query-height", "96"])
+    config = config_from_args(args, mini_inloc.MiniInLocConfig)
+    assert config.query_size == (128, 96) and config == mini_inloc.MiniInLocConfig(query_width=128, query_height=96)

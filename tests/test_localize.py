@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -291,20 +292,38 @@ def test_degenerate_inputs_fail_cleanly(estimator: str) -> None:
 # ------------------------------------------------------------------------------------------ localize
 @pytest.mark.parametrize("estimator", ["pycolmap", "magsac"])
 def test_localize_against_model(scene: Scene, tmp_path: Path, estimator: str) -> None:
-    config = loc.LocalizationConfig(pose=PoseEstimationConfig(estimator=estimator))
+    config = loc.LocalizeConfig(pose=PoseEstimationConfig(estimator=estimator))
     results = tmp_path / "poses.txt"
     result = loc.main(scene.model_dir, scene.query_list, scene.pairs, scene.features, scene.matches, results, config)
     parsed = read_poses(results)
     assert set(parsed) == set(scene.queries)
+    saved = json.loads((tmp_path / "poses_log.json").read_text())
     for query in scene.queries:
         position, rotation = pose_errors(parsed[query], scene.poses[query])
         assert position < 0.01 and rotation < 0.1, (query, position, rotation)
-        log = result.logs[query]
-        assert log["status"] == "localized" and log["estimator"] == estimator
-        assert log["num_inliers"] > 300 and log["num_matches"] >= log["num_inliers"]
-        assert set(log["db_used"]) <= set(scene.db) and log["db_used"]
-    saved = json.loads((tmp_path / "poses_log.json").read_text())
+        record = result.record(query)
+        assert record.status == "localized" and record.estimator == estimator
+        assert record.pose.num_inliers > 300 and record.matches.num_matches >= record.pose.num_inliers
+        assert set(record.pose.db_used) <= set(scene.db) and record.pose.db_used
+        # the log entry: the format tools read, in its order, with the record's values
+        entry = saved["queries"][query]
+        own_count = "ransac_inliers" if estimator == "pycolmap" else "magsac_inliers"
+        assert list(entry) == [
+            "estimator", "db", "num_matches", "num_correspondences", "num_inliers", "db_used", "reason",
+            "matches_per_db", own_count, "status", "qvec", "tvec", "time_s",
+        ]  # fmt: skip
+        assert entry["status"] == "localized" and entry["num_inliers"] == record.pose.num_inliers
+        assert entry["db_used"] == list(record.pose.db_used) and entry["db"] == scene.db
+        assert sum(entry["matches_per_db"].values()) == entry["num_matches"] == record.matches.num_matches
+        qvec, tvec = qt_from_rigid(parsed[query])
+        np.testing.assert_allclose(entry["qvec"], qvec, atol=1e-12)
+        np.testing.assert_allclose(entry["tvec"], tvec, atol=1e-12)
     assert saved["summary"] == {"queries": 2, "localized": 2, "fallback": 0, "failed": 0}
+    assert saved["config"] == {
+        "pose": asdict(config.pose),
+        "covisibility_clustering": False,
+        "fallback": "none",
+    }
     assert saved["config"]["pose"]["estimator"] == estimator
 
 
@@ -341,11 +360,15 @@ def test_covisibility_clusters(scene: Scene, tmp_path: Path) -> None:
             return ids, np.zeros((10, 3))
 
     assert loc.covisibility_clusters(["a", "b", "c"], Split()) == [["a", "c"], ["b"]]
-    config = loc.LocalizationConfig(covisibility_clustering=True)
+    config = loc.LocalizeConfig(covisibility_clustering=True)
     result = loc.main(
         scene.model_dir, scene.query_list, scene.pairs, scene.features, scene.matches, tmp_path / "p.txt", config
     )
-    assert all(log["status"] == "localized" and len(log["clusters"]) == 1 for log in result.logs.values())
+    assert all(r.status == "localized" and len(r.matches.clusters) == 1 for r in result.records)
+    cluster = result.records[0].matches.clusters[0]
+    assert cluster.db == tuple(scene.db) and cluster.num_inliers == result.records[0].pose.num_inliers
+    saved = json.loads((tmp_path / "p_log.json").read_text())
+    assert saved["queries"][scene.queries[0]]["clusters"] == [asdict(cluster) | {"db": scene.db}]
 
 
 def test_failed_queries_are_logged_and_run_continues(scene: Scene, tmp_path: Path) -> None:
@@ -378,25 +401,39 @@ def test_failed_queries_are_logged_and_run_continues(scene: Scene, tmp_path: Pat
     pairs["query/unknown.jpg"] = ["db/not-in-the-model.jpg"]
     pairs["query/nomatch.jpg"] = scene.db  # the last two pairs are absent from matches.h5
     source = loc.ModelPoints(scene.model_dir)
-    result = loc.localize(source, cameras, pairs, features, matches_path, loc.LocalizationConfig())
-    logs = result.logs
-    assert logs["query/none.jpg"]["status"] == "failed" and "no db images" in logs["query/none.jpg"]["reason"]
-    assert logs["query/nokp.jpg"]["status"] == "failed" and "no keypoints" in logs["query/nokp.jpg"]["reason"]
-    unknown = logs["query/unknown.jpg"]
-    assert unknown["status"] == "failed" and "none of the listed" in unknown["reason"]
-    assert logs["query/unknown.jpg"]["unknown_db"] == ["db/not-in-the-model.jpg"]
-    nomatch = logs["query/nomatch.jpg"]
-    assert nomatch["status"] == "failed" and "no matches" in nomatch["reason"]
-    assert nomatch["missing_pairs"] == scene.db[2:]
-    assert all(logs[q]["status"] == "localized" for q in scene.queries)
+    result = loc.localize(source, cameras, pairs, features, matches_path, loc.LocalizeConfig())
+    records = {r.name: r for r in result.records}
+    assert list(records) == list(cameras)  # one record per query, in query order
+    none, nokp = records["query/none.jpg"], records["query/nokp.jpg"]
+    assert none.status == "failed" and "no db images" in none.reason
+    assert nokp.status == "failed" and "no keypoints" in nokp.reason
+    unknown = records["query/unknown.jpg"]
+    assert unknown.status == "failed" and "none of the listed" in unknown.reason
+    assert unknown.retrieval.unknown_db == ("db/not-in-the-model.jpg",) and unknown.retrieval.db == ()
+    nomatch = records["query/nomatch.jpg"]
+    assert nomatch.status == "failed" and "no matches" in nomatch.reason and nomatch.pose is None
+    assert nomatch.matches.missing_pairs == tuple(scene.db[2:])
+    assert all(records[q].status == "localized" for q in scene.queries)
     assert set(result.poses) == set(scene.queries)
+    # the log: failed entries keep their keys (no matches_per_db where no matches were read)
+    entries = {r.name: r.to_json() for r in result.records}
+    assert list(entries["query/unknown.jpg"]) == [
+        "estimator", "db", "num_matches", "num_correspondences", "num_inliers", "db_used", "reason",
+        "unknown_db", "status", "time_s",
+    ]  # fmt: skip
+    assert entries["query/nomatch.jpg"]["missing_pairs"] == scene.db[2:]
+    assert entries["query/nomatch.jpg"]["matches_per_db"] == {scene.db[0]: 0, scene.db[1]: 0}
+    assert "qvec" not in entries["query/nomatch.jpg"] and "matches_per_db" not in entries["query/nokp.jpg"]
 
-    fallback = loc.localize(source, cameras, pairs, features, matches_path, loc.LocalizationConfig(fallback="nearest"))
-    assert fallback.logs["query/nomatch.jpg"]["status"] == "fallback"
-    assert fallback.logs["query/nokp.jpg"]["fallback_db"] == scene.db[0]
-    assert fallback.logs["query/none.jpg"]["status"] == "failed"  # no db image to fall back to
-    db_pose = source.db_pose(fallback.logs["query/nokp.jpg"]["fallback_db"])
+    fallback = loc.localize(source, cameras, pairs, features, matches_path, loc.LocalizeConfig(fallback="nearest"))
+    assert fallback.record("query/nomatch.jpg").status == "fallback"
+    assert fallback.record("query/nokp.jpg").fallback_db == scene.db[0]
+    assert fallback.record("query/none.jpg").status == "failed"  # no db image to fall back to
+    db_pose = source.db_pose(fallback.record("query/nokp.jpg").fallback_db)
     np.testing.assert_allclose(np.asarray(fallback.poses["query/nokp.jpg"].matrix()), np.asarray(db_pose.matrix()))
+    entry = fallback.record("query/nokp.jpg").to_json()
+    assert entry["status"] == "fallback" and entry["fallback_db"] == scene.db[0] and entry["num_inliers"] == 0
+    np.testing.assert_allclose(entry["tvec"], qt_from_rigid(db_pose)[1])
 
 
 def test_fallback_picks_db_image_with_most_matches() -> None:
@@ -404,8 +441,7 @@ def test_fallback_picks_db_image_with_most_matches() -> None:
         def db_pose(self, name):
             return pycolmap.Rigid3d()
 
-    log = {"matches_per_db": {"a": 3, "b": 10, "c": 10}}
-    assert loc._nearest_db(log, ["a", "b", "c"], Posed()) == "b"
+    assert loc._nearest_db({"a": 3, "b": 10, "c": 10}, ["a", "b", "c"], Posed()) == "b"
     assert loc._nearest_db({}, ["a", "b"], Posed()) == "a"
 
 
@@ -434,7 +470,7 @@ def test_cli(scene: Scene, tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert "localized 2 / 2" in capsys.readouterr().out
     log = json.loads((tmp_path / "out" / "poses_log.json").read_text())
     assert log["config"]["pose"]["max_error"] == 8.0 and log["config"]["pose"]["estimator"] == "magsac"
-    with pytest.raises(UserError, match="not a COLMAP model"):
+    with pytest.raises(UserError, match="no COLMAP model"):
         loc.main_cli(
             [
                 "--reference-sfm",
@@ -466,23 +502,53 @@ def test_matches_without_3d_points_fail_with_reason(scene: Scene) -> None:
         scene.features,
         scene.matches,
     )
-    for log in result.logs.values():
-        assert log["status"] == "failed" and log["num_matches"] > 0
-        assert log["reason"] == "none of the matched db keypoints has a 3D point"
+    for record in result.records:
+        assert record.status == "failed" and record.matches.num_matches > 0
+        assert record.reason == "none of the matched db keypoints has a 3D point"
     assert result.poses == {}
 
 
 def test_benchmark_flags_choose_the_dense_matching_of_both_steps():
-    import argparse
+    from localization import aachen
+    from localization.benchmark import benchmark_config_from_args
+    from localization.localize import KLT_CELL_SIZE, KLT_MAX_ERROR
 
-    from localization.localize import KLT_CELL_SIZE, KLT_MAX_ERROR, add_benchmark_arguments, match_config_from_args
+    parser = aachen.build_parser()
 
-    parser = argparse.ArgumentParser()
-    add_benchmark_arguments(parser, "dataset", "outdoor", "pairs.txt", 50)
-    base = ["--dataset", "d", "--outputs", "o"]
-    loftr = match_config_from_args(parser.parse_args(base))
+    def dense(*flags: str):
+        args = parser.parse_args(["--dataset", "d", "--outputs", "o", *flags])
+        return benchmark_config_from_args(parser, args, aachen.AachenConfig()).localize.matching.dense_config()
+
+    loftr = dense()
     assert (loftr.refine, loftr.cell_size, loftr.max_error) == ("klt", KLT_CELL_SIZE, KLT_MAX_ERROR)
-    plain = match_config_from_args(parser.parse_args(base + ["--refine", "none"]))
+    plain = dense("--refine", "none")
     assert (plain.refine, plain.cell_size, plain.max_error) == ("none", 8, 2.0)  # hloc's loftr_aachen grid
-    sift = match_config_from_args(parser.parse_args(base + ["--matcher", "sift"]))
-    assert sift.refine == "none"
+    assert dense("--matcher", "sift").refine == "none"
+    # a ready matcher object: its name decides (a SIFT object under the default matcher name)
+    assert loc.QueryMatchingConfig().dense_config("sift").refine == "none"
+
+
+def test_benchmark_options_come_from_the_configs():
+    """The Aachen CLI reads back every option into the config it mirrors; refine (matching) and the pose
+    estimator's fields do not mix, and flags users type keep working."""
+    from localization import aachen
+    from localization.benchmark import benchmark_config_from_args
+
+    parser = aachen.build_parser()
+    flags = ["--dataset", "d", "--outputs", "o", "--matcher", "sift", "--refine", "none", "--estimator", "magsac"]
+    flags += ["--max-error", "8", "--seed", "3", "--covisibility-clustering", "--fallback", "nearest"]
+    flags += ["--pairs-query", "exhaustive", "--num-loc", "7", "--num-covis", "5", "--min-inliers", "9"]
+    config = benchmark_config_from_args(parser, parser.parse_args(flags), aachen.AachenConfig())
+    assert config == aachen.AachenConfig(
+        localize=loc.LocalizeConfig(
+            matching=loc.QueryMatchingConfig(matcher="sift", refine="none"),
+            pose=PoseEstimationConfig(estimator="magsac", max_error=8.0, seed=3, min_inliers=9),
+            covisibility_clustering=True,
+            fallback="nearest",
+        ),
+        pairs_query="exhaustive",
+        num_loc=7,
+        num_covis=5,
+    )
+    args = parser.parse_args(["--dataset", "d", "--outputs", "o"])
+    assert benchmark_config_from_args(parser, args, aachen.AachenConfig()) == aachen.AachenConfig()

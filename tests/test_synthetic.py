@@ -329,6 +329,9 @@ def test_cli_preset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     )
     scene = read_scene(tmp_path / "s")
     assert scene.config == SceneConfig.preset("object_wide", num_views=2, width=64, height=48)
+    # without a preset: SceneConfig's values, the flags (short or the config's spelling) over them
+    main_cli(["--output", str(tmp_path / "u"), "--num-views", "2", "--width", "32", "--height", "24", "--arc", "40"])
+    assert read_scene(tmp_path / "u").config == SceneConfig(num_views=2, width=32, height=24, arc_degrees=40.0)
     assert len(scene) == 2 and scene.K[0, 0, 0] == pytest.approx(1.1 * 64, abs=1e-12)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main_cli(["--output", str(tmp_path / "t"), "--preset", "object_zoom"]))
