@@ -37,7 +37,8 @@ class ScaleConfig:
     pairs_per_image: int = 5  # sequential window / retrieval top-k, the same at every size
     resize: int = 320  # longest side for matching
     weights: str = "loftr-compact"  # LoFTR weights (offline)
-    distributed_workers: int = 2  # one extra LoFTR run with --distributed ray --workers N at the largest size
+    distributed_workers: int = 2  # one extra LoFTR run with --distributed ray --workers N (0 = none)
+    distributed_images: int = 100  # the scene size of that run
     workdir: Path = Path("outputs/scale")  # scenes and runs (reused when present)
 
 
@@ -133,12 +134,10 @@ def run_scale(config: ScaleConfig = ScaleConfig(), output: Path | None = None) -
                 out = config.workdir / f"run_{size}_{matcher}_{method}"
                 runs.append(reconstruct_run(images, out, matcher, method, config))
                 _save(report, runs, output)
-    if config.distributed_workers:
-        size = max(config.sizes)
-        images = render_scene(size, config.workdir)
-        out = config.workdir / f"run_{size}_loftr_sequential_ray"
-        runs.append(reconstruct_run(images, out, "loftr", "sequential", config, config.distributed_workers))
-        _save(report, runs, output)
+        if config.distributed_workers and size == config.distributed_images:
+            out = config.workdir / f"run_{size}_loftr_sequential_ray"
+            runs.append(reconstruct_run(images, out, "loftr", "sequential", config, config.distributed_workers))
+            _save(report, runs, output)
     report["checks"] = scale_checks(runs)
     _save(report, runs, output)
     return report

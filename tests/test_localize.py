@@ -511,7 +511,8 @@ def test_matches_without_3d_points_fail_with_reason(scene: Scene) -> None:
 def test_benchmark_flags_choose_the_dense_matching_of_both_steps():
     from localization import aachen
     from localization.benchmark import benchmark_config_from_args
-    from localization.localize import KLT_CELL_SIZE, KLT_MAX_ERROR
+    from pipeline.match_dense import LOCALIZATION_KLT_MAX_ERROR as KLT_MAX_ERROR
+    from pipeline.refine import KLT_CELL_SIZE
 
     parser = aachen.build_parser()
 

@@ -75,7 +75,8 @@ def test_covisibility_ranks_by_shared_points():
 def test_covisibility_unique_lists_each_unordered_pair_once_as_localization_needs():
     model = _model_with_points()
     assert pairs.covisibility(model, num_matched=2, unique=True) == [("im1.png", "im2.png"), ("im1.png", "im3.png")]
-    assert pairs.covisibility(model, 1, unique=True) == [("im1.png", "im2.png")]
+    # each image's best partner, each unordered pair once: im1-im2 (im1 and im2 agree), im3-im1
+    assert pairs.covisibility(model, 1, unique=True) == [("im1.png", "im2.png"), ("im1.png", "im3.png")]
 
 
 def test_one_sequential_window_and_retrieval_does_not_import_pairs_back():
