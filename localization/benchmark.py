@@ -262,3 +262,17 @@ def report(out: BenchmarkOutputs) -> None:
     print(f"{summary_line(out.result)}; submission: {out.submission}")
     if out.evaluation is not None:
         print(out.evaluation.table())
+
+
+def run_cli_main(
+    argv: list[str] | None,
+    build_parser: Callable[[], argparse.ArgumentParser],
+    main: Callable[..., BenchmarkOutputs],
+    defaults: BenchmarkConfig,
+) -> BenchmarkOutputs:
+    """A benchmark's ``main_cli``: parse, run ``main(dataset, outputs, config, gt=...)``, print the report."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = main(args.dataset, args.outputs, benchmark_config_from_args(parser, args, defaults), gt=args.gt)
+    report(out)
+    return out

@@ -46,9 +46,8 @@ from .benchmark import (
     BenchmarkConfig,
     BenchmarkOutputs,
     add_benchmark_arguments,
-    benchmark_config_from_args,
-    report,
     run,
+    run_cli_main,
 )
 from .evaluate import INLOC_THRESHOLDS
 from .localize import LocalizeConfig, PointSource
@@ -341,11 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main_cli(argv: "list[str] | None" = None) -> InLocOutputs:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    out = main(args.dataset, args.outputs, benchmark_config_from_args(parser, args, InLocConfig()), gt=args.gt)
-    report(out)
-    return out
+    return run_cli_main(argv, build_parser, main, InLocConfig())
 
 
 if __name__ == "__main__":

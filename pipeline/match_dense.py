@@ -657,13 +657,16 @@ def _shared_keypoints(
     grids: Mapping[str, Any] | None,
     image_dir: Path,
     config: DenseMatchConfig,
+    distributed: DistributedConfig = DistributedConfig(),
 ) -> tuple[QuantizedMatches, TrackStats | None]:
     """The raw matches of every pair as shared keypoints per image: exact tracks, or quantized (then refined
     along tracks with ``refine="klt"``)."""
     raw = StoredMatches(inputs.store, plan.swapped)
     load = lambda name: read_gray(io.resolve_image(image_dir, name))  # noqa: E731
     if grids is not None:
-        quantized, track_stats = build_tracks(raw, grids, load, plan.turns, config.track_config())
+        quantized, track_stats = build_tracks(
+            raw, grids, load, plan.turns, config.track_config(), distributed=distributed
+        )
         logger.info(
             "exact tracks: %d tracks over %d observations; %d of %d raw matches in tracks (%d conflicts); "
             "%d of %d observations refined against their reference",
@@ -744,7 +747,7 @@ def run(
     match_start = time.perf_counter()
     stats = _match_pairs(plan, image_dir, matcher, config, inputs.store, distributed, worker_matcher)
     seconds_matching = time.perf_counter() - match_start
-    quantized, track_stats = _shared_keypoints(inputs, plan, grids, image_dir, config)
+    quantized, track_stats = _shared_keypoints(inputs, plan, grids, image_dir, config, distributed)
     seconds_shared = time.perf_counter() - match_start - seconds_matching
     turned = {pair: k for pair, k in plan.turns.items() if k}
     _write_outputs(quantized, sizes, features, matches, inputs, turned)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from core.distributed import DistributedConfig, run_shards
 from matchers.base import CoarseGrid, Matches, rotate_points_back
 from pipeline.align import AlignConfig, align_points, local_affines
 from pipeline.quantize import ImageKeypoints, PairMatches, QuantizedMatches
@@ -260,6 +261,7 @@ def build_tracks(
     config: TrackConfig | None = None,
     cache_bytes: int = 2 << 30,
     kept_raw: dict[Pair, np.ndarray] | None = None,
+    distributed: DistributedConfig = DistributedConfig(),
 ) -> tuple[QuantizedMatches, TrackStats]:
     """Exact tracks from ``raw`` matches with coarse cells (see the module docstring).
 
@@ -294,7 +296,17 @@ def build_tracks(
     candidates = 0
     if config.refine == "align" and load is not None:
         aligned, candidates = _align_to_references(
-            positions, reference_of, label, in_track, graph.node_image, names, turn_of, load, config.align, cache_bytes
+            positions,
+            reference_of,
+            label,
+            in_track,
+            graph.node_image,
+            names,
+            turn_of,
+            load,
+            config.align,
+            cache_bytes,
+            distributed,
         )
     keypoint_of, image_keypoints, merged = _one_keypoint_per_view(
         label, in_track, graph.node_image, positions, node_score, aligned, references, config.merge_radius
@@ -311,10 +323,31 @@ def build_tracks(
         masks = np.split(final[graph.match_edge], np.cumsum(graph.match_counts)[:-1]) if graph.match_counts else []
         kept_raw.update(zip(raw.keys(), masks))
     result = _to_quantized(raw, graph, keypoint_of, image_keypoints, edges[kept], scores[kept])
+    stats = _track_stats(
+        raw, label, in_track, kept, accepted, edge_ids, aligned, candidates, merged, positions, estimates, centres
+    )
+    return result, stats
+
+
+def _track_stats(
+    raw: Mapping[Pair, Matches],
+    label: np.ndarray,
+    in_track: np.ndarray,
+    kept: np.ndarray,
+    accepted: np.ndarray,
+    edge_ids: np.ndarray,
+    aligned: np.ndarray,
+    candidates: int,
+    merged: int,
+    positions: np.ndarray,
+    estimates: np.ndarray,
+    centres: np.ndarray,
+) -> TrackStats:
+    """The figures of :func:`build_tracks` (summary.json's matching.tracks)."""
     lengths = np.bincount(label[in_track])
     lengths = lengths[lengths > 0]
     moved = np.linalg.norm(positions - estimates, axis=1)
-    stats = TrackStats(
+    return TrackStats(
         raw_matches=int(sum(len(m) for m in raw.values())),
         in_tracks=int(kept.sum()),
         conflicts=int((~accepted).sum()),
@@ -330,7 +363,6 @@ def build_tracks(
         if in_track.any()
         else 0.0,
     )
-    return result, stats
 
 
 def _keep_best_nodes(graph: _Graph, edge_ids: np.ndarray, max_kps: int | None) -> np.ndarray:
@@ -412,10 +444,17 @@ def _align_to_references(
     load: Callable[[str], np.ndarray],
     config: AlignConfig,
     cache_bytes: int,
+    distributed: DistributedConfig = DistributedConfig(),
 ) -> tuple[np.ndarray, int]:
     """Align every non-reference observation to its track's reference view (:func:`pipeline.align.align_points`),
     grouped by image pair; the local affine maps come from all tracks seen in both images. ``positions`` is
-    updated in place. Returns the accepted nodes (bool) and how many were tried."""
+    updated in place. Returns the accepted nodes (bool) and how many were tried.
+
+    Each pass fits its affine maps on the positions the previous pass left (the second pass on refined ones), so
+    the image pairs of a pass are independent: they run in shards, here or over Ray workers (``distributed``),
+    with the same result. Fitting on positions refined earlier in the same pass instead (a loop's order, as before)
+    is no better: 16 temple_ring views, 120 pairs, loftr-compact: 7,460 (loop: 7,458) of 12,938 observations
+    aligned, 11,057 (11,074) final matches, median Sampson error against the GT cameras 0.0793 (0.0797) px."""
     nodes = np.nonzero((reference_of >= 0) & (reference_of != np.arange(len(reference_of))))[0]
     if len(nodes) == 0:
         return np.zeros(len(positions), bool), 0
@@ -431,31 +470,94 @@ def _align_to_references(
         labels, first = np.unique(label[members], return_index=True)  # one node per track (neighbour cells)
         by_image[index] = (labels, members[first])
     offset_maps = np.stack([_turn_offsets(k) for k in range(4)])
-    image = DecodedImages(load, names, cache_bytes)
-
+    task = AlignTask(load, list(names), config, cache_bytes)
     start = positions.copy()
     accepted = np.zeros(len(positions), bool)
     chunks = np.split(np.arange(len(nodes)), np.nonzero(np.diff(key))[0] + 1)
-    # Two passes: the second fits the local affine maps on the positions the first one refined.
-    for chunk in tqdm(
-        chunks * config.passes, desc="track refinement", unit="image pair", leave=False, disable=len(nodes) < 20000
-    ):
-        source, target = int(source_image[chunk[0]]), int(target_image[chunk[0]])
-        group = nodes[chunk]
-        _, in_source, in_target = np.intersect1d(
-            by_image[source][0], by_image[target][0], assume_unique=True, return_indices=True
-        )
-        common_source = positions[by_image[source][1][in_source]].astype(np.float64)
-        common_target = positions[by_image[target][1][in_target]].astype(np.float64)
-        fallback = offset_maps[int((turn_of[target] - turn_of[source]) % 4)]
-        reference_points = positions[reference_of[group]].astype(np.float64)
-        affines = local_affines(common_source, common_target, reference_points, fallback, config)
-        refined, ok = align_points(
-            image[source], image[target], reference_points, start[group].astype(np.float64), affines, config
-        )
-        positions[group] = np.where(ok[:, None], refined, start[group])
-        accepted[group] = ok
+    for _ in range(config.passes):
+        jobs = []
+        for chunk in chunks:
+            source, target = int(source_image[chunk[0]]), int(target_image[chunk[0]])
+            group = nodes[chunk]
+            _, in_source, in_target = np.intersect1d(
+                by_image[source][0], by_image[target][0], assume_unique=True, return_indices=True
+            )
+            jobs.append(
+                AlignJob(
+                    source,
+                    target,
+                    positions[by_image[source][1][in_source]].astype(np.float64),
+                    positions[by_image[target][1][in_target]].astype(np.float64),
+                    positions[reference_of[group]].astype(np.float64),
+                    start[group].astype(np.float64),
+                    offset_maps[int((turn_of[target] - turn_of[source]) % 4)],
+                )
+            )
+        per_shard = max(1, min(ALIGN_SHARD_JOBS, -(-len(jobs) // (4 * (distributed.workers or 2)))))
+        shards = [jobs[i : i + per_shard] for i in range(0, len(jobs), per_shard)]
+        refined_by_chunk: list[tuple[np.ndarray, np.ndarray]] = [None] * len(jobs)  # type: ignore[list-item]
+        with tqdm(
+            total=len(jobs), desc="track refinement", unit="image pair", leave=False, disable=len(nodes) < 20000
+        ) as bar:
+            for outcome in run_shards(task, shards, distributed):
+                first = outcome.index * per_shard
+                refined_by_chunk[first : first + len(outcome.result)] = outcome.result
+                bar.update(len(outcome.result))
+        for chunk, (refined, ok) in zip(chunks, refined_by_chunk):
+            group = nodes[chunk]
+            positions[group] = np.where(ok[:, None], refined, start[group])
+            accepted[group] = ok
     return accepted, int(len(nodes))
+
+
+#: most image pairs per shard of the track refinement (about four shards per worker; a shard's images are decoded
+#: and cached by the worker that aligns it)
+ALIGN_SHARD_JOBS = 64
+
+
+@dataclass(frozen=True)
+class AlignJob:
+    """One image pair of a refinement pass: the tracks both images see (for the local affine maps), and the
+    observations of ``target`` to align to their references in ``source``."""
+
+    source: int
+    target: int
+    common_source: np.ndarray  # (C, 2) positions in source of tracks seen in both images
+    common_target: np.ndarray  # (C, 2) the same tracks in target
+    reference_points: np.ndarray  # (G, 2) the references of the observations to align
+    start: np.ndarray  # (G, 2) the observations' placed positions (before refinement)
+    fallback: np.ndarray  # (2, 3) affine map when too few common tracks: the quarter turn between the views
+
+
+@dataclass
+class AlignTask:
+    """The alignment of image pairs, in this process or a Ray worker (:mod:`core.distributed`)."""
+
+    load: Callable[[str], np.ndarray]
+    names: list[str]
+    config: AlignConfig
+    cache_bytes: int
+
+    def setup(self) -> None:
+        self.images = DecodedImages(self.load, self.names, self.cache_bytes)
+
+    def run(self, jobs: list[AlignJob]) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for job in jobs:
+            affines = local_affines(
+                job.common_source, job.common_target, job.reference_points, job.fallback, self.config
+            )
+            out.append(
+                align_points(
+                    self.images[job.source],
+                    self.images[job.target],
+                    job.reference_points,
+                    job.start,
+                    affines,
+                    self.config,
+                )
+            )
+        return out
 
 
 def _one_keypoint_per_view(

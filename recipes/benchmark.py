@@ -322,23 +322,7 @@ def peak_rss_all(config: BenchmarkConfig, sizes: Sequence[Size], log: Callable[[
 
 def peak_rss_child(impl: str, size: Size, config: BenchmarkConfig) -> dict[str, Any]:
     """Run one cold pair of ``impl`` at ``size`` in a fresh interpreter; its peak RSS and time."""
-    args = [
-        sys.executable,
-        "-m",
-        "recipes.benchmark",
-        "--rss-child",
-        impl,
-        "--size",
-        f"{size[0]}x{size[1]}",
-        "--threads",
-        str(config.threads),
-        "--seed",
-        str(config.seed),
-        "--threshold",
-        str(config.threshold),
-        "--data-root",
-        str(config.data_root),
-    ]
+    args = _child_command(config, size, "--rss-child", impl)
     start = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     seconds = time.perf_counter() - start
@@ -582,24 +566,7 @@ def _autocast_bf16(ours_plain: LoFTR, t0: torch.Tensor, t1: torch.Tensor, runs: 
 def compile_trial_child(config: BenchmarkConfig, timeout: float = 420.0) -> dict[str, Any]:
     """:func:`compile_trial` in a subprocess, so a slow or failing compiler cannot stall the benchmark."""
     size = config.compile_size
-    args = [
-        sys.executable,
-        "-m",
-        "recipes.benchmark",
-        "--compile-child",
-        "--size",
-        f"{size[0]}x{size[1]}",
-        "--threads",
-        str(config.threads),
-        "--seed",
-        str(config.seed),
-        "--threshold",
-        str(config.threshold),
-        "--data-root",
-        str(config.data_root),
-        "--runs",
-        str(config.technique_runs),
-    ]
+    args = _child_command(config, size, "--compile-child", "--runs", str(config.technique_runs))
     try:
         proc = subprocess.run(
             args, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1]
@@ -1061,6 +1028,13 @@ def _parse_size(text: str) -> Size:
     if width < 16 or height < 16:
         raise argparse.ArgumentTypeError(f"size must be at least 16x16, got {text!r}")
     return width, height
+
+
+def _child_command(config: BenchmarkConfig, size: tuple[int, int], *extra: str) -> list[str]:
+    """The command line of one measurement in a fresh process of this module (peak RSS, torch.compile)."""
+    common = ["--size", f"{size[0]}x{size[1]}", "--threads", str(config.threads), "--seed", str(config.seed)]
+    common += ["--threshold", str(config.threshold), "--data-root", str(config.data_root)]
+    return [sys.executable, "-m", "recipes.benchmark", *extra, *common]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,3 +31,23 @@ def scannet_sample() -> Path:
 @pytest.fixture
 def sacre_coeur() -> Path:
     return data_path("sacre_coeur")
+
+
+@pytest.fixture(scope="module")
+def local_ray_cluster():
+    """A local Ray cluster of 2 CPUs for one test module; its workers import the test modules by path
+    (their tasks and matchers live there)."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    here = Path(__file__).parent
+    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    yield ray
+    ray.shutdown()

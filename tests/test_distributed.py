@@ -50,26 +50,11 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch) -> None:
         list(run_shards(SlowSquares(), [[1]], DistributedConfig("ray")))
 
 
-@pytest.fixture(scope="module")
-def local_cluster():
-    # the tasks of this test live in this file, which Ray's workers import by its pytest name
-    path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
-    )
-    yield
-    ray.shutdown()
-
-
 def _collect(outcomes) -> dict[int, list[int]]:
     return {outcome.index: outcome.result for outcome in outcomes}
 
 
-def test_ray_shards_give_what_one_process_gives(local_cluster) -> None:
+def test_ray_shards_give_what_one_process_gives(local_ray_cluster) -> None:
     shards = [list(range(start, start + 5)) for start in range(0, 40, 5)]
     alone = _collect(run_shards(SlowSquares(), shards))
     stats = ShardStats()
@@ -93,7 +78,7 @@ def _shard_worker_pids() -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes in /proc")
-def test_a_killed_worker_costs_a_retry_not_the_job(local_cluster) -> None:
+def test_a_killed_worker_costs_a_retry_not_the_job(local_ray_cluster) -> None:
     shards = [[value] for value in range(12)]
     killed: list[int] = []
     earlier = set(_shard_worker_pids())  # workers of earlier tests may still be shutting down

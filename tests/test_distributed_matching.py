@@ -24,22 +24,6 @@ NAMES = [f"templeR{i:04d}.png" for i in range(1, 7)]
 RAY = DistributedConfig("ray", workers=2, shard_pairs=2)
 
 
-@pytest.fixture(scope="module")
-def local_cluster():
-    # this test's matchers live in tests/, which Ray's workers import by path
-    here = Path(__file__).parent
-    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
-    )
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def pairs(tmp_path):
     return write_pairs(tmp_path / "pairs.txt", [(a, b) for i, a in enumerate(NAMES) for b in NAMES[i + 1 : i + 4]])
@@ -58,6 +42,13 @@ def random_loftr() -> Matcher:
 
     torch.manual_seed(0)
     return LoFTRMatcher(LoFTR().eval(), resize=160, device="cpu", match_threshold=0.0)
+
+
+def compact_loftr() -> Matcher:
+    """The shipped loftr-compact weights: real matches, which the multi-view refinement can align."""
+    from matchers.factory import make_matcher
+
+    return make_matcher("loftr", weights="loftr-compact", resize=320, device="cpu")
 
 
 class SlowSIFT(Matcher):
@@ -96,10 +87,15 @@ def _run(tmp_path: Path, name: str, pairs: Path, temple: Path, make, config: Den
 
 @pytest.mark.parametrize(
     "make,config",
-    [(sift, DenseMatchConfig()), (random_loftr, DenseMatchConfig(batch_pairs=2, rotation="none", refine="none"))],
-    ids=["sift", "loftr"],
+    [
+        (sift, DenseMatchConfig()),
+        (random_loftr, DenseMatchConfig(batch_pairs=2, rotation="none", refine="none")),
+        # exact tracks: the multi-view refinement also runs in shards on the workers
+        (compact_loftr, DenseMatchConfig(batch_pairs=2, rotation="none", refine="tracks")),
+    ],
+    ids=["sift", "loftr", "loftr-tracks"],
 )
-def test_ray_workers_write_what_one_process_writes(local_cluster, temple_ring, pairs, tmp_path, make, config):
+def test_ray_workers_write_what_one_process_writes(local_ray_cluster, temple_ring, pairs, tmp_path, make, config):
     import torch
 
     # Each worker runs torch on its share of the cores (1 thread here); float sums in another thread count round
@@ -117,7 +113,7 @@ def test_ray_workers_write_what_one_process_writes(local_cluster, temple_ring, p
     assert_same_files(alone / "m.h5", spread / "m.h5")
 
 
-def test_a_killed_worker_process_costs_nothing(local_cluster, temple_ring, pairs, tmp_path):
+def test_a_killed_worker_process_costs_nothing(local_ray_cluster, temple_ring, pairs, tmp_path):
     alone, _ = _run(tmp_path, "alone", pairs, temple_ring, sift, DenseMatchConfig())
     earlier = set(_shard_worker_pids())
     killed: list[int] = []
@@ -141,7 +137,9 @@ def test_a_killed_worker_process_costs_nothing(local_cluster, temple_ring, pairs
     assert_same_files(alone / "m.h5", spread / "m.h5")
 
 
-def test_a_stopped_driver_resumes_with_every_finished_pair(local_cluster, temple_ring, pairs, tmp_path, monkeypatch):
+def test_a_stopped_driver_resumes_with_every_finished_pair(
+    local_ray_cluster, temple_ring, pairs, tmp_path, monkeypatch
+):
     alone, _ = _run(tmp_path, "alone", pairs, temple_ring, sift, DenseMatchConfig())
     save_many = RawMatchStore.save_many
     saved: list[int] = []
