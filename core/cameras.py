@@ -14,6 +14,7 @@ import numpy as np
 import pycolmap
 
 from core.errors import UserError
+from core.files import text_records
 from core.io import check_relative_name, write_text_atomic
 
 #: models whose distortion OpenCV's (k1, k2, p1, p2[, k3, k4, k5, k6]) vector represents exactly
@@ -42,16 +43,8 @@ def make_camera(
 
 def parse_query_list(path: str | Path) -> dict[str, pycolmap.Camera]:
     """Read a query list with intrinsics: one ``name MODEL W H params...`` per line (order kept)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: query list not found; expected lines 'name MODEL W H params...'")
     cameras: dict[str, pycolmap.Camera] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        where = f"{path}:{number}"
+    for where, line, parts in text_records(path, "name MODEL W H params..."):
         if len(parts) < 5:
             raise UserError(f"{where}: expected 'name MODEL W H params...', got {line!r}")
         name, model = parts[0], parts[1]

@@ -233,3 +233,16 @@ def check_output_dir(path: str | Path, option: str = "the output folder", needed
         folder = _check_parent_chain(path, option, "the folder")
     _check_space(path, folder, needed_bytes, option)
     return path
+
+
+def text_records(path: str | Path, layout: str) -> Iterator[tuple[str, str, list[str]]]:
+    """The records of a text file of one record per line (query lists, pose files), as ``(where, line, fields)``
+    with ``where`` = ``path:line number``; blank lines and ``#`` comments skipped. ``layout`` (e.g.
+    ``'name qw qx qy qz tx ty tz'``) names the expected fields in the error for a missing file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: not found; expected lines '{layout}'")
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield f"{path}:{number}", line, line.split()

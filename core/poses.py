@@ -13,6 +13,7 @@ import numpy as np
 import pycolmap
 
 from core.errors import UserError
+from core.files import text_records
 from core.io import write_text_atomic
 
 
@@ -58,24 +59,17 @@ def write_poses(path: str | Path, poses: "dict[str, pycolmap.Rigid3d]") -> None:
 
 def read_poses(path: str | Path) -> dict[str, pycolmap.Rigid3d]:
     """Read a pose file (results, ground truth or submission)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: pose file not found; expected lines 'name qw qx qy qz tx ty tz'")
     poses: dict[str, pycolmap.Rigid3d] = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
+    for where, line, parts in text_records(path, "name qw qx qy qz tx ty tz"):
         if len(parts) != 8:
-            raise UserError(f"{path}:{number}: expected 'name qw qx qy qz tx ty tz', got {line!r}")
+            raise UserError(f"{where}: expected 'name qw qx qy qz tx ty tz', got {line!r}")
         try:
             values = [float(v) for v in parts[1:]]
             poses[parts[0]] = rigid_from_qt(values[:4], values[4:])
         except ValueError as error:
-            raise UserError(f"{path}:{number}: bad pose ({error}): {line!r}") from None
+            raise UserError(f"{where}: bad pose ({error}): {line!r}") from None
         if not np.all(np.isfinite(values)):
-            raise UserError(f"{path}:{number}: pose has non-finite values: {line!r}")
+            raise UserError(f"{where}: pose has non-finite values: {line!r}")
     return poses
 
 
