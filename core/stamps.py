@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 
 def digest(payload: Any, length: int = 16) -> str:
     """A ``length``-hex-digit sha1 of ``payload`` as sorted JSON (paths and other objects as ``str``)."""
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:length]
+    return text_digest([json.dumps(payload, sort_keys=True, default=str)], length)
+
+
+def text_digest(parts: Iterable[str], length: int = 16) -> str:
+    """A ``length``-hex-digit sha1 of the concatenated ``parts`` (streamed: long lists need no joined copy)."""
+    hasher = hashlib.sha1()
+    for part in parts:
+        hasher.update(part.encode())
+    return hasher.hexdigest()[:length]
 
 
 def file_state(path: str | Path) -> list[int] | None:

@@ -33,7 +33,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -54,7 +53,7 @@ from core.cli import add_config_arguments, config_from_args
 from core.device import resolve_device
 from core.errors import UserError, run_cli
 from core.image_io import read_gray, read_rgb
-from core.stamps import file_state
+from core.stamps import file_state, text_digest
 from matchers.sift import SIFTExtractor, rootsift, verify_pair
 from pipeline.images import list_images
 
@@ -136,10 +135,7 @@ def vocabulary_path(output: Path, key: str) -> Path:
 
 def _vocab_key(names: Sequence[str], stamps: dict[str, str], config: RetrievalConfig) -> str:
     """Cache key of a vocabulary: the image list, their sizes and mtimes, and the settings."""
-    digest = hashlib.sha1(config.digest("rootsift-vlad").encode())
-    for name in names:
-        digest.update(f"|{name}:{stamps[name]}".encode())
-    return digest.hexdigest()[:16]
+    return text_digest([config.digest("rootsift-vlad"), *(f"|{name}:{stamps[name]}" for name in names)])
 
 
 def _vocab_subset(names: Sequence[str], limit: int) -> list[str]:

@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from test_loftr_equivalence import as_tensor, textured_image, warped
 
 from matchers.base import resize_image
 from matchers.loftr import LoFTR, LoFTRConfig, LoFTRMatcher, collate
 from matchers.loftr.position_encoding import frequencies, position_encoding
+from tests.test_loftr_equivalence import as_tensor, textured_image, warped
 
 
 @pytest.fixture(scope="module")

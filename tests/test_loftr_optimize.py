@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_loftr_equivalence import as_tensor, perturb, textured_image, warped
 from torch import nn
 
 from matchers.loftr import LoFTR, LoFTRConfig, LoFTRMatcher, coarse_matching
@@ -25,6 +24,7 @@ from matchers.loftr.optimize import (
     fold_conv_bn,
     optimize_for_inference,
 )
+from tests.test_loftr_equivalence import as_tensor, perturb, textured_image, warped
 
 
 @pytest.fixture(scope="module")

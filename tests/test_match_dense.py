@@ -536,8 +536,8 @@ def test_klt_refinement_puts_second_image_points_on_the_true_positions(tmp_path,
 
 
 def test_rotation_auto_matches_a_turned_image_in_its_sift_orientation(tmp_path):
-    from test_orientation import scene
-    from test_tta import UprightMatcher, to_rot90_coordinates
+    from tests.test_orientation import scene
+    from tests.test_tta import UprightMatcher, to_rot90_coordinates
 
     images = tmp_path / "images"
     images.mkdir()

@@ -16,8 +16,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import PROJECT_ROOT, data_path
-from test_loftr_equivalence import perturb, textured_image, warped
 
 from core.errors import UserError
 from core.image_io import read_gray
@@ -35,6 +33,8 @@ from matchers.loftr.export_onnx import (
     state_dict_digest,
 )
 from matchers.loftr.onnx_backend import OnnxLoFTRMatcher
+from tests.conftest import PROJECT_ROOT, data_path
+from tests.test_loftr_equivalence import perturb, textured_image, warped
 
 KEYPOINT_TOL = 1e-3  # px
 
