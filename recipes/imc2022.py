@@ -66,6 +66,7 @@ from pipeline.tta import (
     match_pair,
     prepare_view,
     second_views,
+    split_resize,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,12 +130,10 @@ class IMC2022Config:
 
     def matcher_resize(self) -> int | None:
         """The size the matcher itself resizes to: one size -> the matcher's own way; several -> as given."""
-        if not self.resize:
-            return None
-        return self.resize[0] if len(self.resize) == 1 else 0
+        return split_resize(self.resize)[0]
 
     def tta_config(self) -> TTAConfig:
-        views = (None,) if len(self.resize) <= 1 else tuple(size or None for size in self.resize)
+        views = split_resize(self.resize)[1]
         return TTAConfig(rotation=self.rotation, resize=views, both_directions=self.both_directions)
 
 
