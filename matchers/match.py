@@ -23,7 +23,7 @@ from core.geometry import fundamental_magsac
 from core.image_io import read_rgb, to_gray
 
 from .base import Matches
-from .factory import DEVICES, MATCHERS, WEIGHTS_HELP, make_matcher
+from .factory import MATCHERS, WEIGHTS_HELP, make_matcher
 from .sift import SIFTOptions
 from .viz import plot_matches
 
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resize", type=int, default=None, help="longest side used for matching (default: matcher's own; 0 = original)"
     )
-    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, default=Path("matches.png"), help="visualisation PNG (default matches.png)")
     sift = parser.add_argument_group("SIFT matcher (--matcher sift)")
     add_config_arguments(sift, SIFTOptions, prefix="sift_", exclude=("resize",))
