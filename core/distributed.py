@@ -36,6 +36,9 @@ class DistributedConfig:
     workers: int | None = None  # Ray workers; default one per GPU, else one per 2 CPU cores
     max_retries: int = 3  # times a shard is retried after its worker died
     shard_pairs: int = 64  # most pairs per shard (a shard is matched by one worker, its images cached there)
+    #: send each shard's image files through Ray's object store (for workers without the driver's disk);
+    #: none: when joining a cluster ($RAY_ADDRESS), not on a local one
+    ship_images: bool | None = None
 
     def __post_init__(self) -> None:
         if self.distributed not in DISTRIBUTED_MODES:
@@ -44,6 +47,13 @@ class DistributedConfig:
             raise UserError(f"--workers must be >= 1, got {self.workers}")
         if self.shard_pairs < 1:
             raise UserError(f"--shard-pairs must be >= 1, got {self.shard_pairs}")
+
+
+def ships_images(config: DistributedConfig) -> bool:
+    """Whether shards carry their image files (``ship_images``, or by default when joining a cluster)."""
+    if config.ship_images is not None:
+        return config.ship_images
+    return config.distributed == "ray" and bool(os.environ.get("RAY_ADDRESS"))
 
 
 class ShardTask(Protocol[Shard, Result]):

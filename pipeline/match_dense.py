@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +51,7 @@ from tqdm import tqdm
 from core import io
 from core.cache import LRUCache
 from core.cli import add_config_arguments, config_from_options
-from core.distributed import DistributedConfig, ShardStats, run_shards
+from core.distributed import DistributedConfig, ShardStats, run_shards, ships_images
 from core.errors import UserError, run_cli
 from core.image_io import image_size, read_gray, to_uint8
 from core.stamps import digest, file_state
@@ -916,7 +917,10 @@ def _match_pairs(
         shard_stats = ShardStats()
         totals = np.zeros(3, int)
         batch = config.batch_pairs if config.tta_config().single_pass and matcher.batches_pairs else 1
-        for outcome in run_shards(task, _shards(ordered, batch, distributed), distributed, shard_stats):
+        shards: Sequence[Any] = _shards(ordered, batch, distributed)
+        if ships_images(distributed):
+            shards = ShippedShards(shards, image_dir)
+        for outcome in run_shards(task, shards, distributed, shard_stats):
             pairs, results, loop = outcome.result
             save(pairs, results)
             totals += (loop.prepare_calls, loop.cache_hits, loop.cache_misses)
@@ -947,12 +951,51 @@ class MatchShardTask:
     def setup(self) -> None:
         self.matcher = self.make_matcher()
 
-    def run(self, shard: list[Pair]) -> tuple[list[Pair], list[Matches], _LoopStats]:
+    def run(self, shard: list[Pair] | ShippedShard) -> tuple[list[Pair], list[Matches], _LoopStats]:
         results: list[Matches] = []
+        if isinstance(shard, ShippedShard):  # the images came with the shard: match them from a local folder
+            with tempfile.TemporaryDirectory(prefix="loftr-sfm-shard-") as folder:
+                for name, data in shard.images.items():
+                    path = Path(folder) / name
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(data)
+                stats = _match_ordered(
+                    self.matcher,
+                    Path(folder),
+                    shard.pairs,
+                    self.config,
+                    self.turns,
+                    lambda _, r: results.extend(r),
+                    None,
+                )
+            return shard.pairs, results, stats
         stats = _match_ordered(
             self.matcher, self.image_dir, shard, self.config, self.turns, lambda _, r: results.extend(r), None
         )
         return shard, results, stats
+
+
+@dataclass(frozen=True)
+class ShippedShard:
+    """A shard of pairs with the bytes of its image files (Ray's object store carries them to the worker)."""
+
+    pairs: list[Pair]
+    images: dict[str, bytes]
+
+
+class ShippedShards(Sequence[ShippedShard]):
+    """Shards whose image files are read when a shard is sent (not all at once: a job's images may not fit)."""
+
+    def __init__(self, shards: Sequence[list[Pair]], image_dir: Path) -> None:
+        self.shards, self.image_dir = shards, image_dir
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> ShippedShard:  # type: ignore[override]
+        pairs = self.shards[index]
+        names = sorted({name for pair in pairs for name in pair})
+        return ShippedShard(pairs, {name: io.resolve_image(self.image_dir, name).read_bytes() for name in names})
 
 
 def _match_ordered(

@@ -157,3 +157,22 @@ def test_a_stopped_driver_resumes_with_every_finished_pair(
     spread, result = _run(tmp_path, "ray", pairs, temple_ring, sift, DenseMatchConfig(), RAY)
     assert result.pairs_reused == sum(saved) == 4 and result.pairs_matched == 12 - 4
     assert_same_files(alone / "m.h5", spread / "m.h5")
+
+
+def test_images_can_travel_with_their_shards(local_ray_cluster, temple_ring, pairs, tmp_path):
+    """For workers without the driver's disk: each shard carries its image files (Ray's object store)."""
+    from core.io import read_pairs
+    from pipeline.match_dense import MatchShardTask, ShippedShards
+
+    alone, _ = _run(tmp_path, "alone", pairs, temple_ring, sift, DenseMatchConfig())
+    shipped = DistributedConfig("ray", workers=2, shard_pairs=2, ship_images=True)
+    spread, _ = _run(tmp_path, "ray", pairs, temple_ring, sift, DenseMatchConfig(), shipped)
+    assert_same_files(alone / "f.h5", spread / "f.h5")
+    assert_same_files(alone / "m.h5", spread / "m.h5")
+    # a worker that cannot see the image folder at all matches a shipped shard all the same
+    task = MatchShardTask(sift, tmp_path / "no-such-folder", DenseMatchConfig(), {})
+    task.setup()
+    shard = ShippedShards([read_pairs(pairs)[:3]], temple_ring / "images")[0]
+    assert set(shard.images) == {name for pair in shard.pairs for name in pair}
+    matched_pairs, results, _ = task.run(shard)
+    assert matched_pairs == shard.pairs and all(len(result) > 20 for result in results)
