@@ -665,9 +665,9 @@ def _shared_keypoints(
     raw = StoredMatches(inputs.store, plan.swapped)
     load = lambda name: read_gray(io.resolve_image(image_dir, name))  # noqa: E731
     if grids is not None:
-        quantized, track_stats = build_tracks(
-            raw, grids, load, plan.turns, config.track_config(), distributed=distributed
-        )
+        # The refinement's workers read the images from image_dir: not where they were shipped to instead.
+        spread = distributed if not ships_images(distributed) else DistributedConfig()
+        quantized, track_stats = build_tracks(raw, grids, load, plan.turns, config.track_config(), distributed=spread)
         logger.info(
             "exact tracks: %d tracks over %d observations; %d of %d raw matches in tracks (%d conflicts); "
             "%d of %d observations refined against their reference",
