@@ -12,6 +12,7 @@ from core.errors import UserError
 from core.poses import read_poses
 from datasets import mini_inloc
 from localization import inloc
+from localization.benchmark import benchmark_config_from_args
 from localization.evaluate import INLOC_THRESHOLDS, evaluate
 from localization.localize import LocalizeConfig, QueryMatchingConfig
 
@@ -271,7 +272,7 @@ def test_loftr_weights_default_to_indoor_in_the_config(mini: Path, tmp_path: Pat
     assert asked == [("loftr", "indoor"), ("loftr", "indoor"), ("sift", None), ("loftr", "x.ckpt")]
     parser = inloc.build_parser()
     args = parser.parse_args(["--dataset", "d", "--outputs", "o", "--max-error", "5"])
-    config = inloc.benchmark_config_from_args(parser, args, inloc.InLocConfig())
+    config = benchmark_config_from_args(parser, args, inloc.InLocConfig())
     cameras = {"q": inloc.query_camera(240, 180)}
     assert inloc.InLocAdapter(mini, config).localize_config(config, cameras).pose.max_error == 5.0
     default = inloc.InLocConfig()
