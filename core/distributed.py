@@ -49,6 +49,13 @@ class DistributedConfig:
             raise UserError(f"--shard-pairs must be >= 1, got {self.shard_pairs}")
 
 
+def shard_size(count: int, config: DistributedConfig, most: int, multiple: int = 1) -> int:
+    """Items per shard for ``count`` items: about four shards per worker (balance), at most ``most`` items (rounded
+    up to) a whole number of ``multiple`` (matcher batches), at least one ``multiple``."""
+    balanced = -(-count // (4 * (config.workers or 2)))
+    return -(-max(1, min(most, balanced)) // multiple) * multiple
+
+
 def ships_images(config: DistributedConfig) -> bool:
     """Whether shards carry their image files (``ship_images``, or by default when joining a cluster)."""
     if config.ship_images is not None:

@@ -41,6 +41,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +52,7 @@ from tqdm import tqdm
 from core import io
 from core.cache import LRUCache
 from core.cli import add_config_arguments, config_from_options
-from core.distributed import DistributedConfig, ShardStats, run_shards, ships_images
+from core.distributed import DistributedConfig, ShardStats, run_shards, shard_size, ships_images
 from core.errors import UserError, run_cli
 from core.image_io import image_size, read_gray, to_uint8
 from core.stamps import digest, file_state
@@ -916,8 +917,8 @@ def _match_pairs(
         task = MatchShardTask(worker_matcher or (lambda: matcher), image_dir, config, plan.turns)
         shard_stats = ShardStats()
         totals = np.zeros(3, int)
-        batch = config.batch_pairs if config.tta_config().single_pass and matcher.batches_pairs else 1
-        shards: Sequence[Any] = _shards(ordered, batch, distributed)
+        per_shard = shard_size(len(ordered), distributed, distributed.shard_pairs, _batching(matcher, config)[1])
+        shards: Sequence[Any] = [list(ordered[i : i + per_shard]) for i in range(0, len(ordered), per_shard)]
         if ships_images(distributed):
             shards = ShippedShards(shards, image_dir)
         for outcome in run_shards(task, shards, distributed, shard_stats):
@@ -928,14 +929,12 @@ def _match_pairs(
     return _LoopStats(*map(int, totals), turned, shard_stats)
 
 
-def _shards(ordered: Sequence[Pair], batch: int, distributed: DistributedConfig) -> list[list[Pair]]:
-    """Consecutive pairs of the cache-friendly order, a whole number of matcher batches each (the same batches as
-    one process forms, so the same matches), about four shards per worker for balance."""
-    workers = distributed.workers or 2
-    per_shard = -(-len(ordered) // (4 * workers))
-    per_shard = min(distributed.shard_pairs, max(batch, -(-per_shard // batch) * batch))
-    per_shard = -(-per_shard // batch) * batch
-    return [list(ordered[start : start + per_shard]) for start in range(0, len(ordered), per_shard)]
+def _batching(matcher: Matcher, config: DenseMatchConfig) -> tuple[bool, int]:
+    """(batched, pairs per matcher call). Pairs matched once each (no rotation / multi-size / two-way TTA) go to the
+    matcher in batches of consecutive pairs of the cache-friendly order; shards hold whole batches, so a worker
+    forms the same batches as one process (the same matches)."""
+    batched = config.tta_config().single_pass and matcher.batches_pairs
+    return batched, config.batch_pairs if batched else 1
 
 
 @dataclass
@@ -953,26 +952,19 @@ class MatchShardTask:
 
     def run(self, shard: list[Pair] | ShippedShard) -> tuple[list[Pair], list[Matches], _LoopStats]:
         results: list[Matches] = []
-        if isinstance(shard, ShippedShard):  # the images came with the shard: match them from a local folder
-            with tempfile.TemporaryDirectory(prefix="loftr-sfm-shard-") as folder:
+        shipped = isinstance(shard, ShippedShard)
+        pairs = shard.pairs if shipped else shard
+        with tempfile.TemporaryDirectory(prefix="loftr-sfm-shard-") if shipped else nullcontext() as folder:
+            if shipped:  # the images came with the shard: match them from a local folder
                 for name, data in shard.images.items():
                     path = Path(folder) / name
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(data)
-                stats = _match_ordered(
-                    self.matcher,
-                    Path(folder),
-                    shard.pairs,
-                    self.config,
-                    self.turns,
-                    lambda _, r: results.extend(r),
-                    None,
-                )
-            return shard.pairs, results, stats
-        stats = _match_ordered(
-            self.matcher, self.image_dir, shard, self.config, self.turns, lambda _, r: results.extend(r), None
-        )
-        return shard, results, stats
+            image_dir = Path(folder) if shipped else self.image_dir
+            stats = _match_ordered(
+                self.matcher, image_dir, pairs, self.config, self.turns, lambda _, r: results.extend(r), None
+            )
+        return pairs, results, stats
 
 
 @dataclass(frozen=True)
@@ -1009,10 +1001,7 @@ def _match_ordered(
 ) -> _LoopStats:
     """Match (first, second) pairs in the given order, per-image views cached; ``on_batch`` gets each batch."""
     tta, refine = config.tta_config(), config.refine_config()
-    # Pairs matched once each (no rotation / multi-size / two-way TTA) go to the matcher in batches of
-    # consecutive pairs of the cache-friendly order.
-    batched = tta.single_pass and matcher.batches_pairs
-    batch = config.batch_pairs if batched else 1
+    batched, batch = _batching(matcher, config)
     loads = planned_loads(ordered, config.cache_size)
     with ImagePrefetcher(image_dir, loads, config.num_workers) as loader:
         images = _PreparedImages(matcher, loader, _views_needed(ordered, tta, turns), config.cache_size, refine.enabled)

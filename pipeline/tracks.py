@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from core.distributed import DistributedConfig, run_shards
+from core.distributed import DistributedConfig, run_shards, shard_size
 from matchers.base import CoarseGrid, Matches, rotate_points_back
 from pipeline.align import AlignConfig, align_points, local_affines
 from pipeline.quantize import ImageKeypoints, PairMatches, QuantizedMatches
@@ -493,7 +493,7 @@ def _align_to_references(
                     offset_maps[int((turn_of[target] - turn_of[source]) % 4)],
                 )
             )
-        per_shard = max(1, min(ALIGN_SHARD_JOBS, -(-len(jobs) // (4 * (distributed.workers or 2)))))
+        per_shard = shard_size(len(jobs), distributed, ALIGN_SHARD_JOBS)
         shards = [jobs[i : i + per_shard] for i in range(0, len(jobs), per_shard)]
         refined_by_chunk: list[tuple[np.ndarray, np.ndarray]] = [None] * len(jobs)  # type: ignore[list-item]
         with tqdm(
