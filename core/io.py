@@ -17,7 +17,7 @@ import contextlib
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import h5py
@@ -170,8 +170,9 @@ def read_keypoints(path: str | Path, name: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- matches
-def write_matches(path: str | Path, matches: "dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]") -> None:
-    """Write ``{(name0, name1): (matches0 (N0,), scores0 (N0,))}`` to a new matches.h5, atomically."""
+def write_matches(path: str | Path, matches: "Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]]") -> None:
+    """Write ``{(name0, name1): (matches0 (N0,), scores0 (N0,))}`` (any mapping, read twice) to a new matches.h5,
+    atomically."""
     num_bytes = sum(8 * len(matches0) for matches0, _ in matches.values())
     with _h5_writer(path, num_bytes, 4 * len(matches)) as file:
         for (name0, name1), (matches0, scores0) in matches.items():

@@ -55,6 +55,7 @@ from core.cli import add_config_arguments, config_from_options
 from core.distributed import DistributedConfig, ShardStats, run_shards, shard_size, ships_images
 from core.errors import UserError, run_cli
 from core.image_io import image_size, read_gray, to_uint8
+from core.resources import peak_rss_mb
 from core.stamps import digest, file_state
 from matchers.base import Matcher, Matches
 from matchers.sift import BACKENDS, SIFTBackend, SIFTOptions
@@ -325,6 +326,8 @@ class DenseMatchResult:
     tracks: TrackStats | None = None  # refine="tracks": how the tracks were built (None when up to date)
     seconds_shared_keypoints: float = 0.0  # exact tracks, or quantization (+ KLT along tracks)
     distributed: ShardStats | None = None  # --distributed ray: workers and shards retried
+    #: this process's peak resident memory (MB, VmHWM) after raw matching and after the shared keypoints
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
 
 
 # -------------------------------------------------------------------------------------------- pairs
@@ -702,7 +705,7 @@ def _write_outputs(
     io.write_features(
         features, {name: (kp.keypoints, kp.scores, sizes[name]) for name, kp in quantized.keypoints.items()}
     )
-    io.write_matches(matches, {pair: (pm.matches0, pm.scores0) for pair, pm in quantized.matches.items()})
+    io.write_matches(matches, quantized.padded_matches())
     io.write_text_atomic(
         inputs.stamp_path,
         json.dumps(
@@ -749,6 +752,7 @@ def run(
     match_start = time.perf_counter()
     stats = _match_pairs(plan, image_dir, matcher, config, inputs.store, distributed, worker_matcher)
     seconds_matching = time.perf_counter() - match_start
+    peak_after_matching = peak_rss_mb()
     quantized, track_stats = _shared_keypoints(inputs, plan, grids, image_dir, config, distributed)
     seconds_shared = time.perf_counter() - match_start - seconds_matching
     turned = {pair: k for pair, k in plan.turns.items() if k}
@@ -784,6 +788,7 @@ def run(
         tracks=track_stats,
         seconds_shared_keypoints=seconds_shared,
         distributed=stats.distributed,
+        peak_rss_mb={"raw_matching": round(peak_after_matching, 1), "shared_keypoints": round(peak_rss_mb(), 1)},
     )
 
 

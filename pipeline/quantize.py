@@ -92,19 +92,46 @@ class ImageKeypoints:
 
 @dataclass(frozen=True)
 class PairMatches:
-    """hloc's per-pair match arrays: ``matches0`` (N0,) int32 (-1 = unmatched) and ``scores0`` (N0,)."""
+    """One pair's one-to-one matches, held sparse: (M, 2) keypoint indices and (M,) scores.
 
-    matches0: np.ndarray
-    scores0: np.ndarray
+    hloc's files pad ``matches0`` / ``matching_scores0`` to the N0 keypoints of image 0; held that way in memory a
+    pair costs 8 bytes per keypoint (64 KB at 8,192 keypoints, 8.6 GB for Aachen's ~134,000 retrieval pairs), held
+    sparse 12 bytes per match. :attr:`matches0` and :attr:`scores0` give the padded arrays when written.
+    """
+
+    indices: np.ndarray  # (M, 2) int32 [keypoint in image 0, keypoint in image 1], by ascending index in image 0
+    scores: np.ndarray  # (M,) float32
+    num_keypoints0: int
+
+    @staticmethod
+    def from_matches0(matches0: np.ndarray, scores0: np.ndarray) -> "PairMatches":
+        """From hloc's padded ``matches0`` (N0,) (-1 = unmatched) and ``scores0`` (N0,)."""
+        matches0 = np.asarray(matches0).reshape(-1)
+        valid = np.nonzero(matches0 > -1)[0]
+        indices = np.stack([valid, matches0[valid]], axis=1).astype(np.int32)
+        return PairMatches(indices, np.asarray(scores0, np.float32).reshape(-1)[valid], len(matches0))
+
+    @property
+    def matches0(self) -> np.ndarray:
+        """hloc's (N0,) int32 index into image 1 of each keypoint of image 0, -1 when unmatched."""
+        out = np.full(self.num_keypoints0, -1, np.int32)
+        out[self.indices[:, 0]] = self.indices[:, 1]
+        return out
+
+    @property
+    def scores0(self) -> np.ndarray:
+        """hloc's (N0,) float32 score of each keypoint of image 0's match, 0 when unmatched."""
+        out = np.zeros(self.num_keypoints0, np.float32)
+        out[self.indices[:, 0]] = self.scores
+        return out
 
     @property
     def num_matches(self) -> int:
-        return int((self.matches0 > -1).sum())
+        return len(self.indices)
 
     def index_pairs(self) -> np.ndarray:
         """(M, 2) int64 keypoint indices [in image 0, in image 1] of the matches."""
-        valid = np.nonzero(self.matches0 > -1)[0]
-        return np.stack([valid, self.matches0[valid]], axis=1).astype(np.int64)
+        return self.indices.astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -113,6 +140,25 @@ class QuantizedMatches:
 
     keypoints: dict[str, ImageKeypoints]
     matches: dict[tuple[str, str], PairMatches]
+
+    def padded_matches(self) -> Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+        """``{pair: (matches0, scores0)}`` in hloc's padded form, built one pair at a time as it is read."""
+        return _PaddedMatches(self.matches)
+
+
+class _PaddedMatches(Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]]):
+    def __init__(self, matches: Mapping[tuple[str, str], PairMatches]) -> None:
+        self._matches = matches
+
+    def __getitem__(self, pair: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+        found = self._matches[pair]
+        return found.matches0, found.scores0
+
+    def __iter__(self):
+        return iter(self._matches)
+
+    def __len__(self) -> int:
+        return len(self._matches)
 
 
 # ------------------------------------------------------------------------------------------- binning
@@ -135,15 +181,22 @@ def _reduce_bins(nodes: np.ndarray, weights: np.ndarray, weighted_xy: np.ndarray
     return unique, sums, xy
 
 
+#: rows of per-pair bins an accumulator holds before its first merge (below it, one reduction at the end)
+MERGE_MIN_ROWS = 1 << 16
+
+
 class KeypointAccumulator:
     """Collects one image's raw points (over all its pairs) as summed confidences per sub-bin.
 
-    Memory stays proportional to the number of distinct sub-bins, not to the number of raw matches.
+    Memory stays proportional to the number of distinct sub-bins, not to the number of raw matches: the
+    per-pair sums are merged whenever they hold twice as many rows as the last merge left.
     """
 
     def __init__(self, config: QuantizeConfig) -> None:
         self.config = config
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._rows = 0  # rows held in _parts
+        self._merged_rows = 0  # rows the last merge left
 
     def add(self, points: np.ndarray, scores: np.ndarray) -> None:
         """Add (M, 2) raw points with their (M,) match confidences."""
@@ -153,16 +206,25 @@ class KeypointAccumulator:
             return
         nodes = _sub_bin_nodes(points, self.config.sub_bin)
         self._parts.append(_reduce_bins(nodes, weights, points * weights[:, None]))
+        self._rows += len(self._parts[-1][0])
+        if self._rows > max(2 * self._merged_rows, MERGE_MIN_ROWS):
+            self._merge()
+
+    def _merge(self) -> None:
+        merged = _reduce_bins(
+            np.concatenate([p[0] for p in self._parts]),
+            np.concatenate([p[1] for p in self._parts]),
+            np.concatenate([p[2] for p in self._parts]),
+        )
+        self._parts = [merged]
+        self._rows = self._merged_rows = len(merged[0])
 
     def finalize(self) -> ImageKeypoints:
         """One keypoint per cell (its best sub-bin), the ``max_kps`` best, sorted by descending score."""
         if not self._parts:
             return ImageKeypoints.empty()
-        nodes, sums, xy = _reduce_bins(
-            np.concatenate([p[0] for p in self._parts]),
-            np.concatenate([p[1] for p in self._parts]),
-            np.concatenate([p[2] for p in self._parts]),
-        )
+        self._merge()
+        nodes, sums, xy = self._parts[0]
         cell = self.config.cell
         if cell > 0:
             cells = np.floor(nodes / cell + 0.5).astype(np.int64)
@@ -268,11 +330,17 @@ def to_pair_matches(ids0: np.ndarray, ids1: np.ndarray, scores: np.ndarray, num_
     valid = (ids0 > -1) & (ids1 > -1)
     ids0, ids1, scores = ids0[valid], ids1[valid], scores[valid]
     keep = one_to_one(ids0, ids1, scores)
-    matches0 = np.full(num_keypoints0, -1, np.int32)
-    scores0 = np.zeros(num_keypoints0, np.float32)
-    matches0[ids0[keep]] = ids1[keep]
-    scores0[ids0[keep]] = scores[keep]
-    return PairMatches(matches0, scores0)
+    return sparse_pair_matches(ids0[keep], ids1[keep], scores[keep], num_keypoints0)
+
+
+def sparse_pair_matches(ids0: np.ndarray, ids1: np.ndarray, scores: np.ndarray, num_keypoints0: int) -> PairMatches:
+    """:class:`PairMatches` from keypoint ids (M,) of both images and their (M,) scores, any order; of entries
+    with the same keypoint in image 0 the last one counts (as when written into padded arrays)."""
+    order = np.argsort(ids0, kind="stable")
+    last = np.r_[ids0[order][1:] != ids0[order][:-1], True] if len(order) else np.zeros(0, bool)
+    order = order[last]
+    indices = np.stack([ids0[order], ids1[order]], axis=1).astype(np.int32).reshape(-1, 2)
+    return PairMatches(indices, np.asarray(scores, np.float32)[order], int(num_keypoints0))
 
 
 # ------------------------------------------------------------------------------------- aggregation
@@ -352,6 +420,7 @@ __all__ = [
     "assign_to_keypoints",
     "one_to_one",
     "to_pair_matches",
+    "sparse_pair_matches",
     "aggregate_matches",
     "track_lengths",
 ]

@@ -58,6 +58,7 @@ from core.cli import add_config_arguments, config_from_options
 from core.colmap_model import incomplete_write, read_model, write_model
 from core.distributed import DistributedConfig
 from core.errors import UserError, run_cli
+from core.resources import peak_rss_mb
 from core.stamps import digest, file_state
 from pipeline.colmap_db import CAMERA_MODES, CameraMode, VerificationConfig, build_database
 from pipeline.ensemble import EnsembleStats
@@ -170,10 +171,11 @@ class ReconstructResult:
 
 
 class _Timer:
-    """Collects wall-clock seconds per step."""
+    """Collects wall-clock seconds per step, and the process's peak resident memory (MB) after each."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
 
     def __call__(self, step: str):
         timer = self
@@ -184,6 +186,7 @@ class _Timer:
 
             def __exit__(self, *exc: object) -> None:
                 timer.seconds[step] = round(timer.seconds.get(step, 0.0) + time.perf_counter() - self.start, 3)
+                timer.peak_rss_mb[step] = round(peak_rss_mb(), 1)
 
         return _Step()
 
@@ -573,11 +576,18 @@ def matching_summary(matched: Matched) -> dict[str, Any]:
         "distributed": {
             name: asdict(r.distributed) for name, r in matched.results.items() if r.distributed is not None
         },
+        # peak resident memory (MB) of the process after each matcher's raw matching and shared keypoints
+        "peak_rss_mb": {name: r.peak_rss_mb for name, r in matched.results.items()},
     }
 
 
 def make_summary(
-    images: Path, paths: ReconstructPaths, config: ReconstructConfig, steps: RunSteps, timings: dict[str, float]
+    images: Path,
+    paths: ReconstructPaths,
+    config: ReconstructConfig,
+    steps: RunSteps,
+    timings: dict[str, float],
+    peak_rss: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """summary.json, from the steps' results."""
     import pycolmap
@@ -606,6 +616,7 @@ def make_summary(
         "reused_database": steps.database.reused,
         "resumed_model": steps.model.resumed,
         "timings": timings,
+        "peak_rss_mb": peak_rss or {},  # the process's peak resident memory (MB) after each step of this run
         "inputs_stamp": steps.inputs_stamp,
         "pycolmap": pycolmap.__version__,
     }
@@ -643,7 +654,12 @@ def main(images: Path, outputs: Path, config: ReconstructConfig = ReconstructCon
         write_views(model.reconstruction, images, paths, model.resumed)
     steps = RunSteps(checked, pair_list, matched, database, model, stamp)
     summary = make_summary(
-        images, paths, config, steps, {**timer.seconds, "total": round(time.perf_counter() - start, 3)}
+        images,
+        paths,
+        config,
+        steps,
+        {**timer.seconds, "total": round(time.perf_counter() - start, 3)},
+        timer.peak_rss_mb,
     )
     io.write_text_atomic(paths.summary, json.dumps(summary, indent=2, default=str))
     if model.reconstruction is None:

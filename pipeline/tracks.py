@@ -33,8 +33,9 @@ pair): the raw matches whose two cells ended in one track.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from core.distributed import DistributedConfig, run_shards, shard_size
 from matchers.base import CoarseGrid, Matches, rotate_points_back
 from pipeline.align import AlignConfig, align_points, local_affines
-from pipeline.quantize import ImageKeypoints, PairMatches, QuantizedMatches
+from pipeline.quantize import ImageKeypoints, PairMatches, QuantizedMatches, sparse_pair_matches
 from pipeline.refine import DecodedImages
 
 Pair = tuple[str, str]
@@ -109,52 +110,72 @@ class _Graph:
     edges: np.ndarray  # (E, 2) node ids
     points: np.ndarray  # (E, 2, 2) the matched points of each edge, per end
     scores: np.ndarray  # (E,)
-    match_edge: np.ndarray  # (R,) the edge of every raw match, pairs in ``raw`` order, matches in their order
-    match_counts: list[int]  # raw matches per pair, in ``raw`` order
+    raw_matches: int  # raw matches read
+
+
+#: node keys: image index, then cell x and y in _CELL_BITS each, offset so that cells just outside a grid (a view
+#: turned for matching snaps within a pixel of it) stay non-negative; sorted keys order nodes by (image, x, y)
+_CELL_BITS = 20
+_CELL_OFFSET = 1 << (_CELL_BITS - 1)
+
+
+def _node_keys(image: int, cells: np.ndarray) -> np.ndarray:
+    """(M,) int64 key of the nodes (image, cell) of ``cells`` (M, 2)."""
+    xy = np.clip(cells + _CELL_OFFSET, 0, (1 << _CELL_BITS) - 1).astype(np.int64)
+    return (np.int64(image) << (2 * _CELL_BITS)) | (xy[:, 0] << _CELL_BITS) | xy[:, 1]
+
+
+def _pair_edges(keys0: np.ndarray, keys1: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Indices of one pair's raw matches kept as edges: one per two nodes, the most confident (first on ties)."""
+    order = np.lexsort((np.arange(len(scores)), -scores, keys1, keys0))
+    first = np.r_[True, (keys0[order][1:] != keys0[order][:-1]) | (keys1[order][1:] != keys1[order][:-1])]
+    return np.sort(order[first])
 
 
 def _graph(raw: Mapping[Pair, Matches], grids: Mapping[str, CoarseGrid]) -> _Graph:
-    """Nodes (image, cell) and one edge per raw match, duplicates (same two nodes) kept once, best first."""
+    """Nodes (image, cell) and one edge per two matched nodes (the most confident raw match), pair by pair.
+
+    The raw matches are read one pair at a time and only their edges are kept (36 bytes each: node keys, points,
+    score); nodes get dense ids once all pairs are read. Edges are ordered by (larger node, smaller node).
+    """
     names = sorted({name for pair in raw for name in pair})
     index = {name: i for i, name in enumerate(names)}
-    ends, points, scores, counts = [], [], [], []
+    keys, points, scores = [], [], []
+    raw_matches = 0
     for (name0, name1), matches in raw.items():
-        counts.append(len(matches))
+        raw_matches += len(matches)
         if len(matches) == 0:
             continue
         if not matches.has_coarse:
             raise ValueError(f"matches of {name0} / {name1} have no coarse cells; exact tracks need a dense matcher")
-        cells0, cells1 = grids[name0].cells(matches.coarse0), grids[name1].cells(matches.coarse1)
-        image0 = np.full((len(matches), 1), index[name0])
-        image1 = np.full((len(matches), 1), index[name1])
-        ends.append(np.stack([np.hstack([image0, cells0]), np.hstack([image1, cells1])], axis=1))  # (M, 2, 3)
-        points.append(np.stack([matches.keypoints0, matches.keypoints1], axis=1))
-        scores.append(matches.scores)
-    if not ends:
+        keys0 = _node_keys(index[name0], grids[name0].cells(matches.coarse0))
+        keys1 = _node_keys(index[name1], grids[name1].cells(matches.coarse1))
+        pair_scores = np.asarray(matches.scores, np.float32)
+        kept = _pair_edges(keys0, keys1, pair_scores)
+        keys.append(np.stack([keys0[kept], keys1[kept]], axis=1))
+        points.append(np.stack([matches.keypoints0[kept], matches.keypoints1[kept]], axis=1).astype(np.float32))
+        scores.append(pair_scores[kept])
+    if not keys:
         empty = np.zeros((0, 2), np.int64)
-        return _Graph(
-            names,
-            empty[:, 0],
-            empty,
-            empty,
-            np.zeros((0, 2, 2), np.float32),
-            np.zeros(0, np.float32),
-            np.zeros(0, np.int64),
-            counts,
-        )
-    ends_all = np.concatenate(ends)
-    keys, inverse = np.unique(ends_all.reshape(-1, 3), axis=0, return_inverse=True)
-    edges = inverse.reshape(-1, 2)
-    points_all = np.concatenate(points).astype(np.float32)
-    scores_all = np.concatenate(scores).astype(np.float32)
-    # One edge per node pair (a pair's cells are matched once; a turned view can snap two matches together).
-    order = np.lexsort((-scores_all, np.minimum(edges[:, 0], edges[:, 1]), np.maximum(edges[:, 0], edges[:, 1])))
-    sorted_edges = np.sort(edges[order], axis=1)
-    first = np.r_[True, np.any(sorted_edges[1:] != sorted_edges[:-1], axis=1)]
-    keep = order[first]
-    match_edge = np.empty(len(edges), np.int64)
-    match_edge[order] = np.cumsum(first) - 1
-    return _Graph(names, keys[:, 0], keys[:, 1:], edges[keep], points_all[keep], scores_all[keep], match_edge, counts)
+        return _Graph(names, empty[:, 0], empty, empty, np.zeros((0, 2, 2), np.float32), np.zeros(0, np.float32), 0)
+    all_keys = np.concatenate(keys)
+    del keys
+    node_keys, inverse = np.unique(all_keys, return_inverse=True)
+    del all_keys
+    edges = inverse.reshape(-1, 2).astype(np.int32 if len(node_keys) < 2**31 else np.int64)
+    del inverse
+    order = np.lexsort((edges.min(axis=1), edges.max(axis=1)))
+    mask = (1 << _CELL_BITS) - 1
+    cells = np.stack([(node_keys >> _CELL_BITS) & mask, node_keys & mask], axis=1) - _CELL_OFFSET
+    return _Graph(
+        names,
+        (node_keys >> (2 * _CELL_BITS)).astype(np.int32),
+        cells.astype(np.int32),
+        edges[order],
+        np.concatenate(points)[order],
+        np.concatenate(scores)[order],
+        raw_matches,
+    )
 
 
 def _unique_image_union(graph: _Graph, max_cell_spread: int = 1) -> np.ndarray:
@@ -176,9 +197,18 @@ def _unique_image_union(graph: _Graph, max_cell_spread: int = 1) -> np.ndarray:
     conflicted = np.isin(label[edges[:, 0]], repeated)
     if not conflicted.any():
         return accepted
-    parent = list(range(num_nodes))
+    # The loop runs over the conflicted components only, on local node ids: Python lists of all nodes would cost
+    # ~100 bytes a node (the largest memory peak of track building before).
+    candidates = np.nonzero(conflicted)[0]
+    candidates = candidates[np.argsort(-graph.scores[candidates], kind="stable")]
+    local_nodes, local_edges = np.unique(edges[candidates], return_inverse=True)
+    local_edges = local_edges.reshape(-1, 2)
+    # array.array: 8 bytes an entry where a list holds a pointer and an int object
+    parent = array("q", range(len(local_nodes)))
     members: dict[int, dict[int, list[int]]] = {}  # root -> image -> nodes
-    cells = graph.node_cell.tolist()
+    cell_x = array("q", graph.node_cell[local_nodes, 0].tolist())
+    cell_y = array("q", graph.node_cell[local_nodes, 1].tolist())
+    image_of = array("q", graph.node_image[local_nodes].tolist())
 
     def find(node: int) -> int:
         while parent[node] != node:
@@ -189,14 +219,10 @@ def _unique_image_union(graph: _Graph, max_cell_spread: int = 1) -> np.ndarray:
     def compatible(nodes: list[int]) -> bool:
         # Cells of one image within a 2 x 2 block: one scene point near their common corner, which LoFTR matched
         # from different pairs into neighbouring cells; further apart, they are different points.
-        xs, ys = [cells[n][0] for n in nodes], [cells[n][1] for n in nodes]
+        xs, ys = [cell_x[n] for n in nodes], [cell_y[n] for n in nodes]
         return max(xs) - min(xs) <= max_cell_spread and max(ys) - min(ys) <= max_cell_spread
 
-    image_of = graph.node_image.tolist()
-    candidates = np.nonzero(conflicted)[0]
-    candidates = candidates[np.argsort(-graph.scores[candidates], kind="stable")]
-    for edge in candidates.tolist():
-        a, b = int(edges[edge, 0]), int(edges[edge, 1])
+    for edge, a, b in _chunked_rows(candidates, local_edges[:, 0], local_edges[:, 1]):
         ra, rb = find(a), find(b)
         if ra == rb:
             continue
@@ -215,6 +241,12 @@ def _unique_image_union(graph: _Graph, max_cell_spread: int = 1) -> np.ndarray:
         members.pop(rb, None)
     # An edge skipped as "same component" joins two nodes of one component: consistent by construction.
     return accepted
+
+
+def _chunked_rows(*columns: np.ndarray, chunk: int = 1 << 16) -> Iterator[tuple[int, ...]]:
+    """The rows of equally long 1-D arrays as tuples of Python ints, converted ``chunk`` rows at a time."""
+    for start in range(0, len(columns[0]), chunk):
+        yield from zip(*(column[start : start + chunk].tolist() for column in columns))
 
 
 def _components(num_nodes: int, edges: np.ndarray) -> np.ndarray:
@@ -260,14 +292,12 @@ def build_tracks(
     turns: Mapping[Pair, int] | None = None,
     config: TrackConfig | None = None,
     cache_bytes: int = 2 << 30,
-    kept_raw: dict[Pair, np.ndarray] | None = None,
     distributed: DistributedConfig = DistributedConfig(),
 ) -> tuple[QuantizedMatches, TrackStats]:
     """Exact tracks from ``raw`` matches with coarse cells (see the module docstring).
 
     ``grids[name]``: the coarse lattice of each image; ``load(name)``: a grayscale image (needed for
     ``refine="align"``); ``turns[(a, b)]``: the quarter turn b was matched at against a (``rotation="auto"``).
-    ``kept_raw``, when given, receives per pair a bool mask of its raw matches that ended in the output matches.
     """
     config = config if config is not None else TrackConfig()
     graph = _graph(raw, grids)
@@ -317,20 +347,26 @@ def build_tracks(
         keep = depth[:num_nodes] <= (2 if config.keep_unaligned == "direct" else 1)
         keypoint_of[~aligned & ~keep] = -1
     kept = (keypoint_of[edges[:, 0]] >= 0) & (keypoint_of[edges[:, 1]] >= 0)
-    if kept_raw is not None:
-        final = np.zeros(len(graph.edges), bool)
-        final[edge_ids[kept]] = True
-        masks = np.split(final[graph.match_edge], np.cumsum(graph.match_counts)[:-1]) if graph.match_counts else []
-        kept_raw.update(zip(raw.keys(), masks))
     result = _to_quantized(raw, graph, keypoint_of, image_keypoints, edges[kept], scores[kept])
     stats = _track_stats(
-        raw, label, in_track, kept, accepted, edge_ids, aligned, candidates, merged, positions, estimates, centres
+        graph.raw_matches,
+        label,
+        in_track,
+        kept,
+        accepted,
+        edge_ids,
+        aligned,
+        candidates,
+        merged,
+        positions,
+        estimates,
+        centres,
     )
     return result, stats
 
 
 def _track_stats(
-    raw: Mapping[Pair, Matches],
+    raw_matches: int,
     label: np.ndarray,
     in_track: np.ndarray,
     kept: np.ndarray,
@@ -348,7 +384,7 @@ def _track_stats(
     lengths = lengths[lengths > 0]
     moved = np.linalg.norm(positions - estimates, axis=1)
     return TrackStats(
-        raw_matches=int(sum(len(m) for m in raw.values())),
+        raw_matches=raw_matches,
         in_tracks=int(kept.sum()),
         conflicts=int((~accepted).sum()),
         dropped_max_kps=int(accepted.sum()) - len(edge_ids),
@@ -414,10 +450,7 @@ def _place_along_trees(
     offset_maps = np.stack([_turn_offsets(k) for k in range(4)])
     reference_of = np.full(num_nodes, -1, np.int64)
     reference_of[references] = references
-    parent_list, depth_list = parent.tolist(), [0] * (num_nodes + 1)
-    for node in visit[1:].tolist():
-        depth_list[node] = depth_list[parent_list[node]] + 1
-    depth = np.array(depth_list)
+    depth = _tree_depths(parent, visit, root)
     edge_key = np.sort(edges, axis=1) @ np.array([num_nodes, 1], np.int64)
     edge_order = np.argsort(edge_key)
     for level in range(2, int(depth.max(initial=1)) + 1):  # level 1: the references
@@ -431,6 +464,23 @@ def _place_along_trees(
         offsets = np.einsum("nij,nj->ni", offset_maps[k], positions[ups] - points[edge, 1 - side])
         positions[nodes] = points[edge, side] + offsets
     return positions, reference_of, depth
+
+
+def _tree_depths(parent: np.ndarray, visit: np.ndarray, root: int) -> np.ndarray:
+    """(N + 1,) depth of every node of a breadth-first tree from ``root`` (the root 0, its children 1, nodes not
+    reached 0), by pointer jumping: log2(depth) vectorised steps instead of a Python loop over the nodes."""
+    reached = np.zeros(len(parent), bool)
+    reached[visit] = True
+    reached[root] = False
+    depth = reached.astype(np.int64)  # one step to the parent
+    ancestor = np.where(reached, parent, root)
+    ancestor[root] = root
+    while True:
+        jump = ancestor != root
+        if not jump.any():
+            return depth
+        depth[jump] += depth[ancestor[jump]]
+        ancestor[jump] = ancestor[ancestor[jump]]
 
 
 def _align_to_references(
@@ -630,8 +680,8 @@ def _to_quantized(
     matches: dict[Pair, PairMatches] = {}
     for name0, name1 in raw:
         count0 = len(keypoints[name0]) if name0 in keypoints else 0
-        matches0 = np.full(count0, -1, np.int32)
-        scores0 = np.zeros(count0, np.float32)
+        ids0 = ids1 = np.zeros(0, np.int64)
+        chosen_scores = np.zeros(0, np.float32)
         if name0 in index and name1 in index:
             i0, i1 = index[name0], index[name1]
             key = min(i0, i1) * len(names) + max(i0, i1)
@@ -640,9 +690,8 @@ def _to_quantized(
             flip = image_a[chosen] != i0
             ids0 = local[np.where(flip, edges[chosen, 1], edges[chosen, 0])]
             ids1 = local[np.where(flip, edges[chosen, 0], edges[chosen, 1])]
-            matches0[ids0] = ids1
-            scores0[ids0] = scores[chosen]
-        matches[(name0, name1)] = PairMatches(matches0, scores0)
+            chosen_scores = scores[chosen]
+        matches[(name0, name1)] = sparse_pair_matches(ids0, ids1, chosen_scores, count0)
     return QuantizedMatches(keypoints=keypoints, matches=matches)
 
 

@@ -50,6 +50,7 @@ import torch
 from core import io
 from core.cli import add_config_arguments, config_from_args, config_from_options
 from core.errors import UserError, run_cli
+from core.resources import available_memory_mb, peak_rss_mb
 from matchers.loftr import LoFTR, LoFTRConfig
 from matchers.loftr.optimize import InferenceOptions, optimize_for_inference
 from recipes.scale import ScaleConfig, format_scale, run_scale
@@ -277,21 +278,6 @@ def single_pair(config: BenchmarkConfig, kornia_model: torch.nn.Module, ours: Lo
 
 
 # ------------------------------------------------------------------------------------------------- memory
-def _proc_mb(path: str, field: str) -> float | None:
-    """A ``field:  <n> kB`` line of a /proc file, in MB (None where the file or the field is missing)."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def available_memory_mb() -> float | None:
-    return _proc_mb("/proc/meminfo", "MemAvailable")
-
-
 def expected_kornia_mb(size: Size) -> float:
     """Rough peak of kornia's coarse matching: four float32 L x S matrices (sim, two softmaxes, product)."""
     cells = (size[0] // 8) * (size[1] // 8)
@@ -338,7 +324,7 @@ def _rss_child_main(impl: str, size: Size, threads: int, seed: int, threshold: f
     image0, image1, _ = pair_images(data_root, size)
     t0, t1 = as_tensor(image0), as_tensor(image1)
     model = build_kornia(seed, threshold) if impl == "kornia" else build_ours(seed, threshold)
-    before = _peak_rss_mb()
+    before = peak_rss_mb()
     start = time.perf_counter()
     out = run_kornia(model, t0, t1) if impl == "kornia" else run_ours(model, t0, t1)
     seconds = time.perf_counter() - start
@@ -347,7 +333,7 @@ def _rss_child_main(impl: str, size: Size, threads: int, seed: int, threshold: f
             {
                 "impl": impl,
                 "size": list(size),
-                "peak_rss_mb": _peak_rss_mb(),
+                "peak_rss_mb": peak_rss_mb(),
                 "rss_before_match_mb": before,
                 "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "match_seconds": seconds,
@@ -355,17 +341,6 @@ def _rss_child_main(impl: str, size: Size, threads: int, seed: int, threshold: f
             }
         )
     )
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident set of this process (MB): VmHWM of its own address space.
-
-    ``ru_maxrss`` is not used for the figure: Linux carries the high-water mark of the pre-exec address space
-    (the forked copy of the benchmark process) over ``execve``, so every child would report at least the
-    parent's RSS. VmHWM belongs to the new address space only. ru_maxrss is still reported alongside.
-    """
-    peak = _proc_mb("/proc/self/status", "VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------------------------- dense
@@ -733,7 +708,7 @@ def _onnx_child_main(backend: str, name: str, onnx_path: Path, config: Benchmark
         from matchers.loftr.onnx_backend import OnnxLoFTRMatcher
 
         matcher = OnnxLoFTRMatcher(onnx_path, resize=None, device="cpu", threads=config.threads)
-    before = _peak_rss_mb()
+    before = peak_rss_mb()
     start = time.perf_counter()
     matches = matcher.match(image0, image1)
     seconds = time.perf_counter() - start
@@ -742,7 +717,7 @@ def _onnx_child_main(backend: str, name: str, onnx_path: Path, config: Benchmark
             {
                 "backend": backend,
                 "model": name,
-                "peak_rss_mb": _peak_rss_mb(),
+                "peak_rss_mb": peak_rss_mb(),
                 "rss_before_match_mb": before,
                 "match_seconds": seconds,
                 "matches": len(matches),

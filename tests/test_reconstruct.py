@@ -93,6 +93,10 @@ def test_outputs_follow_hloc_and_colmap_formats(temple_run: dict) -> None:
     assert 2.0 < summary["mean_track_length"] and 0.0 < summary["mean_reprojection_error"] < 1.0
     assert summary["matcher"] == "sift" and summary["weights"] is None
     assert set(summary["timings"]) >= {"check_images", "pairs", "matching", "database", "mapping", "total"}
+    peaks = summary["peak_rss_mb"]  # high-water marks: they never fall from one step to the next
+    steps = ["check_images", "pairs", "matching", "database", "mapping", "outputs"]
+    assert [peaks[s] for s in steps] == sorted(peaks[s] for s in steps) and peaks["check_images"] > 50
+    assert summary["matching"]["peak_rss_mb"]["sift"]["shared_keypoints"] <= peaks["matching"]
     png = (out / "reconstruction.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     viewer = (out / "reconstruction.html").read_text()  # the interactive viewer, self-contained

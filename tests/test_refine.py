@@ -130,7 +130,10 @@ def test_tracks_are_aligned_to_their_strongest_keypoint_through_chains():
     identity = np.arange(len(grid), dtype=np.int32)
     ones = np.ones(len(grid), np.float32)
     # a-b and b-c only: c's keypoints are two links from their reference.
-    matches = {("a.png", "b.png"): PairMatches(identity, ones), ("b.png", "c.png"): PairMatches(identity, ones)}
+    matches = {
+        ("a.png", "b.png"): PairMatches.from_matches0(identity, ones),
+        ("b.png", "c.png"): PairMatches.from_matches0(identity, ones),
+    }
     refined, stats = refine_tracks(QuantizedMatches(keypoints, matches), images.__getitem__)
     assert stats.tracks == len(grid) and stats.candidates == 2 * len(grid)
     assert stats.moved >= 0.9 * stats.candidates
@@ -147,7 +150,10 @@ def test_tracks_are_aligned_to_their_strongest_keypoint_through_chains():
     # Two fixed images in a chain a - c - b: a (strongest) is the reference, c is fixed at depth 2 (a level
     # of the search with nothing to refine), and b is aligned to its fixed neighbour c.
     exact_c = dict(keypoints, **{"c.png": ImageKeypoints(truth["c.png"].astype(np.float32), ones)})
-    chain = {("a.png", "c.png"): PairMatches(identity, ones), ("c.png", "b.png"): PairMatches(identity, ones)}
+    chain = {
+        ("a.png", "c.png"): PairMatches.from_matches0(identity, ones),
+        ("c.png", "b.png"): PairMatches.from_matches0(identity, ones),
+    }
     located, stats = refine_tracks(QuantizedMatches(exact_c, chain), images.__getitem__, fixed={"a.png", "c.png"})
     assert stats.candidates == len(grid)  # only b's keypoints may move
     np.testing.assert_array_equal(located.keypoints["c.png"].keypoints, exact_c["c.png"].keypoints)
