@@ -207,6 +207,8 @@ def _fits_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "it looks like an optimal-transport checkpoint: use preset outdoor_ot or indoor_ot"
     if guess == "compact":
         return "it looks like the compact model: use preset compact (weights loftr-compact)"
+    if guess == "student":
+        return "it looks like the coarse-only student: use preset student (weights loftr-student)"
     return "it looks like a dual-softmax checkpoint: use preset outdoor_ds, indoor_ds or indoor_ds_new"
 
 
