@@ -162,3 +162,21 @@ def test_bad_teacher_path_is_one_error_line(tmp_path: Path, capsys: pytest.Captu
     assert not (tmp_path / "s.ckpt").exists()
     with pytest.raises(UserError, match="distillation takes"):
         main_cli(["--teacher", "loftr-compact", "--data", "megadepth:/x", "--out", str(tmp_path / "s.ckpt")])
+
+
+def test_teacher_confidence_is_pooled_onto_the_student_grid() -> None:
+    from recipes.training.distill import pool_factor, teacher_confidence
+    from tests.test_onnx import random_model, tiny_config
+
+    teacher, student = random_model(tiny_config()), student_model()
+    assert pool_factor(teacher, student, 1.0) == 2 and pool_factor(teacher, student, 0.5) == 1
+    with pytest.raises(UserError, match="whole number"):
+        pool_factor(teacher, student, 0.3)
+    generator = torch.Generator().manual_seed(0)
+    batch = {"image0": torch.rand(1, 1, 64, 96, generator=generator), "image1": torch.rand(1, 1, 64, 96)}
+    full = teacher_confidence(teacher, batch, 1.0, 1)  # the teacher's own 8 x 12 grid
+    pooled = teacher_confidence(teacher, batch, 1.0, 2)  # the student's 4 x 6 grid
+    assert full.shape == (1, 96, 96) and pooled.shape == (1, 24, 24)
+    torch.testing.assert_close(pooled, pool_confidence(full, (8, 12), (8, 12), 2))
+    half = teacher_confidence(teacher, batch, 0.5, 1)  # the teacher on 32 x 48 images: the student's grid too
+    assert half.shape == (1, 24, 24)
