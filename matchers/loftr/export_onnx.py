@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights",
         required=True,
-        help="LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, ...) or a .ckpt path",
+        help="LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, loftr-student, ...) or a .ckpt path",
     )
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument(
