@@ -134,7 +134,7 @@ class LoFTRConfig:
                 coarse=CoarseConfig(
                     d_model=32, d_ffn=32, nhead=1, layer_names=("self", "cross") * 2, temp_bug_fix=True
                 ),
-                matching=MatchingConfig(thr=0.2, border_rm=1),
+                matching=MatchingConfig(thr=0.1, border_rm=1),
                 fine=FineConfig(enabled=False),
             )
         raise ValueError(f"unknown LoFTR preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")

@@ -392,7 +392,9 @@ def _resume_or_start(
         state = load_training_checkpoint(out)
         if "optimizer" not in state:
             raise UserError(f"{out} holds weights only, not a training state; pass --init {out} with another --out")
-        if LoFTRConfig.from_dict(state["loftr_config"]) != model.config:
+        stored = LoFTRConfig.from_dict(state["loftr_config"])
+        # the coarse threshold does not enter training (a preset may re-tune it after a run): architecture only
+        if stored.replace(matching={"thr": model.config.matching.thr}) != model.config:
             raise UserError(f"{out} was trained with another model configuration; use the same --preset or a new --out")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
