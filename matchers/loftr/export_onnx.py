@@ -408,7 +408,7 @@ def main(
     model = load_pretrained(weights, "cpu", preset=preset, threshold=threshold)
     path = export(model, output, coarse_only=coarse_only, opset=opset)
     size = path.stat().st_size / 2**20
-    kind = "coarse-only " if coarse_only else ""
+    kind = "coarse-only " if coarse_only or not model.config.fine.enabled else ""
     print(
         f"wrote {path} ({kind}LoFTR, {preset_of(model.config) or 'custom config'}, {size:.1f} MB, "
         f"opset {opset}, weights sha256 {state_dict_digest(model)[:12]}...)"
