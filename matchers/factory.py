@@ -35,7 +35,7 @@ AMP_MODES = ("bf16", "fp16")
 OFFLINE_WEIGHTS = "loftr-compact"
 #: ``--weights`` help of every CLI whose default is "no weights named"
 WEIGHTS_HELP = (
-    "LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, ...), a .ckpt path or an "
+    "LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, loftr-student, ...), a .ckpt path or an "
     ".onnx export (run by onnxruntime); "
     "default: $LOFTR_WEIGHTS, else outdoor (downloaded once), else offline the shipped, "
     "weaker loftr-compact"

@@ -18,8 +18,9 @@ download needed) and a low coarse threshold so that random weights still produce
 4. **Techniques**: the measured effect of each optimisation, toggled alone (interleaved, median).
 5. **ONNX** (``--onnx``, not run by default): torch (the default matcher, a cold pair) against onnxruntime running
    the file of ``python -m matchers.loftr.export_onnx``, per pair at 640x480, interleaved in one process, for the
-   shipped loftr-compact weights and outdoor_ds-shaped random weights; same-match check, export time, model sizes
-   (parameters, checkpoint and .onnx bytes) and the peak RSS of one cold pair per backend in a fresh subprocess.
+   shipped loftr-compact weights, the shipped coarse-only loftr-student and outdoor_ds-shaped random weights
+   (``--onnx-models`` picks some); same-match check, pairs/s, export time, model sizes (parameters, checkpoint and
+   .onnx bytes) and the peak RSS of one cold pair per backend in a fresh subprocess.
 
 Prints a table (with the targets of issue 6) and writes everything as JSON (atomically).
 """
@@ -589,15 +590,17 @@ def compile_trial(config: BenchmarkConfig, model: LoFTR) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- report
 # ------------------------------------------------------------------------------------------------- onnx
 ONNX_SIZE: Size = (640, 480)
-ONNX_MODELS = ("loftr-compact", "outdoor_ds-random")
+ONNX_MODELS = ("loftr-compact", "loftr-student", "outdoor_ds-random")
+#: the coarse-only student's speed target (issue 17, part 3): onnxruntime pairs/s at 640x480 on a 2-core CPU
+STUDENT_PAIRS_PER_S = 10.0
 
 
 def _onnx_torch_model(name: str, config: BenchmarkConfig) -> LoFTR:
-    """The plain torch model of an ONNX row: the shipped compact weights, or the seeded random outdoor_ds ones."""
-    if name == "loftr-compact":
+    """The plain torch model of an ONNX row: shipped weights (compact, student), or seeded random outdoor_ds ones."""
+    if name in ("loftr-compact", "loftr-student"):
         from matchers.loftr import load_pretrained
 
-        return load_pretrained("loftr-compact", "cpu")
+        return load_pretrained(name, "cpu")
     state, _ = random_state_dict(config.seed, config.threshold)
     model = LoFTR(LoFTRConfig.preset("outdoor_ds").replace(matching={"thr": config.threshold}))
     model.load_state_dict(state)
@@ -608,7 +611,9 @@ def _matches_dict(matches: Any) -> dict[str, np.ndarray]:
     return {"keypoints0": matches.keypoints0, "keypoints1": matches.keypoints1}
 
 
-def onnx_rows(config: BenchmarkConfig, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def onnx_rows(
+    config: BenchmarkConfig, workdir: Path, log: Callable[[str], None], models: Sequence[str] = ONNX_MODELS
+) -> dict[str, Any]:
     """Torch vs onnxruntime, one cold 640x480 pair, interleaved; sizes and peak RSS per model."""
     import onnxruntime
 
@@ -625,7 +630,7 @@ def onnx_rows(config: BenchmarkConfig, workdir: Path, log: Callable[[str], None]
         "threads": config.threads,
         "rows": [],
     }
-    for name in ONNX_MODELS:
+    for name in models:
         model = _onnx_torch_model(name, config)
         onnx_path, ckpt_path = workdir / f"{name}.onnx", workdir / f"{name}.ckpt"
         start = time.perf_counter()
@@ -655,6 +660,10 @@ def onnx_rows(config: BenchmarkConfig, workdir: Path, log: Callable[[str], None]
             "torch": timing["torch"],
             "onnxruntime": timing["onnxruntime"],
             "ratio": timing["onnxruntime"]["median_s"] / timing["torch"]["median_s"],
+            "pairs_per_s": {
+                "torch": 1.0 / timing["torch"]["median_s"],
+                "onnxruntime": 1.0 / timing["onnxruntime"]["median_s"],
+            },
             "check": check,
         }
         del torch_matcher, onnx_matcher
@@ -856,7 +865,8 @@ def _onnx_lines(o: dict[str, Any]) -> list[str]:
     lines = [
         f"ONNX: torch vs onnxruntime {o['onnxruntime']}, cold {o['size'][0]}x{o['size'][1]} pair "
         f"({o['threads']} threads, interleaved, median s; peak RSS of one pair in a fresh process)",
-        f"{'model':<20}{'torch s':>9}{'ort s':>8}{'ratio':>7}{'matches':>9}{'same':>6}{'max dkp px':>12}"
+        f"{'model':<20}{'torch s':>9}{'ort s':>8}{'ratio':>7}{'pairs/s t':>10}{'pairs/s o':>10}{'matches':>9}"
+        f"{'same':>6}{'max dkp px':>12}"
         f"{'params':>11}{'ckpt MB':>9}{'onnx MB':>9}{'export s':>10}{'RSS torch':>11}{'RSS ort':>9}",
     ]
     for row in o["rows"]:
@@ -864,7 +874,8 @@ def _onnx_lines(o: dict[str, Any]) -> list[str]:
         rss_text = [f"{rss[b]['peak_rss_mb']:.0f}" if rss[b].get("ok") else "fail" for b in ("torch", "onnxruntime")]
         lines.append(
             f"{row['model']:<20}{row['torch']['median_s']:>9.3f}{row['onnxruntime']['median_s']:>8.3f}"
-            f"{row['ratio']:>7.2f}{c['matches_kornia']:>9}{'yes' if c['same'] else 'NO':>6}"
+            f"{row['ratio']:>7.2f}{1 / row['torch']['median_s']:>10.1f}{1 / row['onnxruntime']['median_s']:>10.1f}"
+            f"{c['matches_kornia']:>9}{'yes' if c['same'] else 'NO':>6}"
             f"{c['max_keypoint_diff_px']:>12.1e}{row['parameters']:>11,}{row['checkpoint_mb']:>9.1f}"
             f"{row['onnx_mb']:>9.1f}{row['export_s']:>10.1f}{rss_text[0]:>11}{rss_text[1]:>9}"
         )
@@ -913,6 +924,16 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "pass": row["ratio"] <= 1.0 and row["check"]["same"],
                 }
             )
+        if row["model"] == "loftr-student":
+            rate = 1.0 / row["onnxruntime"]["median_s"]
+            targets.append(
+                {
+                    "name": f"loftr-student onnxruntime >= {STUDENT_PAIRS_PER_S:g} pairs/s at 640x480 (issue 17)",
+                    "value": f"{rate:.1f} pairs/s ({(report.get('onnx') or {}).get('threads')} threads), "
+                    f"same={row['check']['same']}",
+                    "pass": rate >= STUDENT_PAIRS_PER_S and row["check"]["same"],
+                }
+            )
     return targets
 
 
@@ -923,6 +944,7 @@ def main(
     sections: Sequence[str] = ("single", "rss", "dense", "techniques"),
     log: Callable[[str], None] = print,
     rss_in_background: bool = False,
+    onnx_models: Sequence[str] = ONNX_MODELS,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the report (also written to ``json_path`` if given)."""
     try:
@@ -978,7 +1000,7 @@ def main(
     if "onnx" in sections:
         log(f"onnx: torch vs onnxruntime at {ONNX_SIZE[0]}x{ONNX_SIZE[1]} ...")
         with tempfile.TemporaryDirectory(prefix="loftr_bench_onnx_") as tmp:
-            report["onnx"] = onnx_rows(config, Path(tmp), log)
+            report["onnx"] = onnx_rows(config, Path(tmp), log, onnx_models)
     if rss_thread is not None:
         log("waiting for the peak-RSS subprocesses ...")
         rss_thread.join()
@@ -1027,6 +1049,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--onnx",
         action="store_true",
         help="also compare torch with onnxruntime (section 'onnx'; alone: --sections onnx)",
+    )
+    parser.add_argument(
+        "--onnx-models", nargs="+", default=list(ONNX_MODELS), choices=ONNX_MODELS, help="models of section 'onnx'"
     )
     # what --quick leaves alone (the sizes and counts it sets are not options)
     add_config_arguments(parser, BenchmarkConfig, exclude=QUICK_FIELDS)
@@ -1078,7 +1103,14 @@ def main_cli(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if args.no_compile:
         config = replace(config, compile_size=None)
     sections = list(args.sections) + (["onnx"] if args.onnx and "onnx" not in args.sections else [])
-    return main(config, args.json, large=not args.no_large, sections=sections, rss_in_background=args.rss_in_background)
+    return main(
+        config,
+        args.json,
+        large=not args.no_large,
+        sections=sections,
+        rss_in_background=args.rss_in_background,
+        onnx_models=args.onnx_models,
+    )
 
 
 if __name__ == "__main__":

@@ -55,28 +55,42 @@ def _upsample_to(coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
 class ResNetFPN_8_2(nn.Module):
     """ResNet (3 stages x 2 BasicBlocks) + FPN; returns (coarse 1/8 map, fine 1/2 map).
 
+    ``with_fine=False`` builds a coarse-only network (no FPN): 3 stages (coarse 1/8) or 4 (coarse 1/16, cell
+    (x, y) on pixel (16x, 16y)), and an empty fine map.
+
     Every strided stage uses a centred kernel, so coarse cell (x, y) sits on pixel (8x, 8y) and fine cell (x, y)
     on pixel (2x, 2y); the maps have ceil(H/8) x ceil(W/8) and ceil(H/2) x ceil(W/2) cells for any H, W.
     """
 
-    def __init__(self, config: BackboneConfig) -> None:
+    def __init__(self, config: BackboneConfig, with_fine: bool = True) -> None:
         super().__init__()
         d0 = config.initial_dim
-        d1, d2, d3 = config.block_dims
+        dims = tuple(config.block_dims)
+        #: False: a coarse-only backbone (3 or 4 stages, coarse stride 8 or 16): no FPN, no fine map
+        self.with_fine = with_fine
+        self.num_stages = len(dims)
+        if with_fine and self.num_stages != 3:
+            raise ValueError(f"the fine (1/2) FPN branch needs 3 stages, got block_dims {dims}")
         self.conv1 = nn.Conv2d(1, d0, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(d0)
         self.relu = nn.ReLU(inplace=True)
 
-        self.layer1 = nn.Sequential(BasicBlock(d0, d1, 1), BasicBlock(d1, d1, 1))  # 1/2
-        self.layer2 = nn.Sequential(BasicBlock(d1, d2, 2), BasicBlock(d2, d2, 1))  # 1/4
-        self.layer3 = nn.Sequential(BasicBlock(d2, d3, 2), BasicBlock(d3, d3, 1))  # 1/8
+        # stage 1 at 1/2 (stride 1), every further stage halves the resolution: 1/4, 1/8 (, 1/16)
+        cin = d0
+        for index, dim in enumerate(dims, start=1):
+            stride = 1 if index == 1 else 2
+            setattr(self, f"layer{index}", nn.Sequential(BasicBlock(cin, dim, stride), BasicBlock(dim, dim, 1)))
+            cin = dim
 
-        # FPN: lateral 1x1 convs and 3x3 smoothing heads (BN + LeakyReLU in between)
-        self.layer3_outconv = _conv1x1(d3, d3)
-        self.layer2_outconv = _conv1x1(d2, d3)
-        self.layer2_outconv2 = nn.Sequential(_conv3x3(d3, d3), nn.BatchNorm2d(d3), nn.LeakyReLU(), _conv3x3(d3, d2))
-        self.layer1_outconv = _conv1x1(d1, d2)
-        self.layer1_outconv2 = nn.Sequential(_conv3x3(d2, d2), nn.BatchNorm2d(d2), nn.LeakyReLU(), _conv3x3(d2, d1))
+        # coarse head: a lateral 1x1 conv on the last stage (layer3_outconv in the official 3-stage network)
+        setattr(self, f"layer{self.num_stages}_outconv", _conv1x1(dims[-1], dims[-1]))
+        if with_fine:
+            # FPN: lateral 1x1 convs and 3x3 smoothing heads (BN + LeakyReLU in between)
+            d1, d2, d3 = dims
+            self.layer2_outconv = _conv1x1(d2, d3)
+            self.layer2_outconv2 = nn.Sequential(_conv3x3(d3, d3), nn.BatchNorm2d(d3), nn.LeakyReLU(), _conv3x3(d3, d2))
+            self.layer1_outconv = _conv1x1(d1, d2)
+            self.layer1_outconv2 = nn.Sequential(_conv3x3(d2, d2), nn.BatchNorm2d(d2), nn.LeakyReLU(), _conv3x3(d2, d1))
 
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -87,14 +101,21 @@ class ResNetFPN_8_2(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         coarse, inputs = self.forward_coarse(image)
+        if inputs is None:  # coarse-only: an empty fine map
+            return coarse, coarse.new_zeros(coarse.shape[0], 0, 0, 0)
         return coarse, self.fine_full(inputs)
 
     # The fine (1/2) map costs ~40 % of the backbone (two 3x3 heads at 1/4 and 1/2) but refinement reads it only in
     # window x window crops around matched cells. Splitting the pass lets a cold pair with few matches compute
     # just those crops (:meth:`fine_windows`), while :meth:`forward` computes the same ops over the whole map.
-    def forward_coarse(self, image: torch.Tensor) -> tuple[torch.Tensor, "FineInputs"]:
-        """Coarse 1/8 map, and what the fine branch needs (layer-1 output, FPN input at 1/4)."""
+    def forward_coarse(self, image: torch.Tensor) -> tuple[torch.Tensor, "FineInputs | None"]:
+        """Coarse 1/8 map, and what the fine branch needs (layer-1 output, FPN input at 1/4; None without it)."""
         x0 = self.relu(self.bn1(self.conv1(image)))
+        if not self.with_fine:
+            x = x0
+            for index in range(1, self.num_stages + 1):
+                x = getattr(self, f"layer{index}")(x)
+            return getattr(self, f"layer{self.num_stages}_outconv")(x), None
         x1 = self.layer1(x0)
         x2 = self.layer2(x1)
         x3 = self.layer3(x2)

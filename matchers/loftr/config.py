@@ -15,17 +15,22 @@ AttentionType = Literal["linear", "full"]
 MatchType = Literal["dual_softmax", "sinkhorn"]
 LayerName = Literal["self", "cross"]
 
-#: pixel stride of the coarse (1/8) and fine (1/2) feature maps of the ResNetFPN_8_2 backbone
+#: pixel stride of the coarse (1/8) and fine (1/2) feature maps of the (official) 3-stage ResNetFPN_8_2 backbone;
+#: a 4-stage backbone (the coarse-only ``student`` preset) has coarse stride 16 (:attr:`LoFTRConfig.coarse_stride`)
 COARSE_STRIDE = 8
 FINE_STRIDE = 2
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """ResNetFPN_8_2: a 7x7/2 stem with ``initial_dim`` channels, then three stages at 1/2, 1/4, 1/8."""
+    """ResNetFPN_8_2: a 7x7/2 stem with ``initial_dim`` channels, then three stages at 1/2, 1/4, 1/8.
+
+    Four ``block_dims`` add a fourth stage at 1/16 (coarse stride 16, as in Coarse_LoFTR_TRT); that backbone has
+    no FPN and no fine map, so it is only valid with ``FineConfig(enabled=False)``.
+    """
 
     initial_dim: int = 128
-    block_dims: tuple[int, int, int] = (128, 196, 256)
+    block_dims: tuple[int, ...] = (128, 196, 256)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,8 @@ class FineConfig:
     attention: AttentionType = "linear"
     window: int = 5
     concat_coarse_feat: bool = True
+    #: False: a coarse-only model (no fine FPN branch, no fine transformer); matches stay on coarse cell centres
+    enabled: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,11 @@ class LoFTRConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def coarse_stride(self) -> int:
+        """Pixel stride of the coarse map: 8 for the 3-stage backbone, 16 for the 4-stage one."""
+        return 2 ** len(self.backbone.block_dims)
+
     # -------------------------------------------------------------------------------------------- presets
     @classmethod
     def preset(cls, name: str) -> "LoFTRConfig":
@@ -89,7 +101,9 @@ class LoFTRConfig:
         ``outdoor_ds``, ``indoor_ds``: dual-softmax, buggy position encoding (as released);
         ``indoor_ds_new``: dual-softmax, fixed position encoding; ``outdoor_ot``, ``indoor_ot``: optimal transport
         (official eval settings: 3 Sinkhorn iterations, no dustbin prefilter); ``compact``: a smaller model
-        (64/96/128 backbone, d_model 128 / 64) trained by this project, with the fixed position encoding.
+        (64/96/128 backbone, d_model 128 / 64) trained by this project, with the fixed position encoding;
+        ``student``: a coarse-only model after Coarse_LoFTR_TRT (backbone 8/16/32/32 with coarse stride 16,
+        d_model 32, 1 head, [self, cross] x 2, no fine stage), distilled from a teacher by ``recipes.distill``.
         """
         key = name.lower().replace("-", "_")
         aliases = {
@@ -97,6 +111,7 @@ class LoFTRConfig:
             "indoor": "indoor_ds",
             "indoor_new": "indoor_ds_new",
             "loftr_compact": "compact",
+            "loftr_student": "student",
         }
         key = aliases.get(key, key)
         if key in ("outdoor_ds", "indoor_ds"):
@@ -112,6 +127,15 @@ class LoFTRConfig:
                     d_model=128, d_ffn=128, nhead=4, layer_names=("self", "cross") * 2, temp_bug_fix=True
                 ),
                 fine=FineConfig(d_model=64, d_ffn=64, nhead=4),
+            )
+        if key == "student":
+            return cls(
+                backbone=BackboneConfig(initial_dim=8, block_dims=(8, 16, 32, 32)),
+                coarse=CoarseConfig(
+                    d_model=32, d_ffn=32, nhead=1, layer_names=("self", "cross") * 2, temp_bug_fix=True
+                ),
+                matching=MatchingConfig(thr=0.1, border_rm=1),
+                fine=FineConfig(enabled=False),
             )
         raise ValueError(f"unknown LoFTR preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
 
@@ -150,14 +174,17 @@ class LoFTRConfig:
         """Check that the dimensions fit together (raises ``ValueError``)."""
         dims = self.backbone.block_dims
         problems = []
-        if len(dims) != 3:
-            problems.append(f"backbone.block_dims needs 3 values, got {dims}")
+        if len(dims) not in (3, 4):
+            problems.append(f"backbone.block_dims needs 3 values (4 for a coarse-only 1/16 model), got {dims}")
         else:
-            if self.coarse.d_model != dims[2]:
-                problems.append(f"coarse.d_model {self.coarse.d_model} must equal backbone.block_dims[2] {dims[2]}")
-            if self.fine.d_model != dims[0]:
+            if self.coarse.d_model != dims[-1]:
+                problems.append(f"coarse.d_model {self.coarse.d_model} must equal backbone.block_dims[-1] {dims[-1]}")
+            if self.fine.enabled and len(dims) != 3:
+                problems.append(f"a fine stage needs the 3-stage (1/8) backbone, got block_dims {dims}")
+            if self.fine.enabled and self.fine.d_model != dims[0]:
                 problems.append(f"fine.d_model {self.fine.d_model} must equal backbone.block_dims[0] {dims[0]}")
-        for name, section in (("coarse", self.coarse), ("fine", self.fine)):
+        sections = (("coarse", self.coarse), ("fine", self.fine)) if self.fine.enabled else (("coarse", self.coarse),)
+        for name, section in sections:
             if section.d_model % section.nhead:
                 problems.append(f"{name}.d_model {section.d_model} is not divisible by nhead {section.nhead}")
             if section.attention not in ("linear", "full"):
@@ -176,4 +203,12 @@ class LoFTRConfig:
             raise ValueError("invalid LoFTR config: " + "; ".join(problems))
 
 
-PRESET_NAMES: tuple[str, ...] = ("outdoor_ds", "indoor_ds", "indoor_ds_new", "outdoor_ot", "indoor_ot", "compact")
+PRESET_NAMES: tuple[str, ...] = (
+    "outdoor_ds",
+    "indoor_ds",
+    "indoor_ds_new",
+    "outdoor_ot",
+    "indoor_ot",
+    "compact",
+    "student",
+)

@@ -146,7 +146,9 @@ class OnnxLoFTR(nn.Module):
         super().__init__()
         self.model = model.eval()
         self.config = model.config
-        self.coarse_only = coarse_only
+        # a model without a fine stage exports coarse-only whatever was asked
+        self.coarse_only = coarse_only or not self.config.fine.enabled
+        self.stride = model.coarse_stride
         coarse = self.config.coarse
         self.register_buffer("pe_freq", frequencies(coarse.d_model, coarse.temp_bug_fix), persistent=False)
         window = self.config.fine.window
@@ -248,8 +250,8 @@ class OnnxLoFTR(nn.Module):
         j_ids = j_best[i_ids]
         confidence = row_max[i_ids]
 
-        kpts0 = torch.stack([i_ids % w0, i_ids // w0], dim=1).to(torch.float32) * COARSE_STRIDE
-        kpts1 = torch.stack([j_ids % w1, j_ids // w1], dim=1).to(torch.float32) * COARSE_STRIDE
+        kpts0 = torch.stack([i_ids % w0, i_ids // w0], dim=1).to(torch.float32) * self.stride
+        kpts1 = torch.stack([j_ids % w1, j_ids // w1], dim=1).to(torch.float32) * self.stride
         if not self.coarse_only:
             kpts1 = kpts1 + self._refine(fine0, fine1, tokens0, tokens1, i_ids, j_ids, w0, w1)
         return kpts0, kpts1, confidence, i_ids, j_ids
@@ -331,7 +333,7 @@ def export(
             CONFIG_KEY: json.dumps(model.config.to_dict(), sort_keys=True),
             DIGEST_KEY: state_dict_digest(model),
             WEIGHTS_KEY: weights_label or str(getattr(model, "weights_name", "custom")),
-            COARSE_ONLY_KEY: "true" if coarse_only else "false",
+            COARSE_ONLY_KEY: "true" if graph.coarse_only else "false",
             PRESET_KEY: preset_of(model.config) or "custom",
         }
         onnx.helper.set_model_props(proto, metadata)
@@ -355,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--weights",
         required=True,
-        help="LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, ...) or a .ckpt path",
+        help="LoFTR weights: a name (outdoor, indoor, indoor_ds_new, loftr-compact, loftr-student, ...) or a .ckpt path",
     )
     parser.add_argument("--output", required=True, help="the .onnx file to write")
     parser.add_argument(
@@ -406,7 +408,7 @@ def main(
     model = load_pretrained(weights, "cpu", preset=preset, threshold=threshold)
     path = export(model, output, coarse_only=coarse_only, opset=opset)
     size = path.stat().st_size / 2**20
-    kind = "coarse-only " if coarse_only else ""
+    kind = "coarse-only " if coarse_only or not model.config.fine.enabled else ""
     print(
         f"wrote {path} ({kind}LoFTR, {preset_of(model.config) or 'custom config'}, {size:.1f} MB, "
         f"opset {opset}, weights sha256 {state_dict_digest(model)[:12]}...)"

@@ -20,7 +20,6 @@ from core.device import resolve_device
 from core.errors import UserError
 
 from ..base import CoarseGrid, Matcher, Matches, ResizedImage, resize_image
-from .config import COARSE_STRIDE
 from .model import EncodedImage, LoFTR
 from .optimize import InferenceOptions, optimize_for_inference
 from .weights import load_pretrained
@@ -28,15 +27,17 @@ from .weights import load_pretrained
 Precision = Literal["fp16", "bf16"]
 
 
-def _cell_centres(cell_ids: torch.Tensor, prepared: "PreparedImage") -> np.ndarray:
-    """Row-major coarse cell indices -> cell centres in the original image's pixels."""
+def _cell_centres(cell_ids: torch.Tensor, prepared: "PreparedImage", stride: int) -> np.ndarray:
+    """Row-major coarse cell indices -> cell centres in the original image's pixels (``stride``: of the grid)."""
     width = prepared.encoded.coarse_shape[1]
     ids = cell_ids.cpu().numpy()
-    points = np.stack([ids % width, ids // width], axis=1).astype(np.float32) * COARSE_STRIDE
+    points = np.stack([ids % width, ids // width], axis=1).astype(np.float32) * stride
     return prepared.resized.to_original(points)
 
 
-def _to_matches(out: dict[str, torch.Tensor], prepared0: "PreparedImage", prepared1: "PreparedImage") -> Matches:
+def _to_matches(
+    out: dict[str, torch.Tensor], prepared0: "PreparedImage", prepared1: "PreparedImage", stride: int
+) -> Matches:
     """Model outputs of one pair -> :class:`Matches` in each original image's pixels, with the coarse cells."""
     kpts0 = out["keypoints0"].float().cpu().numpy()
     kpts1 = out["keypoints1"].float().cpu().numpy()
@@ -45,8 +46,8 @@ def _to_matches(out: dict[str, torch.Tensor], prepared0: "PreparedImage", prepar
         prepared0.resized.to_original(kpts0),
         prepared1.resized.to_original(kpts1),
         scores,
-        _cell_centres(out["coarse_index0"], prepared0),
-        _cell_centres(out["coarse_index1"], prepared1),
+        _cell_centres(out["coarse_index0"], prepared0, stride),
+        _cell_centres(out["coarse_index1"], prepared1, stride),
     )
 
 
@@ -87,15 +88,14 @@ class LoFTRMatcher(Matcher):
         amp: Precision | None = None,
         optimize: bool | InferenceOptions = True,
     ) -> None:
-        if resize is not None and resize < COARSE_STRIDE:
-            raise UserError(
-                f"resize must be at least {COARSE_STRIDE} pixels (or None for the original size), got {resize}"
-            )
         if amp not in (None, "fp16", "bf16"):
             raise UserError(f"amp must be fp16, bf16 or None, got {amp!r}")
         self.device = torch.device(resolve_device(device))
         self.model = (load_pretrained(model, self.device) if isinstance(model, str) else model).to(self.device).eval()
         self.weights_name = getattr(self.model, "weights_name", "custom")
+        stride = self.model.coarse_stride
+        if resize is not None and resize < stride:
+            raise UserError(f"resize must be at least {stride} pixels (or None for the original size), got {resize}")
         self.resize = resize
         self.both_directions = both_directions
         self.match_threshold = match_threshold
@@ -124,7 +124,11 @@ class LoFTRMatcher(Matcher):
     def _prepare(self, image: np.ndarray, lazy: bool) -> PreparedImage:
         if image.ndim != 2:
             raise ValueError(f"expected a grayscale (H, W) image, got shape {image.shape}")
-        resized = resize_image(image, self.resize, multiple=COARSE_STRIDE) if self.resize else resize_image(image, None)
+        resized = (
+            resize_image(image, self.resize, multiple=self.model.coarse_stride)
+            if self.resize
+            else resize_image(image, None)
+        )
         tensor = torch.from_numpy(resized.image).to(self.device)[None, None]
         with torch.inference_mode(), self._autocast():
             if lazy:  # one pair: the fine map only where refinement reads it
@@ -145,7 +149,7 @@ class LoFTRMatcher(Matcher):
                 threshold=self.match_threshold,
                 both_directions=self.both_directions,
             )
-        return _to_matches(out, prepared0, prepared1)
+        return _to_matches(out, prepared0, prepared1, self.model.coarse_stride)
 
     def match_prepared_batch(self, pairs: Sequence[tuple[PreparedImage, PreparedImage]]) -> list[Matches]:
         """Match prepared pairs, several at once where the images have equal sizes.
@@ -188,12 +192,13 @@ class LoFTRMatcher(Matcher):
                         both_directions=self.both_directions,
                     )
                 for k, out in zip(chunk, outs):
-                    results[k] = _to_matches(out, *pairs[k])
+                    results[k] = _to_matches(out, *pairs[k], self.model.coarse_stride)
         return [r for r in results if r is not None]
 
     def coarse_grid(self, size: tuple[int, int]) -> CoarseGrid:
-        """The 1/8 grid of an image of ``size`` (W, H) after this matcher's resize, in original pixels."""
-        return CoarseGrid.of_resized(size, self.resize, COARSE_STRIDE)
+        """The coarse (1/8 or 1/16) grid of an image of ``size`` (W, H) after this matcher's resize, in original
+        pixels."""
+        return CoarseGrid.of_resized(size, self.resize, self.model.coarse_stride)
 
     def describe(self) -> dict[str, Any]:
         threshold = self.match_threshold if self.match_threshold is not None else self.model.config.matching.thr

@@ -164,23 +164,28 @@ class LoFTR(nn.Module):
         config = LoFTRConfig.preset("outdoor_ds") if config is None else config
         self.config = config
         # channels-last convolutions are ~25 % faster on CPU (oneDNN) and suit tensor cores on GPU
-        self.backbone = ResNetFPN_8_2(config.backbone).to(memory_format=torch.channels_last)
+        self.backbone = ResNetFPN_8_2(config.backbone, with_fine=config.fine.enabled).to(
+            memory_format=torch.channels_last
+        )
+        #: pixel stride of the coarse grid (8, or 16 for a 4-stage coarse-only backbone)
+        self.coarse_stride = config.coarse_stride
         self.pos_encoding = PositionEncodingSine(config.coarse.d_model, config.coarse.temp_bug_fix)
         self.loftr_coarse = LocalFeatureTransformer(
             config.coarse.d_model, config.coarse.nhead, config.coarse.layer_names, config.coarse.attention
         )
         self.coarse_matching = CoarseMatching(config.matching)
-        self.fine_preprocess = FinePreprocess(
-            config.coarse.d_model,
-            config.fine.d_model,
-            config.fine.window,
-            config.fine.concat_coarse_feat,
-            COARSE_STRIDE // FINE_STRIDE,
-        )
-        self.loftr_fine = LocalFeatureTransformer(
-            config.fine.d_model, config.fine.nhead, config.fine.layer_names, config.fine.attention
-        )
-        self.fine_matching = FineMatching()
+        if config.fine.enabled:
+            self.fine_preprocess = FinePreprocess(
+                config.coarse.d_model,
+                config.fine.d_model,
+                config.fine.window,
+                config.fine.concat_coarse_feat,
+                COARSE_STRIDE // FINE_STRIDE,
+            )
+            self.loftr_fine = LocalFeatureTransformer(
+                config.fine.d_model, config.fine.nhead, config.fine.layer_names, config.fine.attention
+            )
+            self.fine_matching = FineMatching()
 
     # ------------------------------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
@@ -200,7 +205,7 @@ class LoFTR(nn.Module):
         if mask is not None:
             if mask.shape != (image.shape[0], image.shape[2], image.shape[3]):
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match image {tuple(image.shape)}")
-            coarse_mask = mask[:, ::COARSE_STRIDE, ::COARSE_STRIDE].bool()
+            coarse_mask = mask[:, :: self.coarse_stride, :: self.coarse_stride].bool()
         return EncodedImage(coarse, fine, (int(image.shape[2]), int(image.shape[3])), coarse_mask)
 
     def encode_lazy(self, image: torch.Tensor) -> EncodedImage:
@@ -281,7 +286,11 @@ class LoFTR(nn.Module):
         tokens1: torch.Tensor,
         matches: CoarseMatches,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fine offsets (M, 2) in [-1, 1] window units for image 1, and their std (M,)."""
+        """Fine offsets (M, 2) in [-1, 1] window units for image 1, and their std (M,) (zeros for a coarse-only
+        model: its matches stay on the cell centres)."""
+        if not self.config.fine.enabled:
+            zeros = tokens0.new_zeros(matches.b_ids.shape[0], 2)
+            return zeros, zeros[:, 0]
         if enc0.fine_inputs is None and enc1.fine_inputs is None:
             win0, win1 = self.fine_preprocess(
                 enc0.fine,
@@ -316,8 +325,8 @@ class LoFTR(nn.Module):
         offsets, std = self.refine(enc0, enc1, tokens0, tokens1, matches)
         w0, w1 = enc0.coarse_shape[1], enc1.coarse_shape[1]
         i_ids, j_ids = matches.i_ids, matches.j_ids
-        kpts0 = torch.stack([i_ids % w0, i_ids // w0], dim=1).to(offsets.dtype) * COARSE_STRIDE
-        kpts1 = torch.stack([j_ids % w1, j_ids // w1], dim=1).to(offsets.dtype) * COARSE_STRIDE
+        kpts0 = torch.stack([i_ids % w0, i_ids // w0], dim=1).to(offsets.dtype) * self.coarse_stride
+        kpts1 = torch.stack([j_ids % w1, j_ids // w1], dim=1).to(offsets.dtype) * self.coarse_stride
         kpts1 = kpts1 + offsets * float(self.config.fine.window // 2 * FINE_STRIDE)
         return {
             "keypoints0": kpts0,

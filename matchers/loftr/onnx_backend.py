@@ -177,16 +177,22 @@ class PreparedOnnxImage:
 
     resized: ResizedImage
     tensor: np.ndarray
+    #: pixel stride of the model's coarse grid (8, or 16 for the coarse-only student)
+    stride: int = COARSE_STRIDE
 
     @property
     def coarse_width(self) -> int:
-        return -(-self.tensor.shape[3] // COARSE_STRIDE)
+        return -(-self.tensor.shape[3] // self.stride)
+
+    @property
+    def coarse_cells(self) -> int:
+        return -(-self.tensor.shape[2] // self.stride) * self.coarse_width
 
 
 def _cell_centres(cell_ids: np.ndarray, prepared: PreparedOnnxImage) -> np.ndarray:
     width = prepared.coarse_width
     ids = cell_ids.astype(np.int64)
-    points = np.stack([ids % width, ids // width], axis=1).astype(np.float32) * COARSE_STRIDE
+    points = np.stack([ids % width, ids // width], axis=1).astype(np.float32) * prepared.stride
     return prepared.resized.to_original(points)
 
 
@@ -227,10 +233,6 @@ class OnnxLoFTRMatcher(Matcher):
         preset: str | None = None,
         threads: int | None = None,
     ) -> None:
-        if resize is not None and resize < COARSE_STRIDE:
-            raise UserError(
-                f"resize must be at least {COARSE_STRIDE} pixels (or None for the original size), got {resize}"
-            )
         if amp is not None:
             raise UserError(
                 f"--amp {amp} applies to LoFTR run by torch; an .onnx model runs in float32 "
@@ -241,6 +243,11 @@ class OnnxLoFTRMatcher(Matcher):
             check_preset(self.info, preset)
         self.path = Path(path)
         self.config = self.info.config
+        self.stride = self.config.coarse_stride
+        if resize is not None and resize < self.stride:
+            raise UserError(
+                f"resize must be at least {self.stride} pixels (or None for the original size), got {resize}"
+            )
         self.resize = resize
         self.device = device
         self.both_directions = both_directions
@@ -252,11 +259,13 @@ class OnnxLoFTRMatcher(Matcher):
         return float(self.config.matching.thr if self.match_threshold is None else self.match_threshold)
 
     def prepare(self, image: np.ndarray) -> PreparedOnnxImage:
-        """Resize one grayscale float32 (H, W) image in [0, 1] (sides multiples of 8 unless ``resize`` is None)."""
+        """Resize one grayscale float32 (H, W) image in [0, 1] (sides multiples of the coarse stride unless
+        ``resize`` is None)."""
         if image.ndim != 2:
             raise ValueError(f"expected a grayscale (H, W) image, got shape {image.shape}")
-        resized = resize_image(image, self.resize, multiple=COARSE_STRIDE) if self.resize else resize_image(image, None)
-        return PreparedOnnxImage(resized, np.ascontiguousarray(resized.image, dtype=np.float32)[None, None])
+        resized = resize_image(image, self.resize, multiple=self.stride) if self.resize else resize_image(image, None)
+        tensor = np.ascontiguousarray(resized.image, dtype=np.float32)[None, None]
+        return PreparedOnnxImage(resized, tensor, self.stride)
 
     def run(self, prepared0: PreparedOnnxImage, prepared1: PreparedOnnxImage) -> dict[str, np.ndarray]:
         """The graph's outputs for one pair, in the resized images' pixels."""
@@ -281,9 +290,7 @@ class OnnxLoFTRMatcher(Matcher):
                 "coarse_index0": back["coarse_index1"],
                 "coarse_index1": back["coarse_index0"],
             }
-            cells1 = -(-prepared1.tensor.shape[2] // COARSE_STRIDE) * prepared1.coarse_width
-            cells0 = -(-prepared0.tensor.shape[2] // COARSE_STRIDE) * prepared0.coarse_width
-            out = merge_directions(out, back, cells0, cells1)
+            out = merge_directions(out, back, prepared0.coarse_cells, prepared1.coarse_cells)
         return Matches(
             prepared0.resized.to_original(out["keypoints0"].astype(np.float32)),
             prepared1.resized.to_original(out["keypoints1"].astype(np.float32)),
@@ -293,9 +300,9 @@ class OnnxLoFTRMatcher(Matcher):
         )
 
     def coarse_grid(self, size: tuple[int, int]) -> CoarseGrid:
-        """The 1/8 grid of an image of ``size`` (W, H) after this matcher's resize, in original pixels (the same
+        """The coarse grid of an image of ``size`` (W, H) after this matcher's resize, in original pixels (the same
         lattice as :meth:`LoFTRMatcher.coarse_grid <matchers.loftr.matcher.LoFTRMatcher.coarse_grid>`)."""
-        return CoarseGrid.of_resized(size, self.resize, COARSE_STRIDE)
+        return CoarseGrid.of_resized(size, self.resize, self.stride)
 
     def describe(self) -> dict[str, Any]:
         return {

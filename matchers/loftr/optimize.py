@@ -234,8 +234,8 @@ def optimize_for_inference(model: LoFTR, options: InferenceOptions | None = None
     if options.fold_bn:
         fold_batchnorm(optimized.backbone)
     if options.fuse_transformer:
-        for name in ("loftr_coarse", "loftr_fine"):
-            if FusedLocalFeatureTransformer.supports(getattr(optimized, name)):
+        for name in ("loftr_coarse", "loftr_fine"):  # a coarse-only model has no loftr_fine
+            if hasattr(optimized, name) and FusedLocalFeatureTransformer.supports(getattr(optimized, name)):
                 setattr(optimized, name, FusedLocalFeatureTransformer(getattr(optimized, name)))
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     optimized.backbone.to(memory_format=memory_format)

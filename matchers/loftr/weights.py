@@ -6,7 +6,8 @@
   mirror, with the Czech Technical University server as fallback, downloaded on first use into
   ``torch.hub.get_dir()/checkpoints`` -- which honours ``TORCH_HOME`` -- and shared with kornia's cache),
   ``outdoor_ot`` / ``indoor_ot`` (official Google Drive only: fetch them by hand), or ``loftr-compact`` (the
-  project's own small model, shipped as ``matchers/loftr/weights/loftr_compact.ckpt``);
+  project's own small model, shipped as ``matchers/loftr/weights/loftr_compact.ckpt``), or ``loftr-student`` (the
+  coarse-only model distilled from it, ``loftr_student.ckpt``, see ``MODEL_CARD_student.md``);
 * a path to a checkpoint: official ``{'state_dict': {'matcher.<key>': ...}}`` files, kornia's (same keys, with or
   without the prefix), a bare state dict, or files written by :func:`save_checkpoint`.
 
@@ -84,6 +85,7 @@ PRETRAINED: dict[str, PretrainedWeights] = {
         PretrainedWeights("outdoor_ot", "outdoor_ot", "outdoor_ot.ckpt"),
         PretrainedWeights("indoor_ot", "indoor_ot", "indoor_ot.ckpt"),
         PretrainedWeights("loftr-compact", "compact", "loftr_compact.ckpt", shipped=True),
+        PretrainedWeights("loftr-student", "student", "loftr_student.ckpt", shipped=True),
     )
 }
 ALIASES = {
@@ -92,6 +94,8 @@ ALIASES = {
     "indoor_new": "indoor_ds_new",
     "compact": "loftr-compact",
     "loftr_compact": "loftr-compact",
+    "student": "loftr-student",
+    "loftr_student": "loftr-student",
 }
 
 
@@ -190,6 +194,8 @@ def guess_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
         return "outdoor_ot"
     if stem.shape[0] == 64:
         return "compact"
+    if stem.shape[0] == 8:
+        return "student"
     return "outdoor_ds"
 
 
@@ -201,6 +207,8 @@ def _fits_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "it looks like an optimal-transport checkpoint: use preset outdoor_ot or indoor_ot"
     if guess == "compact":
         return "it looks like the compact model: use preset compact (weights loftr-compact)"
+    if guess == "student":
+        return "it looks like the coarse-only student: use preset student (weights loftr-student)"
     return "it looks like a dual-softmax checkpoint: use preset outdoor_ds, indoor_ds or indoor_ds_new"
 
 

@@ -55,30 +55,35 @@ class Supervision:
         return int(self.b_ids.shape[0])
 
 
-def coarse_grid(shape: tuple[int, int], batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
-    """(batch, h*w, 2) pixel positions (x, y) of the coarse cells of a grid (h, w), row-major."""
+def coarse_grid(
+    shape: tuple[int, int], batch: int = 1, device: torch.device | str = "cpu", stride: int = COARSE_STRIDE
+) -> torch.Tensor:
+    """(batch, h*w, 2) pixel positions (x, y) of the coarse cells of a grid (h, w) of ``stride`` px, row-major."""
     h, w = shape
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    grid = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1).to(torch.float64) * COARSE_STRIDE
+    grid = torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1).to(torch.float64) * stride
     return grid[None].expand(batch, -1, -1).contiguous()
 
 
-def coarse_shape(image_size: tuple[int, int]) -> tuple[int, int]:
-    """Coarse grid (h, w) of an image of (H, W) pixels: ceil(H/8) x ceil(W/8), as the backbone makes."""
-    return (-(-image_size[0] // COARSE_STRIDE), -(-image_size[1] // COARSE_STRIDE))
+def coarse_shape(image_size: tuple[int, int], stride: int = COARSE_STRIDE) -> tuple[int, int]:
+    """Coarse grid (h, w) of an image of (H, W) pixels: ceil(H/8) x ceil(W/8) (``stride`` 8), as the backbone
+    makes."""
+    return (-(-image_size[0] // stride), -(-image_size[1] // stride))
 
 
-def coarse_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+def coarse_mask(mask: torch.Tensor | None, stride: int = COARSE_STRIDE) -> torch.Tensor | None:
     """(N, H, W) pixel validity -> (N, h*w) bool cell validity, the way :meth:`LoFTR.encode` samples it."""
     if mask is None:
         return None
-    return mask[:, ::COARSE_STRIDE, ::COARSE_STRIDE].bool().flatten(1)
+    return mask[:, ::stride, ::stride].bool().flatten(1)
 
 
-def _nearest_cell(points: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest_cell(
+    points: torch.Tensor, shape: tuple[int, int], stride: int = COARSE_STRIDE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-major index of the nearest coarse cell of each point (N, P, 2), and whether it lies on the grid."""
     h, w = shape
-    cell = torch.round(points / COARSE_STRIDE).long()
+    cell = torch.round(points / stride).long()
     inside = (cell[..., 0] >= 0) & (cell[..., 0] < w) & (cell[..., 1] >= 0) & (cell[..., 1] < h)
     index = cell[..., 1].clamp(0, h - 1) * w + cell[..., 0].clamp(0, w - 1)
     return index, inside
@@ -93,25 +98,27 @@ def supervise(
     mask0: torch.Tensor | None = None,
     mask1: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    stride: int = COARSE_STRIDE,
 ) -> Supervision:
     """Coarse and fine GT from warps in both directions (see the module docstring).
 
-    ``image_size0/1`` are (H, W) pixels; ``mask0/1`` optional (N, H, W) pixel validity (padding = 0).
+    ``image_size0/1`` are (H, W) pixels; ``mask0/1`` optional (N, H, W) pixel validity (padding = 0); ``stride``:
+    of the coarse grid (16 for the coarse-only student; the fine offsets are meaningful at 8 only).
     """
-    shape0, shape1 = coarse_shape(image_size0), coarse_shape(image_size1)
-    grid0 = coarse_grid(shape0, batch, device)
-    grid1 = coarse_grid(shape1, batch, device)
+    shape0, shape1 = coarse_shape(image_size0, stride), coarse_shape(image_size1, stride)
+    grid0 = coarse_grid(shape0, batch, device, stride)
+    grid1 = coarse_grid(shape1, batch, device, stride)
     w01, valid01 = warp01(grid0)
     w10, valid10 = warp10(grid1)
-    nearest1, inside1 = _nearest_cell(w01, shape1)  # (N, L)
-    nearest0, inside0 = _nearest_cell(w10, shape0)  # (N, S)
+    nearest1, inside1 = _nearest_cell(w01, shape1, stride)  # (N, L)
+    nearest0, inside0 = _nearest_cell(w10, shape0, stride)  # (N, S)
     ok = valid01 & inside1
     valid_back = valid10 & inside0
     # mutual check: the cell we land on must map back to where we came from
     loop = torch.gather(nearest0, 1, nearest1)
     ok &= torch.gather(valid_back, 1, nearest1)
     ok &= loop == torch.arange(grid0.shape[1], device=device)[None]
-    cm0, cm1 = coarse_mask(mask0), coarse_mask(mask1)
+    cm0, cm1 = coarse_mask(mask0, stride), coarse_mask(mask1, stride)
     if cm0 is not None:
         ok &= cm0.to(device)
     if cm1 is not None:
@@ -198,7 +205,9 @@ def invert_pose(T: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def supervise_batch(batch: dict[str, torch.Tensor], depth_tolerance: float = 0.2) -> Supervision:
+def supervise_batch(
+    batch: dict[str, torch.Tensor], depth_tolerance: float = 0.2, stride: int = COARSE_STRIDE
+) -> Supervision:
     """GT for a training batch: uses ``H_0to1`` (N, 3, 3) when present, else ``depth0/1``, ``K0/1``, ``T_0to1``.
 
     Images are ``image0`` / ``image1`` (N, 1, H, W); optional ``mask0`` / ``mask1`` (N, H, W) padding masks.
@@ -214,10 +223,14 @@ def supervise_batch(batch: dict[str, torch.Tensor], depth_tolerance: float = 0.2
         T = batch["T_0to1"].to(torch.float64)
         w01 = depth_warp(batch["depth0"], batch["depth1"], batch["K0"], batch["K1"], T, depth_tolerance)
         w10 = depth_warp(batch["depth1"], batch["depth0"], batch["K1"], batch["K0"], invert_pose(T), depth_tolerance)
-    return supervise(w01, w10, size0, size1, n, batch.get("mask0"), batch.get("mask1"), device=image0.device)
+    return supervise(
+        w01, w10, size0, size1, n, batch.get("mask0"), batch.get("mask1"), device=image0.device, stride=stride
+    )
 
 
-def supervise_samples(samples: list[dict[str, torch.Tensor]], depth_tolerance: float = 0.2) -> Supervision:
+def supervise_samples(
+    samples: list[dict[str, torch.Tensor]], depth_tolerance: float = 0.2, stride: int = COARSE_STRIDE
+) -> Supervision:
     """GT for a list of single (unbatched) samples of equal image sizes, merged as one batch.
 
     Lets a batch mix homography and depth pairs: each sample is supervised with its own warp.
@@ -225,7 +238,7 @@ def supervise_samples(samples: list[dict[str, torch.Tensor]], depth_tolerance: f
     parts = []
     for sample in samples:
         batch = {k: v[None] for k, v in sample.items()}
-        parts.append(supervise_batch(batch, depth_tolerance))
+        parts.append(supervise_batch(batch, depth_tolerance, stride))
     first = parts[0]
     b_ids = torch.cat([p.b_ids + k for k, p in enumerate(parts)])
     return Supervision(

@@ -246,8 +246,11 @@ def save_training_checkpoint(
     elapsed: float,
     config: TrainConfig,
     data_specs: Sequence[str],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Everything needed to resume, readable with ``torch.load(weights_only=True)`` and by ``load_pretrained``."""
+    """Everything needed to resume, readable with ``torch.load(weights_only=True)`` and by ``load_pretrained``.
+
+    ``extra``: further plain entries (e.g. the distillation settings of ``recipes.distill``)."""
     from core.io import atomic_path
 
     payload = {
@@ -261,6 +264,7 @@ def save_training_checkpoint(
         "rng": _rng_state(),
         "train_config": config.to_dict(),
         "data": list(data_specs),
+        **(extra or {}),
     }
     with atomic_path(path) as temp:
         torch.save(payload, temp)
@@ -336,16 +340,16 @@ class TrainResult:
     last_validation: dict[str, float] | None
 
 
-def _append_csv(path: Path, row: dict[str, Any]) -> None:
+def _append_csv(path: Path, row: dict[str, Any], fields: Sequence[str] = CSV_FIELDS) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=list(fields))
         if new:
             writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+        writer.writerow({k: row.get(k, "") for k in fields})
 
 
-def _truncate_csv(path: Path, step: int) -> None:
+def _truncate_csv(path: Path, step: int, fields: Sequence[str] = CSV_FIELDS) -> None:
     """Drop log rows after ``step`` (written by a run that did not reach its next checkpoint)."""
     if not path.exists():
         return
@@ -354,7 +358,7 @@ def _truncate_csv(path: Path, step: int) -> None:
     from core.io import atomic_path
 
     with atomic_path(path) as temp, open(temp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=list(fields))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -379,15 +383,18 @@ def _resume_or_start(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     init: str | Path | None,
     restart: bool,
+    fields: Sequence[str] = CSV_FIELDS,
 ) -> tuple[int, int, float]:
     """Load the training state of ``out`` (unless ``restart``), else ``init``'s weights (if given):
-    (step, samples seen, seconds trained)."""
+    (step, samples seen, seconds trained). ``fields``: the columns of the CSV log next to ``out``."""
     log_path = out.with_suffix(".csv")
     if out.exists() and not restart:
         state = load_training_checkpoint(out)
         if "optimizer" not in state:
             raise UserError(f"{out} holds weights only, not a training state; pass --init {out} with another --out")
-        if LoFTRConfig.from_dict(state["loftr_config"]) != model.config:
+        stored = LoFTRConfig.from_dict(state["loftr_config"])
+        # the coarse threshold does not enter training (a preset may re-tune it after a run): architecture only
+        if stored.replace(matching={"thr": model.config.matching.thr}) != model.config:
             raise UserError(f"{out} was trained with another model configuration; use the same --preset or a new --out")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -395,7 +402,7 @@ def _resume_or_start(
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        _truncate_csv(log_path, int(state["step"]))
+        _truncate_csv(log_path, int(state["step"]), fields)
         return int(state["step"]), int(state["samples"]), float(state["elapsed_s"])
     if restart and log_path.exists():
         log_path.unlink()
