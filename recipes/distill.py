@@ -55,6 +55,7 @@ from recipes.training.trainer import (
     _optimizer,
     _resume_or_start,
     export_weights,
+    prepare_outputs,
     save_training_checkpoint,
 )
 
@@ -271,6 +272,7 @@ def main(
     if not 0.0 < distill_config.teacher_scale <= 4.0:
         raise UserError(f"--teacher-scale must be in (0, 4], got {distill_config.teacher_scale}")
     device = resolve_device(device)
+    prepare_outputs(out, export)
     teacher_model = load_pretrained(str(teacher), device)
     source = build_mixture(data, size, config.seed, max_rotation=max_rotation)
     val_source = build_mixture(val or data[:1], size, config.seed + 7777, augment=False)

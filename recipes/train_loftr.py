@@ -44,7 +44,7 @@ from recipes.training.data import (
     skimage_photos,
 )
 from recipes.training.losses import LossConfig
-from recipes.training.trainer import TrainConfig, TrainResult, export_weights, train
+from recipes.training.trainer import TrainConfig, TrainResult, export_weights, prepare_outputs, train
 
 KINDS = ("homography", "synthetic", "objects", "megadepth", "scannet")
 
@@ -146,6 +146,7 @@ def main(
     device = resolve_device(device)
     if not 0.0 <= max_rotation <= 180.0:
         raise UserError(f"--max-rotation must be within [0, 180] degrees, got {max_rotation}")
+    prepare_outputs(out, export)
     source = build_mixture(data, size, config.seed, trust_index, max_rotation=max_rotation)
     # validation pairs: a separate seed (different crops, homographies, views), no augmentation
     val_source = build_mixture(val or data[:1], size, config.seed + 7777, trust_index, augment=False)

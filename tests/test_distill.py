@@ -180,3 +180,15 @@ def test_teacher_confidence_is_pooled_onto_the_student_grid() -> None:
     torch.testing.assert_close(pooled, pool_confidence(full, (8, 12), (8, 12), 2))
     half = teacher_confidence(teacher, batch, 0.5, 1)  # the teacher on 32 x 48 images: the student's grid too
     assert half.shape == (1, 24, 24)
+
+
+def test_outputs_are_checked_and_their_folders_made_before_training(tmp_path):
+    from core.errors import UserError
+    from recipes.training.trainer import prepare_outputs
+
+    prepare_outputs(tmp_path / "new" / "run.ckpt", tmp_path / "other" / "student.ckpt")
+    assert (tmp_path / "new").is_dir() and (tmp_path / "other").is_dir()
+    assert not (tmp_path / "new" / "run.ckpt").exists()  # nothing written yet
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        prepare_outputs(tmp_path / "file" / "run.ckpt")

@@ -340,6 +340,17 @@ class TrainResult:
     last_validation: dict[str, float] | None
 
 
+def prepare_outputs(out: str | Path, export: str | Path | None = None) -> None:
+    """Before any training: the checkpoint (its log goes next to it) and the export can be written; their folders
+    are created. A bad path is one :class:`UserError`, not a traceback after the first steps."""
+    from core.files import check_output_file
+
+    for path, option in ((out, "--out"), (export, "--export")):
+        if path is not None:
+            check_output_file(path, option, example="run.ckpt")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
 def _append_csv(path: Path, row: dict[str, Any], fields: Sequence[str] = CSV_FIELDS) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
