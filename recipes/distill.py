@@ -23,17 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from core.cli import add_config_arguments, config_from_args
 from core.device import resolve_device
@@ -41,22 +36,22 @@ from core.errors import UserError, run_cli
 from matchers.loftr.config import PRESET_NAMES, LoFTRConfig
 from matchers.loftr.model import LoFTR
 from matchers.loftr.weights import load_pretrained
-from recipes.train_loftr import build_mixture, parse_spec
-from recipes.training.data import HomographyConfig, PairSource, Sample, parse_size
+from recipes.train_loftr import add_run_arguments, build_mixture, parse_spec, print_result
+from recipes.training.data import HomographyConfig, PairSource, Sample
 from recipes.training.distill import DistillConfig, distill_losses, pool_factor, teacher_confidence
 from recipes.training.losses import LossConfig
-from recipes.training.supervision import supervise_samples
+from recipes.training.supervision import Supervision
 from recipes.training.trainer import (
     BATCH_KEYS,
     TrainConfig,
-    _append_csv,
-    _GracefulStop,
-    _gt_warp,
-    _optimizer,
-    _resume_or_start,
+    TrainingRun,
+    TrainResult,
     export_weights,
+    make_optimizer,
+    match_errors,
     prepare_outputs,
-    save_training_checkpoint,
+    resume_or_start,
+    run_steps,
 )
 
 #: sources that come with ground truth and need no padding (what distillation supports)
@@ -78,16 +73,10 @@ CSV_FIELDS = (
 STUDENT_TRAIN = TrainConfig(lr=1e-3, weight_decay=0.01, max_steps=3000, validate_every=250, checkpoint_minutes=3.0)
 
 
-@dataclass
-class DistillResult:
-    """What a call to :func:`distill` did."""
-
-    checkpoint: Path
-    log: Path
-    start_step: int
-    end_step: int
-    losses: list[float]
-    last_validation: dict[str, float] | None
+#: what a call to :func:`distill` did (the training loop's result)
+DistillResult = TrainResult
+#: the losses of a distillation step (the CSV columns and the progress bar)
+DISTILL_LOSSES = ("loss", "loss_kd", "loss_gt")
 
 
 @torch.no_grad()
@@ -109,13 +98,9 @@ def validate_student(
         conf_t = teacher_confidence(teacher, batch, config.teacher_scale, k)
         kls.append(float(distill_losses(student, batch, conf_t, None, config)["loss_kd"]))
         out = student(batch["image0"], batch["image1"])
-        k0, k1 = out["keypoints0"].cpu().double(), out["keypoints1"].cpu().double()
-        counts.append(len(k0))
-        if len(k0) == 0:
-            continue
-        warped, valid = _gt_warp(sample)(k0[None])
-        err = (warped[0] - k1).norm(dim=1)[valid[0]]
-        total += int(valid.sum())
+        count, err = match_errors(sample, out)
+        counts.append(count)
+        total += len(err)
         correct += int((err < threshold_px).sum())
     student.train(was_training)
     return {
@@ -148,7 +133,6 @@ def distill(
     the teacher is frozen and deterministic, and the checkpoint holds student, optimiser, schedule, step and RNG.
     """
     out = Path(out)
-    log_path = out.with_suffix(".csv")
     device = torch.device(device)
     if student_config.matching.match_type != "dual_softmax":
         raise UserError("the student must use dual-softmax matching (the distillation target is its confidence)")
@@ -162,76 +146,38 @@ def distill(
     # oneDNN); the forward pass is fine, so only training uses the plain layout
     student.backbone.to(memory_format=torch.contiguous_format)
     k = pool_factor(teacher, student, distill_config.teacher_scale)
-    optimizer, scheduler = _optimizer(student, config)
+    optimizer, scheduler = make_optimizer(student, config)
     extra = {"distill_config": asdict(distill_config), "teacher": teacher_label}
     if out.exists() and not restart:
         stored = torch.load(out, map_location="cpu", weights_only=True)
         if stored.get("distill_config") not in (None, extra["distill_config"]):
             raise UserError(f"{out} was distilled with other settings {stored['distill_config']}; use a new --out")
-    step, samples_seen, elapsed_before = _resume_or_start(out, student, optimizer, scheduler, None, restart, CSV_FIELDS)
-    start_step = step
-    student.train()
-    start = time.monotonic()
-    last_ckpt = start
-    losses: list[float] = []
-    last_val: dict[str, float] | None = None
-    stop_step = config.max_steps if steps is None else min(config.max_steps, step + steps)
-    stride = student.coarse_stride
-    bar = tqdm(total=stop_step, initial=step, desc="distil loftr", disable=not progress, dynamic_ncols=True)
+    resumed = resume_or_start(out, student, optimizer, scheduler, None, restart, CSV_FIELDS)
 
-    def save() -> None:
-        elapsed = elapsed_before + time.monotonic() - start
-        save_training_checkpoint(
-            out, student, optimizer, scheduler, step, samples_seen, elapsed, config, data_specs, extra
-        )
+    def losses(batch: Sample, sup: Supervision, step: int) -> dict[str, torch.Tensor]:
+        conf_t = teacher_confidence(teacher, batch, distill_config.teacher_scale, k)
+        return distill_losses(student, batch, conf_t, sup, distill_config, config.loss)
 
-    def load(first: int) -> tuple[list[Sample], Any]:
-        items = [source.sample(first + i) for i in range(config.batch_size)]
-        return items, supervise_samples(items, config.depth_tolerance, stride)
+    def validation() -> dict[str, float]:
+        return validate_student(student, teacher, val_samples, distill_config, k, device)
 
-    with _GracefulStop() as stop, ThreadPoolExecutor(max_workers=1) as prefetch:
-        upcoming = prefetch.submit(load, samples_seen)
-        while step < stop_step and not stop.requested:
-            if minutes is not None and time.monotonic() - start > minutes * 60:
-                break
-            items, sup = upcoming.result()
-            upcoming = prefetch.submit(load, samples_seen + config.batch_size)
-            batch = {key: torch.stack([s[key] for s in items]).to(device) for key in BATCH_KEYS if key in items[0]}
-            conf_t = teacher_confidence(teacher, batch, distill_config.teacher_scale, k)
-            result = distill_losses(student, batch, conf_t, sup, distill_config, config.loss)
-            optimizer.zero_grad(set_to_none=True)
-            result["loss"].backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            samples_seen += config.batch_size
-            losses.append(float(result["loss"].detach()))
-            row: dict[str, Any] = {
-                "step": step,
-                "samples": samples_seen,
-                "elapsed_s": round(elapsed_before + time.monotonic() - start, 1),
-                "lr": f"{lr:.3g}",
-                **{name: f"{float(result[name].detach()):.5f}" for name in ("loss", "loss_kd", "loss_gt")},
-                "gt_matches": sup.num_matches,
-            }
-            if val_samples and config.validate_every and step % config.validate_every == 0:
-                last_val = validate_student(student, teacher, val_samples, distill_config, k, device)
-                row.update({name: f"{value:.4f}" for name, value in last_val.items()})
-            if step % config.log_every == 0 or "val_matches" in row:
-                _append_csv(log_path, row, CSV_FIELDS)
-            bar.update(1)
-            bar.set_postfix({name: f"{float(result[name].detach()):.3f}" for name in ("loss", "loss_kd", "loss_gt")})
-            if time.monotonic() - last_ckpt > config.checkpoint_minutes * 60:
-                save()
-                last_ckpt = time.monotonic()
-    bar.close()
-    save()
-    if stop.requested:
-        print(f"stopped by a signal after step {step}; saved {out}; run the same command to resume", file=sys.stderr)
-    return DistillResult(out, log_path, start_step, step, losses, last_val)
+    run = TrainingRun(
+        student,
+        optimizer,
+        scheduler,
+        source,
+        out,
+        config,
+        losses,
+        validation if val_samples else None,
+        logged=DISTILL_LOSSES,
+        bar={name: name for name in DISTILL_LOSSES},
+        csv_fields=CSV_FIELDS,
+        description="distil loftr",
+        data_specs=data_specs,
+        extra=extra,
+    )
+    return run_steps(run, resumed, device, minutes, steps, progress)
 
 
 def main(
@@ -304,30 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher", required=True, help="teacher LoFTR weights: a name (loftr-compact, outdoor) or a path"
     )
     parser.add_argument("--student", default="student", choices=PRESET_NAMES, help="student preset")
-    parser.add_argument("--data", action="append", default=[], metavar="KIND:VALUE[@W]", required=True)
-    parser.add_argument(
-        "--val", action="append", default=[], metavar="KIND:VALUE", help="validation source (default: first --data)"
-    )
-    parser.add_argument("--val-pairs", type=int, default=8)
-    parser.add_argument("--out", required=True, help="training checkpoint (resumed when it exists)")
-    parser.add_argument("--minutes", type=float, default=None, help="wall-time budget of this run")
-    parser.add_argument("--steps", type=int, default=None, help="number of steps for this run")
-    parser.add_argument("--size", type=parse_size, default=(480, 640), help="student image size WxH (640x480)")
-    parser.add_argument(
-        "--max-rotation",
-        type=float,
-        default=HomographyConfig.max_rotation_deg,
-        help="in-plane rotation range of homography pairs, degrees",
-    )
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--restart", action="store_true", help="ignore an existing --out and start over")
-    parser.add_argument("--export", default=None, help="also write a weights-only checkpoint here")
-    parser.add_argument("--export-half", action="store_true", help="store the exported weights as float16")
-    parser.add_argument(
-        "--export-threshold", type=float, default=None, help="coarse threshold stored in the export (default: preset's)"
-    )
-    parser.add_argument("--no-progress", action="store_true")
+    add_run_arguments(parser, (480, 640), "student image size WxH, multiples of its stride (640x480)")
     add_config_arguments(parser.add_argument_group("distillation"), DistillConfig)
     add_config_arguments(
         parser.add_argument_group("optimisation"),
@@ -368,9 +291,7 @@ def main_cli(argv: Sequence[str] | None = None) -> DistillResult:
         args.max_rotation,
         progress=not args.no_progress and not os.environ.get("CI"),
     )
-    print(f"distilled steps {result.start_step} -> {result.end_step}; checkpoint {result.checkpoint}; log {result.log}")
-    if result.last_validation:
-        print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in result.last_validation.items()))
+    print_result(result, "distilled")
     return result
 
 

@@ -170,9 +170,8 @@ def main(
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m recipes.train_loftr", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="compact", choices=PRESET_NAMES)
+def add_run_arguments(parser: argparse.ArgumentParser, size: tuple[int, int], size_help: str) -> None:
+    """The options of a training run that ``recipes.distill`` shares: data, output, budget, device, export."""
     parser.add_argument("--data", action="append", default=[], metavar="KIND:VALUE[@W]", required=True)
     parser.add_argument(
         "--val",
@@ -185,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="training checkpoint (resumed when it exists)")
     parser.add_argument("--minutes", type=float, default=None, help="wall-time budget of this run")
     parser.add_argument("--steps", type=int, default=None, help="number of steps for this run")
-    parser.add_argument("--init", default=None, help="checkpoint to fine-tune from (official, kornia or ours)")
-    parser.add_argument("--size", type=parse_size, default=(240, 320), help="image size WxH, multiples of 8 (320x240)")
+    parser.add_argument("--size", type=parse_size, default=size, help=size_help)
     parser.add_argument(
         "--max-rotation",
         type=float,
@@ -196,11 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--restart", action="store_true", help="ignore an existing --out and start over")
-    parser.add_argument(
-        "--trust-index",
-        action="store_true",
-        help="allow unpickling the official MegaDepth index files (only for files you trust)",
-    )
     parser.add_argument("--export", default=None, help="also write a weights-only checkpoint here")
     parser.add_argument("--export-half", action="store_true", help="store the exported weights as float16")
     parser.add_argument(
@@ -210,6 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="coarse matching threshold stored in the exported weights (default: the preset's)",
     )
     parser.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m recipes.train_loftr", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="compact", choices=PRESET_NAMES)
+    add_run_arguments(parser, (240, 320), "image size WxH, multiples of 8 (320x240)")
+    parser.add_argument("--init", default=None, help="checkpoint to fine-tune from (official, kornia or ours)")
+    parser.add_argument(
+        "--trust-index",
+        action="store_true",
+        help="allow unpickling the official MegaDepth index files (only for files you trust)",
+    )
     add_config_arguments(
         parser.add_argument_group("optimisation"),
         TrainConfig,
@@ -246,10 +251,15 @@ def main_cli(argv: Sequence[str] | None = None) -> TrainResult:
         export_threshold=args.export_threshold,
         max_rotation=args.max_rotation,
     )
-    print(f"trained steps {result.start_step} -> {result.end_step}; checkpoint {result.checkpoint}; log {result.log}")
+    print_result(result, "trained")
+    return result
+
+
+def print_result(result: TrainResult, verb: str) -> None:
+    """What a run did, on stdout: its steps, files and last validation."""
+    print(f"{verb} steps {result.start_step} -> {result.end_step}; checkpoint {result.checkpoint}; log {result.log}")
     if result.last_validation:
         print("validation: " + ", ".join(f"{k} {v:.3f}" for k, v in result.last_validation.items()))
-    return result
 
 
 if __name__ == "__main__":

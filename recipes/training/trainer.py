@@ -166,7 +166,17 @@ def compute_losses(
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _gt_warp(sample: Sample) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def match_errors(sample: Sample, out: dict[str, torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """The number of matches of a model's output on ``sample`` and, for those with ground truth, the distance (px)
+    of keypoint 1 from keypoint 0 warped by the ground truth."""
+    k0, k1 = out["keypoints0"].cpu().double(), out["keypoints1"].cpu().double()
+    if len(k0) == 0:
+        return 0, torch.zeros(0, dtype=torch.float64)
+    warped, valid = gt_warp(sample)(k0[None])
+    return len(k0), (warped[0] - k1).norm(dim=1)[valid[0]]
+
+
+def gt_warp(sample: Sample) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     if "H_0to1" in sample:
         return homography_warp(sample["H_0to1"][None].double())
     return depth_warp(
@@ -209,13 +219,9 @@ def validate(
             None if mask0 is None else mask0[None].to(device),
             None if mask1 is None else mask1[None].to(device),
         )
-        k0, k1 = out["keypoints0"].cpu().double(), out["keypoints1"].cpu().double()
-        counts.append(len(k0))
-        if len(k0) == 0:
-            continue
-        warped, valid = _gt_warp(sample)(k0[None])
-        err = (warped[0] - k1).norm(dim=1)[valid[0]]
-        total += int(valid.sum())
+        count, err = match_errors(sample, out)
+        counts.append(count)
+        total += len(err)
         ok = err < threshold_px
         correct += int(ok.sum())
         errors.extend(err[ok].tolist())
@@ -374,7 +380,9 @@ def _truncate_csv(path: Path, step: int, fields: Sequence[str] = CSV_FIELDS) -> 
         writer.writerows(rows)
 
 
-def _optimizer(model: LoFTR, config: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def make_optimizer(
+    model: LoFTR, config: TrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW with weight decay on weights only (not biases and norms), and the warm-up + schedule."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -387,7 +395,7 @@ def _optimizer(model: LoFTR, config: TrainConfig) -> tuple[torch.optim.Optimizer
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
 
 
-def _resume_or_start(
+def resume_or_start(
     out: Path,
     model: LoFTR,
     optimizer: torch.optim.Optimizer,
@@ -424,8 +432,18 @@ def _resume_or_start(
     return 0, 0, 0.0
 
 
+#: the losses a training step logs to its CSV row and shows on its progress bar (bar name -> loss key)
+TRAIN_LOSSES = ("loss", "loss_c", "loss_f")
+
+
 def _log_row(
-    step: int, samples: int, elapsed: float, lr: float, losses: dict[str, torch.Tensor], sup: Supervision
+    step: int,
+    samples: int,
+    elapsed: float,
+    lr: float,
+    losses: dict[str, torch.Tensor],
+    sup: Supervision,
+    names: Sequence[str] = TRAIN_LOSSES,
 ) -> dict[str, Any]:
     """The CSV log row of a step (validation metrics are added to it on validation steps)."""
     return {
@@ -433,7 +451,7 @@ def _log_row(
         "samples": samples,
         "elapsed_s": round(elapsed, 1),
         "lr": f"{lr:.3g}",
-        **{name: f"{float(losses[name].detach()):.5f}" for name in ("loss", "loss_c", "loss_f")},
+        **{name: f"{float(losses[name].detach()):.5f}" for name in names},
         "gt_matches": sup.num_matches,
     }
 
@@ -442,15 +460,10 @@ def _optimisation_step(
     model: LoFTR,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    batch: Sample,
-    sup: Supervision,
+    result: dict[str, torch.Tensor],
     config: TrainConfig,
-    step: int,
-) -> tuple[dict[str, torch.Tensor], float]:
-    """One step on ``batch``: its losses and the lr it used. The fine-stage subsampling is seeded by
-    (seed, step), so a resumed run draws the same."""
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-    result = compute_losses(model, batch, sup, config, generator)
+) -> float:
+    """Back-propagate ``result["loss"]``, clip, step the optimiser and the schedule; the lr it used."""
     optimizer.zero_grad(set_to_none=True)
     result["loss"].backward()
     if config.grad_clip > 0:
@@ -458,7 +471,99 @@ def _optimisation_step(
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
-    return result, lr
+    return lr
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What a loop of :func:`run_steps` trains and how it logs: the part that training and distilling share.
+
+    ``losses(batch, sup, step)`` gives the step's loss tensors (``"loss"`` is optimised); ``validate()`` the
+    validation metrics (None: no validation); ``logged`` the loss keys of the CSV log; ``bar`` the progress bar's
+    names of the losses shown.
+    """
+
+    model: LoFTR
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    source: PairSource
+    out: Path
+    config: TrainConfig
+    losses: Callable[[Sample, Supervision, int], dict[str, torch.Tensor]]
+    validate: Callable[[], dict[str, float]] | None
+    logged: Sequence[str] = TRAIN_LOSSES
+    bar: dict[str, str] = field(default_factory=lambda: dict(_BAR_LOSSES))
+    csv_fields: Sequence[str] = CSV_FIELDS
+    description: str = "train loftr"
+    data_specs: Sequence[str] = ()
+    extra: dict[str, Any] | None = None  # further checkpoint entries (save_training_checkpoint)
+
+
+def run_steps(
+    run: TrainingRun,
+    resumed: tuple[int, int, float],
+    device: torch.device,
+    minutes: float | None = None,
+    steps: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """The loop from the resumed (step, samples seen, seconds trained) state: until ``minutes`` of wall time,
+    ``steps`` more steps or ``config.max_steps``; checkpoints every ``checkpoint_minutes`` and at the end.
+
+    SIGINT / SIGTERM finish the current step, then save and return: the same command resumes exactly. The next
+    batch is rendered / warped in a worker thread while this one trains (samples are a function of their index,
+    so prefetching changes nothing but the wall time)."""
+    config, model, log_path = run.config, run.model, run.out.with_suffix(".csv")
+    step, samples_seen, elapsed_before = resumed
+    start_step = step
+    model.train()
+    start = last_ckpt = time.monotonic()
+    losses: list[float] = []
+    last_val: dict[str, float] | None = None
+    stop_step = config.max_steps if steps is None else min(config.max_steps, step + steps)
+    bar = tqdm(total=stop_step, initial=step, desc=run.description, disable=not progress, dynamic_ncols=True)
+
+    def save() -> None:
+        elapsed = elapsed_before + time.monotonic() - start
+        save_training_checkpoint(
+            run.out, model, run.optimizer, run.scheduler, step, samples_seen, elapsed, config, run.data_specs, run.extra
+        )
+
+    def load(first: int) -> tuple[list[Sample], Supervision]:
+        items = [run.source.sample(first + k) for k in range(config.batch_size)]
+        return items, supervise_samples(items, config.depth_tolerance, model.coarse_stride)
+
+    with _GracefulStop() as stop, ThreadPoolExecutor(max_workers=1) as prefetch:
+        upcoming = prefetch.submit(load, samples_seen)
+        while step < stop_step and not stop.requested:
+            if minutes is not None and time.monotonic() - start > minutes * 60:
+                break
+            items, sup = upcoming.result()
+            upcoming = prefetch.submit(load, samples_seen + config.batch_size)
+            batch = {k: torch.stack([s[k] for s in items]).to(device) for k in BATCH_KEYS if k in items[0]}
+            result = run.losses(batch, sup, step)
+            lr = _optimisation_step(model, run.optimizer, run.scheduler, result, config)
+            step += 1
+            samples_seen += config.batch_size
+            losses.append(float(result["loss"].detach()))
+            row = _log_row(step, samples_seen, elapsed_before + time.monotonic() - start, lr, result, sup, run.logged)
+            if run.validate is not None and config.validate_every and step % config.validate_every == 0:
+                last_val = run.validate()
+                row.update({k: f"{v:.4f}" for k, v in last_val.items()})
+            if step % config.log_every == 0 or "val_matches" in row:
+                _append_csv(log_path, row, run.csv_fields)
+            bar.update(1)
+            bar.set_postfix({name: f"{float(result[key].detach()):.3f}" for name, key in run.bar.items()})
+            if time.monotonic() - last_ckpt > config.checkpoint_minutes * 60:
+                save()
+                last_ckpt = time.monotonic()
+    bar.close()
+    save()
+    if stop.requested:
+        print(
+            f"stopped by a signal after step {step}; saved {run.out}; run the same command to resume", file=sys.stderr
+        )
+    return TrainResult(run.out, log_path, start_step, step, losses, last_val)
 
 
 def train(
@@ -482,58 +587,29 @@ def train(
     checkpoint (official, kornia or this project's) to fine-tune from, used only when not resuming.
     """
     out = Path(out)
-    log_path = out.with_suffix(".csv")
     device = torch.device(device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = LoFTR(model_config).to(device)
-    optimizer, scheduler = _optimizer(model, config)
-    step, samples_seen, elapsed_before = _resume_or_start(out, model, optimizer, scheduler, init, restart)
-    start_step = step
-    model.train()
-    start = time.monotonic()
-    last_ckpt = start
-    losses: list[float] = []
-    last_val: dict[str, float] | None = None
-    stop_step = config.max_steps if steps is None else min(config.max_steps, step + steps)
-    bar = tqdm(total=stop_step, initial=step, desc="train loftr", disable=not progress, dynamic_ncols=True)
+    optimizer, scheduler = make_optimizer(model, config)
+    resumed = resume_or_start(out, model, optimizer, scheduler, init, restart)
 
-    def save() -> None:
-        elapsed = elapsed_before + time.monotonic() - start
-        save_training_checkpoint(out, model, optimizer, scheduler, step, samples_seen, elapsed, config, data_specs)
+    def losses(batch: Sample, sup: Supervision, step: int) -> dict[str, torch.Tensor]:
+        # The fine-stage subsampling is seeded by (seed, step), so a resumed run draws the same.
+        return compute_losses(model, batch, sup, config, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
 
-    def load(first: int) -> tuple[list[Sample], Any]:
-        items = [source.sample(first + k) for k in range(config.batch_size)]
-        return items, supervise_samples(items, config.depth_tolerance)
+    def validation() -> dict[str, float]:
+        return validate(model, val_samples, device, config=config)
 
-    # SIGINT / SIGTERM finish the current step, then save and return: the same command resumes exactly.
-    # The next batch is rendered / warped in a worker thread while this one trains (samples are a function of
-    # their index, so prefetching changes nothing but the wall time).
-    with _GracefulStop() as stop, ThreadPoolExecutor(max_workers=1) as prefetch:
-        upcoming = prefetch.submit(load, samples_seen)
-        while step < stop_step and not stop.requested:
-            if minutes is not None and time.monotonic() - start > minutes * 60:
-                break
-            items, sup = upcoming.result()
-            upcoming = prefetch.submit(load, samples_seen + config.batch_size)
-            batch = {k: torch.stack([s[k] for s in items]).to(device) for k in BATCH_KEYS if k in items[0]}
-            result, lr = _optimisation_step(model, optimizer, scheduler, batch, sup, config, step)
-            step += 1
-            samples_seen += config.batch_size
-            losses.append(float(result["loss"].detach()))
-            row = _log_row(step, samples_seen, elapsed_before + time.monotonic() - start, lr, result, sup)
-            if val_samples and config.validate_every and step % config.validate_every == 0:
-                last_val = validate(model, val_samples, device, config=config)
-                row.update({k: f"{v:.4f}" for k, v in last_val.items()})
-            if step % config.log_every == 0 or "val_matches" in row:
-                _append_csv(log_path, row)
-            bar.update(1)
-            bar.set_postfix({name: f"{float(result[key].detach()):.3f}" for name, key in _BAR_LOSSES.items()})
-            if time.monotonic() - last_ckpt > config.checkpoint_minutes * 60:
-                save()
-                last_ckpt = time.monotonic()
-    bar.close()
-    save()
-    if stop.requested:
-        print(f"stopped by a signal after step {step}; saved {out}; run the same command to resume", file=sys.stderr)
-    return TrainResult(out, log_path, start_step, step, losses, last_val)
+    run = TrainingRun(
+        model,
+        optimizer,
+        scheduler,
+        source,
+        out,
+        config,
+        losses,
+        validation if val_samples else None,
+        data_specs=data_specs,
+    )
+    return run_steps(run, resumed, device, minutes, steps, progress)
