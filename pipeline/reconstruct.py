@@ -762,7 +762,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(parser, DenseOverrides)
     verification_fields = {field.name for field in dataclasses.fields(VerificationConfig)}
     add_config_arguments(
-        parser, VerificationConfig, exclude=verification_fields - {"min_num_inliers"}, defaults=defaults.verification
+        parser,
+        VerificationConfig,
+        exclude=verification_fields - {"min_num_inliers", "precheck"},
+        defaults=defaults.verification,
     )
     mapping_fields = {field.name for field in dataclasses.fields(MappingConfig)}
     add_config_arguments(
