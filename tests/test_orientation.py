@@ -88,3 +88,20 @@ def test_folder_estimate_turns_pairs_without_direct_evidence(tmp_path):
     turns = estimate_quarter_turns(tmp_path, pairs)
     assert turns == {("a.png", "b.png"): 2, ("b.png", "c.png"): 0, ("a.png", "c.png"): 2, ("c.png", "d.png"): 0}
     assert read_gray(tmp_path / "a.png").shape == base.shape
+
+
+def test_dense_matching_votes_in_cache_order_with_a_small_cache_and_gets_the_same_turns(tmp_path, monkeypatch):
+    """pipeline.match_dense visits the pairs in its cache-friendly order with a small SIFT cache; the turns are
+    those of the pairs in the given order with every image cached (consistent_turns does not depend on order)."""
+    from pipeline import match_dense
+
+    base = scene(seed=5)
+    views = {f"{i}.png": np.ascontiguousarray(np.rot90(warped(base, 20 + i), i % 4)) for i in range(6)}
+    for name, image in views.items():
+        cv2.imwrite(str(tmp_path / name), np.rint(image * 255).astype(np.uint8))
+    names = sorted(views)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]][::-1]
+    expected = estimate_quarter_turns(tmp_path, pairs, cache_size=len(names))
+    assert expected[("0.png", "1.png")] == 3 and expected[("1.png", "3.png")] == 2  # np.rot90(b, k) upright vs a
+    monkeypatch.setattr(match_dense, "ORIENTATION_CACHE", 2)
+    assert match_dense._quarter_turns(tmp_path, pairs) == expected
