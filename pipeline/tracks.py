@@ -212,9 +212,6 @@ def _unique_image_union(graph: _Graph, max_cell_spread: int = 1) -> np.ndarray:
     local_edges = local_edges.reshape(-1, 2).astype(edges.dtype)
     # array.array: 8 bytes an entry where a list holds a pointer and an int object
     parent = _int_array(np.arange(len(local_nodes)))
-    members: dict[int, dict[int, list[int]]] = {}  # root -> image -> nodes
-    cell_x = _int_array(graph.node_cell[local_nodes, 0])
-    cell_y = _int_array(graph.node_cell[local_nodes, 1])
     image_of = _int_array(graph.node_image[local_nodes])
 
     def find(node: int) -> int:
@@ -222,12 +219,6 @@ def _unique_image_union(graph: _Graph, max_cell_spread: int = 1) -> np.ndarray:
             parent[node] = parent[parent[node]]
             node = parent[node]
         return node
-
-    def compatible(nodes: list[int]) -> bool:
-        # Cells of one image within a 2 x 2 block: one scene point near their common corner, which LoFTR matched
-        # from different pairs into neighbouring cells; further apart, they are different points.
-        xs, ys = [cell_x[n] for n in nodes], [cell_y[n] for n in nodes]
-        return max(xs) - min(xs) <= max_cell_spread and max(ys) - min(ys) <= max_cell_spread
 
     rows = _chunked_rows(candidates, local_edges[:, 0], local_edges[:, 1])
     if max_cell_spread == 0:  # one cell per image and track: a union is refused when the two share an image
@@ -248,6 +239,16 @@ def _unique_image_union(graph: _Graph, max_cell_spread: int = 1) -> np.ndarray:
             parent[rb] = ra
             images[ra] = in_a
         return accepted
+    members: dict[int, dict[int, list[int]]] = {}  # root -> image -> nodes
+    cell_x = _int_array(graph.node_cell[local_nodes, 0])
+    cell_y = _int_array(graph.node_cell[local_nodes, 1])
+
+    def compatible(nodes: list[int]) -> bool:
+        # Cells of one image within a 2 x 2 block: one scene point near their common corner, which LoFTR matched
+        # from different pairs into neighbouring cells; further apart, they are different points.
+        xs, ys = [cell_x[n] for n in nodes], [cell_y[n] for n in nodes]
+        return max(xs) - min(xs) <= max_cell_spread and max(ys) - min(ys) <= max_cell_spread
+
     for edge, a, b in rows:
         ra, rb = find(a), find(b)
         if ra == rb:
