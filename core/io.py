@@ -170,10 +170,17 @@ def read_keypoints(path: str | Path, name: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------- matches
-def write_matches(path: str | Path, matches: "Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]]") -> None:
-    """Write ``{(name0, name1): (matches0 (N0,), scores0 (N0,))}`` (any mapping, read twice) to a new matches.h5,
-    atomically."""
-    num_bytes = sum(8 * len(matches0) for matches0, _ in matches.values())
+def write_matches(
+    path: str | Path,
+    matches: "Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]]",
+    num_bytes: int | None = None,
+) -> None:
+    """Write ``{(name0, name1): (matches0 (N0,), scores0 (N0,))}`` to a new matches.h5, atomically.
+
+    ``num_bytes``: the arrays' size for the free-space check, when the caller knows it without reading every pair
+    (a lazy mapping would otherwise build each pair's arrays twice)."""
+    if num_bytes is None:
+        num_bytes = sum(8 * len(matches0) for matches0, _ in matches.values())
     with _h5_writer(path, num_bytes, 4 * len(matches)) as file:
         for (name0, name1), (matches0, scores0) in matches.items():
             group = file.require_group(names_to_pair(name0, name1))

@@ -717,7 +717,7 @@ def _write_outputs(
     io.write_features(
         features, {name: (kp.keypoints, kp.scores, sizes[name]) for name, kp in quantized.keypoints.items()}
     )
-    io.write_matches(matches, quantized.padded_matches())
+    io.write_matches(matches, quantized.padded_matches(), quantized.padded_bytes())
     io.write_text_atomic(
         inputs.stamp_path,
         json.dumps(

@@ -145,6 +145,10 @@ class QuantizedMatches:
         """``{pair: (matches0, scores0)}`` in hloc's padded form, built one pair at a time as it is read."""
         return _PaddedMatches(self.matches)
 
+    def padded_bytes(self) -> int:
+        """Bytes of the padded ``matches0`` and ``scores0`` arrays of every pair (4 + 4 per keypoint of image 0)."""
+        return sum(8 * pm.num_keypoints0 for pm in self.matches.values())
+
 
 class _PaddedMatches(Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]]):
     def __init__(self, matches: Mapping[tuple[str, str], PairMatches]) -> None:

@@ -17,6 +17,7 @@ def test_sparse_pair_matches_give_hlocs_padded_arrays():
     np.testing.assert_array_equal(pm.index_pairs(), [[1, 2], [3, 0]])
     np.testing.assert_array_equal(pm.matches0, [-1, 2, -1, 0])
     np.testing.assert_allclose(pm.scores0, [0, 0.5, 0, 0.25])
+    assert QuantizedMatches({}, {("a", "b"): pm}).padded_bytes() == 8 * 4  # int32 + float32 per keypoint of image 0
     padded = QuantizedMatches({}, {("a", "b"): pm}).padded_matches()
     assert list(padded) == [("a", "b")] and len(padded) == 1
     np.testing.assert_array_equal(padded[("a", "b")][0], [-1, 2, -1, 0])
