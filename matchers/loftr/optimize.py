@@ -12,7 +12,9 @@ training use are untouched) with:
   kornia's matches;
 * **channels_last** convolution weights (oneDNN's fast layout on CPU, tensor cores on GPU);
 * **fused transformers** (linear attention only): one q/k/v product, both images' self layers in one batch, one
-  product for the attention's numerator and normaliser (:class:`FusedLocalFeatureTransformer`).
+  product for the attention's numerator and normaliser (:class:`FusedLocalFeatureTransformer`);
+* **onnxruntime** for the backbone's coarse pass and the coarse transformer on the CPU, when it is installed
+  (:mod:`matchers.loftr.ort_stages`; the torch modules above stay the fallback for masks, autocast, GPUs).
 
 The folded copy has different state-dict keys (conv biases, no BN buffers), so it is meant for inference only:
 load weights into the original model, then optimise. Measured effects on this project's benchmark machine are in
@@ -35,6 +37,7 @@ from torch import nn
 
 from .attention import LinearAttention, at_least_float32, float32_region
 from .model import LoFTR
+from .ort_stages import to_onnxruntime
 from .transformer import EncoderLayer, LocalFeatureTransformer
 
 
@@ -45,6 +48,8 @@ class InferenceOptions:
     fold_bn: bool = False  # opt-in: ~5 % faster, but can flip near-tie matches (see the module docstring)
     channels_last: bool = True
     fuse_transformer: bool = True
+    #: the coarse pass and the coarse transformer in onnxruntime on the CPU (:mod:`matchers.loftr.ort_stages`)
+    onnxruntime: bool = True
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -233,11 +238,14 @@ def optimize_for_inference(model: LoFTR, options: InferenceOptions | None = None
     optimized = copy.deepcopy(model).eval()
     if options.fold_bn:
         fold_batchnorm(optimized.backbone)
+    plain_coarse = optimized.loftr_coarse
     if options.fuse_transformer:
         for name in ("loftr_coarse", "loftr_fine"):  # a coarse-only model has no loftr_fine
             if hasattr(optimized, name) and FusedLocalFeatureTransformer.supports(getattr(optimized, name)):
                 setattr(optimized, name, FusedLocalFeatureTransformer(getattr(optimized, name)))
     memory_format = torch.channels_last if options.channels_last else torch.contiguous_format
     optimized.backbone.to(memory_format=memory_format)
+    if options.onnxruntime:
+        to_onnxruntime(optimized, plain_coarse)
     optimized.inference_options = options  # type: ignore[attr-defined]
     return optimized
