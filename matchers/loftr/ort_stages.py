@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from .backbone import FineInputs
-from .export_onnx import _layer
 from .transformer import LocalFeatureTransformer
 
 #: image size (W, H) and token count the stages are traced with (all sizes stay dynamic in the graph)
@@ -240,6 +239,10 @@ class _Layers(nn.Module):
         self.start, self.pair = start, pair
 
     def forward(self, *feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # imported here: the package imports this module, and ``python -m matchers.loftr.export_onnx`` must
+        # find export_onnx not yet imported
+        from .export_onnx import _layer
+
         if not self.pair:
             return (_layer(self.layers[0], feats[0], feats[0], self.kind),)
         feat0, feat1 = feats
