@@ -447,6 +447,60 @@ def _ancestors(nodes: list[Any], names: list[str], producer: dict[str, int], cut
     return seen
 
 
+def _branch_graph(body: list[Any], value: str, result: str, infos: dict[str, Any]) -> Any:
+    """An ``If`` branch: the nodes ``body`` (in order) and an ``Identity`` of their ``value`` to the output."""
+    from onnx import TensorProto, helper
+
+    body = body + [helper.make_node("Identity", [value], [result])]
+    produced = {name for node in body for name in node.output}
+    return helper.make_graph(
+        body,
+        f"{result}_branch",
+        [],
+        [helper.make_tensor_value_info(result, TensorProto.FLOAT, None)],
+        value_info=[infos[name] for name in sorted(produced) if name in infos],
+    )
+
+
+def _select_to_if(graph: Any) -> bool:
+    """Replace the first placeholder of ``graph`` by an ``If`` (in place); False when there is none."""
+    from onnx import helper
+
+    nodes = list(graph.node)
+    cut = next((k for k, n in enumerate(nodes) if n.domain == BRANCH_DOMAIN and n.op_type == BRANCH_OP), None)
+    if cut is None:
+        return False
+    select = nodes[cut]
+    cond, then_name, else_name = select.input
+    producer = {name: k for k, node in enumerate(nodes) for name in node.output if name}
+    # what the graph's outputs need other than through the two branch values stays in the main graph, and so
+    # does what both branches need (computed either way)
+    outside = _ancestors(nodes, [o.name for o in graph.output], producer, cut) - {cut}
+    only_then = _ancestors(nodes, [then_name], producer) - outside
+    only_else = _ancestors(nodes, [else_name], producer) - outside
+    shared = only_then & only_else
+    only_then, only_else = only_then - shared, only_else - shared
+    infos = {info.name: info for info in graph.value_info}
+    name = select.output[0]
+    branch = helper.make_node(
+        "If",
+        [cond],
+        list(select.output),
+        name=f"{select.name or name}_if",
+        then_branch=_branch_graph([nodes[k] for k in sorted(only_then)], then_name, f"{name}_windows", infos),
+        else_branch=_branch_graph([nodes[k] for k in sorted(only_else)], else_name, f"{name}_full", infos),
+    )
+    moved = only_then | only_else
+    moved_names = {out for k in moved for out in nodes[k].output}
+    kept = [branch if k == cut else node for k, node in enumerate(nodes) if k not in moved]
+    kept_infos = [info for info in graph.value_info if info.name not in moved_names]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.value_info[:]
+    graph.value_info.extend(kept_infos)
+    return True
+
+
 def branches_to_if(proto: Any) -> int:
     """Replace every placeholder ``SelectBranch(cond, then, else)`` of ``proto`` by an ``If`` (in place).
 
@@ -454,56 +508,12 @@ def branches_to_if(proto: Any) -> int:
     the graph or both branches need stays in the main graph, which the subgraphs read from the outer scope (as they
     do the initializers). Returns the number of ``If`` nodes made.
     """
-    from onnx import TensorProto, helper
-
-    graph, made = proto.graph, 0
-    while True:
-        nodes = list(graph.node)
-        cut = next((k for k, n in enumerate(nodes) if n.domain == BRANCH_DOMAIN and n.op_type == BRANCH_OP), None)
-        if cut is None:
-            break
-        select = nodes[cut]
-        cond, then_name, else_name = select.input
-        producer = {name: k for k, node in enumerate(nodes) for name in node.output if name}
-        outside = _ancestors(nodes, [o.name for o in graph.output], producer, cut) - {cut}
-        only_then = _ancestors(nodes, [then_name], producer) - outside
-        only_else = _ancestors(nodes, [else_name], producer) - outside
-        shared = only_then & only_else
-        only_then, only_else = only_then - shared, only_else - shared
-        infos = {info.name: info for info in graph.value_info}
-
-        def subgraph(members: set[int], value: str, label: str) -> Any:
-            result = f"{select.output[0]}_{label}"
-            body = [nodes[k] for k in sorted(members)] + [helper.make_node("Identity", [value], [result])]
-            produced = {name for node in body for name in node.output}
-            return helper.make_graph(
-                body,
-                f"{select.output[0]}_{label}_branch",
-                [],
-                [helper.make_tensor_value_info(result, TensorProto.FLOAT, None)],
-                value_info=[infos[name] for name in sorted(produced) if name in infos],
-            )
-
-        branch = helper.make_node(
-            "If",
-            [cond],
-            list(select.output),
-            name=f"{select.name or select.output[0]}_if",
-            then_branch=subgraph(only_then, then_name, "windows"),
-            else_branch=subgraph(only_else, else_name, "full"),
-        )
-        moved = only_then | only_else
-        moved_names = {name for k in moved for name in nodes[k].output}
-        kept = [branch if k == cut else node for k, node in enumerate(nodes) if k not in moved]
-        del graph.node[:]
-        graph.node.extend(kept)
-        infos_kept = [info for info in graph.value_info if info.name not in moved_names]
-        del graph.value_info[:]
-        graph.value_info.extend(infos_kept)
+    made = 0
+    while _select_to_if(proto.graph):
         made += 1
-    kept_opsets = [op for op in proto.opset_import if op.domain != BRANCH_DOMAIN]
+    kept = [op for op in proto.opset_import if op.domain != BRANCH_DOMAIN]
     del proto.opset_import[:]
-    proto.opset_import.extend(kept_opsets)
+    proto.opset_import.extend(kept)
     return made
 
 
