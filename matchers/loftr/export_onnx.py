@@ -8,9 +8,19 @@ scalar: the coarse confidence threshold; the exported model's own value is in th
 ``keypoints0``, ``keypoints1`` (M, 2) float32 in the input images' pixels (hloc convention, like
 :meth:`LoFTR.match`), ``confidence`` (M,) float32 and ``coarse_index0``, ``coarse_index1`` (M,) int64 (row-major
 coarse cells), M being dynamic. Everything runs in the graph: backbone, position encoding (computed from the map
-size), coarse transformer, dual-softmax or Sinkhorn confidence, mutual-nearest selection (``NonZero``), window
-gathering from the fine map, fine transformer and the spatial expectation. ``--coarse-only`` leaves out the fine
-stage (image-1 keypoints stay on the 1/8 grid).
+size), coarse transformer, dual-softmax or Sinkhorn confidence, mutual-nearest selection (``NonZero``), the fine
+windows, fine transformer and the spatial expectation. ``--coarse-only`` leaves out the fine stage (image-1
+keypoints stay on the 1/8 grid).
+
+Like :meth:`LoFTR.match`, the backbone first computes only the coarse map and the fine branch's inputs
+(``forward_coarse``); after matching, each image's window x window fine crops come from one of two branches of an
+ONNX ``If``, chosen at run time by :meth:`LoFTR._windows`'s rule on the match count M: the receptive fields of the
+M windows only (``fine_windows`` in one batch) when their multiply-adds are below ``lazy_fine_ratio`` of the whole
+fine map's, else the whole fine map (``fine_full``) and a gather. The fine FPN heads are ~40 % of the backbone, so
+computing them over the whole map made onnxruntime 1.12x slower than torch on a 640x480 scannet pair (32 matches,
+``recipes/benchmarks/onnx_quiet_2026-11-30.json``). The ``If`` is traced as a placeholder node that
+:func:`branches_to_if` rewrites: each subgraph holds the nodes only its branch needs and reads the rest (and the
+initializers) from the main graph, so onnxruntime runs only the chosen branch.
 
 What is done differently from the torch modules so that the graph is exportable and size independent (the maths
 is the same; results equal the torch model's up to float rounding, see ``tests/test_onnx.py``):
@@ -18,7 +28,9 @@ is the same; results equal the torch model's up to float rounding, see ``tests/t
 * linear / full attention with ``matmul`` (no einsum), every reshape with explicit sizes (no ``-1``, so M = 0
   runs too), the position encoding computed from the map size in the graph rather than cached per size;
 * fine windows gathered from the zero-padded fine map with one ``Gather`` on flat indices (no ``F.unfold`` with a
-  tensor stride, no Python slices sized by the match count).
+  tensor stride, no Python slices sized by the match count); the receptive-field windows likewise use flat
+  gathers instead of advanced indexing, map sizes from ``Shape`` (never traced constants) and one batch for all
+  M windows instead of chunks.
 
 The model's configuration (``LoFTRConfig.to_dict()`` as JSON) and the SHA-256 digest of its weights
 (:func:`state_dict_digest`) are stored in the ONNX ``metadata_props``; :mod:`matchers.loftr.onnx_backend` reads
