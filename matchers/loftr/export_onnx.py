@@ -18,7 +18,8 @@ ONNX ``If``, chosen at run time by :meth:`LoFTR._windows`'s rule on the match co
 M windows only (``fine_windows`` in one batch) when their multiply-adds are below ``lazy_fine_ratio`` of the whole
 fine map's, else the whole fine map (``fine_full``) and a gather. The fine FPN heads are ~40 % of the backbone, so
 computing them over the whole map made onnxruntime 1.12x slower than torch on a 640x480 scannet pair (32 matches,
-``recipes/benchmarks/onnx_quiet_2026-11-30.json``). The ``If`` is traced as a placeholder node that
+``recipes/benchmarks/onnx_quiet_2026-11-30.json``); with the windows it is 0.77-0.94x torch (0.67-0.75 vs
+0.80-0.87 s, 2 threads). The ``If`` is traced as a placeholder node that
 :func:`branches_to_if` rewrites: each subgraph holds the nodes only its branch needs and reads the rest (and the
 initializers) from the main graph, so onnxruntime runs only the chosen branch.
 
