@@ -3,6 +3,8 @@
 The exported graph must reproduce the torch model: the same match set (coarse cell pairs) and keypoints within
 1e-3 px, on random-weight images of several sizes (always) and on real temple_ring / scannet_sample pairs with the
 shipped loftr-compact weights at two image sizes from one exported file (skipped when ../shared/data is absent).
+Both ways the graph computes the fine windows (receptive fields only, or the whole fine map: an ``If`` chosen by
+the match count, as in ``LoFTR.match``) are checked against torch.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from matchers import make_matcher
 from matchers.base import Matches
 from matchers.loftr import LoFTR, LoFTRConfig, LoFTRMatcher
 from matchers.loftr.export_onnx import (
+    BRANCH_DOMAIN,
     CONFIG_KEY,
     DIGEST_KEY,
     FORMAT_KEY,
     INPUT_NAMES,
     OUTPUT_NAMES,
+    OnnxLoFTR,
     export,
     main_cli,
     state_dict_digest,
@@ -118,6 +122,58 @@ def test_export_is_a_checked_dynamic_onnx_file_with_metadata(outdoor: tuple[LoFT
     assert meta["preset"] == "outdoor_ds"
 
 
+def fine_branch(model: LoFTR, count: int, size: tuple[int, int]) -> str:
+    """The fine-window computation ``LoFTR.match`` (and the graph's If) picks for ``count`` matches at (W, H)."""
+    per_window, per_cell = model.backbone.window_cost(model.config.fine.window)
+    cells = -(-size[0] // 2) * -(-size[1] // 2)  # the 1/2 map
+    return "windows" if count * per_window < model.lazy_fine_ratio * per_cell * cells else "full"
+
+
+def if_nodes(path: Path) -> list[onnx.NodeProto]:
+    proto = onnx.load(str(path))
+    assert not [n for n in proto.graph.node if n.domain == BRANCH_DOMAIN]  # no placeholder is left
+    assert BRANCH_DOMAIN not in {op.domain for op in proto.opset_import}
+    return [n for n in proto.graph.node if n.op_type == "If"]
+
+
+def test_fine_windows_are_an_if_with_two_branches(outdoor: tuple[LoFTR, Path], tmp_path: Path) -> None:
+    """One If per image, each branch with its own convolutions (receptive fields / whole map); none coarse-only."""
+    _, path = outdoor
+    branches = if_nodes(path)
+    assert len(branches) == 2
+    for node in branches:
+        graphs = {a.name: a.g for a in node.attribute}
+        assert set(graphs) == {"then_branch", "else_branch"}
+        for graph in graphs.values():
+            assert len(graph.node) > 10 and "Conv" in {n.op_type for n in graph.node}
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    model = random_model(tiny_config())
+    assert not if_nodes(export(model, tmp_path / "coarse.onnx", coarse_only=True))
+    coarse_model = random_model(tiny_config().replace(fine={"enabled": False}))
+    assert not if_nodes(export(coarse_model, tmp_path / "no_fine.onnx"))
+
+
+def test_receptive_windows_equal_the_backbone_windows_and_the_full_map() -> None:
+    """The graph's one-batch windows are ``fine_windows`` (bit for bit) and crops of the whole map (rounding)."""
+    model = random_model(LoFTRConfig.preset("outdoor_ds"))
+    graph = OnnxLoFTR(model)
+    for height, width in ((120, 160), (77, 123)):
+        image = torch.rand(1, 1, height, width, generator=torch.Generator().manual_seed(height))
+        with torch.no_grad():
+            coarse, inputs = model.backbone.forward_coarse(image)
+            h, w = coarse.shape[2], coarse.shape[3]
+            corners = torch.tensor([0, w - 1, (h - 1) * w, h * w - 1])
+            ids = torch.cat([torch.randperm(h * w, generator=torch.Generator().manual_seed(1))[:30], corners])
+            stride = 4
+            expected = model.backbone.fine_windows(
+                inputs, torch.zeros_like(ids), ids // w * stride, ids % w * stride, 5
+            )
+            windows = graph._receptive_windows(inputs, ids, w)
+            full = graph._windows(model.backbone.fine_full(inputs), ids, w)
+        torch.testing.assert_close(windows, expected, rtol=0, atol=0)
+        torch.testing.assert_close(windows, full, rtol=1e-4, atol=1e-4)
+
+
 def test_state_dict_digest_depends_on_weights_only() -> None:
     a = random_model(tiny_config(), seed=1)
     b = random_model(tiny_config(), seed=1)
@@ -155,6 +211,21 @@ def test_threshold_both_directions_and_no_matches(outdoor: tuple[LoFTR, Path]) -
         )
     none = OnnxLoFTRMatcher(path, resize=None, device="cpu", match_threshold=2.0).match(image0, image1)
     assert len(none) == 0 and none.has_coarse
+
+
+def test_both_fine_branches_match_torch(outdoor: tuple[LoFTR, Path]) -> None:
+    """Thresholds from many matches (whole fine map) to few (receptive fields) and none, from one file."""
+    model, path = outdoor
+    size = (160, 120)
+    image0 = textured_image(size[1], size[0], seed=21)
+    image1 = warped(image0, size)
+    taken = set()
+    for threshold in (0.0, 0.01, 0.03, 0.1, 1.0):
+        reference = LoFTRMatcher(model, resize=None, device="cpu", match_threshold=threshold).match(image0, image1)
+        result = OnnxLoFTRMatcher(path, resize=None, device="cpu", match_threshold=threshold).match(image0, image1)
+        assert_same_matches(reference, result)
+        taken.add(fine_branch(model, len(reference), size))
+    assert taken == {"windows", "full"}
 
 
 def test_full_attention_sinkhorn_and_coarse_only(tmp_path: Path) -> None:
@@ -246,6 +317,25 @@ def test_compact_temple_ring_pairs_match_torch(compact: Path) -> None:
     images = data_path("temple_ring", "images")
     names = sorted(p.name for p in images.glob("*.png"))
     _check_real(compact, _pairs(images, names[::4], 5), (640, 320))
+
+
+def test_compact_real_pair_both_fine_branches_match_torch(compact: Path) -> None:
+    """loftr-compact on a scannet pair at 320x240: a low threshold gives enough matches for the whole fine map, the
+    default one few enough for the receptive fields; each equals torch's."""
+    root = data_path("scannet_sample")
+    first = (root / "pairs_with_gt.txt").read_text().split("\n")[0].split()
+    image0, image1 = (read_gray(root / "images" / name) for name in first[:2])
+    model = LoFTRMatcher("loftr-compact", device="cpu").model
+    taken = {}
+    for threshold in (0.0, 0.2):
+        matcher = LoFTRMatcher(model, resize=320, device="cpu", match_threshold=threshold)
+        reference = matcher.match(image0, image1)
+        result = OnnxLoFTRMatcher(compact, resize=320, device="cpu", match_threshold=threshold).match(image0, image1)
+        worst = assert_same_matches(reference, result)
+        height, width = matcher.prepare(image0).encoded.image_size  # both images are 1296x968
+        taken[fine_branch(model, len(reference), (width, height))] = (threshold, len(reference), worst)
+    assert set(taken) == {"windows", "full"}, taken
+    print(taken)
 
 
 def test_compact_scannet_pairs_match_torch(compact: Path) -> None:

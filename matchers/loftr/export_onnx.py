@@ -8,9 +8,20 @@ scalar: the coarse confidence threshold; the exported model's own value is in th
 ``keypoints0``, ``keypoints1`` (M, 2) float32 in the input images' pixels (hloc convention, like
 :meth:`LoFTR.match`), ``confidence`` (M,) float32 and ``coarse_index0``, ``coarse_index1`` (M,) int64 (row-major
 coarse cells), M being dynamic. Everything runs in the graph: backbone, position encoding (computed from the map
-size), coarse transformer, dual-softmax or Sinkhorn confidence, mutual-nearest selection (``NonZero``), window
-gathering from the fine map, fine transformer and the spatial expectation. ``--coarse-only`` leaves out the fine
-stage (image-1 keypoints stay on the 1/8 grid).
+size), coarse transformer, dual-softmax or Sinkhorn confidence, mutual-nearest selection (``NonZero``), the fine
+windows, fine transformer and the spatial expectation. ``--coarse-only`` leaves out the fine stage (image-1
+keypoints stay on the 1/8 grid).
+
+Like :meth:`LoFTR.match`, the backbone first computes only the coarse map and the fine branch's inputs
+(``forward_coarse``); after matching, each image's window x window fine crops come from one of two branches of an
+ONNX ``If``, chosen at run time by :meth:`LoFTR._windows`'s rule on the match count M: the receptive fields of the
+M windows only (``fine_windows`` in one batch) when their multiply-adds are below ``lazy_fine_ratio`` of the whole
+fine map's, else the whole fine map (``fine_full``) and a gather. The fine FPN heads are ~40 % of the backbone, so
+computing them over the whole map made onnxruntime 1.12x slower than torch on a 640x480 scannet pair (32 matches,
+``recipes/benchmarks/onnx_quiet_2026-11-30.json``); with the windows it is 0.77-0.94x torch (0.67-0.75 vs
+0.80-0.87 s, 2 threads). The ``If`` is traced as a placeholder node that
+:func:`branches_to_if` rewrites: each subgraph holds the nodes only its branch needs and reads the rest (and the
+initializers) from the main graph, so onnxruntime runs only the chosen branch.
 
 What is done differently from the torch modules so that the graph is exportable and size independent (the maths
 is the same; results equal the torch model's up to float rounding, see ``tests/test_onnx.py``):
@@ -18,7 +29,9 @@ is the same; results equal the torch model's up to float rounding, see ``tests/t
 * linear / full attention with ``matmul`` (no einsum), every reshape with explicit sizes (no ``-1``, so M = 0
   runs too), the position encoding computed from the map size in the graph rather than cached per size;
 * fine windows gathered from the zero-padded fine map with one ``Gather`` on flat indices (no ``F.unfold`` with a
-  tensor stride, no Python slices sized by the match count).
+  tensor stride, no Python slices sized by the match count); the receptive-field windows likewise use flat
+  gathers instead of advanced indexing, map sizes from ``Shape`` (never traced constants) and one batch for all
+  M windows instead of chunks.
 
 The model's configuration (``LoFTRConfig.to_dict()`` as JSON) and the SHA-256 digest of its weights
 (:func:`state_dict_digest`) are stored in the ONNX ``metadata_props``; :mod:`matchers.loftr.onnx_backend` reads
@@ -43,6 +56,7 @@ from torch import nn
 from core.errors import UserError, run_cli
 from core.files import atomic_path, check_output_file
 
+from .backbone import FineInputs, _mid_patch_side
 from .config import COARSE_STRIDE, FINE_STRIDE, LoFTRConfig
 from .model import LoFTR
 from .position_encoding import frequencies
@@ -65,6 +79,10 @@ OUTPUT_NAMES = ("keypoints0", "keypoints1", "confidence", "coarse_index0", "coar
 DEFAULT_OPSET = 17
 #: size (W, H) of the random images the graph is traced with (any size works afterwards)
 TRACE_SIZE = (96, 80)
+#: the placeholder node of a run-time choice between two traced branches, turned into an ONNX ``If`` by
+#: :func:`branches_to_if` before the file is written (it never reaches a file)
+BRANCH_DOMAIN = "loftr_sfm.export"
+BRANCH_OP = "SelectBranch"
 
 
 def state_dict_digest(model: nn.Module) -> str:
@@ -139,6 +157,66 @@ def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     return (top + torch.log(torch.exp(x - top).sum(dim=dim, keepdim=True))).squeeze(dim)
 
 
+class _SelectBranch(torch.autograd.Function):
+    """``torch.where(cond, then, other)`` in torch; in the trace one placeholder node that :func:`branches_to_if`
+    turns into an ``If``, so that onnxruntime computes only the chosen branch (a ``Where`` would compute both)."""
+
+    @staticmethod
+    def forward(ctx: Any, cond: torch.Tensor, then: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return torch.where(cond, then, other)
+
+    @staticmethod
+    def symbolic(g: Any, cond: Any, then: Any, other: Any) -> Any:
+        # typed like its inputs, every size dynamic (M varies), so the exporter's shape inference goes on
+        node = g.op(f"{BRANCH_DOMAIN}::{BRANCH_OP}", cond, then, other)
+        return node.setType(then.type().with_sizes([None, None, None]))  # (M, window^2, C_f)
+
+
+def _size(x: torch.Tensor) -> torch.Tensor:
+    """(ndim,) int64 shape of ``x`` as a graph tensor (a ``Shape`` node: bounds stay dynamic, never traced ints)."""
+    return torch._shape_as_tensor(x)
+
+
+def _align_corners(
+    pos: torch.Tensor, size_out: torch.Tensor, size_in: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``backbone._align_corners_grid`` of the 2x upsampling (cropped to ``size_out``) at positions ``pos``.
+
+    The scale is divided in float64 and rounded to float32 like torch's Python-float division, so the sampling
+    weights are the same bits.
+    """
+    last_in = size_in - 1
+    pos = torch.minimum(pos.clamp(min=0), size_out - 1)
+    scale = (last_in.to(torch.float64) / (2 * size_in - 1).to(torch.float64)).to(torch.float32)
+    src = pos.to(torch.float32) * scale
+    lower = torch.minimum(torch.floor(src).to(torch.int64), last_in)
+    upper = torch.minimum(lower + 1, last_in)
+    return lower, upper, src - lower.to(torch.float32)
+
+
+def _crops(
+    feat: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, size: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``backbone._patches`` with one flat ``Gather``: (M, C, s, s) crops of ``feat`` (1, C, H, W) at ``rows``,
+    ``cols`` (M, s), zeros off the map, and the (M, 1, s, s) inside mask; ``size`` = (H, W) as a tensor."""
+    count, side = rows.shape[0], rows.shape[1]
+    height, width = size[0], size[1]
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+    rows = torch.minimum(rows.clamp(min=0), height - 1)
+    cols = torch.minimum(cols.clamp(min=0), width - 1)
+    index = (rows[:, :, None] * width + cols[:, None, :]).reshape(count * side * side)
+    channels = feat.shape[1]
+    flat = feat[0].flatten(1).transpose(0, 1)  # (H W, C)
+    crop = torch.index_select(flat, 0, index).reshape(count, side, side, channels).permute(0, 3, 1, 2)
+    inside = inside[:, None].to(feat.dtype)
+    return crop * inside, inside
+
+
+def _valid_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv`` without its zero padding (the caller supplies the halo)."""
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
 class OnnxLoFTR(nn.Module):
     """The exportable form of a :class:`LoFTR` (batch size 1, no masks); shares the model's modules (weights)."""
 
@@ -170,9 +248,11 @@ class OnnxLoFTR(nn.Module):
         pe = torch.stack([torch.sin(x_angle), torch.cos(x_angle), torch.sin(y_angle), torch.cos(y_angle)], dim=1)
         return pe.reshape(1, self.config.coarse.d_model, height, width)
 
-    def _encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        coarse, fine = self.model.backbone(image)
-        return coarse + self._position_encoding(coarse), fine
+    def _encode(self, image: torch.Tensor) -> tuple[torch.Tensor, FineInputs | None]:
+        """Coarse map with the position encoding, and the fine branch's inputs (the fine map is left to
+        :meth:`_fine_windows`, like :meth:`LoFTR.encode_lazy`)."""
+        coarse, inputs = self.model.backbone.forward_coarse(image)
+        return coarse + self._position_encoding(coarse), inputs
 
     # -------------------------------------------------------------------------------------- matching
     def _confidence(self, feat0: torch.Tensor, feat1: torch.Tensor) -> torch.Tensor:
@@ -230,9 +310,70 @@ class OnnxLoFTR(nn.Module):
         index = (rows[:, :, None] * padded_width + cols[:, None, :]).reshape(ids.shape[0] * window * window)
         return torch.index_select(flat, 0, index).reshape(ids.shape[0], window * window, channels)
 
+    def _receptive_windows(self, inputs: FineInputs, ids: torch.Tensor, coarse_width: Any) -> torch.Tensor:
+        """The windows of :meth:`_windows` from their receptive field only: ``ResNetFPN_8_2.fine_windows`` for all
+        M windows in one batch (no chunk loop), with flat gathers instead of advanced indexing."""
+        backbone = self.model.backbone
+        window = self.config.fine.window
+        half, stride = window // 2, COARSE_STRIDE // FINE_STRIDE
+        x1, lat2 = inputs.x1, inputs.lat2
+        size2, size4 = _size(x1)[2:], _size(lat2)[2:]
+        side1, side_mid = window + 4, _mid_patch_side(window)
+        count = ids.shape[0]
+        steps = torch.arange(side1, device=ids.device)
+        pos_r = (ids // coarse_width * stride - half - 2)[:, None] + steps  # (M, side1) fine rows of the patch
+        pos_c = (ids % coarse_width * stride - half - 2)[:, None] + steps
+        r0, r1, wr = _align_corners(pos_r, size2[0], size4[0])
+        c0, c1, wc = _align_corners(pos_c, size2[1], size4[1])
+        mid_r, mid_c = r0[:, :1], c0[:, :1]  # first 1/4 row / column each patch samples
+        # mid head (1/4) on a side_mid patch: its input with a 2-cell halo, zeros off the map
+        halo = torch.arange(side_mid + 4, device=ids.device) - 2
+        lat, inside4 = _crops(lat2, mid_r + halo, mid_c + halo, size4)
+        head = backbone.layer2_outconv2
+        x = head[2](head[1](_valid_conv(head[0], lat))) * inside4[:, :, 1:-1, 1:-1]
+        mid = _valid_conv(head[3], x)  # (M, C, side_mid, side_mid)
+        # its bilinear samples at the side1 x side1 fine positions (the four corners by one flat gather each)
+        channels = mid.shape[1]
+        flat = mid.permute(0, 2, 3, 1).reshape(count * side_mid * side_mid, channels)
+        base = (torch.cumsum(torch.ones_like(ids), 0) - 1) * (side_mid * side_mid)  # patch m starts at m side^2
+
+        def corner(rr: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
+            index = base[:, None, None] + (rr - mid_r)[:, :, None] * side_mid + (cc - mid_c)[:, None, :]
+            picked = torch.index_select(flat, 0, index.reshape(count * side1 * side1))
+            return picked.reshape(count, side1, side1, channels)
+
+        wr_, wc_ = wr[:, :, None, None], wc[:, None, :, None]
+        up = (1 - wr_) * ((1 - wc_) * corner(r0, c0) + wc_ * corner(r0, c1)) + wr_ * (
+            (1 - wc_) * corner(r1, c0) + wc_ * corner(r1, c1)
+        )
+        up = up.permute(0, 3, 1, 2)
+        # fine head (1/2)
+        skip, inside2 = _crops(x1, pos_r, pos_c, size2)
+        x = (backbone.layer1_outconv(skip) + up) * inside2
+        head = backbone.layer1_outconv2
+        x = head[2](head[1](_valid_conv(head[0], x))) * inside2[:, :, 1:-1, 1:-1]
+        x = _valid_conv(head[3], x) * inside2[:, :, 2:-2, 2:-2]  # (M, C_f, window, window)
+        return x.permute(0, 2, 3, 1).reshape(count, window * window, head[3].out_channels)
+
+    def _windows_cheaper(self, x1: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Scalar bool: :meth:`LoFTR._windows`'s rule (windows when their multiply-adds are below
+        ``lazy_fine_ratio`` of the whole map's), in float64 like its Python arithmetic."""
+        per_window, per_cell = self.model.backbone.window_cost(self.config.fine.window)
+        shape = _size(x1).to(torch.float64)
+        full = per_cell * shape[0] * shape[2] * shape[3]
+        count = _size(ids)[0].to(torch.float64)
+        return count * per_window < self.model.lazy_fine_ratio * full
+
+    def _fine_windows(self, inputs: FineInputs, ids: torch.Tensor, coarse_width: Any) -> torch.Tensor:
+        """(M, window^2, C_f) windows around coarse cells ``ids``: from the receptive fields when that is cheaper,
+        else from the whole fine map; chosen at run time (an ``If`` in the file, see :func:`branches_to_if`)."""
+        lazy = self._receptive_windows(inputs, ids, coarse_width)
+        full = self._windows(self.model.backbone.fine_full(inputs), ids, coarse_width)
+        return _SelectBranch.apply(self._windows_cheaper(inputs.x1, ids), lazy, full)
+
     def forward(self, image0: torch.Tensor, image1: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        coarse0, fine0 = self._encode(image0)
-        coarse1, fine1 = self._encode(image1)
+        coarse0, inputs0 = self._encode(image0)
+        coarse1, inputs1 = self._encode(image1)
         h0, w0 = coarse0.shape[2], coarse0.shape[3]
         h1, w1 = coarse1.shape[2], coarse1.shape[3]
         c = coarse0.shape[1]
@@ -252,14 +393,14 @@ class OnnxLoFTR(nn.Module):
 
         kpts0 = torch.stack([i_ids % w0, i_ids // w0], dim=1).to(torch.float32) * self.stride
         kpts1 = torch.stack([j_ids % w1, j_ids // w1], dim=1).to(torch.float32) * self.stride
-        if not self.coarse_only:
-            kpts1 = kpts1 + self._refine(fine0, fine1, tokens0, tokens1, i_ids, j_ids, w0, w1)
+        if not self.coarse_only and inputs0 is not None and inputs1 is not None:
+            kpts1 = kpts1 + self._refine(inputs0, inputs1, tokens0, tokens1, i_ids, j_ids, w0, w1)
         return kpts0, kpts1, confidence, i_ids, j_ids
 
     def _refine(
         self,
-        fine0: torch.Tensor,
-        fine1: torch.Tensor,
+        inputs0: FineInputs,
+        inputs1: FineInputs,
         tokens0: torch.Tensor,
         tokens1: torch.Tensor,
         i_ids: torch.Tensor,
@@ -269,8 +410,8 @@ class OnnxLoFTR(nn.Module):
     ) -> torch.Tensor:
         """(M, 2) pixel offsets of image 1's keypoints from the fine stage."""
         cfg = self.config.fine
-        win0 = self._windows(fine0, i_ids, w0)
-        win1 = self._windows(fine1, j_ids, w1)
+        win0 = self._fine_windows(inputs0, i_ids, w0)
+        win1 = self._fine_windows(inputs1, j_ids, w1)
         pre = self.model.fine_preprocess
         if cfg.concat_coarse_feat:
             count = i_ids.shape[0]
@@ -285,6 +426,108 @@ class OnnxLoFTR(nn.Module):
         sim = torch.matmul(win1, centre[:, :, None])[:, :, 0]  # (M, ww)
         heatmap = torch.softmax(sim / math.sqrt(channels), dim=1)
         return torch.matmul(heatmap, self.fine_grid) * float(cfg.window // 2 * FINE_STRIDE)
+
+
+# ------------------------------------------------------------------------------------------------ If rewrite
+def _outer_names(graph: Any) -> set[str]:
+    """Names a (sub)graph reads but does not produce itself: from the outer scope."""
+    produced = {name for node in graph.node for name in node.output}
+    produced |= {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    return {name for node in graph.node for name in _reads(node)} - produced
+
+
+def _reads(node: Any) -> list[str]:
+    """Every tensor ``node`` reads: its inputs and, for control flow, what its subgraphs take from outside."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        for sub in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            names.extend(sorted(_outer_names(sub)))
+    return names
+
+
+def _ancestors(nodes: list[Any], names: list[str], producer: dict[str, int], cut: int | None = None) -> set[int]:
+    """Indices of the nodes that ``names`` depend on; node ``cut`` is entered by its first input (cond) only."""
+    seen: set[int] = set()
+    stack = [producer[name] for name in names if name in producer]
+    while stack:
+        index = stack.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        node = nodes[index]
+        reads = [node.input[0]] if index == cut else _reads(node)
+        stack.extend(producer[name] for name in reads if name in producer)
+    return seen
+
+
+def _branch_graph(body: list[Any], value: str, result: str, infos: dict[str, Any]) -> Any:
+    """An ``If`` branch: the nodes ``body`` (in order) and an ``Identity`` of their ``value`` to the output."""
+    from onnx import TensorProto, helper
+
+    body = body + [helper.make_node("Identity", [value], [result])]
+    produced = {name for node in body for name in node.output}
+    return helper.make_graph(
+        body,
+        f"{result}_branch",
+        [],
+        [helper.make_tensor_value_info(result, TensorProto.FLOAT, None)],
+        value_info=[infos[name] for name in sorted(produced) if name in infos],
+    )
+
+
+def _select_to_if(graph: Any) -> bool:
+    """Replace the first placeholder of ``graph`` by an ``If`` (in place); False when there is none."""
+    from onnx import helper
+
+    nodes = list(graph.node)
+    cut = next((k for k, n in enumerate(nodes) if n.domain == BRANCH_DOMAIN and n.op_type == BRANCH_OP), None)
+    if cut is None:
+        return False
+    select = nodes[cut]
+    cond, then_name, else_name = select.input
+    producer = {name: k for k, node in enumerate(nodes) for name in node.output if name}
+    # what the graph's outputs need other than through the two branch values stays in the main graph, and so
+    # does what both branches need (computed either way)
+    outside = _ancestors(nodes, [o.name for o in graph.output], producer, cut) - {cut}
+    only_then = _ancestors(nodes, [then_name], producer) - outside
+    only_else = _ancestors(nodes, [else_name], producer) - outside
+    shared = only_then & only_else
+    only_then, only_else = only_then - shared, only_else - shared
+    infos = {info.name: info for info in graph.value_info}
+    name = select.output[0]
+    branch = helper.make_node(
+        "If",
+        [cond],
+        list(select.output),
+        name=f"{select.name or name}_if",
+        then_branch=_branch_graph([nodes[k] for k in sorted(only_then)], then_name, f"{name}_windows", infos),
+        else_branch=_branch_graph([nodes[k] for k in sorted(only_else)], else_name, f"{name}_full", infos),
+    )
+    moved = only_then | only_else
+    moved_names = {out for k in moved for out in nodes[k].output}
+    kept = [branch if k == cut else node for k, node in enumerate(nodes) if k not in moved]
+    kept_infos = [info for info in graph.value_info if info.name not in moved_names]
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.value_info[:]
+    graph.value_info.extend(kept_infos)
+    return True
+
+
+def branches_to_if(proto: Any) -> int:
+    """Replace every placeholder ``SelectBranch(cond, then, else)`` of ``proto`` by an ``If`` (in place).
+
+    Each branch subgraph takes the nodes only that branch needs (kept in topological order); whatever the rest of
+    the graph or both branches need stays in the main graph, which the subgraphs read from the outer scope (as they
+    do the initializers). Returns the number of ``If`` nodes made.
+    """
+    made = 0
+    while _select_to_if(proto.graph):
+        made += 1
+    kept = [op for op in proto.opset_import if op.domain != BRANCH_DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    return made
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -327,6 +570,7 @@ def export(
             do_constant_folding=True,
         )
         proto = onnx.load(str(temp))
+        branches_to_if(proto)
         metadata = {
             FORMAT_KEY: FORMAT_VALUE,
             VERSION_KEY: FORMAT_VERSION,
