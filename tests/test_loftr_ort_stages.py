@@ -57,8 +57,9 @@ def test_default_copy_hands_both_stages_to_onnxruntime(model: LoFTR, stages: LoF
     assert isinstance(stages.backbone.fine_full, OrtFineMap)
     assert isinstance(stages.loftr_coarse, OrtTransformer)
     assert isinstance(stages.loftr_coarse.fallback, FusedLocalFeatureTransformer)
+    assert stages.batch_pair_backbone and not model.batch_pair_backbone
     plain = optimize_for_inference(model, InferenceOptions(onnxruntime=False))
-    assert "forward_coarse" not in vars(plain.backbone)
+    assert "forward_coarse" not in vars(plain.backbone) and not plain.batch_pair_backbone
     assert isinstance(plain.loftr_coarse, FusedLocalFeatureTransformer)
     assert "forward_coarse" not in vars(model.backbone)  # the given model is untouched
 
@@ -90,8 +91,13 @@ def test_every_path_gives_the_plain_models_matches(
     with torch.inference_mode():
         reference = model.match_encoded(model.encode(pair[0]), model.encode(pair[1]))
         assert_same_matches(reference, stages.match(*pair))  # one cold pair: lazy fine windows
+        # an equal-size pair: both images in one backbone call and one first-layer call
+        assert graph_calls[:3] == ["backbone", "transformer.first", "transformer.rest"]
+        assert set(graph_calls[3:]) <= {"backbone.fine"}  # the whole fine map when many windows cost more
+        graph_calls.clear()
+        other = torch.nn.functional.interpolate(pair[1], size=(96, 128), mode="bilinear")
+        assert_same_matches(model.match(pair[0], other), stages.match(pair[0], other), minimum=5)
         assert graph_calls[:5] == ["backbone", "backbone", "transformer.first", "transformer.first", "transformer.rest"]
-        assert set(graph_calls[5:]) <= {"backbone.fine"}  # the whole fine map when many windows cost more
         graph_calls.clear()
         cached = [stages.pre_attend(stages.encode(image)) for image in pair]  # match_dense's per-image cache
         assert graph_calls == ["backbone", "backbone.fine", "transformer.first"] * 2
@@ -135,3 +141,11 @@ def test_copies_and_pickles_rebuild_their_sessions(stages: LoFTR, pair: tuple[to
         with torch.inference_mode():
             assert_same_matches(reference, clone.match(*pair))
         assert graph._session is not None
+
+
+def test_coarse_only_models_stay_in_torch() -> None:
+    """The student's pair is too small for onnxruntime's per-call overhead to pay (see ort_stages.to_onnxruntime)."""
+    student = LoFTR(LoFTRConfig.preset("student")).eval()
+    copy_ = optimize_for_inference(student)
+    assert "forward_coarse" not in vars(copy_.backbone) and not copy_.batch_pair_backbone
+    assert not isinstance(copy_.loftr_coarse, OrtTransformer)

@@ -118,10 +118,14 @@ class LoFTRMatcher(Matcher):
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def prepare(self, image: np.ndarray) -> PreparedImage:
-        """Resize and encode one grayscale float32 (H, W) image in [0, 1]."""
-        return self._prepare(image, lazy=False)
+        """Resize and encode one grayscale float32 (H, W) image in [0, 1], for many pairs: the whole fine map and
+        the first transformer layer are computed once."""
+        resized, tensor = self._resized(image)
+        with torch.inference_mode(), self._autocast():
+            encoded = self._inference.pre_attend(self._inference.encode(tensor))
+        return PreparedImage(resized, encoded)
 
-    def _prepare(self, image: np.ndarray, lazy: bool) -> PreparedImage:
+    def _resized(self, image: np.ndarray) -> tuple[ResizedImage, torch.Tensor]:
         if image.ndim != 2:
             raise ValueError(f"expected a grayscale (H, W) image, got shape {image.shape}")
         resized = (
@@ -129,17 +133,14 @@ class LoFTRMatcher(Matcher):
             if self.resize
             else resize_image(image, None)
         )
-        tensor = torch.from_numpy(resized.image).to(self.device)[None, None]
-        with torch.inference_mode(), self._autocast():
-            if lazy:  # one pair: the fine map only where refinement reads it
-                encoded = self._inference.encode_lazy(tensor)
-            else:  # cached for many pairs: the whole fine map, and the first transformer layer
-                encoded = self._inference.pre_attend(self._inference.encode(tensor))
-        return PreparedImage(resized, encoded)
+        return resized, torch.from_numpy(resized.image).to(self.device)[None, None]
 
     def match(self, image0: np.ndarray, image1: np.ndarray) -> Matches:
         """Match one pair, nothing cached: the fine map is computed only where refinement reads it."""
-        return self.match_prepared(self._prepare(image0, lazy=True), self._prepare(image1, lazy=True))
+        (resized0, tensor0), (resized1, tensor1) = self._resized(image0), self._resized(image1)
+        with torch.inference_mode(), self._autocast():
+            encoded0, encoded1 = self._inference.encode_lazy_pair(tensor0, tensor1)
+        return self.match_prepared(PreparedImage(resized0, encoded0), PreparedImage(resized1, encoded1))
 
     def match_prepared(self, prepared0: PreparedImage, prepared1: PreparedImage) -> Matches:
         with torch.inference_mode(), self._autocast():

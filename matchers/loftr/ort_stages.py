@@ -308,7 +308,9 @@ class OrtTransformer(nn.Module):
         """Layers ``start`` (0 or 1) onwards; masked batches run the torch fallback."""
         if mask0 is not None or mask1 is not None or start not in (0, 1) or not _usable([feat0, feat1]):
             return self.fallback(feat0, feat1, mask0, mask1, start)
-        if start == 0:
+        if start == 0 and feat0.shape == feat1.shape:  # both images' first layer in one call
+            feat0, feat1 = self.first(torch.cat([feat0, feat1]))[0].split(feat0.shape[0])
+        elif start == 0:
             feat0, feat1 = self.first(feat0)[0], self.first(feat1)[0]
         out0, out1 = self.rest(feat0, feat1)
         return out0, out1
@@ -321,9 +323,12 @@ def to_onnxruntime(model: nn.Module, plain_transformer: nn.Module) -> None:
     the fused one (``model.loftr_coarse``) stays the fallback. The transformer is handed over only when that
     fallback can resume after the first layer (``first_self_layer``), as per-image caching needs.
     """
-    if not available():
+    if not available() or not model.config.fine.enabled:
+        # coarse-only models (the student: ~30 ms a 640x480 pair) lose more to onnxruntime's per-call overhead
+        # than its kernels gain: 0.037 against 0.031 s a pair; their .onnx export is the way to run them there
         return
     model.backbone.forward_coarse = OrtCoarsePass(model.backbone)
+    model.batch_pair_backbone = True
     if model.backbone.with_fine:
         model.backbone.fine_full = OrtFineMap(model.backbone)
     fused = model.loftr_coarse
