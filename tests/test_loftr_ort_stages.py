@@ -44,9 +44,9 @@ def graph_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     original = OrtGraph.__call__
 
-    def spy(self: OrtGraph, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        calls.append(self.kind)
-        return original(self, *inputs)
+    def spy(self: OrtGraph, *inputs: torch.Tensor, large: bool = False) -> list[torch.Tensor]:
+        calls.append(self.kind + (" large" if large else ""))
+        return original(self, *inputs, large=large)
 
     monkeypatch.setattr(OrtGraph, "__call__", spy)
     return calls
@@ -57,9 +57,9 @@ def test_default_copy_hands_both_stages_to_onnxruntime(model: LoFTR, stages: LoF
     assert isinstance(stages.backbone.fine_full, OrtFineMap)
     assert isinstance(stages.loftr_coarse, OrtTransformer)
     assert isinstance(stages.loftr_coarse.fallback, FusedLocalFeatureTransformer)
-    assert stages.batch_pair_backbone and not model.batch_pair_backbone
+    assert stages.batch_pair_pixels > 0 and model.batch_pair_pixels == 0
     plain = optimize_for_inference(model, InferenceOptions(onnxruntime=False))
-    assert "forward_coarse" not in vars(plain.backbone) and not plain.batch_pair_backbone
+    assert "forward_coarse" not in vars(plain.backbone) and plain.batch_pair_pixels == 0
     assert isinstance(plain.loftr_coarse, FusedLocalFeatureTransformer)
     assert "forward_coarse" not in vars(model.backbone)  # the given model is untouched
 
@@ -147,5 +147,18 @@ def test_coarse_only_models_stay_in_torch() -> None:
     """The student's pair is too small for onnxruntime's per-call overhead to pay (see ort_stages.to_onnxruntime)."""
     student = LoFTR(LoFTRConfig.preset("student")).eval()
     copy_ = optimize_for_inference(student)
-    assert "forward_coarse" not in vars(copy_.backbone) and not copy_.batch_pair_backbone
+    assert "forward_coarse" not in vars(copy_.backbone) and copy_.batch_pair_pixels == 0
     assert not isinstance(copy_.loftr_coarse, OrtTransformer)
+
+
+def test_large_images_go_one_at_a_time_and_empty_the_arena(
+    model: LoFTR, stages: LoFTR, pair: tuple[torch.Tensor, ...], graph_calls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above LARGE_PIXELS: no pair batch in the backbone, and every run gives its memory back (same matches)."""
+    monkeypatch.setattr(ort_stages, "LARGE_PIXELS", 100 * 100)  # the 160x120 test pair counts as large
+    large = copy.deepcopy(stages)
+    large.batch_pair_pixels = ort_stages.LARGE_PIXELS
+    with torch.inference_mode():
+        reference = model.match_encoded(model.encode(pair[0]), model.encode(pair[1]))
+        assert_same_matches(reference, large.match(*pair))
+    assert graph_calls[:4] == ["backbone large", "backbone large", "transformer.first large", "transformer.rest large"]

@@ -222,10 +222,10 @@ class LoFTR(nn.Module):
 
     def encode_lazy_pair(self, image0: torch.Tensor, image1: torch.Tensor) -> tuple[EncodedImage, EncodedImage]:
         """:meth:`encode_lazy` of both images of a pair; equal sizes go through the backbone as one batch when
-        :attr:`batch_pair_backbone` says that is faster (as kornia does; BatchNorm in eval mode keeps each image's
-        own features)."""
+        they have at most :attr:`batch_pair_pixels` pixels each (as kornia does; BatchNorm in eval mode keeps each
+        image's own features)."""
         image0, image1 = _as_batch(image0), _as_batch(image1)
-        if image0.shape != image1.shape or not self.batch_pair_backbone:
+        if image0.shape != image1.shape or image0.shape[2] * image0.shape[3] > self.batch_pair_pixels:
             return self.encode_lazy(image0), self.encode_lazy(image1)
         return _split_lazy(self.encode_lazy(torch.cat([image0, image1])), image0.shape[0])
 
@@ -249,10 +249,11 @@ class LoFTR(nn.Module):
         tokens = enc.coarse.flatten(2).transpose(1, 2).contiguous()
         return replace(enc, tokens=transformer.first_self_layer(tokens))
 
-    #: :meth:`match` runs an equal-size pair's two images through the backbone as one batch: set by
-    #: :func:`~matchers.loftr.ort_stages.to_onnxruntime`, as onnxruntime's pass is 4 % faster so at 640x480 on
-    #: 2 threads, while channels-last torch is 10 % slower (its 1/2-resolution maps outgrow the caches)
-    batch_pair_backbone = False
+    #: :meth:`match` runs an equal-size pair's two images through the backbone as one batch up to this many
+    #: pixels each: set by :func:`~matchers.loftr.ort_stages.to_onnxruntime`, as onnxruntime's pass is 4 % faster
+    #: so at 640x480 on 2 threads, while channels-last torch is 10 % slower (its 1/2-resolution maps outgrow the
+    #: caches); larger images go one at a time, which halves the backbone's peak memory
+    batch_pair_pixels = 0
 
     #: windows are computed one by one when their multiply-adds are below this fraction of the whole fine map's
     #: (small patch convolutions run at roughly half the throughput of the full-map ones)

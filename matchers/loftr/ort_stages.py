@@ -36,6 +36,11 @@ from .transformer import LocalFeatureTransformer
 TRACE_SIZE = (64, 48)
 TRACE_TOKENS = 12
 _OPSET = 17
+#: inputs above this many pixels (tokens above 1/64 of it) give their memory back after each run: onnxruntime's
+#: arena keeps what a run used for the next one, which saves reallocating at 640x480 (0.439 against 0.463 x
+#: kornia's time with the arena emptied after each run) but held 6.6 GB at 1600x1200 (3.3 GB emptied; torch alone:
+#: 2.2 GB)
+LARGE_PIXELS = 1024 * 768
 #: exported sessions per process (a few weights at a time; each holds its weights once more)
 _CACHE_SIZE = 4
 _cache: dict[tuple[str, str, int], Any] = {}
@@ -147,9 +152,14 @@ class OrtGraph:
             self._session = session
         return self._session
 
-    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, *inputs: torch.Tensor, large: bool = False) -> list[torch.Tensor]:
+        """The graph's outputs; ``large``: give the run's memory back afterwards (see :data:`LARGE_PIXELS`)."""
         feeds = {name: t.detach().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
-        return [torch.from_numpy(out) for out in self.session().run(self.output_names, feeds)]
+        run_options = None
+        if large:
+            run_options = _onnxruntime().RunOptions()
+            run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        return [torch.from_numpy(out) for out in self.session().run(self.output_names, feeds, run_options)]
 
 
 # ------------------------------------------------------------------------------------------------ backbone
@@ -188,7 +198,7 @@ class OrtCoarsePass:
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, FineInputs | None]:
         if not _usable([image]):
             return _torch_coarse_pass(self.backbone, image)
-        outputs = self.graph(image)
+        outputs = self.graph(image, large=image.shape[0] * image.shape[2] * image.shape[3] > LARGE_PIXELS)
         if not self.with_fine:
             return outputs[0], None
         return outputs[0], FineInputs(outputs[1], outputs[2])
@@ -224,7 +234,8 @@ class OrtFineMap:
     def __call__(self, inputs: FineInputs) -> torch.Tensor:
         if not _usable([inputs.x1, inputs.lat2]):
             return type(self.backbone).fine_full(self.backbone, inputs)
-        return self.graph(inputs.x1, inputs.lat2)[0]
+        x1 = inputs.x1
+        return self.graph(x1, inputs.lat2, large=4 * x1.shape[0] * x1.shape[2] * x1.shape[3] > LARGE_PIXELS)[0]
 
 
 # ------------------------------------------------------------------------------------------------ transformer
@@ -253,6 +264,11 @@ class _Layers(nn.Module):
                 feat0 = _layer(layer, feat0, feat1, self.kind)
                 feat1 = _layer(layer, feat1, feat0, self.kind)
         return feat0, feat1
+
+
+def _large_tokens(*feats: torch.Tensor) -> bool:
+    """Whether an image of these (N, L, C) tokens has more than :data:`LARGE_PIXELS` pixels (1/8 grid)."""
+    return max(f.shape[0] * f.shape[1] for f in feats) * 64 > LARGE_PIXELS
 
 
 class OrtTransformer(nn.Module):
@@ -295,7 +311,7 @@ class OrtTransformer(nn.Module):
         """Layer 0 on one image's unmasked tokens: resume with ``forward(..., start=1)``."""
         if not _usable([feat]):
             return self.fallback.first_self_layer(feat)
-        return self.first(feat)[0]
+        return self.first(feat, large=_large_tokens(feat))[0]
 
     def forward(
         self,
@@ -308,11 +324,12 @@ class OrtTransformer(nn.Module):
         """Layers ``start`` (0 or 1) onwards; masked batches run the torch fallback."""
         if mask0 is not None or mask1 is not None or start not in (0, 1) or not _usable([feat0, feat1]):
             return self.fallback(feat0, feat1, mask0, mask1, start)
+        large = _large_tokens(feat0, feat1)
         if start == 0 and feat0.shape == feat1.shape:  # both images' first layer in one call
-            feat0, feat1 = self.first(torch.cat([feat0, feat1]))[0].split(feat0.shape[0])
+            feat0, feat1 = self.first(torch.cat([feat0, feat1]), large=large)[0].split(feat0.shape[0])
         elif start == 0:
-            feat0, feat1 = self.first(feat0)[0], self.first(feat1)[0]
-        out0, out1 = self.rest(feat0, feat1)
+            feat0, feat1 = self.first(feat0, large=large)[0], self.first(feat1, large=large)[0]
+        out0, out1 = self.rest(feat0, feat1, large=large)
         return out0, out1
 
 
@@ -328,7 +345,7 @@ def to_onnxruntime(model: nn.Module, plain_transformer: nn.Module) -> None:
         # than its kernels gain: 0.037 against 0.031 s a pair; their .onnx export is the way to run them there
         return
     model.backbone.forward_coarse = OrtCoarsePass(model.backbone)
-    model.batch_pair_backbone = True
+    model.batch_pair_pixels = LARGE_PIXELS
     if model.backbone.with_fine:
         model.backbone.fine_full = OrtFineMap(model.backbone)
     fused = model.loftr_coarse
