@@ -66,8 +66,9 @@ class LoFTRMatcher(Matcher):
     pixels (None: original size, any size works). ``both_directions``: also match image 1 -> image 0 and merge.
     ``match_threshold``: overrides the model's coarse threshold. ``amp``: autocast precision ("fp16"/"bf16",
     meant for CUDA; the model keeps overflow-prone steps in float32). ``optimize`` (default): run an inference copy
-    with channels_last convolutions and fused transformers (:func:`~matchers.loftr.optimize.optimize_for_inference`;
-    the same matches, keypoints within ~1e-3 px); pass an :class:`~matchers.loftr.optimize.InferenceOptions` to
+    with channels_last convolutions and fused transformers, whose backbone and coarse transformer run in
+    onnxruntime on the CPU (:func:`~matchers.loftr.optimize.optimize_for_inference`; the same matches, keypoints
+    within ~1e-3 px); pass an :class:`~matchers.loftr.optimize.InferenceOptions` to
     choose the techniques, or False for the plain model. ``self.model`` stays the unmodified model; after changing
     its weights, call :meth:`refresh`.
     """

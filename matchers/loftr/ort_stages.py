@@ -1,14 +1,21 @@
-"""onnxruntime for the two dense stages of an inference copy on the CPU: the backbone's coarse pass and the coarse
-transformer (:class:`~matchers.loftr.optimize.InferenceOptions` ``onnxruntime``, on by default).
+"""onnxruntime for the dense stages of an inference copy on the CPU: the backbone (its coarse pass, and the whole
+fine map when an image is cached for many pairs) and the coarse transformer
+(:class:`~matchers.loftr.optimize.InferenceOptions` ``onnxruntime``, on by default for models with a fine stage).
 
 Everything else (lazy fine windows, coarse matching, refinement, masks, batching, per-image caching) stays in
-torch: only the two stages that hold most of a pair's multiply-adds are handed over, each as its own small graph
-exported from this model's modules on first use. Measured on a 2-core AMD EPYC (2026-11-30, outdoor_ds-shaped
-weights, 640x480): the backbone's coarse pass 0.81 s in onnxruntime against 0.95 s for channels-last torch per
-image (onnxruntime fuses BatchNorm, ReLU and the residual sum into its convolutions; torch makes one memory pass
-for each), the coarse transformer 0.62 against 0.71 s (fused projections and normalisation). Results equal the
-torch path up to float rounding (features ~2e-6 relative), the same class of difference as BatchNorm folding; the
-benchmark checks the matches against kornia's.
+torch: only the stages that hold most of a pair's multiply-adds are handed over, each as its own small graph
+exported from this model's modules on first use (about 1 s once per process and weights). Measured on a 2-core
+AMD EPYC (2026-11-30, outdoor_ds-shaped weights, 640x480): the backbone's coarse pass 0.81 s in onnxruntime
+against 0.95 s for channels-last torch per image (onnxruntime fuses BatchNorm, ReLU and the residual sum into its
+convolutions; torch makes one memory pass for each), the coarse transformer 0.62 against 0.71 s (fused
+projections and normalisation); a cold pair 0.44-0.45 x kornia's time against 0.50 x for torch alone
+(``recipes/benchmarks/benchmark_2026-11-30_ort.json``). Results equal the torch path up to float rounding (features
+~2e-6 relative), the same class of difference as BatchNorm folding; the benchmark checks the matches against
+kornia's.
+
+Memory: onnxruntime's arena keeps what a run used for the next one. That is what makes it fast at 640x480, but a
+1600x1200 pair then held 6.6 GB (torch alone: 2.2 GB), so inputs above :data:`LARGE_PIXELS` empty the arena after
+each run and their pair's images go through the backbone one at a time (3.0-3.8 GB; kornia: 8.4 GB).
 
 A stage falls back to the torch module whenever the graph does not apply: tensors off the CPU, autocast on,
 autograd recording, masks (padded batches), or onnxruntime not installed. The exported graphs are cached per
