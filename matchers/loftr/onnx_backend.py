@@ -156,6 +156,10 @@ def open_session(
     providers = _providers(device)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: no provider warnings on stderr
+    # Idle worker threads sleep rather than spin: spinning ones kept a core busy into whatever ran next (torch
+    # took 0.066 s a student pair right after onnxruntime against 0.033 s alone) and slowed back-to-back student
+    # pairs (0.048 s spinning, 0.031 s not); loftr-compact loses 5 % (0.67 -> 0.70 s a 640x480 pair)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:
