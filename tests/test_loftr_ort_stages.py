@@ -44,9 +44,9 @@ def graph_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     original = OrtGraph.__call__
 
-    def spy(self: OrtGraph, *inputs: torch.Tensor, large: bool = False) -> list[torch.Tensor]:
-        calls.append(self.kind + (" large" if large else ""))
-        return original(self, *inputs, large=large)
+    def spy(self: OrtGraph, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        calls.append(self.kind)
+        return original(self, *inputs)
 
     monkeypatch.setattr(OrtGraph, "__call__", spy)
     return calls
@@ -151,14 +151,17 @@ def test_coarse_only_models_stay_in_torch() -> None:
     assert not isinstance(copy_.loftr_coarse, OrtTransformer)
 
 
-def test_large_images_go_one_at_a_time_and_empty_the_arena(
+def test_large_images_run_in_torch(
     model: LoFTR, stages: LoFTR, pair: tuple[torch.Tensor, ...], graph_calls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Above LARGE_PIXELS: no pair batch in the backbone, and every run gives its memory back (same matches)."""
+    """Above LARGE_PIXELS every stage runs its torch module (same matches), and the pair is not batched."""
     monkeypatch.setattr(ort_stages, "LARGE_PIXELS", 100 * 100)  # the 160x120 test pair counts as large
     large = copy.deepcopy(stages)
     large.batch_pair_pixels = ort_stages.LARGE_PIXELS
+    small = torch.nn.functional.interpolate(pair[0], size=(80, 96), mode="bilinear")
     with torch.inference_mode():
         reference = model.match_encoded(model.encode(pair[0]), model.encode(pair[1]))
         assert_same_matches(reference, large.match(*pair))
-    assert graph_calls[:4] == ["backbone large", "backbone large", "transformer.first large", "transformer.rest large"]
+        assert graph_calls == []
+        large.match(small, small)  # 96x80 is still small
+    assert graph_calls[:3] == ["backbone", "transformer.first", "transformer.rest"]

@@ -252,7 +252,7 @@ class LoFTR(nn.Module):
     #: :meth:`match` runs an equal-size pair's two images through the backbone as one batch up to this many
     #: pixels each: set by :func:`~matchers.loftr.ort_stages.to_onnxruntime`, as onnxruntime's pass is 4 % faster
     #: so at 640x480 on 2 threads, while channels-last torch is 10 % slower (its 1/2-resolution maps outgrow the
-    #: caches); larger images go one at a time, which halves the backbone's peak memory
+    #: caches); larger images go one at a time (and run in torch: see :mod:`~matchers.loftr.ort_stages`)
     batch_pair_pixels = 0
 
     #: windows are computed one by one when their multiply-adds are below this fraction of the whole fine map's

@@ -13,9 +13,10 @@ projections and normalisation); a cold pair 0.44-0.45 x kornia's time against 0.
 ~2e-6 relative), the same class of difference as BatchNorm folding; the benchmark checks the matches against
 kornia's.
 
-Memory: onnxruntime's arena keeps what a run used for the next one. That is what makes it fast at 640x480, but a
-1600x1200 pair then held 6.6 GB (torch alone: 2.2 GB), so inputs above :data:`LARGE_PIXELS` empty the arena after
-each run and their pair's images go through the backbone one at a time (3.0-3.8 GB; kornia: 8.4 GB).
+Memory: onnxruntime's arena keeps what a run used for the next one, which is what makes it fast at 640x480. All
+graphs share one arena (one per session held 1571 MB in a 16-image dense job, the shared one 1319 MB, torch alone
+1137 MB), and images above :data:`LARGE_PIXELS` run in torch: at 1600x1200 the arena held 3.0-6.6 GB depending on
+how it was emptied, against 2.2 GB for torch alone, which is only 7 % slower there (27.9 against 26.0 s a pair).
 
 A stage falls back to the torch module whenever the graph does not apply: tensors off the CPU, autocast on,
 autograd recording, masks (padded batches), or onnxruntime not installed. The exported graphs are cached per
@@ -43,10 +44,7 @@ from .transformer import LocalFeatureTransformer
 TRACE_SIZE = (64, 48)
 TRACE_TOKENS = 12
 _OPSET = 17
-#: inputs above this many pixels (tokens above 1/64 of it) give their memory back after each run: onnxruntime's
-#: arena keeps what a run used for the next one, which saves reallocating at 640x480 (0.439 against 0.463 x
-#: kornia's time with the arena emptied after each run) but held 6.6 GB at 1600x1200 (3.3 GB emptied; torch alone:
-#: 2.2 GB)
+#: images above this many pixels (1/8-grid tokens above 1/64 of it) run in torch (see the module docstring)
 LARGE_PIXELS = 1024 * 768
 #: exported sessions per process (a few weights at a time; each holds its weights once more)
 _CACHE_SIZE = 4
@@ -60,6 +58,11 @@ def _onnxruntime() -> Any | None:
         import onnxruntime
     except ImportError:
         return None
+    # one arena for every graph's session (see the module docstring): registered once per process
+    cpu = onnxruntime.OrtMemoryInfo(
+        "Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, onnxruntime.OrtMemType.DEFAULT
+    )
+    onnxruntime.create_and_register_allocator(cpu, onnxruntime.OrtArenaCfg(0, -1, -1, -1))  # its defaults
     return onnxruntime
 
 
@@ -77,9 +80,9 @@ def _digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _usable(tensors: Sequence[torch.Tensor | None]) -> bool:
-    """The graphs run float32 CPU tensors without autograd or autocast."""
-    if (
+def _usable(tensors: Sequence[torch.Tensor | None], pixels: int) -> bool:
+    """The graphs run float32 CPU tensors without autograd or autocast, of images up to :data:`LARGE_PIXELS`."""
+    if pixels > LARGE_PIXELS or (
         torch.is_autocast_enabled("cpu")
         or torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in tensors)
@@ -150,6 +153,7 @@ class OrtGraph:
                     options.log_severity_level = 3
                     # idle onnxruntime threads must not spin: torch runs the next op on the same cores
                     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                    options.add_session_config_entry("session.use_env_allocators", "1")
                     session = ort.InferenceSession(
                         self._export(), sess_options=options, providers=["CPUExecutionProvider"]
                     )
@@ -159,14 +163,9 @@ class OrtGraph:
             self._session = session
         return self._session
 
-    def __call__(self, *inputs: torch.Tensor, large: bool = False) -> list[torch.Tensor]:
-        """The graph's outputs; ``large``: give the run's memory back afterwards (see :data:`LARGE_PIXELS`)."""
+    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         feeds = {name: t.detach().contiguous().numpy() for name, t in zip(self.input_names, inputs)}
-        run_options = None
-        if large:
-            run_options = _onnxruntime().RunOptions()
-            run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        return [torch.from_numpy(out) for out in self.session().run(self.output_names, feeds, run_options)]
+        return [torch.from_numpy(out) for out in self.session().run(self.output_names, feeds)]
 
 
 # ------------------------------------------------------------------------------------------------ backbone
@@ -203,9 +202,9 @@ class OrtCoarsePass:
         )
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, FineInputs | None]:
-        if not _usable([image]):
+        if not _usable([image], image.shape[2] * image.shape[3]):
             return _torch_coarse_pass(self.backbone, image)
-        outputs = self.graph(image, large=image.shape[0] * image.shape[2] * image.shape[3] > LARGE_PIXELS)
+        outputs = self.graph(image)
         if not self.with_fine:
             return outputs[0], None
         return outputs[0], FineInputs(outputs[1], outputs[2])
@@ -239,10 +238,9 @@ class OrtFineMap:
         )
 
     def __call__(self, inputs: FineInputs) -> torch.Tensor:
-        if not _usable([inputs.x1, inputs.lat2]):
+        if not _usable([inputs.x1, inputs.lat2], 4 * inputs.x1.shape[2] * inputs.x1.shape[3]):
             return type(self.backbone).fine_full(self.backbone, inputs)
-        x1 = inputs.x1
-        return self.graph(x1, inputs.lat2, large=4 * x1.shape[0] * x1.shape[2] * x1.shape[3] > LARGE_PIXELS)[0]
+        return self.graph(inputs.x1, inputs.lat2)[0]
 
 
 # ------------------------------------------------------------------------------------------------ transformer
@@ -273,9 +271,9 @@ class _Layers(nn.Module):
         return feat0, feat1
 
 
-def _large_tokens(*feats: torch.Tensor) -> bool:
-    """Whether an image of these (N, L, C) tokens has more than :data:`LARGE_PIXELS` pixels (1/8 grid)."""
-    return max(f.shape[0] * f.shape[1] for f in feats) * 64 > LARGE_PIXELS
+def _pixels(*feats: torch.Tensor) -> int:
+    """Pixels of the largest image of these (N, L, C) 1/8-grid tokens."""
+    return max(int(f.shape[1]) for f in feats) * 64
 
 
 class OrtTransformer(nn.Module):
@@ -316,9 +314,9 @@ class OrtTransformer(nn.Module):
 
     def first_self_layer(self, feat: torch.Tensor) -> torch.Tensor:
         """Layer 0 on one image's unmasked tokens: resume with ``forward(..., start=1)``."""
-        if not _usable([feat]):
+        if not _usable([feat], _pixels(feat)):
             return self.fallback.first_self_layer(feat)
-        return self.first(feat, large=_large_tokens(feat))[0]
+        return self.first(feat)[0]
 
     def forward(
         self,
@@ -329,14 +327,18 @@ class OrtTransformer(nn.Module):
         start: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layers ``start`` (0 or 1) onwards; masked batches run the torch fallback."""
-        if mask0 is not None or mask1 is not None or start not in (0, 1) or not _usable([feat0, feat1]):
+        if (
+            mask0 is not None
+            or mask1 is not None
+            or start not in (0, 1)
+            or not _usable([feat0, feat1], _pixels(feat0, feat1))
+        ):
             return self.fallback(feat0, feat1, mask0, mask1, start)
-        large = _large_tokens(feat0, feat1)
         if start == 0 and feat0.shape == feat1.shape:  # both images' first layer in one call
-            feat0, feat1 = self.first(torch.cat([feat0, feat1]), large=large)[0].split(feat0.shape[0])
+            feat0, feat1 = self.first(torch.cat([feat0, feat1]))[0].split(feat0.shape[0])
         elif start == 0:
-            feat0, feat1 = self.first(feat0, large=large)[0], self.first(feat1, large=large)[0]
-        out0, out1 = self.rest(feat0, feat1, large=large)
+            feat0, feat1 = self.first(feat0)[0], self.first(feat1)[0]
+        out0, out1 = self.rest(feat0, feat1)
         return out0, out1
 
 
