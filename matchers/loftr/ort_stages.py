@@ -46,8 +46,8 @@ TRACE_TOKENS = 12
 _OPSET = 17
 #: images above this many pixels (1/8-grid tokens above 1/64 of it) run in torch (see the module docstring)
 LARGE_PIXELS = 1024 * 768
-#: exported sessions per process (a few weights at a time; each holds its weights once more)
-_CACHE_SIZE = 4
+#: exported sessions per process (four per model: two models' at a time; each holds its weights once more)
+_CACHE_SIZE = 8
 _cache: dict[tuple[str, str, int], Any] = {}
 _cache_lock = threading.Lock()
 
@@ -62,7 +62,10 @@ def _onnxruntime() -> Any | None:
     cpu = onnxruntime.OrtMemoryInfo(
         "Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, onnxruntime.OrtMemType.DEFAULT
     )
-    onnxruntime.create_and_register_allocator(cpu, onnxruntime.OrtArenaCfg(0, -1, -1, -1))  # its defaults
+    try:
+        onnxruntime.create_and_register_allocator(cpu, onnxruntime.OrtArenaCfg(0, -1, -1, -1))  # its defaults
+    except Exception:  # noqa: BLE001 - one is registered already (by its embedder): the sessions share that one
+        pass
     return onnxruntime
 
 
