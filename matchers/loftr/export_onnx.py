@@ -56,7 +56,7 @@ from torch import nn
 from core.errors import UserError, run_cli
 from core.files import atomic_path, check_output_file
 
-from .backbone import FineInputs, _mid_patch_side
+from .backbone import FineInputs, _mid_patch_side, _valid_conv
 from .config import COARSE_STRIDE, FINE_STRIDE, LoFTRConfig
 from .model import LoFTR
 from .position_encoding import frequencies
@@ -210,11 +210,6 @@ def _crops(
     crop = torch.index_select(flat, 0, index).reshape(count, side, side, channels).permute(0, 3, 1, 2)
     inside = inside[:, None].to(feat.dtype)
     return crop * inside, inside
-
-
-def _valid_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv`` without its zero padding (the caller supplies the halo)."""
-    return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
 class OnnxLoFTR(nn.Module):
