@@ -27,7 +27,6 @@ sessions never travel with a pickled model (a Ray worker builds its own).
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import threading
 import warnings
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import LinearAttention
 from .backbone import FineInputs
 from .transformer import LocalFeatureTransformer
 
@@ -72,15 +72,6 @@ def _onnxruntime() -> Any | None:
 def available() -> bool:
     """Whether onnxruntime (and onnx export) can be used in this environment."""
     return _onnxruntime() is not None
-
-
-def _digest(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        tensor = value.detach().to("cpu").contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _usable(tensors: Sequence[torch.Tensor | None], pixels: int) -> bool:
@@ -145,9 +136,11 @@ class OrtGraph:
 
     def session(self) -> Any:
         if self._session is None:
+            from .export_onnx import state_dict_digest  # not at import: see _Layers.forward
+
             ort = _onnxruntime()
             threads = torch.get_num_threads()
-            key = (self.kind, _digest(self.module), threads)
+            key = (self.kind, state_dict_digest(self.module), threads)
             with _cache_lock:
                 session = _cache.get(key)
                 if session is None:
@@ -182,35 +175,32 @@ class _CoarsePass(nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         coarse, inputs = _torch_coarse_pass(self.backbone, image)
-        return (coarse,) if inputs is None else (coarse, inputs.x1, inputs.lat2)
+        return coarse, inputs.x1, inputs.lat2
 
 
 class OrtCoarsePass:
-    """Stands in for ``backbone.forward_coarse`` (an instance attribute, so ``backbone.forward`` uses it too)."""
+    """Stands in for ``backbone.forward_coarse`` (an instance attribute, so ``backbone.forward`` uses it too) of a
+    backbone with a fine branch (coarse-only models stay in torch: see :func:`to_onnxruntime`)."""
 
     def __init__(self, backbone: nn.Module) -> None:
         self.backbone = backbone
-        self.with_fine = bool(backbone.with_fine)
         width, height = TRACE_SIZE
-        outputs = ["coarse", "x1", "lat2"] if self.with_fine else ["coarse"]
         self.graph = OrtGraph(
             "backbone",
             _CoarsePass(backbone),
             [(1, 1, height, width)],
             ["image"],
-            outputs,
+            ["coarse", "x1", "lat2"],
             {"image": {0: "batch", 2: "height", 3: "width"}},
         )
 
     def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, FineInputs | None]:
         if not _usable([image], image.shape[2] * image.shape[3]):
             return _torch_coarse_pass(self.backbone, image)
-        outputs = self.graph(image)
-        if not self.with_fine:
-            return outputs[0], None
-        return outputs[0], FineInputs(outputs[1], outputs[2])
+        coarse, x1, lat2 = self.graph(image)
+        return coarse, FineInputs(x1, lat2)
 
 
 class _FineMap(nn.Module):
@@ -254,7 +244,7 @@ class _Layers(nn.Module):
         super().__init__()
         self.layers = transformer.layers
         self.names = transformer.layer_names
-        self.kind = "full" if transformer.layers[0].attention.__class__.__name__ == "FullAttention" else "linear"
+        self.kind = "linear" if isinstance(transformer.layers[0].attention, LinearAttention) else "full"
         self.start, self.pair = start, pair
 
     def forward(self, *feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -358,8 +348,7 @@ def to_onnxruntime(model: nn.Module, plain_transformer: nn.Module) -> None:
         return
     model.backbone.forward_coarse = OrtCoarsePass(model.backbone)
     model.batch_pair_pixels = LARGE_PIXELS
-    if model.backbone.with_fine:
-        model.backbone.fine_full = OrtFineMap(model.backbone)
+    model.backbone.fine_full = OrtFineMap(model.backbone)
     fused = model.loftr_coarse
     if OrtTransformer.supports(plain_transformer) and hasattr(fused, "first_self_layer"):
         model.loftr_coarse = OrtTransformer(plain_transformer, fused)
