@@ -81,6 +81,13 @@ def test_encode_batched_equals_per_image(model: LoFTR) -> None:
     )
     assert torch.allclose(both.fine[:1], ea.fine, atol=1e-4) and torch.allclose(both.fine[1:], eb.fine, atol=1e-4)
     assert ea.coarse.shape[2:] == (12, 16) and ea.fine.shape[2:] == (48, 64)
+    with torch.inference_mode():  # items of a lazy batch carry their own fine-branch inputs
+        lazy, la = model.encode_lazy(torch.cat([a, b])), model.encode_lazy(a)
+    second = lazy[1]
+    assert second.fine_inputs is not None and la.fine_inputs is not None
+    assert second.fine_inputs.x1.shape == la.fine_inputs.x1.shape
+    assert torch.equal(second.fine_inputs.lat2, lazy.fine_inputs.lat2[1:])
+    assert torch.allclose(lazy[:1].fine_inputs.x1, la.fine_inputs.x1, atol=1e-4)
 
 
 def test_encoded_image_reused_across_pairs(model: LoFTR) -> None:

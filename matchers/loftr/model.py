@@ -91,14 +91,16 @@ class EncodedImage:
             tokens=None if self.tokens is None else self.tokens.to(device),
         )
 
-    def __getitem__(self, index: int) -> "EncodedImage":
-        """Item ``index`` of the batch, as a batch of one."""
-        sl = slice(index, index + 1)
+    def __getitem__(self, index: int | slice) -> "EncodedImage":
+        """Item ``index`` of the batch as a batch of one, or the items of a slice (views, nothing copied)."""
+        sl = index if isinstance(index, slice) else slice(index, index + 1)
+        inputs = self.fine_inputs
         return replace(
             self,
             coarse=self.coarse[sl],
             fine=self.fine[sl],
             mask=None if self.mask is None else self.mask[sl],
+            fine_inputs=None if inputs is None else FineInputs(inputs.x1[sl], inputs.lat2[sl]),
             tokens=None if self.tokens is None else self.tokens[sl],
         )
 
@@ -227,7 +229,8 @@ class LoFTR(nn.Module):
         image0, image1 = _as_batch(image0), _as_batch(image1)
         if image0.shape != image1.shape or image0.shape[2] * image0.shape[3] > self.batch_pair_pixels:
             return self.encode_lazy(image0), self.encode_lazy(image1)
-        return _split_lazy(self.encode_lazy(torch.cat([image0, image1])), image0.shape[0])
+        both, n = self.encode_lazy(torch.cat([image0, image1])), image0.shape[0]
+        return both[:n], both[n:]
 
     @torch.no_grad()
     def pre_attend(self, enc: EncodedImage) -> EncodedImage:
@@ -249,7 +252,7 @@ class LoFTR(nn.Module):
         tokens = enc.coarse.flatten(2).transpose(1, 2).contiguous()
         return replace(enc, tokens=transformer.first_self_layer(tokens))
 
-    #: :meth:`match` runs an equal-size pair's two images through the backbone as one batch up to this many
+    #: :meth:`encode_lazy_pair` runs an equal-size pair's images through the backbone as one batch up to this many
     #: pixels each: set by :func:`~matchers.loftr.ort_stages.to_onnxruntime`, as onnxruntime's pass is 4 % faster
     #: so at 640x480 on 2 threads, while channels-last torch is 10 % slower (its 1/2-resolution maps outgrow the
     #: caches); larger images go one at a time (and run in torch: see :mod:`~matchers.loftr.ort_stages`)
@@ -444,17 +447,6 @@ class LoFTR(nn.Module):
                 item[key] = item[key] // padded_width * own_width + item[key] % padded_width
             results.append(item)
         return results
-
-
-def _split_lazy(enc: EncodedImage, n: int) -> tuple[EncodedImage, EncodedImage]:
-    """The first ``n`` items of a lazy encoding and the rest (views, nothing copied)."""
-    inputs = enc.fine_inputs
-    first = replace(enc, coarse=enc.coarse[:n], fine=enc.fine[:n])
-    rest = replace(enc, coarse=enc.coarse[n:], fine=enc.fine[n:])
-    if inputs is not None:
-        first = replace(first, fine_inputs=FineInputs(inputs.x1[:n], inputs.lat2[:n]))
-        rest = replace(rest, fine_inputs=FineInputs(inputs.x1[n:], inputs.lat2[n:]))
-    return first, rest
 
 
 def _merge_directions(
